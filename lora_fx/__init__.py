@@ -1,0 +1,23 @@
+"""lora_fx: LoRA as a compiler pass over torch.fx graphs.
+
+``gm = lora_fx.transform(model, rank=16)`` returns a new ``GraphModule`` in which every targeted
+weight is seen by its op as ``W + scaling · B @ A`` (Hu et al., ICLR 2022); only the adapters train.
+"""
+
+from .adapter import LoraAdapter
+from .api import Site, fold, sites, transform
+from .config import LoraConfig
+from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
+                     ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
+                     TraceError, UnsupportedSiteError)
+from .training import adapter_parameters, lora_state_dict, mark_only_lora_as_trainable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter",
+    "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters",
+    "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
+    "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
+    "ExportParityError", "__version__",
+]

@@ -1,0 +1,111 @@
+"""The adapter module: one LoRA factor pair for one base parameter.
+
+An adapter lives on the module that owns its base parameter, under
+``<owner>.lora.<adapter_name>.<param_name>``, so the state-dict key of ``layers.0.fc.weight``'s
+default adapter is ``layers.0.fc.lora.default.weight.lora_A``.  Nothing here touches the base
+parameter; the graph reads the factors through ``get_attr`` nodes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["LoraAdapter", "ADAPTER_ATTR", "adapter_path"]
+
+#: Attribute under which an owner module holds its adapters: ``owner.lora[adapter_name][param_name]``.
+ADAPTER_ATTR = "lora"
+
+
+def adapter_path(param_fqn: str, adapter_name: str) -> str:
+    """Module path of the adapter of base parameter ``param_fqn`` (e.g. ``"fc.weight"`` →
+    ``"fc.lora.default.weight"``)."""
+    owner, _, pname = param_fqn.rpartition(".")
+    prefix = f"{owner}." if owner else ""
+    return f"{prefix}{ADAPTER_ATTR}.{adapter_name}.{pname}"
+
+
+class LoraAdapter(nn.Module):
+    """Low-rank factors ``lora_A: (rank, fan_in)``, ``lora_B: (fan_out, rank)`` for a weight ``W``
+    with ``fan_out = W.shape[0]``, ``fan_in = W[0].numel()``; ``ΔW = scaling · (B @ A).reshape(W.shape)``.
+
+    ``scaling`` is a non-persistent 0-dim buffer equal to ``alpha / rank`` (``alpha / sqrt(rank)``
+    with ``use_rslora``; Kalajdzievski, 2023) times ``weight`` (a user-set mixing weight, 1.0 by
+    default) times ``enabled``; changing any of them refills the buffer in place, so compiled
+    graphs see the new value without recompiling.
+
+    Args:
+        weight_shape: shape of the base weight (at least 2-D).
+        rank: ``r > 0``.
+        alpha: ``alpha > 0``.
+        dtype, device: of the factors.
+        dropout: probability of LoRA dropout (``nn.Dropout`` submodule named ``dropout``; absent when 0).
+        use_rslora: rank-stabilised scaling.
+        init: ``"kaiming"`` (A ~ kaiming-uniform(a=√5) as in Hu et al.'s reference code, B = 0) or
+            ``"gaussian"`` (A ~ N(0, 1/r), B = 0).
+    """
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        rank: int,
+        alpha: float,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        fan_out = int(weight_shape[0])
+        fan_in = int(math.prod(weight_shape[1:]))
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.init = init
+        self.mix = 1.0
+        self.enabled = True
+        self.lora_A = nn.Parameter(torch.empty(self.rank, fan_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(fan_out, self.rank, dtype=dtype, device=device))
+        self.register_buffer("scaling", torch.tensor(self.base_scaling, dtype=torch.float32, device=device),
+                             persistent=False)
+        if dropout > 0:
+            self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    @property
+    def base_scaling(self) -> float:
+        """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def effective_scaling(self) -> float:
+        """The value the graph multiplies ``B @ A`` by: ``base_scaling · mix · enabled``."""
+        return self.base_scaling * self.mix * (1.0 if self.enabled else 0.0)
+
+    def refresh_scaling_(self) -> "LoraAdapter":
+        """Write :attr:`effective_scaling` into the ``scaling`` buffer in place."""
+        with torch.no_grad():
+            self.scaling.fill_(self.effective_scaling)
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise: A per ``init``, B = 0 (so ``ΔW = 0`` and the model is unchanged)."""
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW`` of ``weight_shape`` in the factors' dtype (uses the current ``scaling``)."""
+        return (self.lora_B @ (self.lora_A * self.scaling.to(self.lora_A.dtype))).reshape(self.weight_shape)
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, alpha={self.alpha}, scaling={self.effective_scaling:g}, "
+                f"weight_shape={self.weight_shape}")

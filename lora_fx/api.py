@@ -1,0 +1,284 @@
+"""Public entry points: :func:`transform`, :func:`fold`, :func:`sites`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import fx, nn
+
+from .adapter import LoraAdapter
+from .config import LoraConfig, as_patterns
+from .errors import (AlreadyAdaptedError, ConfigError, LoraFxWarning, NotAdaptedError, TargetError,
+                     UnsupportedSiteError)
+from .state import is_adapted, state_of
+
+__all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR"]
+
+#: Attribute of the root GraphModule holding ``{adapter name: LoraConfig}``.
+CONFIG_ATTR = "_lora_fx_configs"
+
+_UNSET: Any = object()
+_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig) if f.name != "version")
+
+
+def _passes():
+    from lora_fx.passes import find_sites, insert_lora, trace  # installed as lora_fx.passes
+    return trace, find_sites, insert_lora
+
+
+def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
+    memo: dict[int, Any] = {}
+    if not copy_weights:
+        for p in model.parameters(remove_duplicate=True):
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise ConfigError(
+            f"could not copy {type(model).__name__} (lora_fx never modifies your model, so it works on a "
+            f"copy): {type(exc).__name__}: {exc}. Make the model deep-copyable (drop open files, locks or "
+            "generators held as attributes).") from exc
+
+
+def _select(consumers, targets, exclude):
+    names = sorted({c.fqn for c in consumers})
+    shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+    if targets is None:
+        chosen = [c for c in consumers if c.default]
+    else:
+        chosen = []
+        for pat in targets:
+            hit = [c for c in consumers if fnmatch.fnmatchcase(c.fqn, pat)]
+            if not hit:
+                raise TargetError(f"targets pattern {pat!r} matches no parameter consumed by the model's "
+                                  f"forward. Candidates: {shown}")
+            bad = [c for c in hit if c.reason is not None]
+            if bad and (len(bad) == len(hit) or not any(ch in pat for ch in "*?[")):
+                c = bad[0]
+                raise UnsupportedSiteError(
+                    f"cannot adapt '{c.fqn}' (used by {c.op}): {c.reason}. Remove it from targets, or "
+                    "target a weight matrix instead.")
+            chosen.extend(c for c in hit if c.reason is None and c not in chosen)
+    if exclude is not None:
+        for pat in exclude:
+            if not any(fnmatch.fnmatchcase(c.fqn, pat) for c in consumers):
+                raise TargetError(f"exclude pattern {pat!r} matches no parameter consumed by the model's "
+                                  f"forward. Candidates: {shown}")
+        chosen = [c for c in chosen if not any(fnmatch.fnmatchcase(c.fqn, p) for p in exclude)]
+    if not chosen:
+        raise TargetError("no site to adapt: " + (
+            "the model has no supported weight (linear, conv, conv_transpose, embedding, matmul, "
+            f"attention). Name parameters explicitly with targets=[...]. Candidates: {shown}"
+            if targets is None else f"exclude removed every target. Candidates: {shown}"))
+    return chosen
+
+
+def transform(
+    model: nn.Module,
+    rank: int = _UNSET,
+    *,
+    alpha: Optional[float] = _UNSET,
+    targets: Union[None, str, Sequence[str]] = _UNSET,
+    exclude: Union[None, str, Sequence[str]] = _UNSET,
+    rank_pattern: Optional[dict] = _UNSET,
+    alpha_pattern: Optional[dict] = _UNSET,
+    use_rslora: bool = _UNSET,
+    init: str = _UNSET,
+    dropout: float = _UNSET,
+    lowering: str = _UNSET,
+    adapter_dtype: Optional[str] = _UNSET,
+    config: Optional[LoraConfig] = None,
+    adapter_name: str = "default",
+    blocks: Union[None, str, Sequence[str]] = None,
+    leaf_modules: Union[None, str, Sequence[str]] = None,
+    concrete_args: Optional[dict[str, Any]] = None,
+    copy_weights: bool = True,
+    **unknown: Any,
+) -> fx.GraphModule:
+    """Trace ``model`` and return a new ``GraphModule`` in which every targeted weight ``W`` is
+    seen by its op as ``W + ΔW``, ``ΔW = scaling · (lora_B @ lora_A).reshape(W.shape)``
+    (Hu et al., 2022, eq. 3), ``scaling = alpha / rank``.
+
+    ``lora_A: (rank, W[0].numel())`` starts kaiming-uniform, ``lora_B: (W.shape[0], rank)`` starts
+    at zero, so the result computes exactly what ``model`` computes until trained.  Only the
+    adapters are trainable; base parameters are frozen copies (``copy_weights=False`` shares their
+    storage instead, to save memory).  ``model`` is never modified.
+
+    Args:
+        model: any ``nn.Module`` torch.fx can trace (blocks in ``nn.ModuleList`` s are traced
+            one by one and stay called submodules).
+        rank: ``r > 0`` (default 16).
+        alpha: ``> 0``; default ``rank`` (scaling 1.0).
+        targets: fnmatch patterns over fully qualified parameter names, e.g.
+            ``"layers.*.attn.*.weight"``; ``None``: every weight of linear, conv, conv-transpose,
+            embedding, matmul and attention sites.
+        exclude: patterns removed from targets (exclude wins).
+        rank_pattern, alpha_pattern, use_rslora, init, dropout, lowering, adapter_dtype: see
+            :class:`~lora_fx.config.LoraConfig` (these keywords override ``config``).
+        config: a :class:`~lora_fx.config.LoraConfig`.
+        adapter_name: name of the adapter (``"default"``).
+        blocks: patterns of extra modules to keep as separately traced, called submodules.
+        leaf_modules: patterns of modules to keep opaque (not traced through).
+        concrete_args: as in ``torch.fx.symbolic_trace``.
+        copy_weights: copy base weights (default) or share their storage with ``model``.
+
+    Returns:
+        ``torch.fx.GraphModule`` whose ``state_dict()`` has ``model``'s keys and values plus
+        ``*.lora.<adapter_name>.<param>.lora_A`` / ``.lora_B``.
+
+    Raises:
+        ConfigError: invalid rank, alpha, dropout, lowering, ... or an unknown keyword.
+        TargetError: a targets/exclude pattern matches nothing (the message lists candidates).
+        UnsupportedSiteError: ``targets`` names a parameter that cannot be adapted.
+        AlreadyAdaptedError: ``model`` already carries lora_fx adapters (use ``add_adapter``).
+        TraceError: torch.fx cannot trace the model (names the module, line and the fixes).
+    """
+    if unknown:
+        raise ConfigError(f"transform() got unknown keyword(s) {sorted(unknown)}; valid keywords: "
+                          f"{sorted(_CONFIG_KEYS + ('config', 'adapter_name', 'blocks', 'leaf_modules', 'concrete_args', 'copy_weights'))}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"transform() needs an nn.Module, got {type(model).__name__}")
+    given = {k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
+                                     rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                                     use_rslora=use_rslora, init=init, dropout=dropout, lowering=lowering,
+                                     adapter_dtype=adapter_dtype).items() if v is not _UNSET}
+    cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
+    if is_adapted(model):
+        raise AlreadyAdaptedError(
+            f"{type(model).__name__} already carries lora_fx adapters; transforming it again would stack a "
+            "second adapter silently. Train it as is, call lora_fx.fold(model) first, or add a named adapter "
+            "with lora_fx.add_adapter(model, name, ...).")
+    trace, find_sites, insert_lora = _passes()
+    work = _copy_model(model, copy_weights)
+    root = trace.trace_hierarchy(work, blocks=as_patterns(blocks, "blocks") or (),
+                                 leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
+                                 concrete_args=concrete_args)
+    return _adapt(root, cfg, adapter_name)
+
+
+def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.GraphModule:
+    """Find sites, create adapters and lower them on a traced hierarchy the caller owns."""
+    _, find_sites, insert_lora = _passes()
+    consumers = find_sites.find_sites(root)
+    chosen = _select(consumers, cfg.targets, cfg.exclude)
+    for what, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+        for pat in patterns:
+            if not any(fnmatch.fnmatchcase(c.fqn, pat) for c in chosen):
+                raise TargetError(f"{what} key {pat!r} matches no targeted parameter; targeted: "
+                                  f"{sorted({c.fqn for c in chosen})}")
+
+    def make_adapter(c) -> LoraAdapter:
+        gm = dict(_passes()[0].graph_modules(root))[c.gm_path]
+        w = gm.get_parameter(c.param)
+        r = cfg.rank_for(c.fqn)
+        if r > min(w.shape[0], math.prod(w.shape[1:])):
+            warnings.warn(f"rank {r} for '{c.fqn}' exceeds min{tuple(w.shape[:1]) + (math.prod(w.shape[1:]),)} "
+                          f"of its weight {tuple(w.shape)}: the update is full-rank already and costs more "
+                          "than full fine-tuning of this weight", LoraFxWarning, stacklevel=4)
+        return LoraAdapter(tuple(w.shape), r, cfg.alpha_for(c.fqn), dtype=cfg.dtype_for(w), device=w.device,
+                           dropout=float(cfg.dropout), use_rslora=cfg.use_rslora, init=cfg.init)
+
+    insert_lora.insert_lora(root, chosen, make_adapter, adapter_name=adapter_name, lowering=cfg.lowering)
+    configs = dict(getattr(root, CONFIG_ATTR, {}))
+    configs[adapter_name] = cfg
+    setattr(root, CONFIG_ATTR, configs)
+    adapters = {id(p) for m in root.modules() if isinstance(m, LoraAdapter) for p in m.parameters()}
+    for p in root.parameters():
+        p.requires_grad_(id(p) in adapters)
+    return root
+
+
+def fold(gm: nn.Module) -> fx.GraphModule:
+    """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
+    float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
+
+    ``fold(gm).state_dict()`` has the original model's keys, so it loads with ``strict=True`` into
+    a fresh instance of the original class.  ``gm`` is not modified.  ``result.meta["lora_fx"]``
+    holds ``{"folded": [names], "untied": [names]}``: a weight tied to an unadapted alias gets its
+    own folded tensor and is listed under ``"untied"``.
+
+    Raises:
+        NotAdaptedError: ``gm`` was not produced by :func:`transform` (or is already folded).
+    """
+    if not is_adapted(gm):
+        raise NotAdaptedError(
+            f"fold() needs a module produced by lora_fx.transform; {type(gm).__name__} carries no lora_fx "
+            "adapters (already folded, or never transformed), so there is nothing to fold.")
+    from lora_fx.passes.fold import fold_graph_modules
+    folded, info = fold_graph_modules(gm)
+    if hasattr(folded, CONFIG_ATTR):
+        delattr(folded, CONFIG_ATTR)
+    folded.meta["lora_fx"] = info
+    return folded
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adapted base parameter (per adapter name).
+
+    Attributes:
+        param: fully qualified name of the base parameter (first targeted alias).
+        aliases: every targeted name of that parameter object.
+        adapter: adapter name.
+        op: op kind of the first consuming call (``"linear"``, ``"conv2d"``, ``"embedding"``,
+            ``"matmul"``, ``"mha"``, ...); ``ops`` lists every consumer's kind and ``lowerings``
+            each consumer's lowering (``"factored"`` or ``"merge"``).
+        shape: base weight shape.
+        rank, alpha, scaling: ``scaling = alpha / rank`` (``/ sqrt(rank)`` for rsLoRA), times the
+            adapter's mixing weight, 0 when disabled.
+        lora_A: ``nn.Parameter (rank, shape[1:].numel())``; lora_B: ``(shape[0], rank)``.
+        path: fully qualified module path of the :class:`~lora_fx.adapter.LoraAdapter`.
+    """
+
+    param: str
+    aliases: tuple[str, ...]
+    adapter: str
+    op: str
+    ops: tuple[str, ...]
+    lowering: str
+    lowerings: tuple[str, ...]
+    shape: tuple[int, ...]
+    rank: int
+    alpha: float
+    scaling: float
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    path: str
+    module: LoraAdapter
+
+
+def sites(gm: nn.Module) -> list[Site]:
+    """One :class:`Site` per adapted base parameter and adapter, in graph order.
+
+    Raises:
+        NotAdaptedError: ``gm`` carries no lora_fx adapters.
+    """
+    if not is_adapted(gm):
+        raise NotAdaptedError(f"sites() needs a module produced by lora_fx.transform; {type(gm).__name__} "
+                              "carries no lora_fx adapters.")
+    out, seen = [], set()
+    for gm_path, sub in gm.named_modules():
+        st = state_of(sub)
+        if st is None:
+            continue
+        prefix = f"{gm_path}." if gm_path else ""
+        for path, rec in st.adapters.items():
+            a = sub.get_submodule(path)
+            if (id(a), rec.adapter) in seen:
+                continue
+            seen.add((id(a), rec.adapter))
+            ops_ = tuple(op for _, op, _ in rec.consumers)
+            lows = tuple(low for _, _, low in rec.consumers)
+            out.append(Site(param=prefix + rec.param, aliases=tuple(prefix + x for x in rec.aliases),
+                            adapter=rec.adapter, op=ops_[0] if ops_ else "", ops=ops_,
+                            lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
+                            shape=a.weight_shape, rank=a.rank, alpha=a.alpha, scaling=a.effective_scaling,
+                            lora_A=a.lora_A, lora_B=a.lora_B, path=prefix + path, module=a))
+    return out

@@ -1,0 +1,152 @@
+"""One frozen, serialisable configuration for an adapter; ``transform``'s keywords are shortcuts."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["LoraConfig", "CONFIG_VERSION", "as_patterns"]
+
+CONFIG_VERSION = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def as_patterns(value: Union[None, str, Any], name: str) -> Optional[tuple[str, ...]]:
+    """Normalise a glob pattern argument (``None``, one string, or a sequence of strings)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a glob pattern string or a list of them, got {type(value).__name__}") from None
+    if not all(isinstance(p, str) for p in out):
+        raise ConfigError(f"{name} must contain only strings (fnmatch patterns), got {out!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Configuration of one LoRA adapter (Hu et al., 2022).
+
+    Attributes:
+        rank: ``r``, an int > 0 (default 16).
+        alpha: ``alpha`` > 0; ``None`` means ``alpha = rank`` (scaling 1.0).  ``scaling = alpha / r``.
+        targets: fnmatch patterns over fully qualified base-parameter names (e.g.
+            ``"layers.*.attn.*.weight"``); ``None`` targets every supported weight.
+        exclude: patterns removed from the targets (exclude wins).
+        rank_pattern / alpha_pattern: ``{pattern: value}`` per-parameter overrides, resolved
+            independently; the first matching pattern wins; a pattern matching nothing is an error.
+        use_rslora: ``scaling = alpha / sqrt(r)`` (Kalajdzievski, 2023).
+        init: ``"kaiming"`` (A kaiming-uniform, B = 0) or ``"gaussian"`` (A ~ N(0, 1/r), B = 0).
+        dropout: LoRA dropout probability in ``[0, 1)``: on the adapter branch's input at factored
+            sites; at merge sites on ``lora_A``'s entries (DropConnect), since no per-example input
+            reaches a merged weight.
+        lowering: ``"auto"`` (factored where exact and cheaper, else merge), ``"factored"``
+            (factored wherever exact) or ``"merge"`` (always ``op(x, W + ΔW)``).
+        adapter_dtype: dtype name of the factors, or ``None``: float32 for float16/bfloat16
+            weights, else the weight's dtype.
+        version: config schema version.
+    """
+
+    rank: int = 16
+    alpha: Optional[float] = None
+    targets: Optional[tuple[str, ...]] = None
+    exclude: Optional[tuple[str, ...]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    init: str = "kaiming"
+    dropout: float = 0.0
+    lowering: str = "auto"
+    adapter_dtype: Optional[str] = None
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", as_patterns(self.targets, "targets"))
+        object.__setattr__(self, "exclude", as_patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        if isinstance(self.adapter_dtype, torch.dtype):
+            object.__setattr__(self, "adapter_dtype", str(self.adapter_dtype).replace("torch.", ""))
+        _check_rank(self.rank, "rank")
+        if self.alpha is not None:
+            _check_alpha(self.alpha, "alpha")
+        for pat, r in self.rank_pattern.items():
+            _check_rank(r, f"rank_pattern[{pat!r}]")
+        for pat, a in self.alpha_pattern.items():
+            _check_alpha(a, f"alpha_pattern[{pat!r}]")
+        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        if self.lowering not in ("auto", "factored", "merge"):
+            raise ConfigError(f"lowering must be 'auto', 'factored' or 'merge', got {self.lowering!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ConfigError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
+            raise ConfigError(f"adapter_dtype must be one of {sorted(_DTYPES)} or None, got {self.adapter_dtype!r}")
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version} is not supported (this lora_fx writes {CONFIG_VERSION})")
+
+    # -- resolution -------------------------------------------------------------------------
+    def rank_for(self, name: str) -> int:
+        """Rank of the adapter on base parameter ``name`` (first matching ``rank_pattern``)."""
+        return next((r for p, r in self.rank_pattern.items() if fnmatch.fnmatchcase(name, p)), self.rank)
+
+    def alpha_for(self, name: str) -> float:
+        """Alpha of the adapter on ``name``: first matching ``alpha_pattern``, else ``alpha``, else its rank."""
+        a = next((a for p, a in self.alpha_pattern.items() if fnmatch.fnmatchcase(name, p)), self.alpha)
+        return float(self.rank_for(name) if a is None else a)
+
+    def dtype_for(self, weight: torch.Tensor) -> torch.dtype:
+        """Dtype of the factors for base weight ``weight``."""
+        if self.adapter_dtype is not None:
+            return _DTYPES[self.adapter_dtype]
+        return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        for k in ("targets", "exclude"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown LoraConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoraConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> "LoraConfig":
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_rank(r, what: str) -> None:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+        raise ConfigError(f"{what} must be a positive int (the LoRA rank r), got {r!r}")
+
+
+def _check_alpha(a, what: str) -> None:
+    if isinstance(a, bool) or not isinstance(a, numbers.Real) or not a > 0:
+        raise ConfigError(f"{what} must be a positive number (scaling = alpha / rank), got {a!r}")

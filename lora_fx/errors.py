@@ -1,0 +1,67 @@
+"""One error hierarchy for lora_fx.
+
+Every error lora_fx raises on purpose derives from :class:`LoraFxError`; each subclass also
+derives from the matching builtin (``ValueError``, ``TypeError``, ...), so code written against
+builtins keeps working.  Messages name the culprit (module, parameter or graph node) and the fix.
+(Pattern after HF PEFT's error classes, which subclass ``ValueError``.)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LoraFxError",
+    "LoraFxWarning",
+    "ConfigError",
+    "TargetError",
+    "TraceError",
+    "UnsupportedSiteError",
+    "NotAdaptedError",
+    "AlreadyAdaptedError",
+    "AdapterMismatchError",
+    "AdapterFileError",
+    "ExportParityError",
+]
+
+
+class LoraFxError(Exception):
+    """Base class of every error lora_fx raises on purpose."""
+
+
+class LoraFxWarning(UserWarning):
+    """Warnings lora_fx emits (e.g. a rank larger than the weight allows)."""
+
+
+class ConfigError(LoraFxError, ValueError):
+    """An argument of ``transform`` (rank, alpha, dropout, lowering, ...) is invalid."""
+
+
+class TargetError(LoraFxError, ValueError):
+    """``targets`` / ``exclude`` patterns match nothing, or name a parameter that cannot be adapted."""
+
+
+class TraceError(LoraFxError, RuntimeError):
+    """The model could not be captured as a graph by the chosen front-end."""
+
+
+class UnsupportedSiteError(LoraFxError, NotImplementedError):
+    """A parameter named by ``targets`` is consumed by an op the pass cannot rewrite."""
+
+
+class NotAdaptedError(LoraFxError, TypeError):
+    """An operation that needs a module produced by :func:`lora_fx.transform` got another module."""
+
+
+class AlreadyAdaptedError(LoraFxError, ValueError):
+    """``transform`` was called on a module that already carries lora_fx adapters."""
+
+
+class AdapterMismatchError(LoraFxError, ValueError):
+    """An adapter state (dict or file) does not fit the model: missing, unexpected or mis-shaped keys."""
+
+
+class AdapterFileError(LoraFxError, OSError):
+    """An adapter file is missing, truncated or corrupt."""
+
+
+class ExportParityError(LoraFxError, RuntimeError):
+    """An exported (folded) program does not reproduce the eager adapted model."""

@@ -1,0 +1,85 @@
+"""Adapter files: safetensors only (never pickle), written atomically (temp file + rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from .errors import AdapterFileError, AdapterMismatchError
+from .training import lora_state_dict
+
+__all__ = ["save_lora_state", "load_lora_state", "atomic_write_bytes"]
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``:
+    a crash mid-write leaves any previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: str = "none",
+                    metadata: dict | None = None) -> Path:
+    """Save :func:`~lora_fx.training.lora_state_dict` of ``model`` to a ``.safetensors`` file
+    (atomically).  Keys are ``model.state_dict()`` keys; tied tensors are saved once per key.
+
+    Returns the path written.
+    """
+    from safetensors.torch import save
+
+    sd = {k: v.detach().contiguous().clone() for k, v in lora_state_dict(model, bias=bias).items()}
+    meta = {"format": "lora_fx", **{k: json.dumps(v) if not isinstance(v, str) else v
+                                    for k, v in (metadata or {}).items()}}
+    atomic_write_bytes(path, save(sd, metadata=meta))
+    return Path(path)
+
+
+def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load a file written by :func:`save_lora_state` into ``model`` (in place; returns it).
+
+    Every key must exist in ``model.state_dict()`` with the same shape; all mismatches are listed
+    at once and nothing is loaded if any.
+
+    Raises:
+        AdapterFileError: missing, truncated or corrupt file.
+        AdapterMismatchError: unexpected keys, missing adapter keys or shape mismatches.
+    """
+    from safetensors.torch import load
+
+    try:
+        data = Path(path).read_bytes()
+        sd = load(data)
+    except FileNotFoundError as exc:
+        raise AdapterFileError(f"adapter file {str(path)!r} does not exist") from exc
+    except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
+        raise AdapterFileError(f"adapter file {str(path)!r} is truncated or not a safetensors file: {exc}") from exc
+    own = model.state_dict()
+    expected = set(lora_state_dict(model))
+    problems = [f"unexpected key {k!r} (not in the model)" for k in sorted(set(sd) - set(own))]
+    problems += [f"missing key {k!r}" for k in sorted(expected - set(sd))]
+    problems += [f"{k!r}: file has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
+                 for k, v in sorted(sd.items()) if k in own and own[k].shape != v.shape]
+    if problems:
+        raise AdapterMismatchError(f"adapter file {str(path)!r} does not fit {type(model).__name__}:\n  - "
+                                   + "\n  - ".join(problems))
+    model.load_state_dict(sd, strict=False)
+    return model

@@ -1,0 +1,177 @@
+"""Analysis pass: which parameters reach which weight-consuming ops (pure: returns data).
+
+For every lora_fx ``GraphModule`` in a hierarchy it lists one :class:`Consumer` per
+(parameter, consuming node): a ``call_module`` node of a leaf owning the parameter, or a
+``get_attr`` node of the parameter, whose users are classified by following view-like ops
+(``W.t()``, ``W.view(...)``) to the first real consumers (networkx reachability).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from lora_fx.adapter import ADAPTER_ATTR
+from lora_fx.rules import VIEW_OPS, function_rule, module_rule
+
+from .trace import graph_modules
+
+__all__ = ["Consumer", "find_sites"]
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One (parameter, consuming node) pair.
+
+    Attributes:
+        gm_path: path of the ``GraphModule`` holding the node (``""`` for the root).
+        node: name of the ``call_module`` or ``get_attr`` node.
+        param: parameter name relative to that ``GraphModule`` (the alias the node uses).
+        fqn: fully qualified parameter name in the root.
+        op: op kind (``"linear"``, ``"conv2d"``, ``"matmul"``, ``"mha"``, ...).
+        shape: the parameter's shape.
+        default: adapted when ``targets`` is None (a weight of a known weight-consuming op).
+        reason: why the site cannot be adapted, or None.
+        factorable: the factored lowering is exact for every use.
+    """
+
+    gm_path: str
+    node: str
+    param: str
+    fqn: str
+    op: str
+    shape: tuple[int, ...]
+    default: bool
+    reason: Optional[str]
+    factorable: bool
+
+
+def _is_adapter_name(name: str) -> bool:
+    return f"{ADAPTER_ATTR}." in f".{name}" and (name.startswith(f"{ADAPTER_ATTR}.") or f".{ADAPTER_ATTR}." in name)
+
+
+def _reason(p: torch.Tensor) -> Optional[str]:
+    if p.ndim < 2:
+        return f"it is {p.ndim}-D; LoRA adapts weights with at least 2 dimensions"
+    if not p.is_floating_point():
+        return f"its dtype {p.dtype} is not floating point"
+    return None
+
+
+def _slots(user: fx.Node, node: fx.Node) -> list[tuple[int, str]]:
+    found = [(i, "") for i, a in enumerate(user.args) if a is node]
+    found += [(-1, k) for k, v in user.kwargs.items() if v is node]
+    return found
+
+
+def _weight_slot(user: fx.Node, node: fx.Node) -> Optional[int]:
+    """Index of the weight slot ``node`` occupies in ``user`` per its rule, else None."""
+    if user.op not in ("call_function", "call_method"):
+        return None
+    rule = function_rule(user.target)
+    if rule is None:
+        return None
+    slots = _slots(user, node)
+    if len(slots) != 1:
+        return None
+    index, kw = slots[0]
+    for slot_index, slot_name in rule.weight_slots:
+        if index == slot_index or (kw and kw == slot_name):
+            return slot_index
+    return None
+
+
+def _terminal_users(dg: nx.DiGraph, node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` reached through view-like ops only, stopping at the first real op."""
+    views = nx.subgraph_view(dg, filter_edge=lambda u, v: u is node or _is_view(u))
+    return [dst for _, dst in nx.bfs_edges(views, node) if not _is_view(dst)]
+
+
+def _is_view(n: fx.Node) -> bool:
+    return n.op in ("call_function", "call_method") and _hashable_in(n.target, VIEW_OPS)
+
+
+def _hashable_in(target, table) -> bool:
+    try:
+        return target in table
+    except TypeError:
+        return False
+
+
+def _kind(n: fx.Node) -> str:
+    rule = function_rule(n.target) if n.op in ("call_function", "call_method") else None
+    if rule is not None:
+        return rule.kind
+    if n.op == "output":
+        return "output"
+    name = getattr(n.target, "__name__", str(n.target))
+    return f"{n.op}:{name}"
+
+
+def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[Consumer]:
+    mod = gm.get_submodule(node.target)
+    if isinstance(mod, fx.GraphModule):  # a traced block: its own sites are found in it
+        return []
+    rule = module_rule(mod)
+    defaults = set(rule.weights(mod))
+    kind = rule.kind(mod)
+    out = []
+    for pname, p in mod.named_parameters():
+        if _is_adapter_name(pname):
+            continue
+        reason = _reason(p)
+        param = f"{node.target}.{pname}"
+        out.append(Consumer(
+            gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
+            op=kind, shape=tuple(p.shape), default=reason is None and pname in defaults, reason=reason,
+            factorable=reason is None and rule.factored(node, mod, pname) is not None))
+    return out
+
+
+def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.Node) -> Optional[Consumer]:
+    try:
+        p = gm.get_parameter(node.target)
+    except AttributeError:
+        return None  # a buffer or constant
+    if _is_adapter_name(node.target):
+        return None
+    reason = _reason(p)
+    direct = list(node.users)
+    terminals = _terminal_users(dg, node)
+    kinds = sorted({_kind(t) for t in terminals})
+    known = terminals and all(function_rule(t.target) is not None and t.op != "output" for t in terminals)
+    direct_slots = [_weight_slot(u, node) for u in direct]
+    factorable = reason is None and all(
+        s is not None and function_rule(u.target).factored(u, s, tuple(p.shape)) is not None
+        for u, s in zip(direct, direct_slots))
+    viewed = any(_is_view(u) for u in direct)
+    op = "+".join(kinds) + (" (via view)" if viewed else "")
+    return Consumer(
+        gm_path=gm_path, node=node.name, param=node.target,
+        fqn=f"{gm_path}.{node.target}" if gm_path else node.target, op=op or "unused", shape=tuple(p.shape),
+        default=bool(reason is None and known and (viewed or all(s is not None for s in direct_slots))),
+        reason=reason, factorable=bool(factorable and direct))
+
+
+def find_sites(root: nn.Module) -> list[Consumer]:
+    """All (parameter, consuming node) pairs in ``root``'s lora_fx ``GraphModule`` hierarchy,
+    in graph order, root first.  Adapter parameters are never listed."""
+    out: list[Consumer] = []
+    for gm_path, gm in graph_modules(root):
+        dg = nx.DiGraph()
+        for n in gm.graph.nodes:
+            dg.add_node(n)
+            for u in n.users:
+                dg.add_edge(n, u)
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                out.extend(_module_consumers(gm, gm_path, n))
+            elif n.op == "get_attr":
+                c = _attr_consumer(gm, gm_path, dg, n)
+                if c is not None:
+                    out.append(c)
+    return out

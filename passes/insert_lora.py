@@ -1,0 +1,179 @@
+"""Rewrite pass: register adapters and insert merge / factored nodes at the selected sites.
+
+For each selected :class:`~lora_fx.passes.find_sites.Consumer`:
+
+* factored (op linear in its weight, exact): after the call ``y = op(x, W)`` insert
+  ``y' = <op>_delta(y, dropout(x), lora_A, lora_B, scaling)`` and rewire ``y``'s users to ``y'``;
+* merge (anything else): insert ``W' = merge(W, lora_A, lora_B, scaling)`` out of place and feed
+  ``W'`` to the op (for a leaf module: its functional form, or ``torch.func.functional_call``).
+
+Base parameters are never deleted, replaced or re-registered; adapters are added as submodules
+of the module owning the base parameter (``<owner>.lora.<adapter>.<param>``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from torch import fx, nn
+
+from lora_fx import ops
+from lora_fx.adapter import ADAPTER_ATTR, LoraAdapter, adapter_path
+from lora_fx.errors import ConfigError
+from lora_fx.rules import function_rule, module_rule
+from lora_fx.state import STATE_ATTR, AdapterRecord, GraphState, state_of
+
+from .find_sites import Consumer, _weight_slot
+from .trace import graph_modules
+
+__all__ = ["insert_lora", "LOWERINGS"]
+
+LOWERINGS = ("auto", "factored", "merge")
+
+
+def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAdapter) -> str:
+    path = adapter_path(param, adapter_name)
+    owner_path, _, pname = param.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    holder = owner._modules.get(ADAPTER_ATTR)
+    if holder is None:
+        if hasattr(owner, ADAPTER_ATTR):
+            raise ConfigError(
+                f"module '{owner_path or '<root>'}' ({type(owner).__name__}) already has an attribute "
+                f"'{ADAPTER_ATTR}', where lora_fx keeps adapters; rename that attribute or exclude "
+                f"'{param}' with exclude=[...]")
+        holder = nn.ModuleDict()
+        owner.add_module(ADAPTER_ATTR, holder)
+    if adapter_name not in holder:
+        holder[adapter_name] = nn.ModuleDict()
+    holder[adapter_name][pname] = adapter
+    return path
+
+
+def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x):
+    if hasattr(adapter, "dropout"):
+        x = graph.call_module(f"{path}.dropout", (x,))
+    return (x, graph.get_attr(f"{path}.lora_A"), graph.get_attr(f"{path}.lora_B"),
+            graph.get_attr(f"{path}.scaling"))
+
+
+def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapter) -> fx.Node:
+    a = graph.get_attr(f"{path}.lora_A")
+    if hasattr(adapter, "dropout"):  # merge sites: DropConnect on lora_A (documented)
+        a = graph.call_module(f"{path}.dropout", (a,))
+    return graph.call_function(ops.merge, (weight, a, graph.get_attr(f"{path}.lora_B"),
+                                           graph.get_attr(f"{path}.scaling")))
+
+
+def _wants_factored(lowering: str, c: Consumer, adapter: LoraAdapter) -> bool:
+    if lowering == "merge" or not c.factorable:
+        return False
+    if lowering == "auto" and c.op.startswith("conv"):
+        # factored conv runs a rank-channel conv plus a 1x1 conv: cheaper only for small ranks
+        return adapter.rank * 2 < min(c.shape[0], math.prod(c.shape[1:]))
+    return True
+
+
+def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
+    graph = gm.graph
+    mod = gm.get_submodule(node.target)
+    rule = module_rule(mod)
+    if all(_wants_factored(lowering, c, a) for c, a, _ in items):
+        with graph.inserting_before(node.next):
+            y = node
+            for c, adapter, path in items:
+                f = rule.factored(node, mod, c.param[len(node.target) + 1:])
+                y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra))
+        node.replace_all_uses_with(y, delete_user_cb=lambda u: not (
+            u.op == "call_function" and u.target in ops.DELTA_OPS and u.args[0] is node))
+        return [(c, "factored") for c, _, _ in items]
+    with graph.inserting_before(node):
+        merged: dict[str, fx.Node] = {}
+        for c, adapter, path in items:
+            pname = c.param[len(node.target) + 1:]
+            w = merged[pname] if pname in merged else graph.get_attr(c.param)
+            merged[pname] = _merge_node(graph, w, path, adapter)
+        new = rule.merged_call(graph, node, mod, merged) if rule.merged_call else None
+        if new is None:
+            new = graph.call_function(ops.module_call, (graph.get_attr(node.target), merged) + tuple(node.args),
+                                      dict(node.kwargs))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return [(c, "merge") for c, _, _ in items]
+
+
+def _lower_attr(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
+    graph = gm.graph
+    if all(_wants_factored(lowering, c, a) for c, a, _ in items):
+        for user in list(node.users):
+            slot = _weight_slot(user, node)
+            f = function_rule(user.target).factored(user, slot, tuple(items[0][0].shape))
+            with graph.inserting_before(user.next):
+                y = user
+                for _, adapter, path in items:
+                    y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra))
+            user.replace_all_uses_with(y, delete_user_cb=lambda u, user=user: not (
+                u.op == "call_function" and u.target in ops.DELTA_OPS and u.args[0] is user))
+        return [(c, "factored") for c, _, _ in items]
+    with graph.inserting_before(node.next):
+        w = node
+        for _, adapter, path in items:
+            w = _merge_node(graph, w, path, adapter)
+    node.replace_all_uses_with(w, delete_user_cb=lambda u: not (
+        u.op == "call_function" and u.target is ops.merge and u.args[0] is node))
+    return [(c, "merge") for c, _, _ in items]
+
+
+def insert_lora(
+    root: nn.Module,
+    selected: list[Consumer],
+    make_adapter: Callable[[Consumer], LoraAdapter],
+    *,
+    adapter_name: str = "default",
+    lowering: str = "auto",
+) -> nn.Module:
+    """Register one adapter per targeted parameter object and lower every selected consumer.
+
+    Args:
+        root: the lora_fx GraphModule hierarchy (modified in place; the caller owns it).
+        selected: consumers to adapt (from :func:`~lora_fx.passes.find_sites.find_sites`).
+        make_adapter: builds the adapter for the first consumer of a parameter object.
+        adapter_name: name under which adapters are registered.
+        lowering: ``"auto"`` | ``"factored"`` | ``"merge"``.
+
+    Returns:
+        ``root``.  Aliases of one parameter object that are all targeted share one adapter;
+        consumers of untargeted aliases are left alone.
+    """
+    gms = dict(graph_modules(root))
+    by_param: dict[int, LoraAdapter] = {}
+    groups: dict[tuple[str, str], list] = {}
+    for c in selected:
+        gm = gms[c.gm_path]
+        param = gm.get_parameter(c.param)
+        adapter = by_param.get(id(param))
+        if adapter is None:
+            adapter = by_param[id(param)] = make_adapter(c)
+        st = state_of(gm)
+        if st is None:
+            st = GraphState()
+            setattr(gm, STATE_ATTR, st)
+        path = next((p for p, r in st.adapters.items() if r.adapter == adapter_name
+                     and gm.get_submodule(p) is adapter), None)
+        if path is None:
+            path = _register(gm, c.param, adapter_name, adapter)
+            st.adapters[path] = AdapterRecord(param=c.param, adapter=adapter_name)
+        if c.param not in st.adapters[path].aliases:
+            st.adapters[path].aliases.append(c.param)
+        groups.setdefault((c.gm_path, c.node), []).append((c, adapter, path))
+    for (gm_path, node_name), items in groups.items():
+        gm = gms[gm_path]
+        node = next(n for n in gm.graph.nodes if n.name == node_name)
+        lower = _lower_module if node.op == "call_module" else _lower_attr
+        for (c, how), (_, _, path) in zip(lower(gm, node, items, lowering), items):
+            state_of(gm).adapters[path].consumers.append((c.node, c.op, how))
+    for gm in gms.values():
+        gm.graph.lint()
+        gm.recompile()
+    return root

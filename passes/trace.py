@@ -1,0 +1,195 @@
+"""Front-end: torch.fx symbolic tracing that keeps the module hierarchy users hook into.
+
+Repeated blocks (children of an ``nn.ModuleList``, or modules named by ``blocks`` patterns) are
+traced as leaves of their parent and then each traced into its own ``GraphModule`` that replaces
+the block in place, so the parent still *calls* the block: per-block FSDP2 ``fully_shard``,
+activation checkpointing and regional ``torch.compile`` keep working (a flat trace inlines block
+forwards and their hooks never fire).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import math
+import os
+import traceback
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import fx, nn
+
+from lora_fx.errors import TraceError
+from lora_fx.graph_module import LoraGraphModule
+from lora_fx.ops import LORA_OPS
+
+__all__ = ["LoraTracer", "trace_hierarchy", "build_graph_module", "graph_modules"]
+
+
+class LoraTracer(fx.Tracer):
+    """``torch.fx.Tracer`` that treats lora_fx ops as leaves (so a pickled adapted module
+    re-traces to the same graph), extra leaf modules by name or type, and tracks the module being
+    traced for error messages."""
+
+    def __init__(self, autowrap_modules=(math,), autowrap_functions=(), param_shapes_constant=False, *,
+                 leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = ()):
+        super().__init__(autowrap_modules=autowrap_modules,
+                         autowrap_functions=tuple(autowrap_functions) + LORA_OPS,
+                         param_shapes_constant=param_shapes_constant)
+        self.leaf_names = frozenset(leaf_names)
+        self.leaf_types = tuple(leaf_types)
+        self._lora_scope: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        self._lora_scope.append(self.path_of_module(m) if m is not self.root else "")
+        result = super().call_module(m, forward, args, kwargs)
+        self._lora_scope.pop()
+        return result
+
+
+def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(torch_dir) and not f.filename.startswith(here)
+              and "<eval_with_key>" not in f.filename]
+    return frames[-1] if frames else None
+
+
+def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceError:
+    frame = _user_frame(exc)
+    where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
+    name = module_path or "<root>"
+    return TraceError(
+        f"torch.fx could not trace module '{name}' ({type(module).__name__}){where}: "
+        f"{type(exc).__name__}: {exc}\n"
+        "How to fix: (1) pass concrete_args={'arg': value} for arguments the code branches on; "
+        f"(2) mark the module as an opaque leaf with leaf_modules=['{name}'] (its own weights are then "
+        "adapted by merging, through torch.func.functional_call); or (3) use the torch.export "
+        "front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which follows "
+        "data-dependent Python control flow for the example shapes.")
+
+
+def graph_modules(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """Every lora_fx-traced ``GraphModule`` in ``root`` (root first), each once, with its path."""
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, fx.GraphModule)]
+
+
+def build_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``GraphModule`` over ``graph`` that keeps ``module``'s children (containers such as
+    ``nn.ModuleList`` stay what they were), its parameters and buffers under the same names, and
+    its buffers' persistence, so ``state_dict`` keys equal ``module.state_dict()``'s."""
+    gm = LoraGraphModule(module, graph, class_name=type(module).__name__)
+    gm._modules.clear()
+    for name, child in module.named_children():
+        gm._modules[name] = child
+    persistent = {n for n in module._buffers if n not in module._non_persistent_buffers_set}
+    for name in list(gm._buffers):
+        if name not in persistent:  # traced tensor constants and plain tensor attributes
+            gm._non_persistent_buffers_set.add(name)
+    for name, p in module._parameters.items():
+        if name not in gm._parameters and p is not None:
+            gm.register_parameter(name, p)
+    for name in persistent:
+        if name not in gm._buffers and module._buffers[name] is not None:
+            gm.register_buffer(name, module._buffers[name])
+    gm.train(module.training)
+    gm._tracer_cls = LoraTracer
+    return gm
+
+
+def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf_types) -> set[str]:
+    """Relative names of the outermost block modules under ``module``."""
+    tracer = fx.Tracer()
+    found = set()
+    for name, child in module.named_modules():
+        if not name:
+            continue
+        if any(name == b or name.startswith(b + ".") for b in found):
+            continue
+        parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+        is_block = isinstance(parent, nn.ModuleList) or any(fnmatch.fnmatchcase(prefix + name, p) for p in patterns)
+        if is_block and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
+            found.add(name)
+    return found
+
+
+def _concrete_args_from_calls(block: nn.Module, calls: list[fx.Node]) -> dict[str, Any]:
+    """Arguments every call site passes the same constant for (e.g. ``mask=None``), so tracing the
+    block specialises on them instead of branching on a proxy."""
+    try:
+        sig = inspect.signature(block.forward)
+    except (TypeError, ValueError):
+        return {}
+    common: Optional[dict[str, Any]] = None
+    for node in calls:
+        try:
+            bound = sig.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return {}
+        consts = {}
+        for k, prm in sig.parameters.items():
+            if prm.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                continue
+            v = bound.arguments[k] if k in bound.arguments else prm.default
+            if v is not inspect.Parameter.empty and (v is None or isinstance(v, (bool, int, float, str))):
+                consts[k] = v
+        common = consts if common is None else {k: v for k, v in common.items() if k in consts and consts[k] == v}
+    return common or {}
+
+
+def trace_hierarchy(
+    module: nn.Module,
+    *,
+    blocks: tuple[str, ...] = (),
+    leaf_modules: tuple[str, ...] = (),
+    leaf_types: tuple[type, ...] = (),
+    concrete_args: Optional[dict[str, Any]] = None,
+    prefix: str = "",
+    memo: Optional[dict[int, fx.GraphModule]] = None,
+) -> fx.GraphModule:
+    """Trace ``module`` (which the caller owns: blocks inside it are replaced in place) into a
+    ``GraphModule`` whose blocks are themselves traced ``GraphModule`` s.
+
+    Args:
+        module: the module to trace (a private copy of the user's model).
+        blocks: fnmatch patterns over fully qualified module names of extra blocks; children of
+            every ``nn.ModuleList`` are blocks anyway.
+        leaf_modules: patterns of modules to keep opaque (called, not traced through).
+        leaf_types: module types to keep opaque.
+        concrete_args: as ``torch.fx.symbolic_trace``'s, for the root only.
+
+    Raises:
+        TraceError: naming the module, the source line and the escape hatches.
+    """
+    memo = {} if memo is None else memo
+    block_names = _block_names(module, prefix, blocks, leaf_types)
+    leaf_names = {name for name, _ in module.named_modules()
+                  if name and any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_modules)}
+    tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
+    try:
+        graph = tracer.trace(module, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises many types; report one, with where and how to fix
+        inner = ".".join(p for p in [prefix.rstrip(".")] + tracer._lora_scope[-1:] if p)
+        culprit = module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1] else module
+        raise _trace_error(exc, inner, culprit) from exc
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in block_names:
+            calls.setdefault(node.target, []).append(node)
+    for target, nodes in calls.items():
+        block = module.get_submodule(target)
+        if id(block) not in memo:
+            memo[id(block)] = trace_hierarchy(
+                block, blocks=blocks, leaf_modules=leaf_modules, leaf_types=leaf_types,
+                concrete_args=_concrete_args_from_calls(block, nodes) or None,
+                prefix=f"{prefix}{target}.", memo=memo)
+        parent_name, _, child_name = target.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        parent._modules[child_name] = memo[id(block)]
+    return build_graph_module(module, graph)

@@ -1,0 +1,26 @@
+import importlib.util
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load(name):
+    path = os.path.join(HERE, "..", "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_finetune_digits_small(tmp_path, capsys):
+    mod = _load("finetune_digits")
+    res = mod.main(["--width", "8", "--pretrain-epochs", "3", "--epochs", "4", "--out", str(tmp_path), "--no-progress"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(res))
+    for key in ("base_accuracy", "lora_accuracy", "trainable_fraction", "fold_max_abs_diff", "seconds"):
+        assert key in res
+    assert res["fold_max_abs_diff"] <= 1e-5
+    assert res["reload_max_abs_diff"] == 0.0
+    assert 0 < res["trainable_fraction"] < 0.5
+    assert res["lora_accuracy"] > res["base_accuracy"]
