@@ -316,3 +316,30 @@ def test_register_model_param_after_backward_is_noop():
     assert lnn.register_model_param_after_backward(net) is net
     assert lora_fx.register_model_param_after_backward(net) is net
     assert [(n, id(p)) for n, p in net.named_parameters()] == before
+
+
+@pytest.mark.parametrize("lowering", ["factored", "merge"])
+def test_transform_over_lora_fx_nn_layers(lowering):
+    """The pass leaves hand-built LoRA layers alone by default; named in targets, both updates apply."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = lnn.Linear(6, 5, r=2, lora_alpha=4)
+            self.b = lnn.Linear(5, 4)  # r=0: a plain Linear for the pass
+            self.c = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    net = _randomize(Net())
+    gm = lora_fx.transform(net, rank=2)
+    assert {s.param for s in lora_fx.sites(gm)} == {"b.weight", "c.weight"}
+    gm = lora_fx.transform(net, rank=3, alpha=3, targets=["a.weight"], lowering=lowering)
+    site = lora_fx.sites(gm)[0]
+    with torch.no_grad():
+        site.lora_A.normal_(), site.lora_B.normal_()
+    assert site.lowering == lowering
+    x = torch.randn(2, 6)
+    own = net.a.weight + 2 * net.a.lora_B @ net.a.lora_A
+    ref = net.c(net.b(F.linear(x, own + site.lora_B @ site.lora_A, net.a.bias)))
+    torch.testing.assert_close(gm(x), ref, **TOL)

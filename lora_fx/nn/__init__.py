@@ -10,7 +10,7 @@ are the same functions as ``lora_fx``'s.
 """
 
 from ..training import lora_state_dict, mark_only_lora_as_trainable, register_model_param_after_backward
-from . import layout
+from . import layout, pass_rule
 from .layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention,
                      merged_weight)
 
