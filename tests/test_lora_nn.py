@@ -343,3 +343,63 @@ def test_transform_over_lora_fx_nn_layers(lowering):
     own = net.a.weight + 2 * net.a.lora_B @ net.a.lora_A
     ref = net.c(net.b(F.linear(x, own + site.lora_B @ site.lora_A, net.a.bias)))
     torch.testing.assert_close(gm(x), ref, **TOL)
+
+
+def _mixed_net():
+    net = nn.Sequential()
+    net.add_module("emb", lnn.Embedding(10, 8, r=2, lora_alpha=4))
+    net.add_module("attn", lnn.MultiheadAttention(8, 2, enable_lora=["q", "v"], r=2, lora_alpha=4, batch_first=True))
+    net.add_module("qkv", lnn.MergedLinear(8, 12, r=2, enable_lora=[True, False, True]))
+    return net
+
+
+def _mixed_forward(net, idx):
+    h = net.emb(idx)
+    h = net.attn(h, h, h, need_weights=False)[0]
+    return net.qkv(h)
+
+
+def test_ddp_pickle_and_dtype_moves():
+    import io
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = _randomize(_mixed_net())
+    lnn.mark_only_lora_as_trainable(net)
+    idx = torch.randint(0, 10, (2, 5))
+    ref = _mixed_forward(net, idx)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    clone = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(_mixed_forward(clone, idx), ref, atol=0, rtol=0)
+    wide = clone.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in wide.parameters())
+    assert _mixed_forward(wide, idx).dtype == torch.float64
+
+    class Wrap(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, idx):
+            return _mixed_forward(self.m, idx)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = DDP(Wrap(net), find_unused_parameters=False)
+        frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(idx).pow(2).mean().backward()
+            opt.step()
+        assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
+        assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
