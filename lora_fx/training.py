@@ -83,7 +83,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter entries of ``model.state_dict()`` (keys containing ``lora_``), plus biases per
-    ``bias`` (as in :func:`mark_only_lora_as_trainable`).  ``model.load_state_dict(sd,
+    ``bias`` (as in :func:`mark_only_lora_as_trainable`, except that ``"lora_only"`` saves only the
+    biases of modules that hold adapters, as loralib does: an ``r=0`` LoRA layer's bias trains but
+    is not saved).  ``model.load_state_dict(sd,
     strict=False)`` restores them exactly.
 
     Raises:
