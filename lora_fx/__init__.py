@@ -11,12 +11,15 @@ from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError
                      ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
                      TraceError, UnsupportedSiteError)
 from .training import adapter_parameters, lora_state_dict, mark_only_lora_as_trainable
+from . import distributed
+from .distributed import gather_lora_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
     "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter",
     "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters",
+    "distributed", "gather_lora_state_dict",
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
     "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "__version__",
