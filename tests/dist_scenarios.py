@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -107,8 +108,11 @@ def initial_factors() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
 
 
 def reference_forward(base: nn.Module, factors, x):
-    params = {n: W + s * (B @ A).reshape(W.shape) for n, W in base.named_parameters()
-              for (A, B, s) in [factors[n]] if n in factors}
+    params = {}
+    for n, W in base.named_parameters():
+        if n in factors:
+            A, B, s = factors[n]
+            params[n] = W + s * (B @ A).reshape(W.shape)
     return torch.func.functional_call(base, params, (x,))
 
 
@@ -314,8 +318,10 @@ def worker(rank: int, world: int, port: int, outdir: str, names: list[str]) -> N
     results = {}
     try:
         for name in names:
+            start = time.perf_counter()
             try:
                 results[name] = SCENARIOS[name](rank, world, outdir)
+                results[name]["seconds"] = time.perf_counter() - start
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
             dist.barrier()
