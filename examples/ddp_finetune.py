@@ -141,17 +141,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, result_file: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+def _rank_entry(args: argparse.Namespace) -> dict | None:
+    """What every rank runs: join the process group described by torchrun's environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and run the job."""
     torch.set_num_threads(1)
-    dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(args.backend, timeout=timedelta(seconds=120))
     try:
-        result = run(args)
-        if result is not None:
-            Path(result_file).write_text(json.dumps(result))
+        return run(args)
     finally:
         dist.destroy_process_group()
+
+
+def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, result_file: str) -> None:
+    """A self-started rank: set the environment torchrun would set (127.0.0.1 only), then run."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    result = _rank_entry(args)
+    if result is not None:
+        Path(result_file).write_text(json.dumps(result))
 
 
 def main(argv=None) -> dict | None:
@@ -159,16 +167,13 @@ def main(argv=None) -> dict | None:
     ranks on 127.0.0.1 (fork where available) and return rank 0's result."""
     args = parse(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        torch.set_num_threads(1)
-        dist.init_process_group(args.backend, timeout=timedelta(seconds=120))
-        try:
-            result = run(args)
-        finally:
-            dist.destroy_process_group()
+        result = _rank_entry(args)
     else:
-        import torch.multiprocessing as mp
-        import torch._dynamo  # noqa: F401  (DDP imports it: import once here, before forking)
+        import importlib
 
+        import torch.multiprocessing as mp
+
+        importlib.import_module("torch._dynamo")  # DDP imports it: import once here, before forking
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         with tempfile.TemporaryDirectory() as tmp:
             result_file = os.path.join(tmp, "result.json")

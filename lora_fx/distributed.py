@@ -24,11 +24,12 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError, NotAdaptedError
+from .errors import AdapterMismatchError, ConfigError, NotAdaptedError
 from .state import is_adapted
 from .training import lora_state_dict
 
-__all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict"]
+__all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict",
+           "load_full_lora_state_dict_", "save_gathered_lora_state"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -156,3 +157,58 @@ def gather_lora_state_dict(model: nn.Module, *, bias: str = "none", device: Opti
     if rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
     return out
+
+
+def load_full_lora_state_dict_(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a full (unsharded) adapter state dict, e.g. from :func:`gather_lora_state_dict` or a
+    file of :func:`lora_fx.io.save_lora_state`, into a plain, DDP-wrapped or FSDP2-sharded adapted
+    model; each rank keeps its own shard (``torch.distributed.checkpoint.state_dict.
+    set_model_state_dict`` with ``full_state_dict=True``).  In place; returns ``model``.
+
+    Every key must be an adapter key of the model with the same (global) shape; all mismatches
+    are listed at once and nothing is loaded if any.
+
+    Raises:
+        AdapterMismatchError: unknown keys or shape mismatches.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    inner = unwrap(model)
+    own = lora_state_dict(inner, bias="all")
+    problems = [f"unexpected key {k!r} (not an adapter or bias of the model)" for k in sorted(set(state_dict) - set(own))]
+    problems += [f"{k!r}: given shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
+                 for k, v in sorted(state_dict.items()) if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if problems:
+        raise AdapterMismatchError(f"adapter state does not fit {type(inner).__name__}:\n  - " + "\n  - ".join(problems))
+    if any(isinstance(p, DTensor) for p in inner.parameters()):
+        set_model_state_dict(inner, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        inner.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", metadata: dict | None = None):
+    """Gather the adapter-only state of a (possibly sharded or DDP-wrapped) model and write it on
+    rank 0 in the format of :func:`lora_fx.io.save_lora_state` (safetensors, atomic write), so
+    :func:`lora_fx.io.load_lora_state` reads it into a fresh, unsharded model.
+
+    A collective: call it on every rank.  Returns the path on rank 0 (or without a process
+    group), ``None`` on other ranks.
+
+    Raises:
+        ConfigError: unknown ``bias`` mode.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from .io import atomic_write_bytes
+
+    sd = gather_lora_state_dict(model, bias=bias, rank0_only=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    meta = {"format": "lora_fx", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in sd.items()}, metadata=meta))
+    return Path(path)

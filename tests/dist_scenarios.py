@@ -266,7 +266,6 @@ def scenario_fsdp_checkpoint(rank: int, world: int, outdir: Path) -> dict:
     sharded adapter entries, reloaded into a fresh sharded model; (b) full state gathered on rank 0
     to a safetensors file (reloaded by the test in a fresh, unsharded model)."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
 
     gm, out = _fsdp_train(rank, world, ac=False)
     x, _ = batch(STEPS, world)
@@ -274,9 +273,8 @@ def scenario_fsdp_checkpoint(rank: int, world: int, outdir: Path) -> dict:
         y_trained = gm(shard(x, rank))
     sharded = lora_fx.lora_state_dict(gm)
     dcp.save(sharded, checkpoint_id=str(outdir / "dcp"))
-    sd = lora_fx.distributed.gather_lora_state_dict(gm, rank0_only=True)
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(outdir / "adapter.safetensors"))
+    written = lora_fx.distributed.save_gathered_lora_state(gm, outdir / "adapter.safetensors")
+    full = lora_fx.distributed.gather_lora_state_dict(gm)
     fresh = adapted(base_model(), seed=99)
     lora_fx.distributed.fully_shard_blocks_(fresh)
     with torch.no_grad():
@@ -286,12 +284,37 @@ def scenario_fsdp_checkpoint(rank: int, world: int, outdir: Path) -> dict:
     fresh.load_state_dict(target, strict=False)
     with torch.no_grad():
         y_fresh = fresh(shard(x, rank))
+    # (c) full adapter state -> a fresh sharded model (each rank keeps its shard)
+    fresh2 = adapted(base_model(), seed=98)
+    lora_fx.distributed.fully_shard_blocks_(fresh2)
+    lora_fx.distributed.load_full_lora_state_dict_(fresh2, full)
+    with torch.no_grad():
+        y_fresh2 = fresh2(shard(x, rank))
     return {"lora": out["lora"], "x": shard(x, rank), "y_trained": y_trained,
+            "written": written is not None, "full_reload_equal": torch.equal(y_fresh2, y_trained),
             "dcp_reload_equal": torch.equal(y_fresh, y_trained),
             "fresh_differed": not torch.allclose(y_fresh_before, y_trained)}
 
 
-SCENARIOS = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac,
+def scenario_flat_trace(rank: int, world: int, outdir: Path) -> dict:
+    """Contrast: per-block fully_shard on a *flat* torch.fx trace, whose block forwards are
+    inlined, so the blocks' FSDP hooks never fire and their weights stay sharded DTensors."""
+    from torch import fx
+    from torch.distributed.fsdp import fully_shard
+
+    flat = fx.symbolic_trace(base_model())
+    for i in range(2):
+        fully_shard(flat.get_submodule(f"layers.{i}"))
+    fully_shard(flat)
+    x, _ = batch(0, world)
+    try:
+        flat(shard(x, rank))
+    except Exception as exc:  # expected: mixed torch.Tensor and DTensor
+        return {"flat_error": f"{type(exc).__name__}: {exc}"}
+    return {"flat_error": None}
+
+
+SCENARIOS = {"flat_trace": scenario_flat_trace, "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac,
              "fsdp_checkpoint": scenario_fsdp_checkpoint}
 
 
