@@ -194,7 +194,7 @@ def scenario_ddp(rank: int, world: int, outdir: Path) -> dict:
     }
 
 
-def _fsdp_train(rank: int, world: int, *, ac: bool) -> tuple[nn.Module, dict]:
+def _fsdp_train(rank: int, world: int, *, ac: bool, **fsdp_kwargs) -> tuple[nn.Module, dict]:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -206,7 +206,7 @@ def _fsdp_train(rank: int, world: int, *, ac: bool) -> tuple[nn.Module, dict]:
         block.register_forward_pre_hook(lambda m, a, name=name: block_calls.__setitem__(name, block_calls[name] + 1))
     if ac:
         lora_fx.distributed.checkpoint_blocks_(gm)
-    lora_fx.distributed.fully_shard_blocks_(gm)
+    lora_fx.distributed.fully_shard_blocks_(gm, **fsdp_kwargs)
     captured = dict(gm.named_parameters())
     fsdp_params = [fp.sharded_param for m in gm.modules() if isinstance(m, FSDPModule)
                    for fp in (m._get_fsdp_state()._fsdp_param_group.fsdp_params
@@ -258,6 +258,18 @@ def scenario_fsdp(rank: int, world: int, outdir: Path) -> dict:
 
 def scenario_fsdp_ac(rank: int, world: int, outdir: Path) -> dict:
     gm, out = _fsdp_train(rank, world, ac=True)
+    return out
+
+
+def scenario_fsdp_bf16(rank: int, world: int, outdir: Path) -> dict:
+    """FSDP2 mixed precision: bf16 compute (parameters all-gathered in bf16), fp32 gradient
+    reduction; fp32 sharded parameters and adapters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    gm, out = _fsdp_train(rank, world, ac=False,
+                          mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    out["grad_dtypes"] = sorted({str(p.grad.dtype) for p in gm.parameters() if p.grad is not None})
+    out["param_dtypes"] = sorted({str(p.dtype) for p in gm.parameters()})
     return out
 
 
@@ -314,7 +326,7 @@ def scenario_flat_trace(rank: int, world: int, outdir: Path) -> dict:
     return {"flat_error": None}
 
 
-SCENARIOS = {"flat_trace": scenario_flat_trace, "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac,
+SCENARIOS = {"flat_trace": scenario_flat_trace, "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac, "fsdp_bf16": scenario_fsdp_bf16,
              "fsdp_checkpoint": scenario_fsdp_checkpoint}
 
 

@@ -156,6 +156,21 @@ def test_fsdp2_fold_gathered_equals_fold_unsharded(results, reference):
         torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fsdp2_bf16_mixed_precision(results, reference):
+    # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards, adapters and grads;
+    # training follows the fp32 reference up to bf16 rounding of the forward
+    init = {ds.key(n, w): t for n, (A, B, s) in ds.initial_factors().items() for w, t in (("lora_A", A), ("lora_B", B))}
+    for res in _scenario(results, "fsdp_bf16"):
+        assert res["param_dtypes"] == ["torch.float32"] and res["grad_dtypes"] == ["torch.float32"]
+        assert res["losses"].dtype == torch.bfloat16
+        torch.testing.assert_close(res["losses"].float(), reference["losses"], rtol=2e-2, atol=0)
+        assert res["grad_names"] == _trainable_keys() and res["frozen_unchanged"] and res["identity"]
+        for k in _trainable_keys():
+            moved = (reference["lora"][k] - init[k]).norm()
+            err = (res["lora"][k] - reference["lora"][k]).norm()
+            assert moved > 0 and err < 0.05 * moved, (k, float(err / moved))
+
+
 def test_activation_checkpointing_same_gradients(results, reference):
     plain = _scenario(results, "fsdp")
     ac = _scenario(results, "fsdp_ac")
