@@ -23,7 +23,7 @@ import lora_fx
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
-ATOL = 2e-6  # summation order differs (per-rank means averaged by all-reduce vs one mean)
+ATOL = 1e-6  # summation order differs (per-rank means averaged by all-reduce vs one mean); measured 6e-8
 
 
 def _start_method() -> str:
