@@ -59,6 +59,52 @@ class TinyNet(nn.Module):
         return self.head(h)
 
 
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(24, 24)
+
+    def forward(self, x):
+        return x + torch.tanh(self.lin(x))
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sub = nn.ModuleList(Inner() for _ in range(2))
+
+    def forward(self, x):
+        for inner in self.sub:
+            x = inner(x)
+        return x
+
+
+class NestedNet(nn.Module):
+    """``layers[i]`` (blocks) each holding ``sub[j]`` (nested blocks): ``(N, SEQ, 20) -> (N, SEQ, 7)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(20, 24)
+        self.layers = nn.ModuleList(Outer() for _ in range(2))
+        self.head = nn.Linear(24, CLASSES)
+
+    def forward(self, x):
+        h = self.proj(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def nested_adapted() -> nn.Module:
+    torch.manual_seed(4321)
+    gm = lora_fx.transform(NestedNet(), rank=3, alpha=6.0)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for s in lora_fx.sites(gm):
+            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.2)
+    return gm
+
+
 def base_model() -> TinyNet:
     torch.manual_seed(1234)
     return TinyNet()
@@ -273,6 +319,17 @@ def scenario_fsdp_bf16(rank: int, world: int, outdir: Path) -> dict:
     return out
 
 
+def scenario_fsdp_nested(rank: int, world: int, outdir: Path) -> dict:
+    """Nested blocks: fully_shard innermost first, then outer blocks, then the root; one step on
+    the same full batch on every rank, so the averaged gradients equal one process's."""
+    gm = nested_adapted()
+    lora_fx.distributed.fully_shard_blocks_(gm)
+    x, y = batch(0, world)
+    loss = loss_fn(gm(x), y)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": {n: p.grad.full_tensor() for n, p in gm.named_parameters() if p.requires_grad}}
+
+
 def scenario_fsdp_checkpoint(rank: int, world: int, outdir: Path) -> dict:
     """Adapter-only checkpoints of a sharded model: (a) torch.distributed.checkpoint with the
     sharded adapter entries, reloaded into a fresh sharded model; (b) full state gathered on rank 0
@@ -327,6 +384,7 @@ def scenario_flat_trace(rank: int, world: int, outdir: Path) -> dict:
 
 
 SCENARIOS = {"flat_trace": scenario_flat_trace, "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac, "fsdp_bf16": scenario_fsdp_bf16,
+             "fsdp_nested": scenario_fsdp_nested,
              "fsdp_checkpoint": scenario_fsdp_checkpoint}
 
 

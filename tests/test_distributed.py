@@ -262,3 +262,25 @@ def test_load_full_lora_state_dict_lists_every_mismatch():
         lora_fx.distributed.load_full_lora_state_dict_(gm, bad)
     assert "nope.lora_A" in str(err.value) and "proj.lora.default.weight.lora_A" in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in lora_fx.lora_state_dict(gm).items())  # nothing loaded
+
+
+def test_blocks_nested_order():
+    gm = ds.nested_adapted()
+    assert [n for n, _ in lora_fx.distributed.blocks(gm)] == ["layers.0", "layers.1"]
+    nested = [n for n, _ in lora_fx.distributed.blocks(gm, nested=True)]
+    assert sorted(nested) == sorted(["layers.0", "layers.0.sub.0", "layers.0.sub.1", "layers.1", "layers.1.sub.0",
+                                     "layers.1.sub.1"])
+    for i, name in enumerate(nested):  # innermost first: no block comes after its parent
+        assert not any(name.startswith(earlier + ".") for earlier in nested[:i])
+
+
+def test_fsdp2_nested_blocks(results):
+    gm = ds.nested_adapted()
+    x, y = ds.batch(0, WORLD)
+    loss = ds.loss_fn(gm(x), y)
+    loss.backward()
+    want = {n: p.grad for n, p in gm.named_parameters() if p.requires_grad}
+    assert len(want) == 2 * (2 + 2 * 2)  # proj, head and 4 nested linears: A and B each
+    for res in _scenario(results, "fsdp_nested"):
+        torch.testing.assert_close(res["loss"], loss.detach(), rtol=0, atol=1e-6)
+        _assert_close_dicts(res["grads"], want, what="nested fsdp grad")
