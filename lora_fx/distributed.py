@@ -148,14 +148,14 @@ def gather_lora_state_dict(model: nn.Module, *, bias: str = "none", device: Opti
     """
     from torch.distributed.tensor import DTensor
 
+    keep = not (rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
     out = {}
     for key, value in lora_state_dict(unwrap(model), bias=bias).items():
         if isinstance(value, DTensor):
-            value = value.full_tensor()
-        value = value.detach()
-        out[key] = value.to(device).clone() if device is not None else value.clone()
-    if rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return {}
+            value = value.full_tensor()  # collective: every rank takes part
+        if keep:
+            value = value.detach()
+            out[key] = value.to(device).clone() if device is not None else value.clone()
     return out
 
 

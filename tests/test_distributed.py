@@ -20,8 +20,6 @@ import torch.multiprocessing as mp
 import dist_scenarios as ds
 import lora_fx
 
-pytestmark = pytest.mark.distributed
-
 WORLD = 2
 ATOL = 1e-6  # summation order differs (per-rank means averaged by all-reduce vs one mean); measured 6e-8
 
@@ -88,6 +86,7 @@ def test_reference_is_nontrivial(reference):
     assert torch.equal(reference["lora"][ds.key(ds.INACTIVE, "lora_A")], init[ds.INACTIVE][0])
 
 
+@pytest.mark.distributed
 def test_ddp_three_steps_equal_single_process(results, reference):
     per_rank = _scenario(results, "ddp")
     for res in per_rank:
@@ -100,6 +99,7 @@ def test_ddp_three_steps_equal_single_process(results, reference):
         assert torch.equal(per_rank[0]["lora"][k], per_rank[1]["lora"][k])
 
 
+@pytest.mark.distributed
 def test_ddp_inactive_adapter_needs_no_find_unused_parameters(results):
     # CASES 5: a second, disabled adapter; find_unused_parameters=False; only the parameters of the
     # active forward require grad, so DDP's reducer expects exactly those gradients
@@ -109,11 +109,13 @@ def test_ddp_inactive_adapter_needs_no_find_unused_parameters(results):
     assert res["n_captured_trainable"] == len(_trainable_keys())
 
 
+@pytest.mark.distributed
 def test_ddp_parameters_not_reregistered(results):
     for res in _scenario(results, "ddp"):
         assert res["identity"]
 
 
+@pytest.mark.distributed
 def test_fsdp2_per_block_three_steps_equal_single_process(results, reference):
     per_rank = _scenario(results, "fsdp")
     for res in per_rank:
@@ -125,6 +127,7 @@ def test_fsdp2_per_block_three_steps_equal_single_process(results, reference):
         _assert_close_dicts(res["lora"], reference["lora"], what="fsdp final adapter")
 
 
+@pytest.mark.distributed
 def test_flat_trace_breaks_per_block_fsdp_but_lora_fx_hierarchy_works(results):
     # why transform keeps blocks as called GraphModules: on a flat trace the same per-block
     # fully_shard fails, while the adapted model above trains (block hooks fired)
@@ -132,6 +135,7 @@ def test_flat_trace_breaks_per_block_fsdp_but_lora_fx_hierarchy_works(results):
         assert res["flat_error"] is not None and "mixed torch.Tensor and DTensor" in res["flat_error"]
 
 
+@pytest.mark.distributed
 def test_fsdp2_mixed_trainability(results):
     # CASES 6: one adapted and one frozen Linear(100, 100) per block under FSDP2
     for res in _scenario(results, "fsdp"):
@@ -142,6 +146,7 @@ def test_fsdp2_mixed_trainability(results):
         assert res["identity"]  # the parameters FSDP and the optimizer hold are the model's
 
 
+@pytest.mark.distributed
 def test_fsdp2_fold_gathered_equals_fold_unsharded(results, reference):
     res = _scenario(results, "fsdp")[0]
     ref = ds.adapted(ds.base_model())
@@ -156,6 +161,7 @@ def test_fsdp2_fold_gathered_equals_fold_unsharded(results, reference):
         torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.distributed
 def test_fsdp2_bf16_mixed_precision(results, reference):
     # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards, adapters and grads;
     # training follows the fp32 reference up to bf16 rounding of the forward
@@ -171,6 +177,7 @@ def test_fsdp2_bf16_mixed_precision(results, reference):
             assert moved > 0 and err < 0.05 * moved, (k, float(err / moved))
 
 
+@pytest.mark.distributed
 def test_activation_checkpointing_same_gradients(results, reference):
     plain = _scenario(results, "fsdp")
     ac = _scenario(results, "fsdp_ac")
@@ -198,6 +205,7 @@ def test_activation_checkpointing_single_process_exact():
     _assert_close_dicts(grads[1], grads[0], atol=0, what="checkpointed grad")
 
 
+@pytest.mark.distributed
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_fsdp2_adapter_only_checkpoint_reload(results, reference):
     per_rank = _scenario(results, "fsdp_checkpoint")
@@ -274,6 +282,7 @@ def test_blocks_nested_order():
         assert not any(name.startswith(earlier + ".") for earlier in nested[:i])
 
 
+@pytest.mark.distributed
 def test_fsdp2_nested_blocks(results):
     gm = ds.nested_adapted()
     x, y = ds.batch(0, WORLD)
