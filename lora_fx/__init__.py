@@ -13,6 +13,8 @@ from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError
                      TraceError, UnsupportedSiteError)
 from .training import (adapter_parameters, lora_state_dict, mark_only_lora_as_trainable,
                        register_model_param_after_backward)
+from . import distributed
+from .distributed import gather_lora_state_dict
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,7 @@ __all__ = [
     "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter",
     "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters", "register_model_param_after_backward",
     "load_loralib_state_dict", "loralib_state_dict",
+    "distributed", "gather_lora_state_dict",
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
     "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "__version__",
