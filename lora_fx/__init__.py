@@ -7,6 +7,7 @@ weight is seen by its op as ``W + scaling · B @ A`` (Hu et al., ICLR 2022); onl
 from .adapter import LoraAdapter
 from .api import Site, fold, sites, transform
 from .config import LoraConfig
+from .fused import FusedSpec
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
                      ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
                      TraceError, UnsupportedSiteError)
@@ -15,7 +16,7 @@ from .training import adapter_parameters, lora_state_dict, mark_only_lora_as_tra
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter",
+    "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter", "FusedSpec",
     "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters",
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
     "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",

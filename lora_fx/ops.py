@@ -179,7 +179,9 @@ def conv_delta(
 def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **kwargs):
     """Call ``module(*args, **kwargs)`` with some parameters replaced (merge lowering of an opaque
     leaf module).  Mirrors :func:`torch.func.functional_call`; the module is not modified."""
-    return torch.func.functional_call(module, overrides, args, kwargs, strict=False, tie_weights=False)
+    # a plain dict: fx hands node arguments over as immutable dicts, which torch.export's
+    # functional_call tracing tries to update
+    return torch.func.functional_call(module, dict(overrides), args, kwargs, strict=False, tie_weights=False)
 
 
 #: Ops whose first argument is the base value and which a pass may strip to fold or remove an adapter.

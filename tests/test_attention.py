@@ -324,3 +324,19 @@ def test_transformer_end_to_end_one_adapter_per_weight_with_overlapping_patterns
     assert n_adapters == len(weights)
     assert any(s.param.endswith("multihead_attn.out_proj.weight") for s in sites)
     _check_end_to_end(model, gm, (torch.randn(N, S, E), torch.randn(N, L, E)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_mha_torch_export_unfolded_and_folded(train):
+    model = Attn(batch_first=True)
+    gm = _adapted(model).train(train)
+    ref = _reference(model, gm).train(train)
+    x = torch.randn(N, L, E)
+    with torch.no_grad():
+        expected = ref(x, x, x, True, True)
+    for mod in (gm, lora_fx.fold(gm).train(train)):
+        ep = torch.export.export(mod, (x, x, x, True, True))
+        with torch.no_grad():
+            got = ep.module()(x, x, x, True, True)
+        _close(got[0], expected[0], "exported output")
+        _close(got[1], expected[1], "exported weights")
