@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .errors import ConfigError
+from .fused import FusedSpec
 
 __all__ = ["LoraConfig", "CONFIG_VERSION", "as_patterns"]
 
@@ -81,7 +82,6 @@ class LoraConfig:
         object.__setattr__(self, "exclude", as_patterns(self.exclude, "exclude"))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
-        from .fused import FusedSpec
         if not isinstance(self.fused or {}, dict):
             raise ConfigError(f"fused must be a dict {{pattern: spec}}, got {type(self.fused).__name__}")
         object.__setattr__(self, "fused", {str(p): FusedSpec.coerce(v, f"fused[{p!r}]")
@@ -125,7 +125,6 @@ class LoraConfig:
     def fused_for(self, name: str, default: bool) -> Any:
         """The :class:`~lora_fx.fused.FusedSpec` for base parameter ``name`` (first matching
         ``fused`` pattern), else ``FusedSpec()`` when its op has default blocks (``default``), else None."""
-        from .fused import FusedSpec
         for p, spec in self.fused.items():
             if fnmatch.fnmatchcase(name, p):
                 return spec
