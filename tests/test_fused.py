@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -185,3 +187,38 @@ def test_fused_errors_name_the_parameter_and_fix(spec, match):
 def test_fused_pattern_matching_nothing_is_an_error():
     with pytest.raises(lora_fx.TargetError, match="fused key"):
         lora_fx.transform(QKV(), rank=2, fused={"*.nothing": ("a", "b")})
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data())
+def test_fused_ops_match_reference_for_any_layout(sizes, data):
+    """ops.merge / linear_delta / delta_weight with any block sizes and enabled subset (non-empty)."""
+    on = data.draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)).filter(any))
+    r, fan_in = 2, 3
+    g = torch.Generator().manual_seed(sum(sizes) * 7 + len(sizes))
+    layout = tuple(zip(sizes, on))
+    a = torch.randn(r * sum(on), fan_in, generator=g)
+    b = torch.randn(sum(n for n, e in layout if e), r, generator=g)
+    w = torch.randn(sum(sizes), fan_in, generator=g)
+    s = torch.tensor(0.7)
+    rows, i, b0 = [], 0, 0
+    for n, e in layout:
+        if e:
+            rows.append(0.7 * b[b0:b0 + n] @ a[i * r:(i + 1) * r])
+            i, b0 = i + 1, b0 + n
+        else:
+            rows.append(torch.zeros(n, fan_in))
+    ref = torch.cat(rows)
+    torch.testing.assert_close(ops.delta_weight(a, b, s, w.shape, layout), ref)
+    merged = ops.merge(w, a, b, s, layout)
+    torch.testing.assert_close(merged, w + ref)
+    x = torch.randn(4, fan_in, generator=g)
+    y = F.linear(x, w)
+    out = ops.linear_delta(y, x, a, b, s, layout)
+    torch.testing.assert_close(out, F.linear(x, w + ref), atol=1e-5, rtol=1e-5)
+    start = 0
+    for n, e in layout:
+        if not e:  # disabled blocks: bit-identical rows and features
+            assert torch.equal(merged[start:start + n], w[start:start + n])
+            assert torch.equal(out[:, start:start + n], y[:, start:start + n])
+        start += n
