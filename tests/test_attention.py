@@ -340,3 +340,41 @@ def test_mha_torch_export_unfolded_and_folded(train):
             got = ep.module()(x, x, x, True, True)
         _close(got[0], expected[0], "exported output")
         _close(got[1], expected[1], "exported weights")
+
+
+class MaskedAttn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+
+    def forward(self, x, key_padding_mask, attn_mask):
+        return self.attn(x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=False)[0]
+
+
+class MaskedEncoder(nn.Module):
+    """nn.TransformerEncoder: in eval + no_grad with a padding mask PyTorch runs it on nested tensors."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(E, H, 24, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+    def forward(self, x, key_padding_mask):
+        return self.enc(x, src_key_padding_mask=key_padding_mask)
+
+
+def test_masks_and_nested_tensor_fast_paths():
+    pad = torch.zeros(N, L, dtype=torch.bool)
+    pad[0, -2:] = True
+    causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
+    x = torch.randn(N, L, E)
+    for model, args in ((MaskedAttn(), (x, pad, causal)), (MaskedAttn(), (x, pad, None)), (MaskedEncoder(), (x, pad))):
+        gm = _adapted(model)
+        assert len(lora_fx.sites(gm)) == (2 if isinstance(model, MaskedAttn) else 8)
+        ref = _reference(model, gm)
+        for train in (True, False):
+            gm.train(train)
+            ref.train(train)
+            _close(gm(*args), ref(*args), f"{type(model).__name__} train={train}")
+            with torch.no_grad():
+                _close(gm(*args), ref(*args), f"{type(model).__name__} train={train} no_grad")
