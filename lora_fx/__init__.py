@@ -8,6 +8,7 @@ from .adapter import LoraAdapter
 from .api import Site, fold, sites, transform
 from .config import LoraConfig
 from .loralib_io import load_loralib_state_dict, loralib_state_dict
+from .fused import FusedSpec
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
                      ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
                      TraceError, UnsupportedSiteError)
@@ -19,7 +20,7 @@ from .distributed import gather_lora_state_dict
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter",
+    "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter", "FusedSpec",
     "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters", "register_model_param_after_backward",
     "load_loralib_state_dict", "loralib_state_dict",
     "distributed", "gather_lora_state_dict",

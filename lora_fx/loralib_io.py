@@ -147,6 +147,14 @@ def _to_ours(gm, site, key, tag, a, b, enable_lora, fan_in_fan_out):
                                f"of '{site.param}' {tuple(shape)} (op {site.op})")
 
 
+def _refuse_fused(site) -> None:
+    if site.blocks:
+        raise AdapterMismatchError(
+            f"'{site.param}' has a fused per-block adapter ({', '.join(b[0] for b in site.blocks)}); loralib / "
+            "LoRA-Torch layouts hold one rank-r pair per weight. Transform with "
+            f"fused={{'{site.param}': None}} (or fused={{'*.in_proj_weight': None}} for attention) to use them.")
+
+
 @torch.no_grad()
 def load_loralib_state_dict(
     gm: nn.Module,
@@ -187,6 +195,7 @@ def load_loralib_state_dict(
     by_name = {}
     for s in sites(gm):
         if s.adapter == adapter_name:
+            _refuse_fused(s)
             for n in s.aliases or (s.param,):
                 by_name[n] = s
     pairs: dict[tuple[str, str], dict[str, Tensor]] = {}
@@ -287,6 +296,7 @@ def loralib_state_dict(
     for site in sites(gm):
         if site.adapter != adapter_name:
             continue
+        _refuse_fused(site)
         owner_path, _, pname = site.param.rpartition(".")
         owner = _owner(gm, site.param)
         parent_path, _, last = owner_path.rpartition(".")

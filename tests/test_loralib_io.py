@@ -222,7 +222,9 @@ class _AttnNet(nn.Module):
 def test_loratorch_style_export_and_import_with_attention():
     torch.manual_seed(0)
     base = _AttnNet()
-    gm = _random_adapters(lora_fx.transform(base, rank=2, alpha=5))
+    with pytest.raises(AdapterMismatchError, match="fused"):
+        lora_fx.loralib_state_dict(lora_fx.transform(base, rank=2), style="loratorch")
+    gm = _random_adapters(lora_fx.transform(base, rank=2, alpha=5, fused={"*.in_proj_weight": None}))
     assert {s.param for s in lora_fx.sites(gm)} == {"emb.weight", "attn.in_proj_weight", "attn.out_proj.weight", "fc.weight"}
     sd = lora_fx.loralib_state_dict(gm, style="loratorch", lora_alpha=2)
     assert {"emb.w_lora_A", "attn.qkv_lora_A", "attn.qkv_lora_B", "attn.o_lora_A", "fc.w_lora_B"} <= set(sd)
@@ -232,7 +234,7 @@ def test_loratorch_style_export_and_import_with_attention():
     assert not ours.load_state_dict(sd, strict=False).unexpected_keys
     idx = torch.randint(0, 12, (2, 5))
     torch.testing.assert_close(ours(idx), gm(idx), **TOL)
-    gm2 = lora_fx.transform(base, rank=2, alpha=1)
+    gm2 = lora_fx.transform(base, rank=2, alpha=1, fused={"*.in_proj_weight": None})
     lora_fx.load_loralib_state_dict(gm2, sd, lora_alpha=2)
     torch.testing.assert_close(gm2(idx), gm(idx), **TOL)
     with pytest.raises(AdapterMismatchError, match="style='loratorch'"):
