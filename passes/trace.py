@@ -143,6 +143,21 @@ def _concrete_args_from_calls(block: nn.Module, calls: list[fx.Node]) -> dict[st
     return common or {}
 
 
+def _keep_argument_names(graph: fx.Graph, concrete_args: Optional[dict[str, Any]]) -> None:
+    """fx names the placeholder of a concrete argument ``mask`` ``mask_1``, so the traced forward
+    no longer accepts ``mask=...`` by keyword; give it back its name (fx still asserts the value)."""
+    if not concrete_args:
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    taken = {n.target for n in placeholders}
+    for n in placeholders:
+        name = n.target[:-2] if isinstance(n.target, str) and n.target.endswith("_1") else None
+        if name in concrete_args and name not in taken and (
+                concrete_args[name] is None or isinstance(concrete_args[name], (bool, int, float, str))):
+            n.target = name
+            taken.add(name)
+
+
 def trace_hierarchy(
     module: nn.Module,
     *,
@@ -178,6 +193,7 @@ def trace_hierarchy(
         inner = ".".join(p for p in [prefix.rstrip(".")] + tracer._lora_scope[-1:] if p)
         culprit = module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1] else module
         raise _trace_error(exc, inner, culprit) from exc
+    _keep_argument_names(graph, concrete_args)
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in block_names:
