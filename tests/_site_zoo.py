@@ -86,6 +86,8 @@ CASES = [
     Case("Embedding", mod(lambda: nn.Embedding(20, 7)), _idx(20, 2, 5), "embedding", True, delta="embedding_delta"),
     Case("Embedding-padding_idx", mod(lambda: nn.Embedding(12, 5, padding_idx=0)), _idx(12, 3, 4), "embedding", True,
          delta="embedding_delta"),
+    Case("Embedding-freq-pad", mod(lambda: nn.Embedding(9, 5, padding_idx=2, scale_grad_by_freq=True)),
+         lambda: (torch.tensor([[2, 1, 1, 0], [3, 2, 8, 1]]),), "embedding", True, delta="embedding_delta"),
     Case("Embedding-max_norm", mod(lambda: nn.Embedding(12, 5, max_norm=1.0)), _idx(12, 3, 4), "embedding", False),
     # --- nn.ConvNd
     Case("Conv1d", mod(lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1)), _x(2, 4, 9), "conv1d", True, delta="conv_delta"),
@@ -120,6 +122,8 @@ CASES = [
          delta="linear_delta"),
     Case("F.embedding", fn(lambda m, x: F.embedding(x, m.w), w=(15, 6)), _idx(15, 2, 4), "embedding", True,
          delta="embedding_delta"),
+    Case("F.embedding-neg-pad", fn(lambda m, x: F.embedding(x, m.w, padding_idx=-1), w=(6, 4)),
+         lambda: (torch.tensor([[5, 1, 5], [0, 3, 4]]),), "embedding", True, delta="embedding_delta"),
     Case("F.conv1d", fn(lambda m, x: F.conv1d(x, m.w, None, 2, 1), w=(6, 4, 3)), _x(2, 4, 9), "conv1d", True,
          delta="conv_delta"),
     Case("F.conv2d-same", fn(lambda m, x: F.conv2d(x, m.w, padding="same", dilation=2), w=(5, 3, 3, 2)),
