@@ -19,11 +19,25 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import fx, nn
 
+from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
+
 from lora_fx.errors import TraceError
 from lora_fx.graph_module import LoraGraphModule
 from lora_fx.ops import LORA_OPS
 
-__all__ = ["LoraTracer", "trace_hierarchy", "build_graph_module", "graph_modules"]
+__all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
+
+
+def assert_is_none(value: Any, msg: str) -> None:
+    """Guard of an argument traced as the constant ``None`` (replaces fx's own
+    ``torch.fx._symbolic_trace._assert_is_none``, whose generated ``wrap("torch.fx....")`` line
+    breaks every later trace in the process once such a module is unpickled).
+
+    Raises:
+        AssertionError: ``value`` is not None (``msg`` names the argument).
+    """
+    if value is not None:
+        raise AssertionError(msg)
 
 
 class LoraTracer(fx.Tracer):
@@ -34,7 +48,7 @@ class LoraTracer(fx.Tracer):
     def __init__(self, autowrap_modules=(math,), autowrap_functions=(), param_shapes_constant=False, *,
                  leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = ()):
         super().__init__(autowrap_modules=autowrap_modules,
-                         autowrap_functions=tuple(autowrap_functions) + LORA_OPS,
+                         autowrap_functions=tuple(autowrap_functions) + LORA_OPS + (assert_is_none,),
                          param_shapes_constant=param_shapes_constant)
         self.leaf_names = frozenset(leaf_names)
         self.leaf_types = tuple(leaf_types)
@@ -146,11 +160,16 @@ def _concrete_args_from_calls(block: nn.Module, calls: list[fx.Node]) -> dict[st
     return common or {}
 
 
-def _keep_argument_names(graph: fx.Graph, concrete_args: Optional[dict[str, Any]]) -> None:
-    """fx names the placeholder of a concrete argument ``mask`` ``mask_1``, so the traced forward
-    no longer accepts ``mask=...`` by keyword; give it back its name (fx still asserts the value)."""
+def _tidy_concrete_args(graph: fx.Graph, concrete_args: Optional[dict[str, Any]]) -> None:
+    """Two fixes to fx's handling of concrete arguments: fx names the placeholder of ``mask``
+    ``mask_1``, so the traced forward no longer accepts ``mask=...`` by keyword (give it back its
+    name; the value is still asserted), and its ``None`` guard is replaced by
+    :func:`assert_is_none` (pickle-safe)."""
     if not concrete_args:
         return
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is _fx_assert_is_none:
+            n.target = assert_is_none
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     taken = {n.target for n in placeholders}
     for n in placeholders:
@@ -196,7 +215,7 @@ def trace_hierarchy(
         inner = ".".join(p for p in [prefix.rstrip(".")] + tracer._lora_scope[-1:] if p)
         culprit = module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1] else module
         raise _trace_error(exc, inner, culprit) from exc
-    _keep_argument_names(graph, concrete_args)
+    _tidy_concrete_args(graph, concrete_args)
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in block_names:

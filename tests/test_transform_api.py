@@ -129,7 +129,7 @@ def test_explicit_opaque_target_merges():
     check_matches_reference(model, gm, (torch.randn(2, 3, 4),))
 
 
-@pytest.mark.parametrize("rank, alpha, expected", [(4, None, 1.0), (4, 8, 2.0), (8, 2.0, 0.25)])
+@pytest.mark.parametrize("rank, alpha, expected", [(4, None, 1.0), (4, 8, 2.0), (2, 0.5, 0.25)])
 def test_alpha_default_and_scaling(rank, alpha, expected):
     kw = {} if alpha is None else {"alpha": alpha}
     gm = lora_fx.transform(_net(), rank=rank, targets=["head.weight"], **kw)
