@@ -115,6 +115,12 @@ def build_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     for name in persistent:
         if name not in gm._buffers and module._buffers[name] is not None:
             gm.register_buffer(name, module._buffers[name])
+    # the module's order (GraphModule adds attributes in graph order), so state_dict keys keep it
+    for table, own in ((gm._parameters, module._parameters), (gm._buffers, module._buffers)):
+        order = [k for k in own if k in table] + [k for k in table if k not in own]
+        items = [(k, table[k]) for k in order]
+        table.clear()
+        table.update(items)
     gm.train(module.training)
     gm._tracer_cls = LoraTracer
     return gm

@@ -161,6 +161,7 @@ def test_state_dict_has_original_keys_and_values_plus_adapters():
     for k, v in sd0.items():
         assert k in sd, k
         assert torch.equal(sd[k], v), k
+    assert [k for k in sd if k in sd0] == list(sd0)  # same order
     extra = set(sd) - set(sd0)
     assert extra and all(k.endswith((".lora_A", ".lora_B")) and ".lora.default." in k for k in extra)
     assert "layers.0.attn.q.lora.default.weight.lora_A" in extra
