@@ -126,8 +126,10 @@ def build_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return gm
 
 
-def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf_types) -> set[str]:
-    """Relative names of the outermost block modules under ``module``."""
+def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf_types,
+                 leaf_patterns: tuple[str, ...] = ()) -> set[str]:
+    """Relative names of the outermost block modules under ``module`` (a module named by
+    ``leaf_patterns`` is a leaf, never a block)."""
     tracer = fx.Tracer()
     found = set()
     for name, child in module.named_modules():
@@ -137,7 +139,8 @@ def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf
             continue
         parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
         is_block = isinstance(parent, nn.ModuleList) or any(fnmatch.fnmatchcase(prefix + name, p) for p in patterns)
-        if is_block and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
+        is_leaf = any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_patterns)
+        if is_block and not is_leaf and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
             found.add(name)
     return found
 
@@ -211,7 +214,7 @@ def trace_hierarchy(
         TraceError: naming the module, the source line and the escape hatches.
     """
     memo = {} if memo is None else memo
-    block_names = _block_names(module, prefix, blocks, leaf_types)
+    block_names = _block_names(module, prefix, blocks, leaf_types, leaf_modules)
     leaf_names = {name for name, _ in module.named_modules()
                   if name and any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_modules)}
     tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
