@@ -183,3 +183,25 @@ def _roundtrip(gm, tmp_path):
     path = tmp_path / "gm.pt"
     torch.save(gm, path)
     return torch.load(path, weights_only=False)
+
+
+def test_module_list_of_leaf_layers_stays_plain():
+    """A ModuleList of nn.Linear: the layers are leaves (not blocks) and are adapted in place."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return x
+
+    torch.manual_seed(0)
+    model = Net()
+    gm = lora_fx.transform(model, rank=2)
+    assert isinstance(gm.layers, nn.ModuleList) and all(type(m) is nn.Linear for m in gm.layers)
+    assert [s.param for s in lora_fx.sites(gm)] == ["layers.0.weight", "layers.1.weight"]
+    randomize_(gm)
+    check_matches_reference(model, gm, (torch.randn(3, 4),))

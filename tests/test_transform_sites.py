@@ -15,6 +15,8 @@ import lora_fx
 from _ref_core import (assert_unchanged, check_matches_reference, lora_node_counts, randomize_, snapshot)
 from _site_zoo import CASES, case_ids
 
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
+
 LOWERINGS = ["merge", "factored", "auto"]
 
 
