@@ -28,6 +28,24 @@ class Case:
     delta: str = ""  # factored op name
 
 
+class SelfAttn(nn.Module):
+    def __init__(self, kdim=None):
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.kdim = kdim or 8
+
+    def forward(self, x):
+        kv = x[..., : self.kdim] if self.kdim <= 8 else x
+        return self.att(x, kv, kv, need_weights=False)[0]
+
+
+def _mha(kdim=None):
+    def make():
+        torch.manual_seed(11)
+        return SelfAttn(kdim)
+    return make
+
+
 def _g():
     return torch.Generator().manual_seed(3)
 
@@ -115,6 +133,9 @@ CASES = [
          _x(2, 4, 3, 4), "conv_transpose2d", False),
     Case("ConvTranspose3d", mod(lambda: nn.ConvTranspose3d(4, 3, 2, stride=(2, 1, 2), bias=False)), _x(1, 4, 3, 2, 3),
          "conv_transpose3d", False),
+    # --- nn.MultiheadAttention (whole leaf called with substituted parameters)
+    Case("MHA", _mha(), _x(2, 3, 8), "mha", False, n=2),
+    Case("MHA-kdim", _mha(6), _x(2, 3, 8), "mha", False, n=4),
     # --- functional forms on module attributes
     Case("F.linear", fn(lambda m, x: F.linear(x, m.w, m.b), w=(9, 4), b=(9,)), _x(3, 4), "linear", True,
          delta="linear_delta"),

@@ -214,7 +214,7 @@ def test_fold_shared_block_instance():
 FOLD_CASES = [c for c in CASES if c.name in {
     "Linear", "Embedding-freq-pad", "Conv1d-circular", "Conv2d-groups", "Conv3d", "ConvTranspose2d-groups",
     "F.linear", "F.embedding", "F.conv2d-same", "F.conv_transpose3d", "matmul-left", "matmul-t-view",
-    "matmul-batched-param", "addmm-right"}]
+    "matmul-batched-param", "addmm-right", "MHA-kdim", "F.embedding-neg-pad"}]
 
 
 @pytest.mark.parametrize("case", FOLD_CASES, ids=[c.name for c in FOLD_CASES])
