@@ -246,3 +246,16 @@ def test_untraceable_model_error_is_typed():
     with pytest.raises(TraceError):
         lora_fx.transform(model, rank=2)
     assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("lowering", ["merge", "factored"])
+def test_dropout_runs_in_train_and_is_identity_in_eval(lowering):
+    """LoRA dropout on every site kind of Net (embedding indices get none at factored sites)."""
+    model = _net()
+    gm = randomize_(lora_fx.transform(model, rank=2, dropout=0.5, lowering=lowering))
+    gm.train()
+    y = gm(IDX)
+    assert y.shape == (2, 4, 5) and torch.isfinite(y).all()
+    y.sum().backward()
+    gm.eval()
+    check_matches_reference(model, gm, (IDX,))
