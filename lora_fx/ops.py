@@ -116,8 +116,9 @@ def embedding_delta(
     w = torch.ones(indices.shape, dtype=a.dtype, device=a.device)
     if scale_grad_by_freq:
         flat = indices.reshape(-1)
-        counts = torch.bincount(flat, minlength=lora_B.shape[0])
-        w = w / counts[flat].reshape(indices.shape).to(a.dtype)
+        counts = torch.zeros(lora_B.shape[0], dtype=a.dtype, device=a.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=a.dtype))  # static shape (compile-friendly)
+        w = w / counts[flat].reshape(indices.shape)
     if padding_idx is not None:
         pad = padding_idx + lora_B.shape[0] if padding_idx < 0 else padding_idx
         w = w.masked_fill(indices == pad, 0.0)

@@ -18,9 +18,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx, nn
-
 from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
+import lora_fx
 from lora_fx.errors import TraceError
 from lora_fx.graph_module import LoraGraphModule
 from lora_fx.ops import LORA_OPS
@@ -69,7 +69,6 @@ class LoraTracer(fx.Tracer):
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     torch_dir = os.path.dirname(torch.__file__)
     # lora_fx's own directories only (the repository root may hold the user's code: tests, examples)
-    import lora_fx
     ours = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
             os.path.dirname(os.path.abspath(lora_fx.__file__)) + os.sep)
     frames = [f for f in traceback.extract_tb(exc.__traceback__)

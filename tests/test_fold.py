@@ -13,7 +13,7 @@ from torch import fx, nn
 
 import lora_fx
 from _ref_core import lora_node_counts, randomize_, reference_call, reference_overrides
-from _site_zoo import CASES, case_ids
+from _site_zoo import CASES
 from lora_fx.errors import NotAdaptedError
 
 
