@@ -205,3 +205,43 @@ def test_module_list_of_leaf_layers_stays_plain():
     assert [s.param for s in lora_fx.sites(gm)] == ["layers.0.weight", "layers.1.weight"]
     randomize_(gm)
     check_matches_reference(model, gm, (torch.randn(3, 4),))
+
+
+def test_layer_shared_by_two_blocks_one_adapter():
+    """One nn.Linear owned by two blocks (cross-layer sharing): one adapter, one Site listing both
+    names, every call sees the same delta; fold adds it once."""
+
+    class Blk(nn.Module):
+        def __init__(self, shared):
+            super().__init__()
+            self.shared = shared
+            self.own = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.own(self.shared(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            sh = nn.Linear(4, 4)
+            self.layers = nn.ModuleList([Blk(sh), Blk(sh)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(2, 4)
+    gm = lora_fx.transform(model, rank=2)
+    sites = lora_fx.sites(gm)
+    assert len(sites) == 3
+    assert sites[0].aliases == ("layers.0.shared.weight", "layers.1.shared.weight") and len(sites[0].ops) == 2
+    assert gm.layers[0].shared.lora.default.weight is gm.layers[1].shared.lora.default.weight
+    randomize_(gm)
+    check_matches_reference(model, gm, (x,))
+    folded = lora_fx.fold(gm)
+    fresh = Net()
+    fresh.load_state_dict(folded.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), gm(x), atol=1e-5, rtol=1e-5)
