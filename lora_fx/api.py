@@ -274,7 +274,9 @@ def sites(gm: nn.Module) -> list[Site]:
     if not is_adapted(gm):
         raise NotAdaptedError(f"sites() needs a module produced by lora_fx.transform; {type(gm).__name__} "
                               "carries no lora_fx adapters.")
-    out, seen = [], set()
+    # one adapter may be reached from several GraphModules (a weight shared by two blocks):
+    # one Site with every alias and consumer
+    found: dict[tuple[int, str], list] = {}
     for gm_path, sub in gm.named_modules():
         st = state_of(sub)
         if st is None:
@@ -282,15 +284,15 @@ def sites(gm: nn.Module) -> list[Site]:
         prefix = f"{gm_path}." if gm_path else ""
         for path, rec in st.adapters.items():
             a = sub.get_submodule(path)
-            if (id(a), rec.adapter) in seen:
-                continue
-            seen.add((id(a), rec.adapter))
-            ops_ = tuple(op for _, op, _ in rec.consumers)
-            lows = tuple(low for _, _, low in rec.consumers)
-            out.append(Site(param=prefix + rec.param, aliases=tuple(prefix + x for x in rec.aliases),
-                            adapter=rec.adapter, op=ops_[0] if ops_ else "", ops=ops_,
-                            lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
-                            shape=a.weight_shape, rank=a.rank, alpha=a.alpha, scaling=a.effective_scaling,
-                            lora_A=a.lora_A, lora_B=a.lora_B, path=prefix + path, module=a,
-                            blocks=tuple(a.blocks or ())))
+            entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, prefix + path, rec.adapter, a, [], []])
+            entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
+            entry[5].extend(rec.consumers)
+    out = []
+    for param, path, name, a, aliases, consumers in found.values():
+        ops_ = tuple(op for _, op, _ in consumers)
+        lows = tuple(low for _, _, low in consumers)
+        out.append(Site(param=param, aliases=tuple(aliases), adapter=name, op=ops_[0] if ops_ else "", ops=ops_,
+                        lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
+                        shape=a.weight_shape, rank=a.rank, alpha=a.alpha, scaling=a.effective_scaling,
+                        lora_A=a.lora_A, lora_B=a.lora_B, path=path, module=a, blocks=tuple(a.blocks or ())))
     return out

@@ -51,8 +51,9 @@ class LoraConfig:
         use_rslora: ``scaling = alpha / sqrt(r)`` (Kalajdzievski, 2023).
         init: ``"kaiming"`` (A kaiming-uniform, B = 0) or ``"gaussian"`` (A ~ N(0, 1/r), B = 0).
         dropout: LoRA dropout probability in ``[0, 1)``: on the adapter branch's input at factored
-            sites; at merge sites on ``lora_A``'s entries (DropConnect), since no per-example input
-            reaches a merged weight.
+            sites (none at factored embedding sites, whose input is indices, as in PEFT); at merge
+            sites on ``lora_A``'s entries (DropConnect), since no per-example input reaches a
+            merged weight.
         lowering: ``"auto"`` (factored where exact and cheaper, else merge), ``"factored"``
             (factored wherever exact) or ``"merge"`` (always ``op(x, W + ΔW)``).
         adapter_dtype: dtype name of the factors, or ``None``: float32 for float16/bfloat16

@@ -141,10 +141,27 @@ def embedding_delta(
     """``y + s·F.embedding(indices, B) @ A``: factored LoRA for ``y = F.embedding(indices, W)``,
     ``W: (num_embeddings, dim)``, ``B: (num_embeddings, r)``, ``A: (r, dim)``.
 
-    ``padding_idx`` and ``scale_grad_by_freq`` act on ``B``'s gradient exactly as on ``W``'s.
+    ``padding_idx`` and ``scale_grad_by_freq`` act on the factors' gradients exactly as on
+    ``W``'s: ``W``'s gradient row ``k`` is ``G_k = Σ_{i: idx_i = k} w_i·g_i`` with ``w_i = 0`` at
+    ``padding_idx`` and ``1/count(k)`` under ``scale_grad_by_freq``, so ``dA = s·Bᵀ G`` uses the
+    same per-position weights (``B``'s rows get them from ``F.embedding`` itself).
     """
     rows = F.embedding(indices, lora_B, padding_idx, None, 2.0, scale_grad_by_freq, False)
-    return y + _to(rows @ (lora_A * scaling), y)
+    a = lora_A * scaling
+    if padding_idx is None and not scale_grad_by_freq:
+        return y + _to(rows @ a, y)
+    # the value is rows @ a; A's gradient is re-weighted per position (w_i above)
+    w = torch.ones(indices.shape, dtype=a.dtype, device=a.device)
+    if scale_grad_by_freq:
+        flat = indices.reshape(-1)
+        counts = torch.zeros(lora_B.shape[0], dtype=a.dtype, device=a.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=a.dtype))  # static shape (compile-friendly)
+        w = w / counts[flat].reshape(indices.shape)
+    if padding_idx is not None:
+        pad = padding_idx + lora_B.shape[0] if padding_idx < 0 else padding_idx
+        w = w.masked_fill(indices == pad, 0.0)
+    u = rows.detach() @ a
+    return y + _to(rows @ a.detach() + (u - u.detach()) * w.unsqueeze(-1), y)
 
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -51,8 +51,9 @@ def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAd
     return path
 
 
-def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x):
-    if hasattr(adapter, "dropout"):
+def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x, fn=None):
+    # an embedding's input is indices: no dropout there (as PEFT's Embedding layer)
+    if hasattr(adapter, "dropout") and fn is not ops.embedding_delta:
         x = graph.call_module(f"{path}.dropout", (x,))
     return (x, graph.get_attr(f"{path}.lora_A"), graph.get_attr(f"{path}.lora_B"),
             graph.get_attr(f"{path}.scaling"))
@@ -91,7 +92,7 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
             y = node
             for c, adapter, path in items:
                 f = rule.factored(node, mod, c.param[len(node.target) + 1:])
-                y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra)
+                y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra)
                                         + _layout(adapter))
         node.replace_all_uses_with(y, delete_user_cb=lambda u: not (
             u.op == "call_function" and u.target in ops.DELTA_OPS and u.args[0] is node))
@@ -120,7 +121,7 @@ def _lower_attr(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
             with graph.inserting_before(user.next):
                 y = user
                 for _, adapter, path in items:
-                    y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra)
+                    y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra)
                                             + _layout(adapter))
             user.replace_all_uses_with(y, delete_user_cb=lambda u, user=user: not (
                 u.op == "call_function" and u.target in ops.DELTA_OPS and u.args[0] is user))
