@@ -43,8 +43,11 @@ class LoraAdapter(nn.Module):
         dtype, device: of the factors.
         dropout: probability of LoRA dropout (``nn.Dropout`` submodule named ``dropout``; absent when 0).
         use_rslora: rank-stabilised scaling.
-        init: ``"kaiming"`` (A ~ kaiming-uniform(a=√5) as in Hu et al.'s reference code, B = 0) or
-            ``"gaussian"`` (A ~ N(0, 1/r), B = 0).
+        init: ``"kaiming"`` (A ~ kaiming-uniform(a=√5) as in Hu et al.'s reference code, B = 0),
+            ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``"pissa"`` (starts as kaiming; the factors
+            are set from the weight by :func:`lora_fx.init.pissa_init_`).
+        use_dora: add the DoRA magnitude ``lora_magnitude: (fan_out,)`` (Liu et al., 2024), set to
+            the weight's row norms by :func:`lora_fx.init.dora_init_` (ones until then).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class LoraAdapter(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         fan_out = int(weight_shape[0])
@@ -71,6 +75,9 @@ class LoraAdapter(nn.Module):
         self.enabled = True
         self.lora_A = nn.Parameter(torch.empty(self.rank, fan_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, self.rank, dtype=dtype, device=device))
+        self.use_dora = bool(use_dora)
+        if self.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.ones(fan_out, dtype=dtype, device=device))
         self.register_buffer("scaling", torch.tensor(self.base_scaling, dtype=torch.float32, device=device),
                              persistent=False)
         if dropout > 0:
@@ -108,4 +115,4 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, scaling={self.effective_scaling:g}, "
-                f"weight_shape={self.weight_shape}")
+                f"weight_shape={self.weight_shape}" + (", dora=True" if self.use_dora else ""))

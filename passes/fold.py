@@ -26,7 +26,9 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
 
     Args:
         weight: base weight ``W`` of shape ``adapter.weight_shape``.
-        adapters: the adapters on ``W`` (their current ``scaling`` is used; disabled ones add 0).
+        adapters: the adapters on ``W`` in the order the graph applies them (merge-lowered ones
+            first, in chain order, then factored ones); their current ``scaling`` is used and
+            disabled ones add 0.  DoRA adapters apply :func:`lora_fx.ops.dora_merge`.
 
     Raises:
         ValueError: if the result is not finite (a diverged adapter), naming nothing silently.
@@ -35,6 +37,10 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
     out = weight.detach().to(compute)
     for a in adapters:
         s = a.scaling.to(compute)
+        if getattr(a, "use_dora", False):  # DoRA: the same function the graph calls, in fp32
+            out = ops.dora_merge(out, a.lora_A.detach().to(compute), a.lora_B.detach().to(compute), s,
+                                 a.lora_magnitude.detach().to(compute), a.base_scaling)
+            continue
         out = out + (a.lora_B.detach().to(compute) @ (a.lora_A.detach().to(compute) * s)).reshape(weight.shape)
     if not torch.isfinite(out).all():
         raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
@@ -44,7 +50,7 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
 def _strip_graph(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op == "call_function" and (node.target is ops.merge or node.target in ops.DELTA_OPS):
+        if node.op == "call_function" and (node.target in ops.MERGE_OPS or node.target in ops.DELTA_OPS):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     for node in list(graph.nodes):
@@ -73,7 +79,9 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         if st is None:
             continue
         by_param: dict[int, tuple[torch.Tensor, list[str], list[LoraAdapter]]] = {}
-        for path, rec in st.adapters.items():
+        # the graph applies merge chains to W before any factored delta is added to the output
+        order = sorted(st.adapters.items(), key=lambda kv: all(low == "factored" for _, _, low in kv[1].consumers))
+        for path, rec in order:
             w = gm.get_parameter(rec.param)
             entry = by_param.setdefault(id(w), (w, [], []))
             entry[1].extend(a for a in rec.aliases if a not in entry[1])
