@@ -88,22 +88,25 @@ def _as_names(names: Union[str, Sequence[str]]) -> list[str]:
 
 
 def _apply(gm: nn.Module, mixes: Mapping[str, float]) -> None:
-    """Enable exactly the adapters in ``mixes`` with those mixing weights; the rest are disabled
-    and stop requiring gradients (so DDP with ``find_unused_parameters=False`` is happy)."""
+    """Enable exactly the adapters in ``mixes`` with those mixing weights; the rest are disabled.
+    Only values change (``scaling`` buffers refilled in place): ``requires_grad`` is left alone,
+    since flipping it makes ``torch.compile`` recompile; :func:`lora_fx.mark_only_lora_as_trainable`
+    freezes inactive adapters when training."""
     for name, _, a in named_adapters(gm):
         a.enabled = name in mixes
         a.mix = float(mixes.get(name, 1.0))
         a.refresh_scaling_()
-        for p in a.parameters():
-            p.requires_grad_(a.enabled)
 
 
 def set_active_adapters(gm: nn.Module, names: Union[str, Sequence[str]]) -> nn.Module:
     """Activate exactly ``names`` (one name, several, or ``[]`` to disable all); returns ``gm``.
 
     Each active adapter contributes its full ``ΔW`` (mixing weight reset to 1); the op sees
-    ``W + Σ_active ΔW``.  Active adapters' parameters require grad, inactive ones' do not (HF
-    PEFT's ``set_adapter``).  No re-tracing; compiled graphs keep running without recompiling.
+    ``W + Σ_active ΔW``.  No re-tracing; compiled graphs keep running without recompiling (only
+    the adapters' ``scaling`` buffers change value).  ``requires_grad`` is not touched: call
+    :func:`lora_fx.mark_only_lora_as_trainable` after switching to train exactly the active
+    adapters (inactive ones then get no gradient, as DDP with ``find_unused_parameters=False``
+    needs).
 
     Raises:
         NotAdaptedError: ``gm`` carries no adapters.
@@ -171,7 +174,8 @@ def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_tar
 @contextlib.contextmanager
 def disable_adapters(gm: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside, every adapter is off (the base model's function); on exit each
-    adapter's ``enabled`` flag, mixing weight and ``requires_grad`` are restored.  No re-tracing.
+    adapter's ``enabled`` flag and mixing weight are restored (also on error).  No re-tracing and
+    no recompilation (HF PEFT's ``with model.disable_adapter():``).
 
     Example::
 
@@ -182,18 +186,16 @@ def disable_adapters(gm: nn.Module) -> Iterator[nn.Module]:
         NotAdaptedError: ``gm`` carries no adapters.
     """
     _require(gm, "disable_adapters")
-    saved = [(a, a.enabled, a.mix, [p.requires_grad for p in a.parameters()]) for _, _, a in named_adapters(gm)]
-    for a, _, _, _ in saved:
+    saved = [(a, a.enabled, a.mix) for _, _, a in named_adapters(gm)]
+    for a, _, _ in saved:
         a.enabled = False
         a.refresh_scaling_()
     try:
         yield gm
     finally:
-        for a, enabled, mix, grads in saved:
+        for a, enabled, mix in saved:
             a.enabled, a.mix = enabled, mix
             a.refresh_scaling_()
-            for p, g in zip(a.parameters(), grads):
-                p.requires_grad_(g)
 
 
 def add_adapter(
