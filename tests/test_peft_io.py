@@ -212,3 +212,41 @@ def test_save_refuses_what_peft_cannot_express(tmp_path):
         lora_fx.save_adapter(lora_fx.transform(MLP(), rank=2, init="pissa"), tmp_path / "b")
     with pytest.raises(ConfigError, match="no adapter 'zzz'"):
         lora_fx.save_adapter(gm, tmp_path / "c", adapter="zzz")
+
+
+def test_loading_values_into_compiled_module_needs_no_recompile(tmp_path):
+    """CASES 3 (load other values): in-place loads are seen by the compiled graph, no recompile."""
+    model = MLP(32)
+    gm = lora_fx.transform(model, rank=2, targets=["fc1.weight"])
+    src = lora_fx.transform(model, rank=2, targets=["fc1.weight"])
+    _randomise(src, seed=9)
+    lora_fx.save_adapter(src, tmp_path / "a")
+    compiles = []
+
+    def backend(graph_module, example_inputs):
+        compiles.append(1)
+        return graph_module.forward
+
+    compiled = torch.compile(gm, backend=backend)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+        lora_fx.load_adapter(gm, tmp_path / "a")
+        torch.testing.assert_close(compiled(x), src(x), rtol=1e-6, atol=1e-6)
+    assert len(compiles) == 1
+
+
+def test_pickle_roundtrip_with_two_adapters_and_dora():
+    import pickle
+
+    model = MLP(32)
+    gm = lora_fx.transform(model, rank=2)
+    lora_fx.add_adapter(gm, "d", rank=3, use_dora=True, activate=True)
+    _randomise(gm)
+    x = torch.randn(3, 16)
+    again = pickle.loads(pickle.dumps(gm))
+    torch.testing.assert_close(again(x), gm(x), rtol=0, atol=0)
+    assert lora_fx.adapter_names(again) == ["default", "d"]
+    lora_fx.set_active_adapters(again, "default")
+    lora_fx.set_active_adapters(gm, "default")
+    torch.testing.assert_close(again(x), gm(x), rtol=0, atol=0)
