@@ -27,7 +27,9 @@ def pissa_init_(adapter: LoraAdapter, weight: torch.Tensor) -> LoraAdapter:
 
     so ``W_res + s·B@A == W`` up to one rounding of ``W_res``: the model is unchanged at init and
     folding gives ``W_res + s·B'@A' = W + (learned change)``.  Same factor split as HF PEFT's
-    ``init_lora_weights="pissa"``.
+    ``init_lora_weights="pissa"``.  The initial factors are kept as non-persistent buffers
+    ``init_A`` / ``init_B`` so :func:`lora_fx.save_adapter` can express the adapter on the
+    original ``W`` (rank ``2r``: ``[B, -B0] @ [A; A0]``, PEFT's PiSSA-to-LoRA conversion).
 
     Args:
         adapter: a fresh :class:`~lora_fx.adapter.LoraAdapter` for ``weight``.
@@ -48,6 +50,9 @@ def pissa_init_(adapter: LoraAdapter, weight: torch.Tensor) -> LoraAdapter:
         b = torch.cat([b, b.new_zeros(b.shape[0], r - sv.numel())], dim=1)
     adapter.lora_A.copy_(a)
     adapter.lora_B.copy_(b)
+    # the initial factors, so the adapter can be re-expressed on the original W (save_adapter)
+    adapter.register_buffer("init_A", adapter.lora_A.detach().clone(), persistent=False)
+    adapter.register_buffer("init_B", adapter.lora_B.detach().clone(), persistent=False)
     residual = w - adapter.base_scaling * (b @ a)
     weight.copy_(residual.reshape(weight.shape).to(weight.dtype))
     return adapter

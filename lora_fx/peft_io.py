@@ -144,8 +144,9 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         ``Path(directory)``.
 
     Raises:
-        ConfigError: unknown adapter name, or a PiSSA adapter (its base is the residual weight, not
-            the model PEFT would load it onto: fold it instead).
+        ConfigError: unknown adapter name, or a PiSSA adapter with DoRA (a plain PiSSA adapter is
+            written as PEFT's PiSSA-to-LoRA conversion: rank ``2r``, ``[B, -B0] @ [A; A0]``, which
+            applies to the original weights; alpha adjusted so the scaling is unchanged).
         UnsupportedSiteError: a site PEFT's LoRA cannot express (a parameter other than a module's
             ``weight``; a module type other than Linear, Embedding, ungrouped ConvNd, GPT-2 Conv1D;
             DoRA on Embedding / Conv1D, whose PEFT norm axis differs; a tied weight) — all listed.
@@ -156,12 +157,13 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
     if adapter not in known:
         raise ConfigError(f"no adapter {adapter!r} to save; this module has {known}")
     cfg = getattr(gm, CONFIG_ATTR, {}).get(adapter)
-    if cfg is not None and cfg.init == "pissa":
-        raise ConfigError(
-            f"adapter {adapter!r} was initialised with PiSSA: its base is the residual W - s·B0@A0 held in "
-            "this module, not the weights of the model PEFT would load it onto. Save lora_fx.fold(gm) as a "
-            "full model instead, or train with init='kaiming'.")
     chosen = [s for s in sites(gm) if s.adapter == adapter]
+    pissa = [s for s in chosen if hasattr(s.module, "init_A")]
+    if pissa and any(s.module.use_dora for s in pissa):
+        raise ConfigError(
+            f"adapter {adapter!r} combines PiSSA and DoRA: its base is the residual W - s·B0@A0 held in this "
+            "module, and DoRA's normalisation does not let it be re-expressed on the original W. Save "
+            "lora_fx.fold(gm) as a full model instead.")
     problems, entries = [], []
     for s in chosen:
         owner, _, pname = s.param.rpartition(".")
@@ -176,23 +178,27 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
             problems.append(f"'{s.param}' ({kind}) uses DoRA: PEFT normalises this layout along the other "
                             "axis, so the file would compute something else")
         else:
-            entries.append((owner, kind, s))
+            a, b, rank, alpha = s.module.lora_A.detach(), s.module.lora_B.detach(), s.rank, s.alpha
+            if hasattr(s.module, "init_A"):
+                # PiSSA: W_res + s·B@A = W + s·(B@A - B0@A0) = W + s·[B, -B0] @ [A; A0] on the original W
+                a = torch.cat([a, s.module.init_A.to(a.dtype)])
+                b = torch.cat([b, -s.module.init_B.to(b.dtype)], dim=1)
+                rank = 2 * s.rank
+                alpha = s.module.base_scaling * (rank ** 0.5 if s.module.use_rslora else rank)
+            entries.append((owner, kind, s, a, b, rank, alpha))
     if problems:
         raise UnsupportedSiteError(f"adapter {adapter!r} cannot be written in PEFT's format:\n  - "
                                    + "\n  - ".join(problems))
     tensors: dict[str, torch.Tensor] = {}
-    for owner, kind, s in entries:
-        a, b = s.module.lora_A.detach(), s.module.lora_B.detach()
+    for owner, kind, s, a, b, _, _ in entries:
         for key, t in _to_peft(kind, a, b, s.shape).items():
             tensors[f"{PEFT_PREFIX}{owner}.{key}"] = t.contiguous().clone()
         if s.module.use_dora:
             shape = _expected(kind, s.shape, s.rank, True)["lora_magnitude_vector"]
             tensors[f"{PEFT_PREFIX}{owner}.lora_magnitude_vector"] = \
                 s.module.lora_magnitude.detach().reshape(shape).contiguous().clone()
-    ranks = Counter(s.rank for _, _, s in entries)
-    r0 = ranks.most_common(1)[0][0]
-    alphas = Counter(s.alpha for _, _, s in entries)
-    a0 = alphas.most_common(1)[0][0]
+    r0 = Counter(e[5] for e in entries).most_common(1)[0][0]
+    a0 = Counter(e[6] for e in entries).most_common(1)[0][0]
     first = entries[0][2].module
     config = {
         "peft_type": "LORA",
@@ -202,14 +208,14 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         "inference_mode": True,
         "r": r0,
         "lora_alpha": a0,
-        "target_modules": "^(?:" + "|".join(re.escape(o) for o, _, _ in entries) + ")$",
+        "target_modules": "^(?:" + "|".join(re.escape(e[0]) for e in entries) + ")$",
         "exclude_modules": None,
-        "rank_pattern": {_exact(o): s.rank for o, _, s in entries if s.rank != r0},
-        "alpha_pattern": {_exact(o): s.alpha for o, _, s in entries if s.alpha != a0},
+        "rank_pattern": {_exact(e[0]): e[5] for e in entries if e[5] != r0},
+        "alpha_pattern": {_exact(e[0]): e[6] for e in entries if e[6] != a0},
         "use_rslora": bool(first.use_rslora),
         "use_dora": bool(first.use_dora),
         "lora_dropout": float(getattr(getattr(first, "dropout", None), "p", 0.0)),
-        "fan_in_fan_out": any(k == "conv1d_gpt2" for _, k, _ in entries),
+        "fan_in_fan_out": any(e[1] == "conv1d_gpt2" for e in entries),
         "bias": "none",
         "init_lora_weights": True,
         "modules_to_save": None,

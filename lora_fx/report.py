@@ -117,7 +117,8 @@ def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] =
     """Write a picture of ``gm``'s (root) graph with the adapted sites highlighted: LoRA nodes
     (merge / factored delta) in red with their adapter name, rank and lowering, the ops whose
     weights they adapt in orange, other ops in blue, inputs/outputs and plain parameters in grey.
-    Adapter parameter reads are folded into their LoRA node.  Traced blocks appear as one node.
+    Adapter parameter reads are folded into their LoRA node.  Traced blocks appear as one node
+    (orange, with their number of LoRA sites, when adapters live inside).
 
     The graph is a :class:`networkx.DiGraph` laid out by topological generation
     (``networkx.topological_generations``) and drawn with matplotlib (Agg backend); the file type
@@ -164,6 +165,9 @@ def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] =
             mod = gm.get_submodule(n.target)
             labels[n.name] = f"{n.target}\n{type(mod).__name__}"
             colors[n.name] = "#76b7e5"
+            if isinstance(mod, fx.GraphModule) and is_adapted(mod):  # a traced block with adapters inside
+                labels[n.name] += f"\n({len(sites(mod))} LoRA sites)"
+                adapted_users.add(n.name)
         elif n.op == "call_function":
             fn = "functional_call" if n.target is module_call else getattr(n.target, "__name__", str(n.target))
             labels[n.name] = fn

@@ -208,8 +208,8 @@ def test_save_refuses_what_peft_cannot_express(tmp_path):
         lora_fx.save_adapter(gm, tmp_path / "a")
     assert "mha.in_proj_weight" in str(err.value) and "mha.out_proj.weight" not in str(err.value)
     assert not (tmp_path / "a").exists()
-    with pytest.raises(ConfigError, match="PiSSA"):
-        lora_fx.save_adapter(lora_fx.transform(MLP(), rank=2, init="pissa"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="PiSSA and DoRA"):
+        lora_fx.save_adapter(lora_fx.transform(MLP(), rank=2, init="pissa", use_dora=True), tmp_path / "b")
     with pytest.raises(ConfigError, match="no adapter 'zzz'"):
         lora_fx.save_adapter(gm, tmp_path / "c", adapter="zzz")
 
@@ -250,3 +250,23 @@ def test_pickle_roundtrip_with_two_adapters_and_dora():
     lora_fx.set_active_adapters(again, "default")
     lora_fx.set_active_adapters(gm, "default")
     torch.testing.assert_close(again(x), gm(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_pissa_adapter_saved_for_the_original_base(tmp_path, rslora):
+    """PiSSA trains on W_res; the file must apply to the original W: rank 2r [B, -B0] @ [A; A0]."""
+    model = MLP(32)
+    gm = lora_fx.transform(model, rank=3, alpha=6, init="pissa", use_rslora=rslora)
+    with torch.no_grad():
+        for s in lora_fx.sites(gm):
+            s.lora_A.add_(0.05 * torch.randn_like(s.lora_A))
+            s.lora_B.add_(0.05 * torch.randn_like(s.lora_B))
+    x = torch.randn(4, 16)
+    assert not torch.allclose(gm(x), model(x), atol=1e-3)
+    lora_fx.save_adapter(gm, tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["r"] == 6
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), gm(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lora_fx.load_adapter(model, tmp_path / "p")(x), gm(x), rtol=1e-4, atol=1e-5)
