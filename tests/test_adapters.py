@@ -246,3 +246,29 @@ def test_ddp_with_inactive_adapter_find_unused_false():
             assert (p.grad is not None) == active, name
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::lora_fx.LoraFxWarning")
+def test_rank_change_under_compile_recompiles_once_and_is_correct():
+    """CASES 4: swapping in a rank-8 adapter after a rank-4 one edits the graph: one recompilation,
+    then switching between them is free."""
+    model = Net()
+    gm = lora_fx.transform(model, rank=4)
+    _randomise(gm, "default", 1)
+    compiles = []
+
+    def backend(graph_module, example_inputs):
+        compiles.append(1)
+        return graph_module.forward
+
+    compiled = torch.compile(gm, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(IDX), _reference(model, gm, {"default": 1.0}), rtol=1e-5, atol=1e-5)
+        lora_fx.add_adapter(gm, "r8", rank=8)
+        _randomise(gm, "r8", 3)
+        lora_fx.set_active_adapters(gm, "r8")
+        torch.testing.assert_close(compiled(IDX), _reference(model, gm, {"r8": 1.0}), rtol=1e-5, atol=1e-5)
+        after_add = len(compiles)
+        lora_fx.set_active_adapters(gm, "default")
+        torch.testing.assert_close(compiled(IDX), _reference(model, gm, {"default": 1.0}), rtol=1e-5, atol=1e-5)
+    assert after_add > 1 and len(compiles) == after_add
