@@ -151,8 +151,8 @@ def transform(
         raise ConfigError(f"transform() needs an nn.Module, got {type(model).__name__}")
     given = {k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
                                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                                     use_rslora=use_rslora, use_dora=use_dora, init=init, dropout=dropout, lowering=lowering,
-                                     adapter_dtype=adapter_dtype).items() if v is not _UNSET}
+                                     use_rslora=use_rslora, use_dora=use_dora, init=init, dropout=dropout,
+                                     lowering=lowering, adapter_dtype=adapter_dtype).items() if v is not _UNSET}
     cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
     if is_adapted(model):
         raise AlreadyAdaptedError(

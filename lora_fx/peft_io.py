@@ -339,7 +339,8 @@ def _plan(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> t
         if r != int(r_cfg):
             problems.append(f"'{name}': tensors have rank {r} but the config says r={r_cfg}")
         alpha = _pattern_key(config.get("alpha_pattern") or {}, name)
-        targets.append(_Target(name, kind, tuple(weight.shape), r, float(alpha_default if alpha is None else alpha), t))
+        alpha = float(alpha_default if alpha is None else alpha)
+        targets.append(_Target(name, kind, tuple(weight.shape), r, alpha, t))
     if not grouped and not problems:
         problems.append("the file holds no LoRA tensors")
     return targets, problems
@@ -382,8 +383,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
         have = {s.param: (s.rank, s.alpha, s.module.use_dora) for s in sites(model) if s.adapter == adapter_name}
         want = {f"{t.module}.weight": (t.rank, t.alpha, bool(config.get("use_dora", False))) for t in targets}
         if have != want:
-            problems.append(f"adapter {adapter_name!r} already exists with (rank, alpha, dora) per target {have}, the file has "
-                            f"{want}; pass another adapter_name= or delete_adapter() first")
+            problems.append(f"adapter {adapter_name!r} already exists with (rank, alpha, dora) per target {have}, "
+                            f"the file has {want}; pass another adapter_name= or delete_adapter() first")
     if problems:
         raise AdapterMismatchError(f"adapter in '{directory}' does not fit {type(model).__name__}:\n  - "
                                    + "\n  - ".join(problems))

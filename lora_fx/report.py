@@ -203,7 +203,8 @@ def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] =
     n_sites = len(sites(gm)) if is_adapted(gm) else 0
     ax.set_title(title or f"{type(gm).__name__}: {n_sites} adapted site(s)")
     ax.legend(handles=[Patch(color="#e4572e", label="LoRA node"), Patch(color="#f5a623", label="adapted op"),
-                       Patch(color="#76b7e5", label="other op"), Patch(color="#cccccc", label="input / param / output")],
+                       Patch(color="#76b7e5", label="other op"),
+                       Patch(color="#cccccc", label="input / param / output")],
               loc="lower right", fontsize=7, frameon=False)
     ax.axis("off")
     path = Path(path)

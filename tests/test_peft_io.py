@@ -153,7 +153,8 @@ def test_mismatch_lists_every_problem(tmp_path):
     with pytest.raises(AdapterMismatchError) as err:
         lora_fx.load_adapter(Other(), tmp_path / "a")
     msg = str(err.value)
-    for needle in ("'emb.lora_embedding_A': file has shape (2, 50)", "target module 'pos' (Linear): file lacks 'lora_A.weight'",
+    for needle in ("'emb.lora_embedding_A': file has shape (2, 50)",
+                   "target module 'pos' (Linear): file lacks 'lora_A.weight'",
                    "'fc.lora_A.weight': file has shape (2, 20)", "target module 'c_attn' is not in Other",
                    "target module 'conv' is not in Other"):
         assert needle in msg, (needle, msg)
