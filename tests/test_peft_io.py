@@ -271,3 +271,33 @@ def test_pissa_adapter_saved_for_the_original_base(tmp_path, rslora):
     with torch.no_grad():
         torch.testing.assert_close(pm(x), gm(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(lora_fx.load_adapter(model, tmp_path / "p")(x), gm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_layout_mapping_is_inverse_and_matches_peft_delta_formula():
+    """Property test of the explicit orientation mapping: PEFT's ΔW formula per layout (Embedding and
+    Conv1D transposed) equals ours, and loading inverts saving."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from lora_fx.peft_io import _from_peft, _to_peft
+
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(kind=st.sampled_from(["linear", "conv", "embedding", "conv1d_gpt2"]), r=st.integers(1, 4),
+           d0=st.integers(1, 6), d1=st.integers(1, 6), k=st.integers(1, 3))
+    def check(kind, r, d0, d1, k):
+        shape = (d0, d1, k, k) if kind == "conv" else (d0, d1)
+        fan_in = d1 * k * k if kind == "conv" else d1
+        a, b = torch.randn(r, fan_in, dtype=torch.float64), torch.randn(d0, r, dtype=torch.float64)
+        ours = (b @ a).reshape(shape)
+        t = _to_peft(kind, a, b, shape)
+        if kind == "embedding":
+            peft_delta = (t["lora_embedding_B"] @ t["lora_embedding_A"]).T
+        elif kind == "conv1d_gpt2":
+            peft_delta = (t["lora_B.weight"] @ t["lora_A.weight"]).T  # fan_in_fan_out transpose
+        else:
+            peft_delta = (t["lora_B.weight"].flatten(1) @ t["lora_A.weight"].flatten(1)).reshape(shape)
+        torch.testing.assert_close(peft_delta, ours)
+        a2, b2 = _from_peft(kind, t)
+        assert torch.equal(a2, a) and torch.equal(b2, b)
+
+    check()
