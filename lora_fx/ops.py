@@ -93,7 +93,8 @@ def dora_merge(
     w = weight.to(compute)
     v = w + (lora_B.to(compute) @ (lora_A.to(compute) * base_scaling)).reshape(weight.shape)
     view = (-1,) + (1,) * (weight.ndim - 1)
-    norm = torch.linalg.vector_norm(v.flatten(1), dim=1).reshape(view)
+    # clamped: an all-zero row (e.g. an embedding's padding row) stays zero instead of 0/0 = nan
+    norm = torch.linalg.vector_norm(v.flatten(1), dim=1).clamp_min(torch.finfo(compute).tiny).reshape(view)
     d = magnitude.to(compute).reshape(view) * (v / norm)
     gate = (scaling / base_scaling).to(compute)
     return torch.lerp(w, d, gate).to(weight.dtype)

@@ -113,3 +113,16 @@ def test_dora_merge_gate_interpolates():
     half = dora_merge(w, a, b, torch.tensor(0.25, dtype=torch.float64), m, 0.5)
     torch.testing.assert_close(half, w + 0.5 * (full - w))
     assert torch.equal(dora_merge(w, a, b, torch.tensor(0.0, dtype=torch.float64), m, 0.5), w)
+
+
+def test_dora_zero_row_stays_finite():
+    """An embedding's zero padding row has norm 0: no 0/0, outputs and gradients stay finite."""
+    emb = nn.Embedding(10, 4, padding_idx=0)
+    gm = lora_fx.transform(emb, rank=2, use_dora=True)
+    idx = torch.tensor([[0, 1, 2]])
+    out = gm(idx)
+    assert torch.equal(out[0, 0], torch.zeros(4))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in lora_fx.adapter_parameters(gm))
+    with lora_fx.disable_adapters(gm):
+        torch.testing.assert_close(gm(idx), emb(idx), rtol=0, atol=0)
