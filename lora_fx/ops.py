@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = [
     "delta_weight",
     "merge",
+    "dora_merge",
     "linear_delta",
     "matmul_delta",
     "embedding_delta",
@@ -37,6 +38,7 @@ __all__ = [
     "module_call",
     "LORA_OPS",
     "DELTA_OPS",
+    "MERGE_OPS",
 ]
 
 
@@ -94,6 +96,40 @@ def _blockwise(base: Tensor, blocks, dim: int, delta_of, lora_A: Tensor) -> Tens
         pieces.append(piece)
         start += rows
     return torch.cat(pieces, dim)
+
+
+def dora_merge(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, magnitude: Tensor, base_scaling: float
+) -> Tensor:
+    """Out-of-place DoRA weight (Liu et al., ICML 2024, eq. 5) in ``W``'s dtype (merge lowering)::
+
+        V  = W + base_scaling · (lora_B @ lora_A).reshape(W.shape)
+        D  = magnitude[i] · V[i] / ‖V[i]‖₂        (norm over each output row V[i] = V[i, ...])
+        W' = lerp(W, D, g),  g = scaling / base_scaling
+
+    ``g`` is the adapter's gate (``mix · enabled``): 1 gives exactly ``D``, 0 gives exactly ``W``
+    (a disabled DoRA adapter leaves the op untouched), and a weight ``g`` scales the DoRA update
+    ``D - W`` linearly.  The norm is differentiated (the paper's §4.3 and HF PEFT detach it to save
+    memory; forward values are identical, gradients are those of the formula above).
+
+    Args:
+        weight: ``W`` of shape ``(out, ...)``, any floating dtype.
+        lora_A: ``(rank, prod(W.shape[1:]))``; lora_B: ``(out, rank)``; magnitude: ``(out,)``.
+        scaling: 0-dim tensor ``base_scaling · mix · enabled``.
+        base_scaling: ``alpha / rank`` (or ``alpha / sqrt(rank)``), a Python float.
+
+    Returns:
+        ``W'`` of ``W``'s shape and dtype; computed in ``promote(W.dtype, lora_A.dtype)``.
+    """
+    compute = torch.promote_types(weight.dtype, lora_A.dtype)
+    w = weight.to(compute)
+    v = w + (lora_B.to(compute) @ (lora_A.to(compute) * base_scaling)).reshape(weight.shape)
+    view = (-1,) + (1,) * (weight.ndim - 1)
+    # clamped: an all-zero row (e.g. an embedding's padding row) stays zero instead of 0/0 = nan
+    norm = torch.linalg.vector_norm(v.flatten(1), dim=1).clamp_min(torch.finfo(compute).tiny).reshape(view)
+    d = magnitude.to(compute).reshape(view) * (v / norm)
+    gate = (scaling / base_scaling).to(compute)
+    return torch.lerp(w, d, gate).to(weight.dtype)
 
 
 def _to(x: Tensor, like: Tensor) -> Tensor:
@@ -203,4 +239,6 @@ def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **
 
 #: Ops whose first argument is the base value and which a pass may strip to fold or remove an adapter.
 DELTA_OPS = (linear_delta, matmul_delta, embedding_delta, conv_delta)
-LORA_OPS = (merge,) + DELTA_OPS + (module_call,)
+#: Ops that take the base *weight* as first argument and return the weight the op sees.
+MERGE_OPS = (merge, dora_merge)
+LORA_OPS = MERGE_OPS + DELTA_OPS + (module_call,)
