@@ -103,10 +103,17 @@ def embedding_delta(
     """``y + s·F.embedding(indices, B) @ A``: factored LoRA for ``y = F.embedding(indices, W)``,
     ``W: (num_embeddings, dim)``, ``B: (num_embeddings, r)``, ``A: (r, dim)``.
 
-    ``padding_idx`` and ``scale_grad_by_freq`` act on ``B``'s gradient exactly as on ``W``'s.
+    ``padding_idx`` acts on the gradients exactly as on the merged weight ``W + ΔW``'s: positions
+    holding ``padding_idx`` still read ``W[p] + ΔW[p]`` but send no gradient to ``B`` nor ``A``.
+    ``scale_grad_by_freq`` would scale ``A``'s gradient per row, which the factored form cannot
+    do; the op table lowers such embeddings by merging (this argument only reaches ``B``).
     """
     rows = F.embedding(indices, lora_B, padding_idx, None, 2.0, scale_grad_by_freq, False)
-    return y + _to(rows @ (lora_A * scaling), y)
+    delta = rows @ (lora_A * scaling)
+    if padding_idx is not None and delta.requires_grad:
+        keep = (indices != (padding_idx if padding_idx >= 0 else lora_B.shape[0] + padding_idx)).unsqueeze(-1)
+        delta = torch.where(keep, delta, delta.detach())
+    return y + _to(delta, y)
 
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -164,8 +164,8 @@ def _embedding_merged(graph, node, m, merged):
 
 
 def _embedding_factored(node, m, pname):
-    if pname != "weight" or m.max_norm is not None:
-        return None
+    if pname != "weight" or m.max_norm is not None or m.scale_grad_by_freq:
+        return None  # max_norm renormalises W + ΔW; scale_grad_by_freq scales A's gradient per row
     return Factored(ops.embedding_delta, _input(node), (m.padding_idx, m.scale_grad_by_freq))
 
 
@@ -250,7 +250,7 @@ register_function_rule(F.linear, FunctionRule("linear", ((1, "weight"),), _linea
 
 
 def _embedding_fn_factored(node, slot, shape):
-    if slot != 1 or _arg(node, 3, "max_norm") is not None:
+    if slot != 1 or _arg(node, 3, "max_norm") is not None or _arg(node, 5, "scale_grad_by_freq", False):
         return None
     return Factored(ops.embedding_delta, _input(node),
                     (_arg(node, 2, "padding_idx"), bool(_arg(node, 5, "scale_grad_by_freq", False))))

@@ -59,6 +59,22 @@ def _strip_graph(gm: fx.GraphModule) -> None:
             graph.erase_node(node)
 
 
+def _read_by_graph(gm: fx.GraphModule, name: str) -> bool:
+    """Whether a node of ``gm``'s own graph reads parameter ``name`` (``get_attr`` or a leaf call)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == name:
+            return True
+        if (node.op == "call_module" and name.startswith(f"{node.target}.")
+                and not isinstance(gm.get_submodule(node.target), fx.GraphModule)):
+            return True
+    return False
+
+
+def _in_child_graph_module(gm: fx.GraphModule, name: str) -> bool:
+    parts = name.split(".")[:-1]
+    return any(isinstance(gm.get_submodule(".".join(parts[:i])), fx.GraphModule) for i in range(1, len(parts) + 1))
+
+
 def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
     """Fold a deep copy of ``root``; returns ``(folded, info)`` where ``info`` has ``"folded"``
     (names of folded parameters) and ``"untied"`` (names that shared storage with an unadapted
@@ -93,7 +109,13 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
                 owner = gm.get_submodule(owner_path) if owner_path else gm
                 owner._parameters[pname] = memo[key]
                 info["folded"].append(prefix + alias)
-            if any(n not in aliases and f"{ADAPTER_ATTR}." not in n for n in names.get(id(w), [])):
+            others = [n for n in names.get(id(w), []) if n not in aliases and f"{ADAPTER_ATTR}." not in n]
+            read = [n for n in others if _read_by_graph(gm, n)]
+            for n in others:  # names no node reads (fx reads a tied weight by its first name)
+                if n not in read and not _in_child_graph_module(gm, n):
+                    owner_path, _, pname = n.rpartition(".")
+                    (gm.get_submodule(owner_path) if owner_path else gm)._parameters[pname] = memo[key]
+            if read:
                 info["untied"].extend(prefix + a for a in aliases)
     for gm, _, _, _ in plans:
         _strip_graph(gm)
