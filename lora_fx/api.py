@@ -181,7 +181,9 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
         if r > min(w.shape[0], math.prod(w.shape[1:])):
             warnings.warn(f"rank {r} for '{c.fqn}' exceeds min{tuple(w.shape[:1]) + (math.prod(w.shape[1:]),)} "
                           f"of its weight {tuple(w.shape)}: the update is full-rank already and costs more "
-                          "than full fine-tuning of this weight", LoraFxWarning, stacklevel=4)
+                          f"than full fine-tuning of this weight. Use rank <= {min(w.shape[0], math.prod(w.shape[1:]))} "
+                          f"for it (e.g. rank_pattern={{'{c.fqn}': {min(w.shape[0], math.prod(w.shape[1:]))}}}) "
+                          "or exclude it", LoraFxWarning, stacklevel=4)
         return LoraAdapter(tuple(w.shape), r, cfg.alpha_for(c.fqn), dtype=cfg.dtype_for(w), device=w.device,
                            dropout=float(cfg.dropout), use_rslora=cfg.use_rslora, init=cfg.init)
 

@@ -54,9 +54,11 @@ class LoraTracer(fx.Tracer):
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import lora_fx  # the library's own frames (lora_fx/ and passes/), not the user's code next to it
+    ours = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+            os.path.dirname(os.path.abspath(lora_fx.__file__)) + os.sep)
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(torch_dir) and not f.filename.startswith(here)
+              if not f.filename.startswith(torch_dir) and not f.filename.startswith(ours)
               and "<eval_with_key>" not in f.filename]
     return frames[-1] if frames else None
 
