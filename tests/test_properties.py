@@ -283,3 +283,12 @@ def test_random_models(spec, dtype, rank, alpha, use_rslora, lowering, batch, le
 
     # 5. the user's model is never modified.
     _assert_unchanged(model, snap)
+
+
+def test_profiles_registered():
+    """CI's default profile and the documented long run (``--hypothesis-profile=thorough``)."""
+    from hypothesis import settings
+
+    default, thorough = settings.get_profile("default"), settings.get_profile("thorough")
+    assert default.max_examples >= 200 and default.derandomize and default.deadline is None
+    assert thorough.max_examples >= 2000 and thorough.deadline is None
