@@ -193,7 +193,7 @@ def _assert_unchanged(model, snap):
     assert [(n, type(m)) for n, m in model.named_modules()] == mods
 
 
-_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 8e-2}
+_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 8e-2, torch.float16: 2e-2}
 
 
 def _close(a, b, dtype, scale=1.0):
@@ -205,7 +205,8 @@ def _close(a, b, dtype, scale=1.0):
         assert err <= _TOL[dtype] * scale, f"max abs error {err:.3g} > {_TOL[dtype] * scale:.3g} ({dtype})"
 
 
-@given(spec=models(), dtype=st.sampled_from([torch.float32, torch.float32, torch.float64, torch.bfloat16]),
+@given(spec=models(), dtype=st.sampled_from([torch.float32, torch.float32, torch.float64, torch.bfloat16,
+                                              torch.float16]),
        rank=st.integers(1, 3), alpha=st.sampled_from([None, 0.5, 3.0]), use_rslora=st.booleans(),
        lowering=st.sampled_from(["auto", "factored", "merge"]), batch=st.integers(1, 2),
        length=st.integers(1, 3), seed=st.integers(0, 2**16))
@@ -237,7 +238,7 @@ def test_random_models(spec, dtype, rank, alpha, use_rslora, lowering, batch, le
         for s in sites:
             s.lora_A.copy_(torch.randn_like(s.lora_A) * 0.5)
             s.lora_B.copy_(torch.randn_like(s.lora_B) * 0.5)
-    ref_dtype = torch.float64 if dtype == torch.bfloat16 else dtype
+    ref_dtype = torch.float64 if dtype in (torch.bfloat16, torch.float16) else dtype
     ref_model = copy.deepcopy(model).to(ref_dtype)
     xr = x.to(ref_dtype) if x.is_floating_point() else x
     leaves, merged = [], {}
@@ -254,7 +255,7 @@ def test_random_models(spec, dtype, rank, alpha, use_rslora, lowering, batch, le
     assert y.dtype == (dtype if y.is_floating_point() else y.dtype)
     scale = 1.0 + y_ref.detach().abs().max().item() if y_ref.numel() else 1.0
     _close(y.detach(), y_ref.detach(), dtype, scale)
-    if dtype != torch.bfloat16 and y.numel():
+    if dtype not in (torch.bfloat16, torch.float16) and y.numel():
         g = torch.randn_like(y)
         (y * g).sum().backward()
         (y_ref * g.to(ref_dtype)).sum().backward()
