@@ -99,6 +99,7 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
             names.setdefault(id(p), []).append(name)
         plans.append((gm, f"{gm_path}." if gm_path else "", list(by_param.values()), names))
     memo: dict[tuple, nn.Parameter] = {}
+    pending: list[tuple] = []
     for gm, prefix, entries, names in plans:
         for w, aliases, adapters in entries:
             key = (id(w),) + tuple(sorted(id(a) for a in adapters))
@@ -115,8 +116,14 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
                 if n not in read and not _in_child_graph_module(gm, n):
                     owner_path, _, pname = n.rpartition(".")
                     (gm.get_submodule(owner_path) if owner_path else gm)._parameters[pname] = memo[key]
+            nested = [n for n in others if n not in read and _in_child_graph_module(gm, n)]
             if read:
                 info["untied"].extend(prefix + a for a in aliases)
+            elif nested:  # decided once every block's plan ran: still the old tensor there → untied
+                pending.append((gm, prefix, aliases, nested, memo[key]))
+    for gm, prefix, aliases, nested, folded in pending:
+        if any(gm.get_parameter(n) is not folded for n in nested):
+            info["untied"].extend(prefix + a for a in aliases)
     for gm, _, _, _ in plans:
         _strip_graph(gm)
         for m in list(gm.modules()):
