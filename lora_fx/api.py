@@ -114,7 +114,8 @@ def transform(
     Args:
         model: any ``nn.Module`` torch.fx can trace (blocks in ``nn.ModuleList`` s are traced
             one by one and stay called submodules).
-        rank: ``r > 0`` (default 16).
+        rank: ``r > 0`` (default 16).  A rank above ``min(fan_out, fan_in)`` of a targeted weight
+            is allowed (the update is then full-rank) and warns with :class:`LoraFxWarning`.
         alpha: ``> 0``; default ``rank`` (scaling 1.0).
         targets: fnmatch patterns over fully qualified parameter names, e.g.
             ``"layers.*.attn.*.weight"``; ``None``: every weight of linear, conv, conv-transpose,
