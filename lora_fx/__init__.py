@@ -8,8 +8,9 @@ from .adapter import LoraAdapter
 from .api import Site, fold, sites, transform
 from .config import LoraConfig
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
-                     ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
+                     ExportFileError, ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
                      TraceError, UnsupportedSiteError)
+from .folded_export import export_folded, export_onnx
 from .training import adapter_parameters, lora_state_dict, mark_only_lora_as_trainable
 
 __version__ = "0.1.0"
@@ -19,5 +20,5 @@ __all__ = [
     "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters",
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
     "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
-    "ExportParityError", "__version__",
+    "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
 ]

@@ -103,10 +103,16 @@ def embedding_delta(
     """``y + s·F.embedding(indices, B) @ A``: factored LoRA for ``y = F.embedding(indices, W)``,
     ``W: (num_embeddings, dim)``, ``B: (num_embeddings, r)``, ``A: (r, dim)``.
 
-    ``padding_idx`` and ``scale_grad_by_freq`` act on ``B``'s gradient exactly as on ``W``'s.
+    ``padding_idx``: positions holding it give neither ``A`` nor ``B`` a gradient (as ``W``'s padding
+    row gets none).  ``scale_grad_by_freq`` scales ``B``'s row gradients only, so the rules lower
+    such embeddings by merging instead.
     """
     rows = F.embedding(indices, lora_B, padding_idx, None, 2.0, scale_grad_by_freq, False)
-    return y + _to(rows @ (lora_A * scaling), y)
+    delta = rows @ (lora_A * scaling)
+    if padding_idx is not None:  # the padding row of W + ΔW gets no gradient: neither may A nor B through it
+        pad = padding_idx if padding_idx >= 0 else lora_B.shape[0] + padding_idx
+        delta = torch.where((indices == pad).unsqueeze(-1), delta.detach(), delta)
+    return y + _to(delta, y)
 
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

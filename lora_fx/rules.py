@@ -164,7 +164,7 @@ def _embedding_merged(graph, node, m, merged):
 
 
 def _embedding_factored(node, m, pname):
-    if pname != "weight" or m.max_norm is not None:
+    if pname != "weight" or m.max_norm is not None or m.scale_grad_by_freq:
         return None
     return Factored(ops.embedding_delta, _input(node), (m.padding_idx, m.scale_grad_by_freq))
 
@@ -250,7 +250,7 @@ register_function_rule(F.linear, FunctionRule("linear", ((1, "weight"),), _linea
 
 
 def _embedding_fn_factored(node, slot, shape):
-    if slot != 1 or _arg(node, 3, "max_norm") is not None:
+    if slot != 1 or _arg(node, 3, "max_norm") is not None or _arg(node, 5, "scale_grad_by_freq", False):
         return None
     return Factored(ops.embedding_delta, _input(node),
                     (_arg(node, 2, "padding_idx"), bool(_arg(node, 5, "scale_grad_by_freq", False))))
@@ -305,11 +305,10 @@ register_function_rule(_aten.linear.default, FunctionRule("linear", ((1, "weight
 
 def _aten_embedding_factored(node, slot, shape):
     # aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)
-    if slot != 0 or bool(_arg(node, 4, "sparse", False)):
+    if slot != 0 or bool(_arg(node, 4, "sparse", False)) or bool(_arg(node, 3, "scale_grad_by_freq", False)):
         return None
     pad = _arg(node, 2, "padding_idx", -1)
-    return Factored(ops.embedding_delta, _arg(node, 1, "indices"),
-                    (None if pad is None or pad < 0 else pad, bool(_arg(node, 3, "scale_grad_by_freq", False))))
+    return Factored(ops.embedding_delta, _arg(node, 1, "indices"), (None if pad is None or pad < 0 else pad, False))
 
 
 register_function_rule(_aten.embedding.default, FunctionRule("embedding", ((0, "weight"),), _aten_embedding_factored))

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
+import traceback
 import warnings
 from typing import Any, Callable, Optional
 
@@ -40,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from lora_fx.errors import ConfigError, TraceError
 
-from .trace import _user_frame, build_graph_module
+from .trace import LoraTracer, build_graph_module
 
 __all__ = [
     "FRONTENDS",
@@ -214,12 +216,22 @@ def _rebuild(module: nn.Module, path: str, original: nn.Module) -> nn.Module:
         return container
     cls_name = type(orig).__name__
     graph = copy.deepcopy(module.graph)
+    graph._tracer_cls = LoraTracer  # so pickles re-trace with lora_fx ops as leaves
     for node in graph.nodes:
         if node.name == "self":  # a child called `self` (BERT's attention): would shadow forward's self
             node._rename(f"{node.op}_self")
     gm = build_graph_module(module, graph)
     gm.__class__.__name__ = cls_name  # GraphModule makes a class per instance; name it as the original
     return follow_mode_(gm)
+
+
+def _user_frame(exc: BaseException):
+    """The innermost traceback frame outside torch and lora_fx (the user's line), or None."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "lora_fx",
+            os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(skip) and "<eval_with_key>" not in f.filename and not f.filename.startswith("<")]
+    return frames[-1] if frames else None
 
 
 def _export_error(exc: BaseException, model: nn.Module) -> TraceError:
@@ -347,10 +359,11 @@ def capture(
 
     if frontend not in FRONTENDS:
         raise ConfigError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
-    if frontend == "export" and example_inputs is None and not example_kwargs:
+    has_examples = not (example_inputs is None or (isinstance(example_inputs, tuple) and not example_inputs)) \
+        or bool(example_kwargs)
+    if frontend == "export" and not has_examples:
         raise ConfigError("frontend='export' needs example inputs: transform(model, ..., frontend='export', "
                           "example_inputs=(x,), example_kwargs={...}) with tensors shaped like real inputs.")
-    has_examples = example_inputs is not None or bool(example_kwargs)
     if frontend != "fx" and has_examples:  # structure errors first, before any work
         model = make_copy()
         normalize_example_inputs(model, () if example_inputs is None else example_inputs, example_kwargs)
