@@ -137,7 +137,8 @@ def transform(
         example_inputs: tuple of positional example arguments for the export front-end (a single
             tensor is wrapped); sizes are dynamic unless ``dynamic_shapes`` says otherwise.
         example_kwargs: keyword example arguments for the export front-end.
-        dynamic_shapes: as ``torch.export.export``'s (default: ``Dim.AUTO`` for every dimension).
+        dynamic_shapes: as ``torch.export.export``'s (default: ``Dim.AUTO`` for every dimension;
+            ``False``: static, the result then only runs on the example sizes).
 
     Returns:
         ``torch.fx.GraphModule`` whose ``state_dict()`` has ``model``'s keys and values plus

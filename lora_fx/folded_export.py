@@ -146,7 +146,8 @@ def export_folded(
             parity-check inputs.
         example_kwargs: keyword arguments.
         path: where to write the ``.pt2`` file (atomically: a temporary file is renamed).
-        dynamic_shapes: as ``torch.export.export``'s; default ``Dim.AUTO`` for every dimension.
+        dynamic_shapes: as ``torch.export.export``'s; default ``Dim.AUTO`` for every dimension;
+            ``False``: static shapes (exports faster; the program then takes the example sizes only).
         eval_mode: export (and compare) the model in eval mode (default); False keeps each
             module's current mode (dropout then makes parity meaningless).
         rtol, atol: parity tolerances (see :func:`parity_report`).
@@ -164,10 +165,10 @@ def export_folded(
 
     ``gm`` keeps its adapters, parameters, modes and outputs in every case.
     """
-    from lora_fx.passes.export import _export_error, default_dynamic_shapes
+    from lora_fx.passes.export import _export_error, resolve_dynamic_shapes
 
     folded, args, kwargs, want = _prepare(gm, example_inputs, example_kwargs, eval_mode)
-    shapes = default_dynamic_shapes(args, kwargs) if dynamic_shapes is None else dynamic_shapes
+    shapes = resolve_dynamic_shapes(dynamic_shapes, args, kwargs)
     try:
         ep = torch.export.export(folded, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:
@@ -206,10 +207,10 @@ def export_onnx(
     """
     import onnxruntime as ort  # noqa: F401  (fail early with ImportError)
 
-    from lora_fx.passes.export import _export_error, default_dynamic_shapes
+    from lora_fx.passes.export import _export_error, resolve_dynamic_shapes
 
     folded, args, kwargs, want = _prepare(gm, example_inputs, None if example_kwargs is None else example_kwargs, True)
-    shapes = default_dynamic_shapes(args, kwargs) if dynamic_shapes is None else dynamic_shapes
+    shapes = resolve_dynamic_shapes(dynamic_shapes, args, kwargs)
     try:
         ep = torch.export.export(folded, args, kwargs, dynamic_shapes=shapes, strict=False)
         program = torch.onnx.export(ep, args, kwargs=kwargs, dynamo=True, external_data=False, verbose=False)

@@ -51,6 +51,7 @@ __all__ = [
     "follow_mode_",
     "normalize_example_inputs",
     "default_dynamic_shapes",
+    "resolve_dynamic_shapes",
     "train_only",
 ]
 
@@ -124,6 +125,14 @@ def normalize_example_inputs(
         elif kind is not inspect.Parameter.VAR_KEYWORD and name not in kwargs:
             names.append(name)
     return example_inputs, dict(kwargs), names[:len(example_inputs)] + list(kwargs)
+
+
+def resolve_dynamic_shapes(dynamic_shapes: Any, args: tuple, kwargs: dict):
+    """``None`` → :func:`default_dynamic_shapes`; ``False`` → static shapes (``None`` for
+    ``torch.export``, faster to export, fixed sizes); anything else is passed through."""
+    if dynamic_shapes is None:
+        return default_dynamic_shapes(args, kwargs)
+    return None if dynamic_shapes is False else dynamic_shapes
 
 
 def default_dynamic_shapes(args: tuple, kwargs: dict):
@@ -261,7 +270,8 @@ def export_hierarchy(
         example_inputs: tuple of positional example arguments (tensors of representative dtype
             and rank; sizes are dynamic by default).
         example_kwargs: keyword example arguments.
-        dynamic_shapes: as ``torch.export.export``'s; default: ``Dim.AUTO`` everywhere.
+        dynamic_shapes: as ``torch.export.export``'s; default (None): ``Dim.AUTO`` everywhere;
+            False: static (the result then only runs on the example sizes).
         check_modes: compare the result with ``model`` in eval mode on the example inputs.
 
     Returns:
@@ -276,7 +286,7 @@ def export_hierarchy(
             ``self.training`` other than dropout / batch norm / attention dropout).
     """
     args, kwargs, names = normalize_example_inputs(model, example_inputs, example_kwargs)
-    shapes = default_dynamic_shapes(args, kwargs) if dynamic_shapes is None else dynamic_shapes
+    shapes = resolve_dynamic_shapes(dynamic_shapes, args, kwargs)
     modes = {name: m.training for name, m in model.named_modules()}
     model.train()
     try:
