@@ -283,3 +283,37 @@ def test_both_front_ends_fail_one_error_shortest_first():
 def test_wrong_example_structure_names_the_mismatch(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         lora_fx.transform(Branchy(), rank=2, **kwargs)
+
+
+class Reused(nn.Module):
+    """One Linear called twice, behind a shape branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 2
+        return self.fc(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reused_module_and_bf16_against_reference(dtype):
+    torch.manual_seed(0)
+    model = Reused().to(dtype)
+    x = torch.randn(3, 4, dtype=dtype)
+    gm = lora_fx.transform(model, rank=2, frontend="export", example_inputs=(x,))
+    _randomize(gm)
+    (site,) = lora_fx.sites(gm)  # one adapter, both calls see it
+    out = gm(x)
+    assert out.dtype == dtype
+    delta = (site.scaling * site.lora_B @ site.lora_A).to(dtype)
+    ref = torch.func.functional_call(model, {"fc.weight": model.fc.weight + delta, "fc.bias": model.fc.bias}, (x,))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    if dtype == torch.float32:
+        ga = torch.autograd.grad(out.sum(), [site.lora_A, site.lora_B])
+        gr = torch.autograd.grad(ref.sum(), [site.lora_A, site.lora_B])
+        for a, b in zip(ga, gr):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -94,6 +94,22 @@ def test_zoo_transform_train_fold_export(name):
     with torch.no_grad():
         after = _loss(logits(gm(*args, **kwargs)), kind, target).item()
     assert after < before
+
+    # after training A and B are non-zero: compare with W + s·B@A through the original model
+    params = dict(model.named_parameters())
+    buffers = dict(gm.named_buffers())  # batch-norm statistics moved during training
+    params.update({k: buffers[k] for k, _ in model.named_buffers() if k in buffers})
+    for site in lora_fx.sites(gm):
+        for alias in site.aliases:
+            params[alias] = params[alias] + site.scaling * (site.lora_B @ site.lora_A).reshape(site.shape)
+    out = logits(gm(*args, **kwargs))
+    ref = logits(torch.func.functional_call(model, params, args, kwargs))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    site = lora_fx.sites(gm)[-1]
+    g_out = torch.autograd.grad(out.square().sum(), [site.lora_A, site.lora_B])
+    g_ref = torch.autograd.grad(ref.square().sum(), [site.lora_A, site.lora_B])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert all(not p.requires_grad for n, p in gm.named_parameters() if not _is_lora(n))
 
     # folds a copy, exports, checks parity; dynamic shapes (the default) for GPT-2, static (faster) for the rest
