@@ -117,7 +117,8 @@ def transform(
 
     Args:
         model: any ``nn.Module`` torch.fx can trace (blocks in ``nn.ModuleList`` s are traced
-            one by one and stay called submodules).
+            one by one and stay called submodules), or, given example inputs, that
+            ``torch.export`` can capture (see ``frontend``).
         rank: ``r > 0`` (default 16).
         alpha: ``> 0``; default ``rank`` (scaling 1.0).
         targets: fnmatch patterns over fully qualified parameter names, e.g.

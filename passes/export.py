@@ -298,7 +298,9 @@ def export_hierarchy(
     finally:
         for name, m in model.named_modules():
             m.training = modes.get(name, m.training)
-    unflat = torch.export.unflatten(ep)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
+        unflat = torch.export.unflatten(ep)
     root = _rebuild(unflat, "", model)
     root.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, ep.call_spec.in_spec, ep.call_spec.out_spec))
     root.recompile()
