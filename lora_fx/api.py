@@ -169,7 +169,7 @@ def transform(
             "second adapter silently. Train it as is, call lora_fx.fold(model) first, or add a named adapter "
             "with lora_fx.add_adapter(model, name, ...).")
     from lora_fx.passes.export import capture
-    root = capture(lambda: _copy_model(model, copy_weights), frontend=frontend, example_inputs=example_inputs,
+    root = capture(model, lambda: _copy_model(model, copy_weights), frontend=frontend, example_inputs=example_inputs,
                    example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                    trace_kwargs=dict(blocks=as_patterns(blocks, "blocks") or (),
                                      leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),

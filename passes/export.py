@@ -346,6 +346,7 @@ def _short(exc: BaseException) -> str:
 
 
 def capture(
+    model: nn.Module,
     make_copy: Callable[[], nn.Module],
     *,
     frontend: str,
@@ -354,12 +355,12 @@ def capture(
     dynamic_shapes: Any,
     trace_kwargs: dict,
 ) -> fx.GraphModule:
-    """Capture a private copy of the user's model with the chosen front-end.
+    """Capture a private copy of the user's ``model`` with the chosen front-end.
 
     ``"fx"``: :func:`~lora_fx.passes.trace.trace_hierarchy`; ``"export"``:
     :func:`export_hierarchy`; ``"auto"``: fx, and when fx fails, torch.export if example inputs
-    were given.  ``make_copy()`` returns a fresh copy each call (a failed fx trace may have
-    replaced blocks of its copy).
+    were given.  ``model`` itself is only inspected (its ``forward`` signature); ``make_copy()``
+    returns a fresh private copy each call (a failed fx trace may have replaced blocks of its copy).
 
     Raises:
         ConfigError: unknown ``frontend``, ``frontend="export"`` without example inputs, or
@@ -376,16 +377,13 @@ def capture(
     if frontend == "export" and not has_examples:
         raise ConfigError("frontend='export' needs example inputs: transform(model, ..., frontend='export', "
                           "example_inputs=(x,), example_kwargs={...}) with tensors shaped like real inputs.")
+    inputs = () if example_inputs is None else example_inputs
     if frontend != "fx" and has_examples:  # structure errors first, before any work
-        model = make_copy()
-        normalize_example_inputs(model, () if example_inputs is None else example_inputs, example_kwargs)
-    else:
-        model = None
+        normalize_example_inputs(model, inputs, example_kwargs)
     if frontend == "export":
-        return export_hierarchy(model, () if example_inputs is None else example_inputs, example_kwargs,
-                                dynamic_shapes=dynamic_shapes)
+        return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     try:
-        root = trace_hierarchy(make_copy() if model is None or frontend == "auto" else model, **trace_kwargs)
+        root = trace_hierarchy(make_copy(), **trace_kwargs)
         root.meta["lora_fx_frontend"] = "fx"
         return root
     except TraceError as fx_exc:
@@ -397,13 +395,11 @@ def capture(
                 "example_kwargs={...}): frontend='auto' then falls back to torch.export.") from fx_exc
         fx_error = fx_exc
     try:
-        return export_hierarchy(model, () if example_inputs is None else example_inputs, example_kwargs,
-                                dynamic_shapes=dynamic_shapes)
+        return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     except TraceError as ex_exc:
         both = sorted([("torch.fx", _short(fx_error)), ("torch.export", _short(ex_exc))], key=lambda t: len(t[1]))
-        name = type(model).__name__
         raise TraceError(
-            f"neither front-end could capture {name} (shortest failure first):\n"
+            f"neither front-end could capture {type(model).__name__} (shortest failure first):\n"
             + "\n".join(f"[{which}] {text}" for which, text in both)
             + "\nHow to fix: for torch.fx, pass concrete_args / leaf_modules for the failing module; for "
               "torch.export, make the failing line independent of tensor values (torch.where / torch.cond) and "

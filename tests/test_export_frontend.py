@@ -265,10 +265,11 @@ def test_both_front_ends_fail_one_error_shortest_first():
     assert msg.startswith("neither front-end could capture DataDependent")
     lines = [ln for ln in msg.splitlines() if ln.startswith("[torch.")]
     assert {ln.split("]")[0] for ln in lines} == {"[torch.fx", "[torch.export"}
-    fx_part = msg[msg.index("[torch.fx]"):]
-    ex_part = msg[msg.index("[torch.export]"):]
-    first, second = (fx_part, ex_part) if msg.index("[torch.fx]") < msg.index("[torch.export]") else (ex_part, fx_part)
-    assert len(first) - len(second) <= len(first)  # shortest failure printed first
+    tags = sorted(["[torch.fx] ", "[torch.export] "], key=msg.index)
+    end = msg.rindex("\nHow to fix: for torch.fx")
+    first = msg[msg.index(tags[0]) + len(tags[0]):msg.index(tags[1])]
+    second = msg[msg.index(tags[1]) + len(tags[1]):end]
+    assert len(first.strip()) <= len(second.strip())  # shortest failure printed first
     assert "x.sum() > 0" in msg and "How to fix" in msg
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
