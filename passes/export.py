@@ -246,8 +246,7 @@ def _user_frame(exc: BaseException):
 def _export_error(exc: BaseException, model: nn.Module) -> TraceError:
     frame = _user_frame(exc)
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
-    text = str(exc).strip().split("\n")
-    summary = "\n".join(text[:6])[:800]
+    summary = (str(exc).strip().split("\n") or [""])[0][:400]
     return TraceError(
         f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {summary}\n"
         "How to fix: make the failing line independent of tensor values (use torch.where / torch.cond "
@@ -342,7 +341,8 @@ def _check_eval(root: nn.Module, model: nn.Module, args: tuple, kwargs: dict) ->
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc).strip()
+    """A failure without its own "How to fix" (the combined error gives one fix for both)."""
+    return str(exc).strip().split("\nHow to fix")[0]
 
 
 def capture(
@@ -391,7 +391,7 @@ def capture(
             raise
         if not has_examples:
             raise TraceError(
-                f"{_short(fx_exc)}\n(4) or pass example inputs, transform(model, ..., example_inputs=(x,), "
+                f"{str(fx_exc).strip()}\n(4) or pass example inputs, transform(model, ..., example_inputs=(x,), "
                 "example_kwargs={...}): frontend='auto' then falls back to torch.export.") from fx_exc
         fx_error = fx_exc
     try:
