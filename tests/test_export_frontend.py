@@ -318,3 +318,20 @@ def test_reused_module_and_bf16_against_reference(dtype):
         gr = torch.autograd.grad(ref.sum(), [site.lora_A, site.lora_B])
         for a, b in zip(ga, gr):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_factored_embedding_padding_row_gets_no_gradient_fx_path():
+    """The padding row of W + ΔW gets no gradient, so neither may lora_A nor lora_B through it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6, padding_idx=0), nn.Linear(6, 3))
+    gm = lora_fx.transform(model, rank=2, targets=["0.weight"], frontend="fx")
+    _randomize(gm)
+    (site,) = lora_fx.sites(gm)
+    assert site.lowering == "factored"
+    idx = torch.tensor([[0, 3, 0, 7], [2, 0, 9, 9]])
+    out = gm(idx)
+    ref = torch.func.functional_call(model, _reference_params(model, gm), (idx,))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), [site.lora_A, site.lora_B]),
+                    torch.autograd.grad(ref.square().sum(), [site.lora_A, site.lora_B])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
