@@ -335,3 +335,20 @@ def test_factored_embedding_padding_row_gets_no_gradient_fx_path():
     for a, b in zip(torch.autograd.grad(out.square().sum(), [site.lora_A, site.lora_B]),
                     torch.autograd.grad(ref.square().sum(), [site.lora_A, site.lora_B])):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_embedding_scale_grad_by_freq_merges_and_matches_reference(frontend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6, scale_grad_by_freq=True), nn.Linear(6, 3))
+    idx = torch.tensor([[1, 3, 1, 1], [2, 3, 9, 9]])
+    gm = lora_fx.transform(model, rank=2, targets=["0.weight"], frontend=frontend, example_inputs=(idx,))
+    _randomize(gm)
+    (site,) = lora_fx.sites(gm)
+    assert site.lowering == "merge"  # the factored form cannot scale A's gradient by frequency
+    out = gm(idx)
+    ref = torch.func.functional_call(model, _reference_params(model, gm), (idx,))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), [site.lora_A, site.lora_B]),
+                    torch.autograd.grad(ref.square().sum(), [site.lora_A, site.lora_B])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
