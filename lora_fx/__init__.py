@@ -12,8 +12,9 @@ from .config import LoraConfig
 from .loralib_io import load_loralib_state_dict, loralib_state_dict
 from .fused import FusedSpec
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
-                     ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
+                     ExportFileError, ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
                      TraceError, UnsupportedSiteError)
+from .folded_export import export_folded, export_onnx
 from .peft_io import load_adapter, save_adapter
 from .report import SiteSummary, draw, summary
 from .training import (adapter_parameters, lora_state_dict, mark_only_lora_as_trainable,
@@ -30,7 +31,7 @@ __all__ = [
     "distributed", "gather_lora_state_dict",
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
     "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
-    "ExportParityError", "__version__",
+    "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
     "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",
 ]

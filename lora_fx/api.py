@@ -103,6 +103,10 @@ def transform(
     leaf_modules: Union[None, str, Sequence[str]] = None,
     concrete_args: Optional[dict[str, Any]] = None,
     copy_weights: bool = True,
+    frontend: str = "auto",
+    example_inputs: Any = None,
+    example_kwargs: Optional[dict[str, Any]] = None,
+    dynamic_shapes: Any = None,
     **unknown: Any,
 ) -> fx.GraphModule:
     """Trace ``model`` and return a new ``GraphModule`` in which every targeted weight ``W`` is
@@ -116,7 +120,8 @@ def transform(
 
     Args:
         model: any ``nn.Module`` torch.fx can trace (blocks in ``nn.ModuleList`` s are traced
-            one by one and stay called submodules).
+            one by one and stay called submodules), or, given example inputs, that
+            ``torch.export`` can capture (see ``frontend``).
         rank: ``r > 0`` (default 16).  A rank above ``min(fan_out, fan_in)`` of a targeted weight
             is allowed (the update is then full-rank) and warns with :class:`LoraFxWarning`.
         alpha: ``> 0``; default ``rank`` (scaling 1.0).
@@ -137,6 +142,13 @@ def transform(
         concrete_args: as in ``torch.fx.symbolic_trace``.
         copy_weights: copy base weights (default) or share their storage with ``model``
             (``init="pissa"`` needs the copy: it writes its residual into the module's own ``W``).
+        frontend: ``"auto"`` (torch.fx symbolic tracing; when it fails and example inputs are
+            given, ``torch.export``), ``"fx"`` or ``"export"`` (see :mod:`lora_fx.passes.export`).
+        example_inputs: tuple of positional example arguments for the export front-end (a single
+            tensor is wrapped); sizes are dynamic unless ``dynamic_shapes`` says otherwise.
+        example_kwargs: keyword example arguments for the export front-end.
+        dynamic_shapes: as ``torch.export.export``'s (default: ``Dim.AUTO`` for every dimension;
+            ``False``: static, the result then only runs on the example sizes).
 
     Returns:
         ``torch.fx.GraphModule`` whose ``state_dict()`` has ``model``'s keys and values plus
@@ -147,11 +159,12 @@ def transform(
         TargetError: a targets/exclude pattern matches nothing (the message lists candidates).
         UnsupportedSiteError: ``targets`` names a parameter that cannot be adapted.
         AlreadyAdaptedError: ``model`` already carries lora_fx adapters (use ``add_adapter``).
-        TraceError: torch.fx cannot trace the model (names the module, line and the fixes).
+        TraceError: the front-end cannot capture the model (names the module, line and the
+            fixes; with ``frontend="auto"`` both failures, shortest first).
     """
     if unknown:
         raise ConfigError(f"transform() got unknown keyword(s) {sorted(unknown)}; valid keywords: "
-                          f"{sorted(_CONFIG_KEYS + ('config', 'adapter_name', 'blocks', 'leaf_modules', 'concrete_args', 'copy_weights'))}")
+                          f"{sorted(_CONFIG_KEYS + ('config', 'adapter_name', 'blocks', 'leaf_modules', 'concrete_args', 'copy_weights', 'frontend', 'example_inputs', 'example_kwargs', 'dynamic_shapes'))}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"transform() needs an nn.Module, got {type(model).__name__}")
     given = {k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
@@ -165,11 +178,12 @@ def transform(
             f"{type(model).__name__} already carries lora_fx adapters; transforming it again would stack a "
             "second adapter silently. Train it as is, call lora_fx.fold(model) first, or add a named adapter "
             "with lora_fx.add_adapter(model, name, ...).")
-    trace, find_sites, insert_lora = _passes()
-    work = _copy_model(model, copy_weights)
-    root = trace.trace_hierarchy(work, blocks=as_patterns(blocks, "blocks") or (),
-                                 leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
-                                 concrete_args=concrete_args)
+    from lora_fx.passes.export import capture
+    root = capture(model, lambda: _copy_model(model, copy_weights), frontend=frontend, example_inputs=example_inputs,
+                   example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+                   trace_kwargs=dict(blocks=as_patterns(blocks, "blocks") or (),
+                                     leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
+                                     concrete_args=concrete_args))
     setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
     return _adapt(root, cfg, adapter_name)
 

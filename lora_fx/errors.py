@@ -20,6 +20,7 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterFileError",
     "ExportParityError",
+    "ExportFileError",
 ]
 
 
@@ -65,3 +66,7 @@ class AdapterFileError(LoraFxError, OSError):
 
 class ExportParityError(LoraFxError, RuntimeError):
     """An exported (folded) program does not reproduce the eager adapted model."""
+
+
+class ExportFileError(LoraFxError, OSError):
+    """An exported program (``.pt2`` / ``.onnx``) could not be written to the requested path."""

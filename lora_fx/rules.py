@@ -301,7 +301,7 @@ register_function_rule(F.linear, FunctionRule("linear", ((1, "weight"),), _linea
 
 
 def _embedding_fn_factored(node, slot, shape):
-    if slot != 1 or _arg(node, 3, "max_norm") is not None:
+    if slot != 1 or _arg(node, 3, "max_norm") is not None or _arg(node, 5, "scale_grad_by_freq", False):
         return None
     return Factored(ops.embedding_delta, _input(node),
                     (_arg(node, 2, "padding_idx"), bool(_arg(node, 5, "scale_grad_by_freq", False))))
@@ -359,3 +359,56 @@ def _mha_fn_blocks(node, slot, shape):
 register_function_rule(F.multi_head_attention_forward, FunctionRule(
     "mha", ((5, "in_proj_weight"), (11, "out_proj_weight"), (18, "q_proj_weight"), (19, "k_proj_weight"),
             (20, "v_proj_weight")), blocks=_mha_fn_blocks))
+
+# ---------------------------------------------------------------------------------------------
+# ATen-level forms (graphs from the torch.export front-end, lora_fx.passes.export).  Same
+# semantics as the functional forms above; the op's own argument layout decides which slot is
+# the weight and its orientation (aten.addmm(bias, x, W) with W: (in, out), GPT-2's Conv1D).
+
+_aten = torch.ops.aten
+
+register_function_rule(_aten.linear.default, FunctionRule("linear", ((1, "weight"),), _linear_fn_factored))
+
+
+def _aten_embedding_factored(node, slot, shape):
+    # aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)
+    if slot != 0 or bool(_arg(node, 4, "sparse", False)):
+        return None
+    pad = _arg(node, 2, "padding_idx", -1)  # ATen: -1 means none (F.embedding normalises negatives)
+    return Factored(ops.embedding_delta, _arg(node, 1, "indices"),
+                    (None if pad is None or pad < 0 else pad, bool(_arg(node, 3, "scale_grad_by_freq", False))))
+
+
+register_function_rule(_aten.embedding.default, FunctionRule("embedding", ((0, "weight"),), _aten_embedding_factored))
+
+for _nd in (1, 2, 3):
+    for _overload in ("default", "padding"):
+        register_function_rule(getattr(getattr(_aten, f"conv{_nd}d"), _overload),
+                               FunctionRule(f"conv{_nd}d", ((1, "weight"),), _conv_fn_factored))
+    for _overload in getattr(_aten, f"conv_transpose{_nd}d").overloads():
+        register_function_rule(getattr(getattr(_aten, f"conv_transpose{_nd}d"), _overload),
+                               FunctionRule(f"conv_transpose{_nd}d", ((1, "weight"),)))
+
+
+def _aten_convolution_factored(node, slot, shape):
+    # aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    if slot != 1 or _arg(node, 6, "transposed") or _arg(node, 8, "groups", 1) != 1:
+        return None
+    return Factored(ops.conv_delta, _input(node),
+                    (tuple(shape[2:]), _arg(node, 3, "stride"), _arg(node, 4, "padding"), _arg(node, 5, "dilation")))
+
+
+register_function_rule(_aten.convolution.default, FunctionRule("convolution", ((1, "weight"),),
+                                                               _aten_convolution_factored))
+register_function_rule(_aten.matmul.default, FunctionRule("matmul", ((0, "self"), (1, "other")), _matmul_factored))
+register_function_rule(_aten.mm.default, FunctionRule("matmul", ((0, "self"), (1, "mat2")), _matmul_factored))
+register_function_rule(_aten.addmm.default, FunctionRule("addmm", ((1, "mat1"), (2, "mat2")), _addmm_factored))
+
+VIEW_OPS.update({
+    _aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default, _aten.reshape.default,
+    _aten._unsafe_view.default, _aten.unsqueeze.default, _aten.squeeze.default, _aten.squeeze.dim,
+    _aten.squeeze.dims, _aten.flatten.using_ints, _aten.expand.default, _aten.alias.default,
+    _aten.slice.Tensor, _aten.select.int, _aten.narrow.default, _aten.split.Tensor, _aten.chunk.default,
+    _aten.contiguous.default, _aten.to.dtype, _aten.to.dtype_layout, _aten._to_copy.default,
+    _aten.type_as.default,
+})

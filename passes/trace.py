@@ -89,8 +89,8 @@ def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceEr
         "How to fix: (1) pass concrete_args={'arg': value} for arguments the code branches on; "
         f"(2) mark the module as an opaque leaf with leaf_modules=['{name}'] (its own weights are then "
         "adapted by merging, through torch.func.functional_call); or (3) use the torch.export "
-        "front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which follows "
-        "data-dependent Python control flow for the example shapes.")
+        "front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which specialises "
+        "Python control flow on shapes and arguments to the example inputs (not on tensor values).")
 
 
 def graph_modules(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:

@@ -24,3 +24,16 @@ def test_finetune_digits_small(tmp_path, capsys):
     assert res["reload_max_abs_diff"] == 0.0
     assert 0 < res["trainable_fraction"] < 0.5
     assert res["lora_accuracy"] > res["base_accuracy"]
+
+
+def test_finetune_transformers_small(tmp_path, capsys):
+    mod = _load("finetune_transformers")
+    res = mod.main(["--n-embd", "16", "--layers", "1", "--heads", "2", "--vocab", "23", "--seq", "8",
+                    "--batch", "8", "--steps", "25", "--out", str(tmp_path), "--no-progress"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(res))
+    assert res["frontend"] == "export"
+    assert res["loss_after"] < res["loss_before"]
+    assert res["fold_max_abs_diff"] <= 1e-4 and res["export_max_abs_diff"] <= 1e-4
+    assert 0 < res["trainable_fraction"] < 0.5
+    assert (tmp_path / "gpt2_folded.pt2").exists() and (tmp_path / "gpt2_adapter.safetensors").exists()
