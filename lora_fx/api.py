@@ -174,8 +174,10 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
                 raise TargetError(f"{what} key {pat!r} matches no targeted parameter; targeted: "
                                   f"{sorted({c.fqn for c in chosen})}")
 
+    gms = dict(_passes()[0].graph_modules(root))  # once: per-adapter lookups stay O(1)
+
     def make_adapter(c) -> LoraAdapter:
-        gm = dict(_passes()[0].graph_modules(root))[c.gm_path]
+        gm = gms[c.gm_path]
         w = gm.get_parameter(c.param)
         r = cfg.rank_for(c.fqn)
         if r > min(w.shape[0], math.prod(w.shape[1:])):

@@ -103,10 +103,26 @@ def embedding_delta(
     """``y + s·F.embedding(indices, B) @ A``: factored LoRA for ``y = F.embedding(indices, W)``,
     ``W: (num_embeddings, dim)``, ``B: (num_embeddings, r)``, ``A: (r, dim)``.
 
-    ``padding_idx`` and ``scale_grad_by_freq`` act on ``B``'s gradient exactly as on ``W``'s.
+    ``padding_idx`` and ``scale_grad_by_freq`` act on the gradients of *both* factors exactly as
+    they act on ``ΔW``'s in ``F.embedding(indices, W + ΔW, ...)``: positions holding
+    ``padding_idx`` send no gradient to ``A`` or ``B``, and each position's gradient is divided
+    by its index's count in the batch.  The forward value is unchanged by either option.
     """
-    rows = F.embedding(indices, lora_B, padding_idx, None, 2.0, scale_grad_by_freq, False)
-    return y + _to(rows @ (lora_A * scaling), y)
+    rows = F.embedding(indices, lora_B)
+    delta = rows @ (lora_A * scaling)
+    if padding_idx is not None or scale_grad_by_freq:
+        weight = torch.ones(indices.shape, dtype=delta.dtype, device=delta.device)
+        if padding_idx is not None:
+            pad = padding_idx if padding_idx >= 0 else lora_B.shape[0] + padding_idx
+            weight = weight * (indices != pad).to(delta.dtype)
+        if scale_grad_by_freq:
+            flat = indices.reshape(-1)
+            counts = torch.zeros(lora_B.shape[0], dtype=delta.dtype, device=delta.device).index_add_(
+                0, flat, torch.ones(flat.shape, dtype=delta.dtype, device=delta.device))
+            weight = weight / counts[indices]
+        fixed = delta.detach()  # same value; gradient scaled per position
+        delta = fixed + (delta - fixed) * weight.unsqueeze(-1)
+    return y + _to(delta, y)
 
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
