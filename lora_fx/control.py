@@ -153,7 +153,7 @@ def disable_adapters(gm: nn.Module, *, adapter: AdapterSel = None) -> Iterator[n
 def _normalise_key(key: str, adapter: str) -> str:
     """Replace the adapter-name segment of an adapter state key by ``adapter``."""
     parts = key.split(".")
-    if len(parts) >= 5 and parts[-4] == ADAPTER_ATTR:
+    if len(parts) >= 4 and parts[-4] == ADAPTER_ATTR:
         parts[-3] = adapter
     return ".".join(parts)
 
