@@ -36,7 +36,7 @@ def _passes():
 def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
     memo: dict[int, Any] = {}
     if not copy_weights:
-        for p in model.parameters(remove_duplicate=True):
+        for p in model.parameters():
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     try:
         return copy.deepcopy(model, memo)
