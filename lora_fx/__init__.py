@@ -7,8 +7,7 @@ weight is seen by its op as ``W + scaling · B @ A`` (Hu et al., ICLR 2022); onl
 from .adapter import LoraAdapter
 from .api import Site, fold, sites, transform
 from .config import LoraConfig
-from .control import (disable_adapters, enable_adapters_, load_adapter_values_, named_adapters,
-                      reserve_rank_, set_scale_)
+from .control import enable_adapters_, load_adapter_values_, reserve_rank_, set_scale_
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
                      ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
                      TraceError, UnsupportedSiteError)
@@ -22,6 +21,5 @@ __all__ = [
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
     "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "__version__",
-    "set_scale_", "enable_adapters_", "disable_adapters", "load_adapter_values_", "reserve_rank_",
-    "named_adapters",
+    "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
 ]

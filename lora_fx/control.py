@@ -16,7 +16,9 @@ rank needs new ``Parameter`` s of another shape, which recompiles (and is refuse
 
 All functions take the adapter name (``adapter="default"`` as in ``transform(adapter_name=...)``);
 ``adapter=None`` means every adapter where documented.  Mutating functions end in ``_`` and return
-their argument.
+their argument.  Switching between several named adapters (activate, combine) is
+``lora_fx.set_active_adapters`` / ``set_adapter_weights``; these helpers act on values of the
+adapters that exist.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .errors import AdapterMismatchError, ConfigError, NotAdaptedError
 from .state import is_adapted
 
 __all__ = [
-    "named_adapters",
+    "select_adapters",
     "set_scale_",
     "enable_adapters_",
     "disable_adapters",
@@ -52,7 +54,7 @@ def _adapter_name(path: str) -> Optional[str]:
     return None
 
 
-def named_adapters(gm: nn.Module, adapter: AdapterSel = None) -> list[tuple[str, LoraAdapter]]:
+def select_adapters(gm: nn.Module, adapter: AdapterSel = None) -> list[tuple[str, LoraAdapter]]:
     """``(module path, LoraAdapter)`` of every adapter of ``gm`` named ``adapter`` (a name, a list
     of names, or ``None`` for all), each once (shared adapters of tied weights included once).
 
@@ -100,7 +102,7 @@ def set_scale_(gm: nn.Module, scale: float, *, adapter: AdapterSel = "default") 
         raise ConfigError(f"scale must be a real number, got {scale!r}") from None
     if not torch.isfinite(torch.tensor(value)):
         raise ConfigError(f"scale must be finite, got {scale!r}")
-    for _, a in named_adapters(gm, adapter):
+    for _, a in select_adapters(gm, adapter):
         a.mix = value
         a.refresh_scaling_()
     return gm
@@ -122,7 +124,7 @@ def enable_adapters_(gm: nn.Module, enabled: bool = True, *, adapter: AdapterSel
     Raises:
         NotAdaptedError: no such adapter.
     """
-    for _, a in named_adapters(gm, adapter):
+    for _, a in select_adapters(gm, adapter):
         a.enabled = bool(enabled)
         a.refresh_scaling_()
     return gm
@@ -137,7 +139,7 @@ def disable_adapters(gm: nn.Module, *, adapter: AdapterSel = None) -> Iterator[n
     Raises:
         NotAdaptedError: no such adapter.
     """
-    chosen = named_adapters(gm, adapter)
+    chosen = select_adapters(gm, adapter)
     before = [(a, a.enabled) for _, a in chosen]
     try:
         for a, _ in before:
@@ -192,7 +194,7 @@ def load_adapter_values_(
             rank above capacity; nothing is written when any is found.
         NotAdaptedError: no adapter named ``adapter``.
     """
-    chosen = dict(named_adapters(gm, adapter))
+    chosen = dict(select_adapters(gm, adapter))
     given = {_normalise_key(k, adapter): v for k, v in state.items()}
     problems, plan = [], []
     expected = set()
@@ -262,7 +264,7 @@ def reserve_rank_(gm: nn.Module, max_rank: int, *, adapter: str = "default") -> 
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise ConfigError(f"max_rank must be a positive int, got {max_rank!r}")
-    chosen = named_adapters(gm, adapter)
+    chosen = select_adapters(gm, adapter)
     small = [f"{p} (capacity {a.lora_A.shape[0]})" for p, a in chosen if a.lora_A.shape[0] > max_rank]
     if small:
         raise ConfigError(f"max_rank {max_rank} is below the capacity of: {', '.join(small)}")

@@ -14,6 +14,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_fx
+import lora_fx.control
 from lora_fx.errors import AdapterMismatchError, ConfigError, NotAdaptedError
 
 from _site_zoo import ZOO, randomise_adapters_, reference_call
@@ -151,7 +152,7 @@ def test_case3_no_stale_graph_and_no_recompile(lowering):
     check(2.0)
     lora_fx.set_scale_(gm, 0.5)
     check(1.0)
-    with lora_fx.disable_adapters(gm):
+    with lora_fx.control.disable_adapters(gm):
         check(0.0)
     check(1.0)
     lora_fx.set_scale_(gm, 1.0)
@@ -202,7 +203,7 @@ def test_disable_context_restores_on_error():
     _, gm, x = _case3()
     lora_fx.enable_adapters_(gm, True)
     with pytest.raises(RuntimeError):
-        with lora_fx.disable_adapters(gm):
+        with lora_fx.control.disable_adapters(gm):
             assert lora_fx.sites(gm)[0].scaling == 0.0
             raise RuntimeError("boom")
     assert lora_fx.sites(gm)[0].scaling == 2.0
