@@ -8,16 +8,23 @@ from .adapter import LoraAdapter
 from .api import Site, fold, sites, transform
 from .config import LoraConfig
 from .control import enable_adapters_, load_adapter_values_, reserve_rank_, set_scale_
+from .loralib_io import load_loralib_state_dict, loralib_state_dict
+from .fused import FusedSpec
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
                      ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
                      TraceError, UnsupportedSiteError)
-from .training import adapter_parameters, lora_state_dict, mark_only_lora_as_trainable
+from .training import (adapter_parameters, lora_state_dict, mark_only_lora_as_trainable,
+                       register_model_param_after_backward)
+from . import distributed
+from .distributed import gather_lora_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter",
-    "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters",
+    "transform", "fold", "sites", "Site", "LoraConfig", "LoraAdapter", "FusedSpec",
+    "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters", "register_model_param_after_backward",
+    "load_loralib_state_dict", "loralib_state_dict",
+    "distributed", "gather_lora_state_dict",
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
     "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "__version__",

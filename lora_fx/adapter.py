@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional, Sequence
+
 import torch
 from torch import nn
+
+from . import ops
+from .errors import ConfigError
 
 __all__ = ["LoraAdapter", "ADAPTER_ATTR", "adapter_path"]
 
@@ -45,6 +50,15 @@ class LoraAdapter(nn.Module):
         use_rslora: rank-stabilised scaling.
         init: ``"kaiming"`` (A ~ kaiming-uniform(a=√5) as in Hu et al.'s reference code, B = 0) or
             ``"gaussian"`` (A ~ N(0, 1/r), B = 0).
+        blocks: fused weight (loralib's ``MergedLinear``; e.g. q, k, v packed in one weight):
+            ``((name, rows, enabled), ...)`` splitting ``W.shape[0]`` in order.  Each enabled block
+            ``i`` gets its own rank-``r`` pair ``A_i: (r, fan_in)``, ``B_i: (rows_i, r)``, stored
+            stacked: ``lora_A: (n_enabled·r, fan_in)``, ``lora_B: (Σ enabled rows, r)``; ΔW's rows
+            of block ``i`` are ``scaling · B_i @ A_i`` and disabled blocks' rows are exactly zero
+            (:func:`lora_fx.ops.delta_weight`).  :meth:`block_factors` gives per-block views.
+
+    Raises:
+        ConfigError: ``blocks`` whose rows do not add up to ``W.shape[0]`` or that enable nothing.
     """
 
     def __init__(
@@ -58,6 +72,7 @@ class LoraAdapter(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        blocks: Optional[Sequence[tuple[str, int, bool]]] = None,
     ) -> None:
         super().__init__()
         fan_out = int(weight_shape[0])
@@ -69,8 +84,18 @@ class LoraAdapter(nn.Module):
         self.init = init
         self.mix = 1.0
         self.enabled = True
-        self.lora_A = nn.Parameter(torch.empty(self.rank, fan_in, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(fan_out, self.rank, dtype=dtype, device=device))
+        self.blocks = None if blocks is None else tuple((str(n), int(r), bool(on)) for n, r, on in blocks)
+        a_rows, b_rows = self.rank, fan_out
+        if self.blocks is not None:
+            if sum(r for _, r, _ in self.blocks) != fan_out or any(r <= 0 for _, r, _ in self.blocks):
+                raise ConfigError(f"fused blocks {self.blocks} must have positive sizes adding up to the "
+                                  f"weight's {fan_out} output rows")
+            if not any(on for _, _, on in self.blocks):
+                raise ConfigError(f"fused blocks {self.blocks} enable no block; enable at least one")
+            a_rows = self.rank * sum(1 for _, _, on in self.blocks if on)
+            b_rows = sum(r for _, r, on in self.blocks if on)
+        self.lora_A = nn.Parameter(torch.empty(a_rows, fan_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(b_rows, self.rank, dtype=dtype, device=device))
         self.register_buffer("scaling", torch.tensor(self.base_scaling, dtype=torch.float32, device=device),
                              persistent=False)
         if dropout > 0:
@@ -102,10 +127,33 @@ class LoraAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``ΔW`` of ``weight_shape`` in the factors' dtype (uses the current ``scaling``)."""
-        return (self.lora_B @ (self.lora_A * self.scaling.to(self.lora_A.dtype))).reshape(self.weight_shape)
+    @property
+    def layout(self) -> Optional[tuple[tuple[int, bool], ...]]:
+        """``((rows, enabled), ...)`` of a fused adapter (the ``blocks`` argument of
+        :mod:`lora_fx.ops`), or None for a plain adapter."""
+        return None if self.blocks is None else tuple((r, on) for _, r, on in self.blocks)
+
+    def block_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{block name: (A_i (r, fan_in), B_i (rows_i, r))}`` views of a fused adapter's enabled
+        blocks (``{}`` for a plain adapter); ΔW's rows of block ``i`` are ``scaling · B_i @ A_i``."""
+        out, b0, i = {}, 0, 0
+        for name, rows, on in self.blocks or ():
+            if on:
+                out[name] = (self.lora_A[i * self.rank:(i + 1) * self.rank], self.lora_B[b0:b0 + rows])
+                b0 += rows
+                i += 1
+        return out
+
+    def delta_weight(self, *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``ΔW`` of ``weight_shape`` (uses the current ``scaling``), in ``dtype`` or the factors'
+        dtype; fused adapters give exact zeros on disabled blocks' rows."""
+        a, b = self.lora_A, self.lora_B
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        return ops.delta_weight(a, b, self.scaling.to(a.dtype), self.weight_shape, self.layout)
 
     def extra_repr(self) -> str:
+        fused = "" if self.blocks is None else ", blocks=" + ",".join(
+            f"{n}:{r}{'' if on else '(off)'}" for n, r, on in self.blocks)
         return (f"rank={self.rank}, alpha={self.alpha}, scaling={self.effective_scaling:g}, "
-                f"weight_shape={self.weight_shape}")
+                f"weight_shape={self.weight_shape}{fused}")

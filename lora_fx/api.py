@@ -36,7 +36,7 @@ def _passes():
 def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
     memo: dict[int, Any] = {}
     if not copy_weights:
-        for p in model.parameters():
+        for p in model.parameters():  # each Parameter object once; ties map to one copy
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     try:
         return copy.deepcopy(model, memo)
@@ -94,6 +94,7 @@ def transform(
     dropout: float = _UNSET,
     lowering: str = _UNSET,
     adapter_dtype: Optional[str] = _UNSET,
+    fused: Optional[dict] = _UNSET,
     config: Optional[LoraConfig] = None,
     adapter_name: str = "default",
     blocks: Union[None, str, Sequence[str]] = None,
@@ -122,6 +123,9 @@ def transform(
         exclude: patterns removed from targets (exclude wins).
         rank_pattern, alpha_pattern, use_rslora, init, dropout, lowering, adapter_dtype: see
             :class:`~lora_fx.config.LoraConfig` (these keywords override ``config``).
+        fused: ``{pattern: spec}``: per-block adapters on weights whose output rows are blocks,
+            e.g. ``{"*.qkv.weight": {"blocks": {"q": 64, "k": 16, "v": 16}, "enable": ("q", "v")}}``
+            (see :mod:`lora_fx.fused`; MHA ``in_proj_weight`` is q, k, v blocks by default).
         config: a :class:`~lora_fx.config.LoraConfig`.
         adapter_name: name of the adapter (``"default"``).
         blocks: patterns of extra modules to keep as separately traced, called submodules.
@@ -148,7 +152,7 @@ def transform(
     given = {k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
                                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                                      use_rslora=use_rslora, init=init, dropout=dropout, lowering=lowering,
-                                     adapter_dtype=adapter_dtype).items() if v is not _UNSET}
+                                     adapter_dtype=adapter_dtype, fused=fused).items() if v is not _UNSET}
     cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
     if is_adapted(model):
         raise AlreadyAdaptedError(
@@ -168,7 +172,8 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
     _, find_sites, insert_lora = _passes()
     consumers = find_sites.find_sites(root)
     chosen = _select(consumers, cfg.targets, cfg.exclude)
-    for what, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+    for what, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern),
+                           ("fused", cfg.fused)):
         for pat in patterns:
             if not any(fnmatch.fnmatchcase(c.fqn, pat) for c in chosen):
                 raise TargetError(f"{what} key {pat!r} matches no targeted parameter; targeted: "
@@ -184,8 +189,10 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
             warnings.warn(f"rank {r} for '{c.fqn}' exceeds min{tuple(w.shape[:1]) + (math.prod(w.shape[1:]),)} "
                           f"of its weight {tuple(w.shape)}: the update is full-rank already and costs more "
                           "than full fine-tuning of this weight", LoraFxWarning, stacklevel=4)
+        from .fused import resolve_blocks
+        blocks = resolve_blocks(cfg.fused_for(c.fqn, bool(c.blocks)), w.shape[0], c.blocks, c.fqn)
         return LoraAdapter(tuple(w.shape), r, cfg.alpha_for(c.fqn), dtype=cfg.dtype_for(w), device=w.device,
-                           dropout=float(cfg.dropout), use_rslora=cfg.use_rslora, init=cfg.init)
+                           dropout=float(cfg.dropout), use_rslora=cfg.use_rslora, init=cfg.init, blocks=blocks)
 
     insert_lora.insert_lora(root, chosen, make_adapter, adapter_name=adapter_name, lowering=cfg.lowering)
     configs = dict(getattr(root, CONFIG_ATTR, {}))
@@ -235,8 +242,11 @@ class Site:
         shape: base weight shape.
         rank, alpha, scaling: ``scaling = alpha / rank`` (``/ sqrt(rank)`` for rsLoRA), times the
             adapter's mixing weight, 0 when disabled.
-        lora_A: ``nn.Parameter (rank, shape[1:].numel())``; lora_B: ``(shape[0], rank)``.
+        lora_A: ``nn.Parameter (rank, shape[1:].numel())``; lora_B: ``(shape[0], rank)``
+            (fused: ``(n_enabled·rank, ...)`` and ``(Σ enabled rows, rank)``, see ``blocks``).
         path: fully qualified module path of the :class:`~lora_fx.adapter.LoraAdapter`.
+        blocks: fused weight: ``((block name, rows, enabled), ...)`` over ``shape[0]``; ``()``
+            for a plain adapter.  ``module.block_factors()`` gives per-block ``(A_i, B_i)``.
     """
 
     param: str
@@ -254,6 +264,7 @@ class Site:
     lora_B: nn.Parameter
     path: str
     module: LoraAdapter
+    blocks: tuple[tuple[str, int, bool], ...] = ()
 
 
 def sites(gm: nn.Module) -> list[Site]:
@@ -282,5 +293,6 @@ def sites(gm: nn.Module) -> list[Site]:
                             adapter=rec.adapter, op=ops_[0] if ops_ else "", ops=ops_,
                             lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
                             shape=a.weight_shape, rank=a.rank, alpha=a.alpha, scaling=a.effective_scaling,
-                            lora_A=a.lora_A, lora_B=a.lora_B, path=prefix + path, module=a))
+                            lora_A=a.lora_A, lora_B=a.lora_B, path=prefix + path, module=a,
+                            blocks=tuple(a.blocks or ())))
     return out

@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .errors import ConfigError
+from .fused import FusedSpec
 
 __all__ = ["LoraConfig", "CONFIG_VERSION", "as_patterns"]
 
@@ -56,6 +57,9 @@ class LoraConfig:
             (factored wherever exact) or ``"merge"`` (always ``op(x, W + ΔW)``).
         adapter_dtype: dtype name of the factors, or ``None``: float32 for float16/bfloat16
             weights, else the weight's dtype.
+        fused: ``{pattern: FusedSpec | shortcut | None}``: per-block adapters on weights whose
+            output rows are blocks (see :mod:`lora_fx.fused`); the first matching pattern wins;
+            ``None`` asks for a plain adapter (MHA ``in_proj_weight`` is fused into q, k, v by default).
         version: config schema version.
     """
 
@@ -70,6 +74,7 @@ class LoraConfig:
     dropout: float = 0.0
     lowering: str = "auto"
     adapter_dtype: Optional[str] = None
+    fused: dict[str, Any] = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -77,6 +82,10 @@ class LoraConfig:
         object.__setattr__(self, "exclude", as_patterns(self.exclude, "exclude"))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        if not isinstance(self.fused or {}, dict):
+            raise ConfigError(f"fused must be a dict {{pattern: spec}}, got {type(self.fused).__name__}")
+        object.__setattr__(self, "fused", {str(p): FusedSpec.coerce(v, f"fused[{p!r}]")
+                                           for p, v in (self.fused or {}).items()})
         if isinstance(self.adapter_dtype, torch.dtype):
             object.__setattr__(self, "adapter_dtype", str(self.adapter_dtype).replace("torch.", ""))
         _check_rank(self.rank, "rank")
@@ -112,6 +121,14 @@ class LoraConfig:
         if self.adapter_dtype is not None:
             return _DTYPES[self.adapter_dtype]
         return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+    def fused_for(self, name: str, default: bool) -> Any:
+        """The :class:`~lora_fx.fused.FusedSpec` for base parameter ``name`` (first matching
+        ``fused`` pattern), else ``FusedSpec()`` when its op has default blocks (``default``), else None."""
+        for p, spec in self.fused.items():
+            if fnmatch.fnmatchcase(name, p):
+                return spec
+        return FusedSpec() if default else None
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 
-def delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: Tensor, shape: Sequence[int]) -> Tensor:
+def delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: Tensor, shape: Sequence[int],
+                 blocks: Sequence[tuple[int, bool]] | None = None) -> Tensor:
     """``ΔW = scaling · (lora_B @ lora_A).reshape(shape)``.
 
     Args:
@@ -48,33 +49,70 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: Tensor, shape: Sequenc
         lora_B: ``(shape[0], rank)``.
         scaling: 0-dim tensor (``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA).
         shape: the base weight's shape.
+        blocks: fused weight (loralib's ``MergedLinear``): ``((rows, enabled), ...)`` splitting
+            ``shape[0]``; then ``lora_A: (n_enabled·r, fan_in)`` stacks one ``A_i: (r, fan_in)`` per
+            enabled block and ``lora_B: (Σ enabled rows, r)`` stacks the ``B_i``; ΔW's rows of
+            block ``i`` are ``s·B_i@A_i`` and the rows of disabled blocks are exactly zero.
 
     Returns:
         ``ΔW`` of ``shape`` in the factors' dtype.
     """
-    return (lora_B @ (lora_A * scaling)).reshape(shape)
+    if blocks is None:
+        return (lora_B @ (lora_A * scaling)).reshape(shape)
+    return _blockwise(lora_A.new_zeros(tuple(shape)), blocks, 0, lambda start, stop, b0, i, r: (
+        lora_B[b0:b0 + stop - start] @ (lora_A[i * r:(i + 1) * r] * scaling)).reshape(
+            (stop - start,) + tuple(shape[1:])), lora_A)
 
 
-def merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor) -> Tensor:
+def merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
+          blocks: Sequence[tuple[int, bool]] | None = None) -> Tensor:
     """Out-of-place merged weight ``W + ΔW`` in ``W``'s dtype (merge lowering).
 
     ``W`` is never written; autograd sees ``ΔW`` as a function of ``lora_A`` and ``lora_B``.
+    With ``blocks`` (a fused weight, see :func:`delta_weight`) the rows of disabled blocks are
+    ``W``'s own rows, bit for bit.
     """
-    delta = delta_weight(lora_A, lora_B, scaling, weight.shape)
-    return weight + delta.to(weight.dtype)
+    if blocks is None:
+        delta = delta_weight(lora_A, lora_B, scaling, weight.shape)
+        return weight + delta.to(weight.dtype)
+    return _blockwise(weight, blocks, 0, lambda start, stop, b0, i, r: (
+        lora_B[b0:b0 + stop - start] @ (lora_A[i * r:(i + 1) * r] * scaling)).reshape(
+            (stop - start,) + tuple(weight.shape[1:])), lora_A)
+
+
+def _blockwise(base: Tensor, blocks, dim: int, delta_of, lora_A: Tensor) -> Tensor:
+    """``base`` with ``delta_of(block)`` added to the slices of enabled blocks along ``dim``
+    (slices of disabled blocks are ``base``'s own values)."""
+    r = lora_A.shape[0] // max(1, sum(1 for _, on in blocks if on))
+    pieces, start, b0, i = [], 0, 0, 0
+    for rows, on in blocks:
+        piece = base.narrow(dim, start, rows)
+        if on:
+            piece = piece + _to(delta_of(start, start + rows, b0, i, r), base)
+            b0 += rows
+            i += 1
+        pieces.append(piece)
+        start += rows
+    return torch.cat(pieces, dim)
 
 
 def _to(x: Tensor, like: Tensor) -> Tensor:
     return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
-def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor) -> Tensor:
+def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
+                 blocks: Sequence[tuple[int, bool]] | None = None) -> Tensor:
     """``y + s·(x Aᵀ) Bᵀ``: factored LoRA for ``y = F.linear(x, W, b)`` with ``W: (out, in)``.
 
-    Shapes: ``x (..., in)``, ``y (..., out)``; returns ``(..., out)`` in ``y``'s dtype.
+    Shapes: ``x (..., in)``, ``y (..., out)``; returns ``(..., out)`` in ``y``'s dtype.  With
+    ``blocks`` (fused weight, see :func:`delta_weight`): ``h = s·x Aᵀ`` once, then block ``i``'s
+    output features get ``h_i B_iᵀ`` and disabled blocks' features are ``y``'s own, bit for bit.
     """
     h = F.linear(_to(x, lora_A), lora_A) * scaling
-    return y + _to(F.linear(h, lora_B), y)
+    if blocks is None:
+        return y + _to(F.linear(h, lora_B), y)
+    return _blockwise(y, blocks, -1, lambda start, stop, b0, i, r: F.linear(
+        h[..., i * r:(i + 1) * r], lora_B[b0:b0 + stop - start]), lora_A)
 
 
 def matmul_delta(
@@ -157,7 +195,9 @@ def conv_delta(
 def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **kwargs):
     """Call ``module(*args, **kwargs)`` with some parameters replaced (merge lowering of an opaque
     leaf module).  Mirrors :func:`torch.func.functional_call`; the module is not modified."""
-    return torch.func.functional_call(module, overrides, args, kwargs, strict=False, tie_weights=False)
+    # a plain dict: fx hands node arguments over as immutable dicts, which torch.export's
+    # functional_call tracing tries to update
+    return torch.func.functional_call(module, dict(overrides), args, kwargs, strict=False, tie_weights=False)
 
 
 #: Ops whose first argument is the base value and which a pass may strip to fold or remove an adapter.

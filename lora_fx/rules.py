@@ -58,12 +58,16 @@ class ModuleRule:
             emits a call equivalent to ``node`` with the merged weights; None means
             :func:`lora_fx.ops.module_call` (``torch.func.functional_call``).
         factored: callable ``(node, module, param name) -> Factored | None``.
+        blocks: callable ``(module, param name) -> ((block name, rows), ...)``: the default
+            fused layout of a weight whose output rows are blocks (MHA ``in_proj_weight``: q, k, v);
+            ``()`` for a plain weight (see :mod:`lora_fx.fused`).
     """
 
     kind: Callable[[nn.Module], str]
     weights: Callable[[nn.Module], tuple[str, ...]] = lambda m: ()
     merged_call: Optional[Callable[..., fx.Node]] = None
     factored: Callable[..., Optional[Factored]] = lambda node, module, pname: None
+    blocks: Callable[[nn.Module, str], tuple[tuple[str, int], ...]] = lambda module, pname: ()
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,14 @@ class FunctionRule:
         weight_slots: ``(arg index, kwarg name)`` pairs where a weight may stand (a default target
             only when the parameter stands in one of them).
         factored: callable ``(node, weight slot index, weight shape) -> Factored | None``.
+        blocks: callable ``(node, weight slot index, weight shape) -> ((block name, rows), ...)``:
+            default fused layout of the weight in that slot, ``()`` for none.
     """
 
     kind: str
     weight_slots: tuple[tuple[int, str], ...]
     factored: Callable[..., Optional[Factored]] = lambda node, slot, shape: None
+    blocks: Callable[..., tuple[tuple[str, int], ...]] = lambda node, slot, shape: ()
 
 
 _MODULE_RULES: list[tuple[type, ModuleRule]] = []
@@ -227,7 +234,12 @@ register_module_rule(nn.modules.conv._ConvTransposeNd, ModuleRule(
 
 # ---------------------------------------------------------------------------------------------
 # nn.MultiheadAttention: its forward reads in_proj_weight / q,k,v_proj_weight and
-# out_proj.weight directly, so the whole leaf is called with substituted parameters.
+# out_proj.weight directly (never calling out_proj), so the whole leaf is called with substituted
+# parameters through torch.func.functional_call (lora_fx.ops.module_call).  That runs the module's
+# own forward on every path (batch_first, masks, add_bias_kv, add_zero_attn, need_weights, the
+# eval/no_grad fused fast path with its `query is key` checks), so the adapted output is the
+# output of an MHA whose weights are W + ΔW, by construction.  in_proj_weight is fused by default:
+# q, k and v (embed_dim rows each) get their own rank-r factors, like q/k/v_proj_weight do.
 
 
 def _mha_weights(m: nn.MultiheadAttention) -> tuple[str, ...]:
@@ -236,7 +248,46 @@ def _mha_weights(m: nn.MultiheadAttention) -> tuple[str, ...]:
     return proj + ("out_proj.weight",)
 
 
-register_module_rule(nn.MultiheadAttention, ModuleRule(kind=lambda m: "mha", weights=_mha_weights))
+def _mha_blocks(m: nn.MultiheadAttention, pname: str) -> tuple[tuple[str, int], ...]:
+    if pname == "in_proj_weight" and m.in_proj_weight is not None:
+        return (("q", m.embed_dim), ("k", m.embed_dim), ("v", m.embed_dim))
+    return ()
+
+
+register_module_rule(nn.MultiheadAttention, ModuleRule(kind=lambda m: "mha", weights=_mha_weights,
+                                                       blocks=_mha_blocks))
+
+# ---------------------------------------------------------------------------------------------
+# torch.nn's transformer modules: fx cannot trace their forwards (they branch on tensor
+# properties to pick a fast path), so they stay opaque leaves called through functional_call, and
+# their default weights are those of the Linear / MHA modules inside them.
+
+_COMPOSITE = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+              nn.TransformerDecoder, nn.Transformer)
+
+
+def _inner(m: nn.Module):
+    for name, sub in m.named_modules():
+        rule = module_rule(sub)
+        if name and rule is not _GENERIC_MODULE and not isinstance(sub, _COMPOSITE):
+            yield name, sub, rule
+
+
+def _composite_weights(m: nn.Module) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f"{name}.{w}" for name, sub, rule in _inner(m) for w in rule.weights(sub)))
+
+
+def _composite_blocks(m: nn.Module, pname: str) -> tuple[tuple[str, int], ...]:
+    owner, _, leaf = pname.rpartition(".")
+    for name, sub, rule in _inner(m):
+        if name == owner:
+            return rule.blocks(sub, leaf)
+    return ()
+
+
+for _cls in _COMPOSITE:
+    register_module_rule(_cls, ModuleRule(kind=lambda m: type(m).__name__.lower(), weights=_composite_weights,
+                                          blocks=_composite_blocks))
 
 # ---------------------------------------------------------------------------------------------
 # Functional forms on a parameter (get_attr -> call_function)
@@ -292,3 +343,19 @@ def _addmm_factored(node, slot, shape):
 
 
 register_function_rule(torch.addmm, FunctionRule("addmm", ((1, "mat1"), (2, "mat2")), _addmm_factored))
+
+
+# F.multi_head_attention_forward(query, key, value, embed_dim, num_heads, in_proj_weight,
+# in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, ...,
+# q_proj_weight=18, k_proj_weight=19, v_proj_weight=20, ...): merged weights, in_proj fused q, k, v.
+
+
+def _mha_fn_blocks(node, slot, shape):
+    if slot != 5 or shape[0] % 3:
+        return ()
+    return (("q", shape[0] // 3), ("k", shape[0] // 3), ("v", shape[0] // 3))
+
+
+register_function_rule(F.multi_head_attention_forward, FunctionRule(
+    "mha", ((5, "in_proj_weight"), (11, "out_proj_weight"), (18, "q_proj_weight"), (19, "k_proj_weight"),
+            (20, "v_proj_weight")), blocks=_mha_fn_blocks))

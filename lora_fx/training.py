@@ -9,7 +9,8 @@ from torch import nn
 from .adapter import ADAPTER_ATTR, LoraAdapter
 from .errors import ConfigError
 
-__all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters"]
+__all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters",
+           "register_model_param_after_backward"]
 
 _BIAS = ("none", "all", "lora_only")
 
@@ -43,13 +44,27 @@ def _adapted_owners(model: nn.Module) -> list[nn.Module]:
             if isinstance(m._modules.get(ADAPTER_ATTR), nn.ModuleDict) or hasattr(m, "lora_A")]
 
 
+def _is_lora_layer(m: nn.Module) -> bool:
+    """A hand-built LoRA layer: ``lora_fx.nn``'s, loralib's or LoRA-Torch's (all derive from a class
+    named ``LoRALayer``), whatever its rank."""
+    return any(c.__name__ == "LoRALayer" for c in type(m).__mro__)
+
+
+def _is_bias_name(name: str) -> bool:
+    # loralib tests ``'bias' in name``; the last component only, so ``in_proj_bias`` and ``bias_k``
+    # count but a module named ``bias_net`` does not make its weight a bias.
+    return "bias" in name.rsplit(".", 1)[-1]
+
+
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
     """Set ``requires_grad`` so that only (enabled) adapter parameters train; returns ``model``.
 
     Args:
         model: a module from :func:`lora_fx.transform` (or with loralib-style ``lora_`` layers).
-        bias: ``"none"``; ``"all"``: every parameter named ``bias`` trains too; ``"lora_only"``:
-            the biases of adapted modules only (loralib semantics).
+        bias: ``"none"``; ``"all"``: every parameter whose name's last component contains
+            ``bias`` trains too (``bias``, ``in_proj_bias``, ...); ``"lora_only"``: the ``bias`` of
+            adapted modules and of hand-built LoRA layers (loralib's ``isinstance(m, LoRALayer)``
+            rule, so a ``lora_fx.nn.Linear`` with ``r=0`` trains its bias as in loralib).
 
     Raises:
         ConfigError: unknown ``bias`` mode.
@@ -57,10 +72,10 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
     _check_bias(bias)
     trainable = {id(p) for p in adapter_parameters(model)}
     if bias == "all":
-        trainable |= {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+        trainable |= {id(p) for n, p in model.named_parameters() if _is_bias_name(n)}
     elif bias == "lora_only":
-        trainable |= {id(m.bias) for m in _adapted_owners(model)
-                      if isinstance(getattr(m, "bias", None), nn.Parameter)}
+        owners = _adapted_owners(model) + [m for m in model.modules() if _is_lora_layer(m)]
+        trainable |= {id(m.bias) for m in owners if isinstance(getattr(m, "bias", None), nn.Parameter)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return model
@@ -68,7 +83,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter entries of ``model.state_dict()`` (keys containing ``lora_``), plus biases per
-    ``bias`` (as in :func:`mark_only_lora_as_trainable`).  ``model.load_state_dict(sd,
+    ``bias`` (as in :func:`mark_only_lora_as_trainable`, except that ``"lora_only"`` saves only the
+    biases of modules that hold adapters, as loralib does: an ``r=0`` LoRA layer's bias trains but
+    is not saved).  ``model.load_state_dict(sd,
     strict=False)`` restores them exactly.
 
     Raises:
@@ -78,7 +95,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     sd = model.state_dict()
     out = {k: v for k, v in sd.items() if _is_lora_key(k)}
     if bias == "all":
-        out.update({k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] == "bias"})
+        out.update({k: v for k, v in sd.items() if _is_bias_name(k)})
     elif bias == "lora_only":
         owners = {id(m) for m in _adapted_owners(model)}
         for name, m in model.named_modules():
@@ -87,3 +104,14 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
                 if key in sd:
                     out[key] = sd[key]
     return out
+
+
+def register_model_param_after_backward(model: nn.Module) -> nn.Module:
+    """No-op kept for LoRA-Torch code (``lora.register_model_param_after_backward(model)``).
+
+    LoRA-Torch replaces each adapted parameter by a plain tensor ``W.detach() + ΔW`` during the
+    forward and must re-register the parameters after ``backward()``.  lora_fx never deletes or
+    re-registers a parameter (merged weights are temporaries, :func:`lora_fx.ops.merge`), so there is
+    nothing to restore.  Returns ``model`` unchanged.
+    """
+    return model

@@ -37,6 +37,8 @@ class Consumer:
         default: adapted when ``targets`` is None (a weight of a known weight-consuming op).
         reason: why the site cannot be adapted, or None.
         factorable: the factored lowering is exact for every use.
+        blocks: the op's default fused layout of the weight's output rows,
+            ``((block name, rows), ...)`` (MHA ``in_proj_weight``: q, k, v), or ``()``.
     """
 
     gm_path: str
@@ -48,6 +50,7 @@ class Consumer:
     default: bool
     reason: Optional[str]
     factorable: bool
+    blocks: tuple[tuple[str, int], ...] = ()
 
 
 def _is_adapter_name(name: str) -> bool:
@@ -128,7 +131,8 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
         out.append(Consumer(
             gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
             op=kind, shape=tuple(p.shape), default=reason is None and pname in defaults, reason=reason,
-            factorable=reason is None and rule.factored(node, mod, pname) is not None))
+            factorable=reason is None and rule.factored(node, mod, pname) is not None,
+            blocks=tuple(rule.blocks(mod, pname)) if reason is None else ()))
     return out
 
 
@@ -149,12 +153,14 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
         s is not None and function_rule(u.target).factored(u, s, tuple(p.shape)) is not None
         for u, s in zip(direct, direct_slots))
     viewed = any(_is_view(u) for u in direct)
+    blocks = next((tuple(b) for u, s in zip(direct, direct_slots) if s is not None
+                   for b in [function_rule(u.target).blocks(u, s, tuple(p.shape))] if b), ())
     op = "+".join(kinds) + (" (via view)" if viewed else "")
     return Consumer(
         gm_path=gm_path, node=node.name, param=node.target,
         fqn=f"{gm_path}.{node.target}" if gm_path else node.target, op=op or "unused", shape=tuple(p.shape),
         default=bool(reason is None and known and (viewed or all(s is not None for s in direct_slots))),
-        reason=reason, factorable=bool(factorable and direct))
+        reason=reason, factorable=bool(factorable and direct), blocks=blocks if reason is None else ())
 
 
 def find_sites(root: nn.Module) -> list[Consumer]:

@@ -33,9 +33,9 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
     """
     compute = torch.promote_types(weight.dtype, torch.float32)
     out = weight.detach().to(compute)
-    for a in adapters:
-        s = a.scaling.to(compute)
-        out = out + (a.lora_B.detach().to(compute) @ (a.lora_A.detach().to(compute) * s)).reshape(weight.shape)
+    with torch.no_grad():
+        for a in adapters:  # fused adapters add exact zeros on disabled blocks' rows
+            out = out + a.delta_weight(dtype=compute).detach()
     if not torch.isfinite(out).all():
         raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
     return out.to(weight.dtype)
@@ -61,41 +61,52 @@ def _strip_graph(gm: fx.GraphModule) -> None:
 
 def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
     """Fold a deep copy of ``root``; returns ``(folded, info)`` where ``info`` has ``"folded"``
-    (names of folded parameters) and ``"untied"`` (names that shared storage with an unadapted
-    alias and now hold their own folded tensor)."""
+    (names of folded parameters) and ``"untied"`` (folded names that shared one parameter with a
+    name that now holds another tensor: an unadapted alias, or one seeing other adapters).  Aliases
+    whose consumers see the same adapters share one new folded parameter (the tie is kept); no
+    tensor is written in place, so shared storage is never modified."""
     new = copy.deepcopy(root)
     info = {"folded": [], "untied": []}
     # Collect everything before writing anything: an owner module can be reachable from several
-    # GraphModules, and a parameter must be folded exactly once.
+    # GraphModules, and a parameter must be folded exactly once.  Every name of every parameter
+    # object is taken before anything is replaced, so ties across blocks are seen too.
+    names: dict[int, list[str]] = {}
+    for name, p in new.named_parameters(remove_duplicate=False):
+        if f".{ADAPTER_ATTR}." not in f".{name}":
+            names.setdefault(id(p), []).append(name)
     plans = []
     for gm_path, gm in graph_modules(new):
         st = state_of(gm)
         if st is None:
             continue
-        by_param: dict[int, tuple[torch.Tensor, list[str], list[LoraAdapter]]] = {}
+        # alias -> the adapters its consumers see: aliases of one parameter targeted by different
+        # adapters get different folded tensors
+        by_alias: dict[str, tuple[torch.Tensor, list[LoraAdapter]]] = {}
         for path, rec in st.adapters.items():
             w = gm.get_parameter(rec.param)
-            entry = by_param.setdefault(id(w), (w, [], []))
-            entry[1].extend(a for a in rec.aliases if a not in entry[1])
-            entry[2].append(gm.get_submodule(path))
-        names: dict[int, list[str]] = {}
-        for name, p in gm.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(name)
-        plans.append((gm, f"{gm_path}." if gm_path else "", list(by_param.values()), names))
+            for alias in rec.aliases:
+                entry = by_alias.setdefault(alias, (w, []))
+                a = gm.get_submodule(path)
+                if all(a is not x for x in entry[1]):
+                    entry[1].append(a)
+        plans.append((gm, f"{gm_path}." if gm_path else "", by_alias))
     memo: dict[tuple, nn.Parameter] = {}
-    for gm, prefix, entries, names in plans:
-        for w, aliases, adapters in entries:
+    assigned: dict[int, dict[str, tuple]] = {}  # id(w) -> {global name: memo key}
+    for gm, prefix, by_alias in plans:
+        for alias, (w, adapters) in by_alias.items():
             key = (id(w),) + tuple(sorted(id(a) for a in adapters))
             if key not in memo:
                 memo[key] = nn.Parameter(folded_weight(w, adapters), requires_grad=w.requires_grad)
-            for alias in aliases:
-                owner_path, _, pname = alias.rpartition(".")
-                owner = gm.get_submodule(owner_path) if owner_path else gm
-                owner._parameters[pname] = memo[key]
-                info["folded"].append(prefix + alias)
-            if any(n not in aliases and f"{ADAPTER_ATTR}." not in n for n in names.get(id(w), [])):
-                info["untied"].extend(prefix + a for a in aliases)
-    for gm, _, _, _ in plans:
+            owner_path, _, pname = alias.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner._parameters[pname] = memo[key]
+            info["folded"].append(prefix + alias)
+            assigned.setdefault(id(w), {})[prefix + alias] = key
+    for wid, done in assigned.items():
+        held = {id(new.get_parameter(n)) for n in names.get(wid, [])}
+        if len(held) > 1:  # the parameter's names no longer all hold one tensor: untied
+            info["untied"].extend(n for n in done if n not in info["untied"])
+    for gm, _, _ in plans:
         _strip_graph(gm)
         for m in list(gm.modules()):
             if isinstance(m._modules.get(ADAPTER_ATTR), nn.ModuleDict):

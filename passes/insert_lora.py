@@ -58,16 +58,23 @@ def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x):
             graph.get_attr(f"{path}.scaling"))
 
 
+def _layout(adapter: LoraAdapter) -> tuple:
+    """Extra trailing argument of a fused adapter's op (``blocks`` of :mod:`lora_fx.ops`)."""
+    return () if adapter.layout is None else (adapter.layout,)
+
+
 def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapter) -> fx.Node:
     a = graph.get_attr(f"{path}.lora_A")
     if hasattr(adapter, "dropout"):  # merge sites: DropConnect on lora_A (documented)
         a = graph.call_module(f"{path}.dropout", (a,))
     return graph.call_function(ops.merge, (weight, a, graph.get_attr(f"{path}.lora_B"),
-                                           graph.get_attr(f"{path}.scaling")))
+                                           graph.get_attr(f"{path}.scaling")) + _layout(adapter))
 
 
 def _wants_factored(lowering: str, c: Consumer, adapter: LoraAdapter) -> bool:
     if lowering == "merge" or not c.factorable:
+        return False
+    if adapter.layout is not None and c.op != "linear":  # fused: factored form for linear only
         return False
     if lowering == "auto" and c.op.startswith("conv"):
         # factored conv runs a rank-channel conv plus a 1x1 conv: cheaper only for small ranks
@@ -84,7 +91,8 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
             y = node
             for c, adapter, path in items:
                 f = rule.factored(node, mod, c.param[len(node.target) + 1:])
-                y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra))
+                y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra)
+                                        + _layout(adapter))
         node.replace_all_uses_with(y, delete_user_cb=lambda u: not (
             u.op == "call_function" and u.target in ops.DELTA_OPS and u.args[0] is node))
         return [(c, "factored") for c, _, _ in items]
@@ -112,7 +120,8 @@ def _lower_attr(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
             with graph.inserting_before(user.next):
                 y = user
                 for _, adapter, path in items:
-                    y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra))
+                    y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra)
+                                            + _layout(adapter))
             user.replace_all_uses_with(y, delete_user_cb=lambda u, user=user: not (
                 u.op == "call_function" and u.target in ops.DELTA_OPS and u.args[0] is user))
         return [(c, "factored") for c, _, _ in items]

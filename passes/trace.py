@@ -43,6 +43,8 @@ class LoraTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
+        if getattr(type(m), "_lora_fx_leaf", False):  # e.g. lora_fx.nn layers: opaque, op-table rule applies
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):

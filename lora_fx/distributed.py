@@ -1,0 +1,214 @@
+"""Distributed training of adapted models with PyTorch's own engines (DDP, FSDP2, activation
+checkpointing) and adapter-only checkpoints.
+
+lora_fx needs no wrapper of its own: an adapted model is an ordinary ``nn.Module`` whose frozen
+base parameters and trainable adapters are registered once, at :func:`lora_fx.transform` time,
+and never replaced afterwards, so the parameter objects ``DistributedDataParallel`` or
+``fully_shard`` capture stay the model's parameters.  Blocks (children of ``nn.ModuleList`` s, or
+``transform(..., blocks=[...])``) are traced into their own ``GraphModule`` s that the parent
+*calls*, so per-block hooks (FSDP2 unshard/reshard, activation checkpointing) fire.
+
+Typical FSDP2 use (mirrors how ``torch.distributed.fsdp.fully_shard`` is applied to LLMs)::
+
+    gm = lora_fx.transform(model, rank=16)
+    lora_fx.distributed.checkpoint_blocks_(gm)       # optional: activation checkpointing per block
+    lora_fx.distributed.fully_shard_blocks_(gm)      # fully_shard(block) for each block, then root
+    ...                                              # train; frozen base gets no grads, no state
+    sd = lora_fx.distributed.gather_lora_state_dict(gm)   # collective: call on every rank
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+from .errors import AdapterMismatchError, ConfigError, NotAdaptedError
+from .state import is_adapted
+from .training import lora_state_dict
+
+__all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict",
+           "load_full_lora_state_dict_", "save_gathered_lora_state"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (``model.module``), else
+    ``model`` itself (FSDP2 and composable checkpointing do not wrap)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, fx.GraphModule]]:
+    """The block ``GraphModule`` s of an adapted model, as ``(fully qualified name, module)``.
+
+    Blocks are what ``transform`` traced separately and the parent graph calls: children of every
+    ``nn.ModuleList`` and modules named by ``transform(..., blocks=[...])``.  These are the units
+    to pass to ``fully_shard`` or to activation checkpointing.
+
+    Args:
+        gm: a module returned by :func:`lora_fx.transform` (or wrapped in DDP).
+        nested: ``False`` (default): outermost blocks only, in call order. ``True``: every block,
+            innermost first (the order in which nested ``fully_shard`` calls must be made).
+
+    Returns:
+        list of ``(name, GraphModule)``; the root is never included.
+
+    Raises:
+        NotAdaptedError: ``gm`` was not produced by :func:`lora_fx.transform`.
+        ConfigError: ``gm`` has no blocks (no ``nn.ModuleList``; name them with ``blocks=``).
+    """
+    root = unwrap(gm)
+    if not isinstance(root, fx.GraphModule) or not is_adapted(root):
+        raise NotAdaptedError(
+            f"blocks() needs a module produced by lora_fx.transform; got {type(root).__name__}. "
+            "Call lora_fx.transform(model, ...) first.")
+    found = [(name, m) for name, m in root.named_modules() if name and isinstance(m, fx.GraphModule)]
+    if not found:
+        raise ConfigError(
+            f"{type(root).__name__} has no blocks: lora_fx keeps children of nn.ModuleList as called "
+            "submodules, and this model has none. Name the modules to shard with "
+            "lora_fx.transform(model, ..., blocks=['encoder.layer*']) or shard the root only.")
+    if nested:
+        return list(reversed(found))
+    outer = []
+    for name, m in found:
+        if not any(name.startswith(o + ".") for o, _ in outer):
+            outer.append((name, m))
+    return outer
+
+
+def fully_shard_blocks_(gm: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
+    """FSDP2 the way it is applied to LLMs: ``fully_shard(block, **fsdp_kwargs)`` for every block
+    (innermost first), then ``fully_shard(gm, **fsdp_kwargs)``; returns ``gm`` (whose class
+    becomes an ``FSDPModule`` subclass, as ``fully_shard`` does).
+
+    Frozen base weights and trainable adapters may share a block: FSDP2 shards each parameter on
+    its own dim 0, so mixed ``requires_grad`` is fine; only adapters get gradients.
+
+    Args:
+        gm: a module returned by :func:`lora_fx.transform`, on the device to train on.
+        **fsdp_kwargs: passed to ``torch.distributed.fsdp.fully_shard`` (``mesh``,
+            ``reshard_after_forward``, ``mp_policy``, ...).
+
+    Raises:
+        NotAdaptedError, ConfigError: as :func:`blocks`.
+        RuntimeError: from ``fully_shard`` (e.g. no default process group).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for _, block in blocks(gm, nested=True):
+        fully_shard(block, **fsdp_kwargs)
+    fully_shard(gm, **fsdp_kwargs)
+    return gm
+
+
+def checkpoint_blocks_(gm: nn.Module) -> nn.Module:
+    """Activation checkpointing per outermost block with PyTorch's composable
+    ``torch.distributed._composable.checkpoint`` (non-reentrant; hook-based, so module structure
+    and state-dict keys do not change); returns ``gm``.  Apply before :func:`fully_shard_blocks_`.
+
+    Block outputs are kept; activations inside each block are recomputed in backward, which gives
+    the same gradients as without checkpointing.
+
+    Raises:
+        NotAdaptedError, ConfigError: as :func:`blocks`.
+    """
+    from torch.distributed._composable import checkpoint
+
+    for _, block in blocks(gm):
+        checkpoint(block)
+    return gm
+
+
+def gather_lora_state_dict(model: nn.Module, *, bias: str = "none", device: Optional[str] = "cpu",
+                           rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full (unsharded) adapter-only state dict of a DDP-wrapped, FSDP2-sharded or plain adapted
+    model: :func:`lora_fx.lora_state_dict` with every ``DTensor`` all-gathered to a plain tensor.
+
+    This is a collective under FSDP2: call it on every rank.  Keys have no ``module.`` prefix
+    (DDP is unwrapped), so the result loads into a fresh, unsharded ``transform(model, ...)``
+    with ``load_state_dict(sd, strict=False)`` or is saved with safetensors.
+
+    Args:
+        model: adapted module, possibly wrapped in DDP or sharded with ``fully_shard``.
+        bias: as in :func:`lora_fx.lora_state_dict`.
+        device: where to put the gathered tensors (``"cpu"`` by default; ``None`` keeps them).
+        rank0_only: return ``{}`` on ranks other than 0 (after taking part in the gather).
+
+    Returns:
+        ``{key: Tensor}`` with adapter shapes ``lora_A: (rank, fan_in)``, ``lora_B: (fan_out,
+        rank)``, detached, in the adapters' dtype.
+
+    Raises:
+        ConfigError: unknown ``bias`` mode.
+    """
+    from torch.distributed.tensor import DTensor
+
+    keep = not (rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
+    out = {}
+    for key, value in lora_state_dict(unwrap(model), bias=bias).items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()  # collective: every rank takes part
+        if keep:
+            value = value.detach()
+            out[key] = value.to(device).clone() if device is not None else value.clone()
+    return out
+
+
+def load_full_lora_state_dict_(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a full (unsharded) adapter state dict, e.g. from :func:`gather_lora_state_dict` or a
+    file of :func:`lora_fx.io.save_lora_state`, into a plain, DDP-wrapped or FSDP2-sharded adapted
+    model; each rank keeps its own shard (``torch.distributed.checkpoint.state_dict.
+    set_model_state_dict`` with ``full_state_dict=True``).  In place; returns ``model``.
+
+    Every key must be an adapter key of the model with the same (global) shape; all mismatches
+    are listed at once and nothing is loaded if any.
+
+    Raises:
+        AdapterMismatchError: unknown keys or shape mismatches.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    inner = unwrap(model)
+    own = lora_state_dict(inner, bias="all")
+    problems = [f"unexpected key {k!r} (not an adapter or bias of the model)" for k in sorted(set(state_dict) - set(own))]
+    problems += [f"{k!r}: given shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
+                 for k, v in sorted(state_dict.items()) if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if problems:
+        raise AdapterMismatchError(f"adapter state does not fit {type(inner).__name__}:\n  - " + "\n  - ".join(problems))
+    if any(isinstance(p, DTensor) for p in inner.parameters()):
+        set_model_state_dict(inner, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        inner.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", metadata: dict | None = None):
+    """Gather the adapter-only state of a (possibly sharded or DDP-wrapped) model and write it on
+    rank 0 in the format of :func:`lora_fx.io.save_lora_state` (safetensors, atomic write), so
+    :func:`lora_fx.io.load_lora_state` reads it into a fresh, unsharded model.
+
+    A collective: call it on every rank.  Returns the path on rank 0 (or without a process
+    group), ``None`` on other ranks.
+
+    Raises:
+        ConfigError: unknown ``bias`` mode.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from .io import atomic_write_bytes
+
+    sd = gather_lora_state_dict(model, bias=bias, rank0_only=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    meta = {"format": "lora_fx", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in sd.items()}, metadata=meta))
+    return Path(path)
