@@ -211,6 +211,10 @@ def load_adapter_values_(
             problems.append(f"{path}: lora_A {tuple(va.shape)} / lora_B {tuple(vb.shape)} do not fit "
                             f"A (r, {fan_in}) / B ({fan_out}, r)")
             continue
+        if getattr(a, "blocks", None) is not None and (va.shape != a.lora_A.shape or vb.shape != a.lora_B.shape):
+            problems.append(f"{path}: fused adapter (blocks {a.blocks}) needs lora_A {tuple(a.lora_A.shape)} / "
+                            f"lora_B {tuple(a.lora_B.shape)} exactly, got {tuple(va.shape)} / {tuple(vb.shape)}")
+            continue
         if va.shape[0] > cap:
             problems.append(f"{path}: rank {va.shape[0]} exceeds the adapter's capacity {cap}; call "
                             f"lora_fx.reserve_rank_(gm, {va.shape[0]}) before compiling (or re-transform "
@@ -259,12 +263,17 @@ def reserve_rank_(gm: nn.Module, max_rank: int, *, adapter: str = "default") -> 
         ``gm``.
 
     Raises:
-        ConfigError: ``max_rank`` is not a positive int or is below an adapter's capacity.
+        ConfigError: ``max_rank`` is not a positive int or is below an adapter's capacity, or an
+            adapter is fused (per-block factors; not padded).
         NotAdaptedError: no adapter named ``adapter``.
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise ConfigError(f"max_rank must be a positive int, got {max_rank!r}")
     chosen = select_adapters(gm, adapter)
+    fused = [p for p, a in chosen if getattr(a, "blocks", None) is not None]
+    if fused:
+        raise ConfigError(f"reserve_rank_ pads plain adapters only; {fused} are fused (per-block q/k/v factors). "
+                          "Transform with fused={'<pattern>': None} for one plain adapter per weight, or exclude them.")
     small = [f"{p} (capacity {a.lora_A.shape[0]})" for p, a in chosen if a.lora_A.shape[0] > max_rank]
     if small:
         raise ConfigError(f"max_rank {max_rank} is below the capacity of: {', '.join(small)}")

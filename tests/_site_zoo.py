@@ -104,7 +104,18 @@ def reference_call(model, gm, x, *, overrides=None):
         B = s.lora_B.detach().clone().requires_grad_(True)
         leaves[s.param] = (A, B)
         W = params[s.param]
-        delta = (B.float() @ A.float()).reshape(W.shape) * float(s.scaling)
+        blocks = getattr(s.module, "blocks", None)
+        if blocks is None:
+            delta = (B.float() @ A.float()).reshape(W.shape) * float(s.scaling)
+        else:  # fused (q/k/v) adapter: rows of block i are s·B_i @ A_i, disabled blocks zero
+            rows, ia, ib, r = [], 0, 0, s.rank
+            for _, n, on in blocks:
+                if on:
+                    rows.append(B[ib:ib + n].float() @ A[ia:ia + r].float() * float(s.scaling))
+                    ia, ib = ia + r, ib + n
+                else:
+                    rows.append(torch.zeros(n, A.shape[1]))
+            delta = torch.cat(rows).reshape(W.shape)
         new[s.param] = (W.detach().float() + delta).to(W.dtype)
     new.update(overrides or {})
     out = torch.func.functional_call(model, new, (x,))
