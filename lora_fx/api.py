@@ -53,7 +53,7 @@ def _select(consumers, targets, exclude):
     if targets is None:
         chosen = [c for c in consumers if c.default]
     else:
-        chosen = []
+        chosen, seen = [], set()
         for pat in targets:
             hit = [c for c in consumers if fnmatch.fnmatchcase(c.fqn, pat)]
             if not hit:
@@ -65,7 +65,9 @@ def _select(consumers, targets, exclude):
                 raise UnsupportedSiteError(
                     f"cannot adapt '{c.fqn}' (used by {c.op}): {c.reason}. Remove it from targets, or "
                     "target a weight matrix instead.")
-            chosen.extend(c for c in hit if c.reason is None and c not in chosen)
+            new = [c for c in hit if c.reason is None and id(c) not in seen]  # O(n): no list scans
+            seen.update(id(c) for c in new)
+            chosen.extend(new)
     if exclude is not None:
         for pat in exclude:
             if not any(fnmatch.fnmatchcase(c.fqn, pat) for c in consumers):
