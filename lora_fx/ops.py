@@ -137,6 +137,7 @@ def embedding_delta(
     scaling: Tensor,
     padding_idx: int | None = None,
     scale_grad_by_freq: bool = False,
+    loralib_grads: bool = False,
 ) -> Tensor:
     """``y + s·F.embedding(indices, B) @ A``: factored LoRA for ``y = F.embedding(indices, W)``,
     ``W: (num_embeddings, dim)``, ``B: (num_embeddings, r)``, ``A: (r, dim)``.
@@ -145,7 +146,12 @@ def embedding_delta(
     they act on ``ΔW``'s in ``F.embedding(indices, W + ΔW, ...)``: positions holding
     ``padding_idx`` send no gradient to ``A`` or ``B``, and each position's gradient is divided
     by its index's count in the batch.  The forward value is unchanged by either option.
+    ``loralib_grads=True`` reproduces loralib's ``Embedding`` instead: both options act on the
+    looked-up factor ``B`` only (``A`` also learns from padding positions, unscaled).
     """
+    if loralib_grads:
+        rows = F.embedding(indices, lora_B, padding_idx, None, 2.0, scale_grad_by_freq, False)
+        return y + _to(rows @ (lora_A * scaling), y)
     rows = F.embedding(indices, lora_B)
     delta = rows @ (lora_A * scaling)
     if padding_idx is not None or scale_grad_by_freq:
