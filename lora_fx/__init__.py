@@ -5,6 +5,8 @@ weight is seen by its op as ``W + scaling · B @ A`` (Hu et al., ICLR 2022); onl
 """
 
 from .adapter import LoraAdapter
+from .adapters import (active_adapters, adapter_names, add_adapter, delete_adapter, disable_adapters,
+                       set_active_adapters, set_adapter_weights)
 from .api import Site, fold, sites, transform
 from .config import LoraConfig
 from .control import enable_adapters_, load_adapter_values_, reserve_rank_, set_scale_
@@ -13,6 +15,8 @@ from .fused import FusedSpec
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
                      ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
                      TraceError, UnsupportedSiteError)
+from .peft_io import load_adapter, save_adapter
+from .report import SiteSummary, draw, summary
 from .training import (adapter_parameters, lora_state_dict, mark_only_lora_as_trainable,
                        register_model_param_after_backward)
 from . import distributed
@@ -28,5 +32,7 @@ __all__ = [
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
     "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "__version__",
+    "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
+    "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",
     "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
 ]

@@ -48,8 +48,11 @@ class LoraAdapter(nn.Module):
         dtype, device: of the factors.
         dropout: probability of LoRA dropout (``nn.Dropout`` submodule named ``dropout``; absent when 0).
         use_rslora: rank-stabilised scaling.
-        init: ``"kaiming"`` (A ~ kaiming-uniform(a=√5) as in Hu et al.'s reference code, B = 0) or
-            ``"gaussian"`` (A ~ N(0, 1/r), B = 0).
+        init: ``"kaiming"`` (A ~ kaiming-uniform(a=√5) as in Hu et al.'s reference code, B = 0),
+            ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``"pissa"`` (starts as kaiming; the factors
+            are set from the weight by :func:`lora_fx.init.pissa_init_`).
+        use_dora: add the DoRA magnitude ``lora_magnitude: (fan_out,)`` (Liu et al., 2024), set to
+            the weight's row norms by :func:`lora_fx.init.dora_init_` (ones until then).
         blocks: fused weight (loralib's ``MergedLinear``; e.g. q, k, v packed in one weight):
             ``((name, rows, enabled), ...)`` splitting ``W.shape[0]`` in order.  Each enabled block
             ``i`` gets its own rank-``r`` pair ``A_i: (r, fan_in)``, ``B_i: (rows_i, r)``, stored
@@ -58,7 +61,8 @@ class LoraAdapter(nn.Module):
             (:func:`lora_fx.ops.delta_weight`).  :meth:`block_factors` gives per-block views.
 
     Raises:
-        ConfigError: ``blocks`` whose rows do not add up to ``W.shape[0]`` or that enable nothing.
+        ConfigError: ``blocks`` whose rows do not add up to ``W.shape[0]`` or that enable nothing;
+            ``blocks`` together with ``use_dora`` or ``init="pissa"``.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class LoraAdapter(nn.Module):
         use_rslora: bool = False,
         init: str = "kaiming",
         blocks: Optional[Sequence[tuple[str, int, bool]]] = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         fan_out = int(weight_shape[0])
@@ -96,6 +101,12 @@ class LoraAdapter(nn.Module):
             b_rows = sum(r for _, r, on in self.blocks if on)
         self.lora_A = nn.Parameter(torch.empty(a_rows, fan_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(b_rows, self.rank, dtype=dtype, device=device))
+        self.use_dora = bool(use_dora)
+        if self.blocks is not None and (self.use_dora or init == "pissa"):
+            raise ConfigError("fused per-block adapters do not combine with DoRA or PiSSA; give the weight a "
+                              "plain adapter with fused={pattern: None}")
+        if self.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.ones(fan_out, dtype=dtype, device=device))
         self.register_buffer("scaling", torch.tensor(self.base_scaling, dtype=torch.float32, device=device),
                              persistent=False)
         if dropout > 0:
@@ -156,4 +167,4 @@ class LoraAdapter(nn.Module):
         fused = "" if self.blocks is None else ", blocks=" + ",".join(
             f"{n}:{r}{'' if on else '(off)'}" for n, r, on in self.blocks)
         return (f"rank={self.rank}, alpha={self.alpha}, scaling={self.effective_scaling:g}, "
-                f"weight_shape={self.weight_shape}{fused}")
+                f"weight_shape={self.weight_shape}{fused}" + (", dora=True" if self.use_dora else ""))

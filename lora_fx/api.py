@@ -15,11 +15,12 @@ from torch import fx, nn
 
 from .adapter import LoraAdapter
 from .config import LoraConfig, as_patterns
+from .init import dora_init_, pissa_init_
 from .errors import (AlreadyAdaptedError, ConfigError, LoraFxWarning, NotAdaptedError, TargetError,
                      UnsupportedSiteError)
 from .state import is_adapted, state_of
 
-__all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR"]
+__all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]
 
 #: Attribute of the root GraphModule holding ``{adapter name: LoraConfig}``.
 CONFIG_ATTR = "_lora_fx_configs"
@@ -92,6 +93,7 @@ def transform(
     rank_pattern: Optional[dict] = _UNSET,
     alpha_pattern: Optional[dict] = _UNSET,
     use_rslora: bool = _UNSET,
+    use_dora: bool = _UNSET,
     init: str = _UNSET,
     dropout: float = _UNSET,
     lowering: str = _UNSET,
@@ -123,17 +125,19 @@ def transform(
             ``"layers.*.attn.*.weight"``; ``None``: every weight of linear, conv, conv-transpose,
             embedding, matmul and attention sites.
         exclude: patterns removed from targets (exclude wins).
-        rank_pattern, alpha_pattern, use_rslora, init, dropout, lowering, adapter_dtype: see
+        rank_pattern, alpha_pattern, use_rslora, use_dora, init, dropout, lowering, adapter_dtype: see
             :class:`~lora_fx.config.LoraConfig` (these keywords override ``config``).
         fused: ``{pattern: spec}``: per-block adapters on weights whose output rows are blocks,
             e.g. ``{"*.qkv.weight": {"blocks": {"q": 64, "k": 16, "v": 16}, "enable": ("q", "v")}}``
             (see :mod:`lora_fx.fused`; MHA ``in_proj_weight`` is q, k, v blocks by default).
         config: a :class:`~lora_fx.config.LoraConfig`.
-        adapter_name: name of the adapter (``"default"``).
+        adapter_name: name of the adapter (``"default"``); add more with
+            :func:`lora_fx.adapters.add_adapter`.
         blocks: patterns of extra modules to keep as separately traced, called submodules.
         leaf_modules: patterns of modules to keep opaque (not traced through).
         concrete_args: as in ``torch.fx.symbolic_trace``.
-        copy_weights: copy base weights (default) or share their storage with ``model``.
+        copy_weights: copy base weights (default) or share their storage with ``model``
+            (``init="pissa"`` needs the copy: it writes its residual into the module's own ``W``).
 
     Returns:
         ``torch.fx.GraphModule`` whose ``state_dict()`` has ``model``'s keys and values plus
@@ -153,8 +157,9 @@ def transform(
         raise ConfigError(f"transform() needs an nn.Module, got {type(model).__name__}")
     given = {k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
                                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                                     use_rslora=use_rslora, init=init, dropout=dropout, lowering=lowering,
-                                     adapter_dtype=adapter_dtype, fused=fused).items() if v is not _UNSET}
+                                     use_rslora=use_rslora, use_dora=use_dora, init=init, dropout=dropout,
+                                     lowering=lowering, adapter_dtype=adapter_dtype, fused=fused).items()
+             if v is not _UNSET}
     cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
     if is_adapted(model):
         raise AlreadyAdaptedError(
@@ -166,7 +171,30 @@ def transform(
     root = trace.trace_hierarchy(work, blocks=as_patterns(blocks, "blocks") or (),
                                  leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
                                  concrete_args=concrete_args)
+    setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
     return _adapt(root, cfg, adapter_name)
+
+
+#: Attribute of the root GraphModule: True when its base weights are its own copies (PiSSA may
+#: write residuals into them), False when they share storage with the user's model.
+OWNS_WEIGHTS_ATTR = "_lora_fx_owns_weights"
+
+
+def _check_pissa(root, consumers, chosen) -> None:
+    """PiSSA rewrites ``W``: only allowed on our own copy and when every use of ``W`` is adapted."""
+    if not getattr(root, OWNS_WEIGHTS_ATTR, False):
+        raise ConfigError(
+            "init='pissa' writes the residual W - s·B@A into the base weight, but this adapted module "
+            "shares its weights with your model (copy_weights=False), which lora_fx never modifies. "
+            "Use copy_weights=True, or init='kaiming'/'gaussian'.")
+    gms = dict(_passes()[0].graph_modules(root))
+    chosen_ids = {id(gms[c.gm_path].get_parameter(c.param)) for c in chosen}
+    for c in consumers:
+        if c not in chosen and id(gms[c.gm_path].get_parameter(c.param)) in chosen_ids:
+            raise ConfigError(
+                f"init='pissa' would change '{c.fqn}' (used by {c.op}), which shares its tensor with a "
+                "targeted weight but is not targeted itself; target every alias of the weight or use "
+                "init='kaiming'.")
 
 
 def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.GraphModule:
@@ -174,6 +202,8 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
     _, find_sites, insert_lora = _passes()
     consumers = find_sites.find_sites(root)
     chosen = _select(consumers, cfg.targets, cfg.exclude)
+    if cfg.init == "pissa":
+        _check_pissa(root, consumers, chosen)
     for what, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern),
                            ("fused", cfg.fused)):
         for pat in patterns:
@@ -193,8 +223,14 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
                           "than full fine-tuning of this weight", LoraFxWarning, stacklevel=4)
         from .fused import resolve_blocks
         blocks = resolve_blocks(cfg.fused_for(c.fqn, bool(c.blocks)), w.shape[0], c.blocks, c.fqn)
-        return LoraAdapter(tuple(w.shape), r, cfg.alpha_for(c.fqn), dtype=cfg.dtype_for(w), device=w.device,
-                           dropout=float(cfg.dropout), use_rslora=cfg.use_rslora, init=cfg.init, blocks=blocks)
+        a = LoraAdapter(tuple(w.shape), r, cfg.alpha_for(c.fqn), dtype=cfg.dtype_for(w), device=w.device,
+                        dropout=float(cfg.dropout), use_rslora=cfg.use_rslora, init=cfg.init,
+                        use_dora=cfg.use_dora, blocks=blocks)
+        if cfg.init == "pissa":
+            pissa_init_(a, w)
+        if cfg.use_dora:
+            dora_init_(a, w)
+        return a
 
     insert_lora.insert_lora(root, chosen, make_adapter, adapter_name=adapter_name, lowering=cfg.lowering)
     configs = dict(getattr(root, CONFIG_ATTR, {}))
@@ -278,7 +314,9 @@ def sites(gm: nn.Module) -> list[Site]:
     if not is_adapted(gm):
         raise NotAdaptedError(f"sites() needs a module produced by lora_fx.transform; {type(gm).__name__} "
                               "carries no lora_fx adapters.")
-    out, seen = [], set()
+    # one adapter may be reached from several GraphModules (a weight shared by two blocks):
+    # one Site with every alias and consumer
+    found: dict[tuple[int, str], list] = {}
     for gm_path, sub in gm.named_modules():
         st = state_of(sub)
         if st is None:
@@ -286,15 +324,15 @@ def sites(gm: nn.Module) -> list[Site]:
         prefix = f"{gm_path}." if gm_path else ""
         for path, rec in st.adapters.items():
             a = sub.get_submodule(path)
-            if (id(a), rec.adapter) in seen:
-                continue
-            seen.add((id(a), rec.adapter))
-            ops_ = tuple(op for _, op, _ in rec.consumers)
-            lows = tuple(low for _, _, low in rec.consumers)
-            out.append(Site(param=prefix + rec.param, aliases=tuple(prefix + x for x in rec.aliases),
-                            adapter=rec.adapter, op=ops_[0] if ops_ else "", ops=ops_,
-                            lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
-                            shape=a.weight_shape, rank=a.rank, alpha=a.alpha, scaling=a.effective_scaling,
-                            lora_A=a.lora_A, lora_B=a.lora_B, path=prefix + path, module=a,
-                            blocks=tuple(a.blocks or ())))
+            entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, prefix + path, rec.adapter, a, [], []])
+            entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
+            entry[5].extend(rec.consumers)
+    out = []
+    for param, path, name, a, aliases, consumers in found.values():
+        ops_ = tuple(op for _, op, _ in consumers)
+        lows = tuple(low for _, _, low in consumers)
+        out.append(Site(param=param, aliases=tuple(aliases), adapter=name, op=ops_[0] if ops_ else "", ops=ops_,
+                        lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
+                        shape=a.weight_shape, rank=a.rank, alpha=a.alpha, scaling=a.effective_scaling,
+                        lora_A=a.lora_A, lora_B=a.lora_B, path=path, module=a, blocks=tuple(a.blocks or ())))
     return out

@@ -14,9 +14,11 @@ import torch
 from .errors import ConfigError
 from .fused import FusedSpec
 
-__all__ = ["LoraConfig", "CONFIG_VERSION", "as_patterns"]
+__all__ = ["LoraConfig", "CONFIG_VERSION", "INITS", "as_patterns"]
 
 CONFIG_VERSION = 1
+#: Initialisation schemes of the factors (see :class:`LoraConfig`).
+INITS = ("kaiming", "gaussian", "pissa")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 
@@ -49,10 +51,17 @@ class LoraConfig:
         rank_pattern / alpha_pattern: ``{pattern: value}`` per-parameter overrides, resolved
             independently; the first matching pattern wins; a pattern matching nothing is an error.
         use_rslora: ``scaling = alpha / sqrt(r)`` (Kalajdzievski, 2023).
-        init: ``"kaiming"`` (A kaiming-uniform, B = 0) or ``"gaussian"`` (A ~ N(0, 1/r), B = 0).
+        init: ``"kaiming"`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or
+            ``"pissa"`` (Meng et al., 2024: ``s·B@A`` = the rank-r principal part ``U_r S_r V_rᵀ`` of
+            ``W``, and the residual ``W - s·B@A`` is written into the adapted module's *own copy*
+            of ``W``, so the model is unchanged at init; needs ``copy_weights=True``).
+        use_dora: weight-decomposed LoRA (Liu et al., 2024): the op sees
+            ``m · (W + s·B@A) / ‖W + s·B@A‖`` (norm per output row ``W[i]``; ``m`` trainable, starts
+            at ``‖W[i]‖``); always merge-lowered.
         dropout: LoRA dropout probability in ``[0, 1)``: on the adapter branch's input at factored
-            sites; at merge sites on ``lora_A``'s entries (DropConnect), since no per-example input
-            reaches a merged weight.
+            sites (none at factored embedding sites, whose input is indices, as in PEFT); at merge
+            sites on ``lora_A``'s entries (DropConnect), since no per-example input reaches a
+            merged weight.
         lowering: ``"auto"`` (factored where exact and cheaper, else merge), ``"factored"``
             (factored wherever exact) or ``"merge"`` (always ``op(x, W + ΔW)``).
         adapter_dtype: dtype name of the factors, or ``None``: float32 for float16/bfloat16
@@ -71,6 +80,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     init: str = "kaiming"
+    use_dora: bool = False
     dropout: float = 0.0
     lowering: str = "auto"
     adapter_dtype: Optional[str] = None
@@ -99,8 +109,10 @@ class LoraConfig:
             raise ConfigError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         if self.lowering not in ("auto", "factored", "merge"):
             raise ConfigError(f"lowering must be 'auto', 'factored' or 'merge', got {self.lowering!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ConfigError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got {self.use_dora!r}")
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
             raise ConfigError(f"adapter_dtype must be one of {sorted(_DTYPES)} or None, got {self.adapter_dtype!r}")
         if self.version != CONFIG_VERSION:

@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = [
     "delta_weight",
     "merge",
+    "dora_merge",
     "linear_delta",
     "matmul_delta",
     "embedding_delta",
@@ -37,6 +38,7 @@ __all__ = [
     "module_call",
     "LORA_OPS",
     "DELTA_OPS",
+    "MERGE_OPS",
 ]
 
 
@@ -96,6 +98,40 @@ def _blockwise(base: Tensor, blocks, dim: int, delta_of, lora_A: Tensor) -> Tens
     return torch.cat(pieces, dim)
 
 
+def dora_merge(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, magnitude: Tensor, base_scaling: float
+) -> Tensor:
+    """Out-of-place DoRA weight (Liu et al., ICML 2024, eq. 5) in ``W``'s dtype (merge lowering)::
+
+        V  = W + base_scaling · (lora_B @ lora_A).reshape(W.shape)
+        D  = magnitude[i] · V[i] / ‖V[i]‖₂        (norm over each output row V[i] = V[i, ...])
+        W' = lerp(W, D, g),  g = scaling / base_scaling
+
+    ``g`` is the adapter's gate (``mix · enabled``): 1 gives exactly ``D``, 0 gives exactly ``W``
+    (a disabled DoRA adapter leaves the op untouched), and a weight ``g`` scales the DoRA update
+    ``D - W`` linearly.  The norm is differentiated (the paper's §4.3 and HF PEFT detach it to save
+    memory; forward values are identical, gradients are those of the formula above).
+
+    Args:
+        weight: ``W`` of shape ``(out, ...)``, any floating dtype.
+        lora_A: ``(rank, prod(W.shape[1:]))``; lora_B: ``(out, rank)``; magnitude: ``(out,)``.
+        scaling: 0-dim tensor ``base_scaling · mix · enabled``.
+        base_scaling: ``alpha / rank`` (or ``alpha / sqrt(rank)``), a Python float.
+
+    Returns:
+        ``W'`` of ``W``'s shape and dtype; computed in ``promote(W.dtype, lora_A.dtype)``.
+    """
+    compute = torch.promote_types(weight.dtype, lora_A.dtype)
+    w = weight.to(compute)
+    v = w + (lora_B.to(compute) @ (lora_A.to(compute) * base_scaling)).reshape(weight.shape)
+    view = (-1,) + (1,) * (weight.ndim - 1)
+    # clamped: an all-zero row (e.g. an embedding's padding row) stays zero instead of 0/0 = nan
+    norm = torch.linalg.vector_norm(v.flatten(1), dim=1).clamp_min(torch.finfo(compute).tiny).reshape(view)
+    d = magnitude.to(compute).reshape(view) * (v / norm)
+    gate = (scaling / base_scaling).to(compute)
+    return torch.lerp(w, d, gate).to(weight.dtype)
+
+
 def _to(x: Tensor, like: Tensor) -> Tensor:
     return x if x.dtype == like.dtype else x.to(like.dtype)
 
@@ -142,31 +178,27 @@ def embedding_delta(
     """``y + s·F.embedding(indices, B) @ A``: factored LoRA for ``y = F.embedding(indices, W)``,
     ``W: (num_embeddings, dim)``, ``B: (num_embeddings, r)``, ``A: (r, dim)``.
 
-    ``padding_idx`` and ``scale_grad_by_freq`` act on the gradients of *both* factors exactly as
-    they act on ``ΔW``'s in ``F.embedding(indices, W + ΔW, ...)``: positions holding
-    ``padding_idx`` send no gradient to ``A`` or ``B``, and each position's gradient is divided
-    by its index's count in the batch.  The forward value is unchanged by either option.
-    ``loralib_grads=True`` reproduces loralib's ``Embedding`` instead: both options act on the
-    looked-up factor ``B`` only (``A`` also learns from padding positions, unscaled).
+    ``padding_idx`` and ``scale_grad_by_freq`` act on the factors' gradients exactly as on
+    ``W``'s: ``W``'s gradient row ``k`` is ``G_k = Σ_{i: idx_i = k} w_i·g_i`` with ``w_i = 0`` at
+    ``padding_idx`` and ``1/count(k)`` under ``scale_grad_by_freq``, so ``dA = s·Bᵀ G`` uses the
+    same per-position weights (``B``'s rows get them from ``F.embedding`` itself).
     """
-    if loralib_grads:
-        rows = F.embedding(indices, lora_B, padding_idx, None, 2.0, scale_grad_by_freq, False)
-        return y + _to(rows @ (lora_A * scaling), y)
-    rows = F.embedding(indices, lora_B)
-    delta = rows @ (lora_A * scaling)
-    if padding_idx is not None or scale_grad_by_freq:
-        weight = torch.ones(indices.shape, dtype=delta.dtype, device=delta.device)
-        if padding_idx is not None:
-            pad = padding_idx if padding_idx >= 0 else lora_B.shape[0] + padding_idx
-            weight = weight * (indices != pad).to(delta.dtype)
-        if scale_grad_by_freq:
-            flat = indices.reshape(-1)
-            counts = torch.zeros(lora_B.shape[0], dtype=delta.dtype, device=delta.device).index_add_(
-                0, flat, torch.ones(flat.shape, dtype=delta.dtype, device=delta.device))
-            weight = weight / counts[indices]
-        fixed = delta.detach()  # same value; gradient scaled per position
-        delta = fixed + (delta - fixed) * weight.unsqueeze(-1)
-    return y + _to(delta, y)
+    rows = F.embedding(indices, lora_B, padding_idx, None, 2.0, scale_grad_by_freq, False)
+    a = lora_A * scaling
+    if padding_idx is None and not scale_grad_by_freq:
+        return y + _to(rows @ a, y)
+    # the value is rows @ a; A's gradient is re-weighted per position (w_i above)
+    w = torch.ones(indices.shape, dtype=a.dtype, device=a.device)
+    if scale_grad_by_freq:
+        flat = indices.reshape(-1)
+        counts = torch.zeros(lora_B.shape[0], dtype=a.dtype, device=a.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=a.dtype))  # static shape (compile-friendly)
+        w = w / counts[flat].reshape(indices.shape)
+    if padding_idx is not None:
+        pad = padding_idx + lora_B.shape[0] if padding_idx < 0 else padding_idx
+        w = w.masked_fill(indices == pad, 0.0)
+    u = rows.detach() @ a
+    return y + _to(rows @ a.detach() + (u - u.detach()) * w.unsqueeze(-1), y)
 
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -208,4 +240,6 @@ def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **
 
 #: Ops whose first argument is the base value and which a pass may strip to fold or remove an adapter.
 DELTA_OPS = (linear_delta, matmul_delta, embedding_delta, conv_delta)
-LORA_OPS = (merge,) + DELTA_OPS + (module_call,)
+#: Ops that take the base *weight* as first argument and return the weight the op sees.
+MERGE_OPS = (merge, dora_merge)
+LORA_OPS = MERGE_OPS + DELTA_OPS + (module_call,)

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx.adapter import ADAPTER_ATTR
+from lora_fx.ops import MERGE_OPS, module_call
 from lora_fx.rules import VIEW_OPS, function_rule, module_rule
 
 from .trace import graph_modules
@@ -136,7 +137,18 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
     return out
 
 
+def _merge_tail(node: fx.Node) -> fx.Node:
+    """End of the chain of lora_fx merge calls (``merge``, ``dora_merge``) on a weight node."""
+    while True:
+        nxt = next((u for u in node.users if u.op == "call_function" and u.target in MERGE_OPS
+                    and u.args[0] is node), None)
+        if nxt is None:
+            return node
+        node = nxt
+
+
 def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.Node) -> Optional[Consumer]:
+    attr = node
     try:
         p = gm.get_parameter(node.target)
     except AttributeError:
@@ -144,6 +156,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
     if _is_adapter_name(node.target):
         return None
     reason = _reason(p)
+    node = _merge_tail(node)  # an adapted weight: its consumers are those of the merged value
     direct = list(node.users)
     terminals = _terminal_users(dg, node)
     kinds = sorted({_kind(t) for t in terminals})
@@ -152,13 +165,23 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
     factorable = reason is None and all(
         s is not None and function_rule(u.target).factored(u, s, tuple(p.shape)) is not None
         for u, s in zip(direct, direct_slots))
+    calls = [u for u in direct if u.op == "call_function" and u.target is module_call]
+    if node is not attr and calls and len(calls) == len(direct):  # an opaque leaf lowered earlier
+        owner = calls[0].args[0].target
+        mod = gm.get_submodule(owner)
+        rule = module_rule(mod)
+        return Consumer(
+            gm_path=gm_path, node=attr.name, param=attr.target,
+            fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=rule.kind(mod), shape=tuple(p.shape),
+            default=reason is None and attr.target[len(owner) + 1:] in rule.weights(mod), reason=reason,
+            factorable=False)
     viewed = any(_is_view(u) for u in direct)
     blocks = next((tuple(b) for u, s in zip(direct, direct_slots) if s is not None
                    for b in [function_rule(u.target).blocks(u, s, tuple(p.shape))] if b), ())
     op = "+".join(kinds) + (" (via view)" if viewed else "")
     return Consumer(
-        gm_path=gm_path, node=node.name, param=node.target,
-        fqn=f"{gm_path}.{node.target}" if gm_path else node.target, op=op or "unused", shape=tuple(p.shape),
+        gm_path=gm_path, node=attr.name, param=attr.target,
+        fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=op or "unused", shape=tuple(p.shape),
         default=bool(reason is None and known and (viewed or all(s is not None for s in direct_slots))),
         reason=reason, factorable=bool(factorable and direct), blocks=blocks if reason is None else ())
 

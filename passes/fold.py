@@ -26,7 +26,9 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
 
     Args:
         weight: base weight ``W`` of shape ``adapter.weight_shape``.
-        adapters: the adapters on ``W`` (their current ``scaling`` is used; disabled ones add 0).
+        adapters: the adapters on ``W`` in the order the graph applies them (merge-lowered ones
+            first, in chain order, then factored ones); their current ``scaling`` is used and
+            disabled ones add 0.  DoRA adapters apply :func:`lora_fx.ops.dora_merge`.
 
     Raises:
         ValueError: if the result is not finite (a diverged adapter), naming nothing silently.
@@ -34,8 +36,12 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
     compute = torch.promote_types(weight.dtype, torch.float32)
     out = weight.detach().to(compute)
     with torch.no_grad():
-        for a in adapters:  # fused adapters add exact zeros on disabled blocks' rows
-            out = out + a.delta_weight(dtype=compute).detach()
+        for a in adapters:
+            if getattr(a, "use_dora", False):  # DoRA: the same function the graph calls, in fp32
+                out = ops.dora_merge(out, a.lora_A.detach().to(compute), a.lora_B.detach().to(compute),
+                                     a.scaling.to(compute), a.lora_magnitude.detach().to(compute), a.base_scaling)
+                continue
+            out = out + a.delta_weight(dtype=compute).detach()  # fused: exact zeros on disabled rows
     if not torch.isfinite(out).all():
         raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
     return out.to(weight.dtype)
@@ -44,7 +50,7 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
 def _strip_graph(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op == "call_function" and (node.target is ops.merge or node.target in ops.DELTA_OPS):
+        if node.op == "call_function" and (node.target in ops.MERGE_OPS or node.target in ops.DELTA_OPS):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     for node in list(graph.nodes):
@@ -80,9 +86,11 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         if st is None:
             continue
         # alias -> the adapters its consumers see: aliases of one parameter targeted by different
-        # adapters get different folded tensors
+        # adapters get different folded tensors.  The graph applies merge chains to W before any
+        # factored delta is added to the output (matters for DoRA).
         by_alias: dict[str, tuple[torch.Tensor, list[LoraAdapter]]] = {}
-        for path, rec in st.adapters.items():
+        order = sorted(st.adapters.items(), key=lambda kv: all(low == "factored" for _, _, low in kv[1].consumers))
+        for path, rec in order:
             w = gm.get_parameter(rec.param)
             for alias in rec.aliases:
                 entry = by_alias.setdefault(alias, (w, []))

@@ -51,8 +51,9 @@ def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAd
     return path
 
 
-def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x):
-    if hasattr(adapter, "dropout"):
+def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x, fn=None):
+    # an embedding's input is indices: no dropout there (as PEFT's Embedding layer)
+    if hasattr(adapter, "dropout") and fn is not ops.embedding_delta:
         x = graph.call_module(f"{path}.dropout", (x,))
     return (x, graph.get_attr(f"{path}.lora_A"), graph.get_attr(f"{path}.lora_B"),
             graph.get_attr(f"{path}.scaling"))
@@ -67,12 +68,31 @@ def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapte
     a = graph.get_attr(f"{path}.lora_A")
     if hasattr(adapter, "dropout"):  # merge sites: DropConnect on lora_A (documented)
         a = graph.call_module(f"{path}.dropout", (a,))
-    return graph.call_function(ops.merge, (weight, a, graph.get_attr(f"{path}.lora_B"),
-                                           graph.get_attr(f"{path}.scaling")) + _layout(adapter))
+    b, s = graph.get_attr(f"{path}.lora_B"), graph.get_attr(f"{path}.scaling")
+    if getattr(adapter, "use_dora", False):
+        return graph.call_function(ops.dora_merge, (weight, a, b, s, graph.get_attr(f"{path}.lora_magnitude"),
+                                                    adapter.base_scaling))
+    return graph.call_function(ops.merge, (weight, a, b, s) + _layout(adapter))
+
+
+def _tail(node: fx.Node, chain_ops) -> fx.Node:
+    """Last node of the chain of ``chain_ops`` calls hanging off ``node`` (each taking the previous
+    one as first argument): where a further adapter on the same value is appended."""
+    while True:
+        nxt = next((u for u in node.users if u.op == "call_function" and u.target in chain_ops
+                    and u.args[0] is node), None)
+        if nxt is None:
+            return node
+        node = nxt
+
+
+def _rewire(tail: fx.Node, new: fx.Node, created: set) -> None:
+    """Make every user of ``tail`` except the nodes just ``created`` read ``new``."""
+    tail.replace_all_uses_with(new, delete_user_cb=lambda u: u not in created)
 
 
 def _wants_factored(lowering: str, c: Consumer, adapter: LoraAdapter) -> bool:
-    if lowering == "merge" or not c.factorable:
+    if lowering == "merge" or not c.factorable or getattr(adapter, "use_dora", False):
         return False
     if adapter.layout is not None and c.op != "linear":  # fused: factored form for linear only
         return False
@@ -87,14 +107,15 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
     mod = gm.get_submodule(node.target)
     rule = module_rule(mod)
     if all(_wants_factored(lowering, c, a) for c, a, _ in items):
-        with graph.inserting_before(node.next):
-            y = node
+        tail = _tail(node, ops.DELTA_OPS)  # earlier adapters' delta chain: append after it
+        before = set(graph.nodes)
+        with graph.inserting_before(tail.next):
+            y = tail
             for c, adapter, path in items:
                 f = rule.factored(node, mod, c.param[len(node.target) + 1:])
-                y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra)
+                y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra)
                                         + _layout(adapter))
-        node.replace_all_uses_with(y, delete_user_cb=lambda u: not (
-            u.op == "call_function" and u.target in ops.DELTA_OPS and u.args[0] is node))
+        _rewire(tail, y, set(graph.nodes) - before)
         return [(c, "factored") for c, _, _ in items]
     with graph.inserting_before(node):
         merged: dict[str, fx.Node] = {}
@@ -113,24 +134,26 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
 
 def _lower_attr(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
     graph = gm.graph
+    weight = _tail(node, ops.MERGE_OPS)  # earlier adapters' merge chain: the weight the ops see
     if all(_wants_factored(lowering, c, a) for c, a, _ in items):
-        for user in list(node.users):
-            slot = _weight_slot(user, node)
+        for user in list(weight.users):
+            slot = _weight_slot(user, weight)
             f = function_rule(user.target).factored(user, slot, tuple(items[0][0].shape))
-            with graph.inserting_before(user.next):
-                y = user
+            tail = _tail(user, ops.DELTA_OPS)
+            before = set(graph.nodes)
+            with graph.inserting_before(tail.next):
+                y = tail
                 for _, adapter, path in items:
-                    y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x) + tuple(f.extra)
+                    y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra)
                                             + _layout(adapter))
-            user.replace_all_uses_with(y, delete_user_cb=lambda u, user=user: not (
-                u.op == "call_function" and u.target in ops.DELTA_OPS and u.args[0] is user))
+            _rewire(tail, y, set(graph.nodes) - before)
         return [(c, "factored") for c, _, _ in items]
-    with graph.inserting_before(node.next):
-        w = node
+    before = set(graph.nodes)
+    with graph.inserting_before(weight.next):
+        w = weight
         for _, adapter, path in items:
             w = _merge_node(graph, w, path, adapter)
-    node.replace_all_uses_with(w, delete_user_cb=lambda u: not (
-        u.op == "call_function" and u.target is ops.merge and u.args[0] is node))
+    _rewire(weight, w, set(graph.nodes) - before)
     return [(c, "merge") for c, _, _ in items]
 
 

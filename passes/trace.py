@@ -18,12 +18,26 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
+import lora_fx
 from lora_fx.errors import TraceError
 from lora_fx.graph_module import LoraGraphModule
 from lora_fx.ops import LORA_OPS
 
-__all__ = ["LoraTracer", "trace_hierarchy", "build_graph_module", "graph_modules"]
+__all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
+
+
+def assert_is_none(value: Any, msg: str) -> None:
+    """Guard of an argument traced as the constant ``None`` (replaces fx's own
+    ``torch.fx._symbolic_trace._assert_is_none``, whose generated ``wrap("torch.fx....")`` line
+    breaks every later trace in the process once such a module is unpickled).
+
+    Raises:
+        AssertionError: ``value`` is not None (``msg`` names the argument).
+    """
+    if value is not None:
+        raise AssertionError(msg)
 
 
 class LoraTracer(fx.Tracer):
@@ -34,7 +48,7 @@ class LoraTracer(fx.Tracer):
     def __init__(self, autowrap_modules=(math,), autowrap_functions=(), param_shapes_constant=False, *,
                  leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = ()):
         super().__init__(autowrap_modules=autowrap_modules,
-                         autowrap_functions=tuple(autowrap_functions) + LORA_OPS,
+                         autowrap_functions=tuple(autowrap_functions) + LORA_OPS + (assert_is_none,),
                          param_shapes_constant=param_shapes_constant)
         self.leaf_names = frozenset(leaf_names)
         self.leaf_types = tuple(leaf_types)
@@ -56,9 +70,11 @@ class LoraTracer(fx.Tracer):
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # lora_fx's own directories only (the repository root may hold the user's code: tests, examples)
+    ours = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+            os.path.dirname(os.path.abspath(lora_fx.__file__)) + os.sep)
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(torch_dir) and not f.filename.startswith(here)
+              if not f.filename.startswith(torch_dir) and not os.path.abspath(f.filename).startswith(ours)
               and "<eval_with_key>" not in f.filename]
     return frames[-1] if frames else None
 
@@ -100,13 +116,21 @@ def build_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     for name in persistent:
         if name not in gm._buffers and module._buffers[name] is not None:
             gm.register_buffer(name, module._buffers[name])
+    # the module's order (GraphModule adds attributes in graph order), so state_dict keys keep it
+    for table, own in ((gm._parameters, module._parameters), (gm._buffers, module._buffers)):
+        order = [k for k in own if k in table] + [k for k in table if k not in own]
+        items = [(k, table[k]) for k in order]
+        table.clear()
+        table.update(items)
     gm.train(module.training)
     gm._tracer_cls = LoraTracer
     return gm
 
 
-def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf_types) -> set[str]:
-    """Relative names of the outermost block modules under ``module``."""
+def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf_types,
+                 leaf_patterns: tuple[str, ...] = ()) -> set[str]:
+    """Relative names of the outermost block modules under ``module`` (a module named by
+    ``leaf_patterns`` is a leaf, never a block)."""
     tracer = fx.Tracer()
     found = set()
     for name, child in module.named_modules():
@@ -116,7 +140,8 @@ def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf
             continue
         parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
         is_block = isinstance(parent, nn.ModuleList) or any(fnmatch.fnmatchcase(prefix + name, p) for p in patterns)
-        if is_block and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
+        is_leaf = any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_patterns)
+        if is_block and not is_leaf and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
             found.add(name)
     return found
 
@@ -145,6 +170,26 @@ def _concrete_args_from_calls(block: nn.Module, calls: list[fx.Node]) -> dict[st
     return common or {}
 
 
+def _tidy_concrete_args(graph: fx.Graph, concrete_args: Optional[dict[str, Any]]) -> None:
+    """Two fixes to fx's handling of concrete arguments: fx names the placeholder of ``mask``
+    ``mask_1``, so the traced forward no longer accepts ``mask=...`` by keyword (give it back its
+    name; the value is still asserted), and its ``None`` guard is replaced by
+    :func:`assert_is_none` (pickle-safe)."""
+    if not concrete_args:
+        return
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is _fx_assert_is_none:
+            n.target = assert_is_none
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    taken = {n.target for n in placeholders}
+    for n in placeholders:
+        name = n.target[:-2] if isinstance(n.target, str) and n.target.endswith("_1") else None
+        if name in concrete_args and name not in taken and (
+                concrete_args[name] is None or isinstance(concrete_args[name], (bool, int, float, str))):
+            n.target = name
+            taken.add(name)
+
+
 def trace_hierarchy(
     module: nn.Module,
     *,
@@ -170,7 +215,7 @@ def trace_hierarchy(
         TraceError: naming the module, the source line and the escape hatches.
     """
     memo = {} if memo is None else memo
-    block_names = _block_names(module, prefix, blocks, leaf_types)
+    block_names = _block_names(module, prefix, blocks, leaf_types, leaf_modules)
     leaf_names = {name for name, _ in module.named_modules()
                   if name and any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_modules)}
     tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
@@ -180,6 +225,7 @@ def trace_hierarchy(
         inner = ".".join(p for p in [prefix.rstrip(".")] + tracer._lora_scope[-1:] if p)
         culprit = module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1] else module
         raise _trace_error(exc, inner, culprit) from exc
+    _tidy_concrete_args(graph, concrete_args)
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in block_names:

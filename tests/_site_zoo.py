@@ -1,122 +1,184 @@
-"""One tiny model per site kind (shared by the lowering and compile tests)."""
+"""Tiny models, one per site kind, with non-square weights and their inputs (for the core tests).
+
+Each :class:`Case` builds a fresh model (seeded) and inputs; ``op`` is the kind ``lora_fx.sites``
+must report, ``factorable`` whether ``lowering="factored"`` must produce a factored delta node
+(else merge), ``n`` the number of adapted sites.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["Case", "CASES", "case_ids"]
 
-class Wrap(nn.Module):
-    """``forward(x) = fn(self, x)`` around one child/parameter set (traceable by torch.fx)."""
 
-    def __init__(self, fn, **children):
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]
+    op: str
+    factorable: bool
+    n: int = 1
+    delta: str = ""  # factored op name
+
+
+class SelfAttn(nn.Module):
+    def __init__(self, kdim=None):
         super().__init__()
-        self.fn = fn
-        for k, v in children.items():
-            if isinstance(v, nn.Parameter):
-                self.register_parameter(k, v)
-            else:
-                self.add_module(k, v)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.kdim = kdim or 8
 
     def forward(self, x):
-        return self.fn(self, x)
+        kv = x[..., : self.kdim] if self.kdim <= 8 else x
+        return self.att(x, kv, kv, need_weights=False)[0]
 
 
-def _p(*shape):
-    return nn.Parameter(torch.randn(*shape) * 0.3)
+def _mha(kdim=None):
+    def make():
+        torch.manual_seed(11)
+        return SelfAttn(kdim)
+    return make
 
 
-def _float(*shape):
-    return lambda: torch.randn(*shape)
+def _g():
+    return torch.Generator().manual_seed(3)
 
 
-def _ints(n, *shape):
-    return lambda: torch.randint(0, n, shape)
+def _x(*shape):
+    return lambda: (torch.randn(*shape, generator=_g()),)
 
 
-# name -> (model factory, input factory, targets, expected lowering under "auto" per target)
-ZOO = {
-    "linear": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Linear(12, 10)), _float(3, 5, 12),
-               ["m.weight"], ["factored"]),
-    "f_linear": (lambda: Wrap(lambda s, x: F.linear(x, s.w, s.b), w=_p(10, 12), b=_p(10)), _float(4, 12),
-                 ["w"], ["factored"]),
-    "embedding": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Embedding(20, 12, padding_idx=0)), _ints(20, 3, 7),
-                  ["m.weight"], ["factored"]),
-    "embedding_square": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Embedding(12, 12)), _ints(12, 2, 9),
-                         ["m.weight"], ["factored"]),
-    "embedding_freq": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Embedding(10, 6, padding_idx=2, scale_grad_by_freq=True)),
-                       _ints(10, 4, 8), ["m.weight"], ["factored"]),
-    "f_embedding_pad": (lambda: Wrap(lambda s, x: F.embedding(x, s.w, -1, None, 2.0, True), w=_p(7, 5)),
-                        _ints(7, 3, 9), ["w"], ["factored"]),
-    "f_embedding": (lambda: Wrap(lambda s, x: F.embedding(x, s.w), w=_p(15, 6)), _ints(15, 4, 3),
-                    ["w"], ["factored"]),
-    "conv1d": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Conv1d(6, 5, 3, stride=2, padding=1)), _float(2, 6, 11),
-               ["m.weight"], ["factored"]),
-    "conv2d": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Conv2d(4, 6, (3, 2), padding=1, dilation=(1, 2))),
-               _float(2, 4, 7, 8), ["m.weight"], ["factored"]),
-    "conv2d_groups": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Conv2d(4, 6, 3, groups=2)), _float(2, 4, 6, 6),
-                      ["m.weight"], ["merge"]),
-    "conv2d_circular": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular")),
-                        _float(2, 4, 5, 6), ["m.weight"], ["merge"]),
-    "f_conv2d": (lambda: Wrap(lambda s, x: F.conv2d(x, s.w, None, 2), w=_p(5, 3, 3, 3)), _float(2, 3, 9, 9),
-                 ["w"], ["factored"]),
-    "conv3d": (lambda: Wrap(lambda s, x: s.m(x), m=nn.Conv3d(3, 8, 2)), _float(1, 3, 4, 5, 4),
-               ["m.weight"], ["factored"]),
-    "conv_transpose2d": (lambda: Wrap(lambda s, x: s.m(x), m=nn.ConvTranspose2d(4, 6, 3, stride=2)),
-                         _float(2, 4, 5, 5), ["m.weight"], ["merge"]),
-    "matmul_right": (lambda: Wrap(lambda s, x: x @ s.w, w=_p(12, 10)), _float(3, 4, 12), ["w"], ["factored"]),
-    "matmul_left": (lambda: Wrap(lambda s, x: torch.matmul(s.w, x), w=_p(10, 12)), _float(12, 7),
-                    ["w"], ["factored"]),
-    "addmm": (lambda: Wrap(lambda s, x: torch.addmm(s.b, x, s.w), w=_p(12, 9), b=_p(9)), _float(5, 12),
-              ["w"], ["factored"]),
-    "mha": (lambda: Wrap(lambda s, x: s.m(x, x, x, need_weights=False)[0],
-                         m=nn.MultiheadAttention(8, 2, batch_first=True)), _float(2, 5, 8),
-            ["m.in_proj_weight", "m.out_proj.weight"], ["merge", "merge"]),
-    "mha_kdim": (lambda: Wrap(lambda s, x: s.m(x, x[..., :6], x[..., :4], need_weights=False)[0],
-                              m=nn.MultiheadAttention(8, 2, kdim=6, vdim=4, batch_first=True)), _float(2, 5, 8),
-                 ["m.q_proj_weight", "m.k_proj_weight", "m.v_proj_weight", "m.out_proj.weight"],
-                 ["merge"] * 4),
-}
+def _idx(high, *shape):
+    return lambda: (torch.randint(0, high, shape, generator=_g()),)
 
 
-def randomise_adapters_(gm, generator_seed: int = 1) -> None:
-    """Non-zero random A and B on every adapter (so a missing or doubled delta shows)."""
-    import lora_fx
+class Wrap(nn.Module):
+    """Calls one leaf module; adds a non-linearity so gradients are non-trivial."""
 
-    g = torch.Generator().manual_seed(generator_seed)
-    with torch.no_grad():
-        for s in lora_fx.sites(gm):
-            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.5)
-            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.5)
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x))
 
 
-def reference_call(model, gm, x, *, overrides=None):
-    """``functional_call(model, {W: W + s·(B@A).reshape(W.shape)})`` built from the factors
-    (computed in float32, rounded once to W's dtype), plus ``{param fqn: (A, B)}`` leaves that
-    require grad so the reference's gradients can be read."""
-    import lora_fx
+def mod(layer_fn):
+    def make():
+        torch.manual_seed(11)
+        return Wrap(layer_fn())
+    return make
 
-    params = dict(model.named_parameters())
-    new, leaves = {}, {}
-    for s in lora_fx.sites(gm):
-        A = s.lora_A.detach().clone().requires_grad_(True)
-        B = s.lora_B.detach().clone().requires_grad_(True)
-        leaves[s.param] = (A, B)
-        W = params[s.param]
-        blocks = getattr(s.module, "blocks", None)
-        if blocks is None:
-            delta = (B.float() @ A.float()).reshape(W.shape) * float(s.scaling)
-        else:  # fused (q/k/v) adapter: rows of block i are s·B_i @ A_i, disabled blocks zero
-            rows, ia, ib, r = [], 0, 0, s.rank
-            for _, n, on in blocks:
-                if on:
-                    rows.append(B[ib:ib + n].float() @ A[ia:ia + r].float() * float(s.scaling))
-                    ia, ib = ia + r, ib + n
-                else:
-                    rows.append(torch.zeros(n, A.shape[1]))
-            delta = torch.cat(rows).reshape(W.shape)
-        new[s.param] = (W.detach().float() + delta).to(W.dtype)
-    new.update(overrides or {})
-    out = torch.func.functional_call(model, new, (x,))
-    return out, leaves
+
+class Fn(nn.Module):
+    """A module whose forward calls ``fn(self, x)`` on parameters it owns (functional sites)."""
+
+    def __init__(self, fn, **shapes):
+        super().__init__()
+        self.fn = fn
+        for name, shape in shapes.items():
+            if shape is not None:
+                setattr(self, name, nn.Parameter(torch.randn(*shape) * 0.3))
+
+    def forward(self, x):
+        return torch.tanh(self.fn(self, x))
+
+
+def fn(f, **shapes):
+    def make():
+        torch.manual_seed(11)
+        return Fn(f, **shapes)
+    return make
+
+
+CASES = [
+    # --- nn.Linear / nn.Embedding
+    Case("Linear", mod(lambda: nn.Linear(6, 10)), _x(3, 6), "linear", True, delta="linear_delta"),
+    Case("Linear-3d-nobias", mod(lambda: nn.Linear(7, 5, bias=False)), _x(2, 3, 7), "linear", True, delta="linear_delta"),
+    Case("Embedding", mod(lambda: nn.Embedding(20, 7)), _idx(20, 2, 5), "embedding", True, delta="embedding_delta"),
+    Case("Embedding-padding_idx", mod(lambda: nn.Embedding(12, 5, padding_idx=0)), _idx(12, 3, 4), "embedding", True,
+         delta="embedding_delta"),
+    Case("Embedding-freq-pad", mod(lambda: nn.Embedding(9, 5, padding_idx=2, scale_grad_by_freq=True)),
+         lambda: (torch.tensor([[2, 1, 1, 0], [3, 2, 8, 1]]),), "embedding", True, delta="embedding_delta"),
+    Case("Embedding-max_norm", mod(lambda: nn.Embedding(12, 5, max_norm=1.0)), _idx(12, 3, 4), "embedding", False),
+    # --- nn.ConvNd
+    Case("Conv1d", mod(lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1)), _x(2, 4, 9), "conv1d", True, delta="conv_delta"),
+    Case("Conv2d-tuple", mod(lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+         _x(2, 3, 7, 8), "conv2d", True, delta="conv_delta"),
+    Case("Conv2d-same", mod(lambda: nn.Conv2d(3, 5, (3, 4), padding="same", dilation=(2, 1))), _x(2, 3, 6, 7),
+         "conv2d", True, delta="conv_delta"),
+    Case("Conv2d-valid", mod(lambda: nn.Conv2d(3, 5, 2, padding="valid", bias=False)), _x(1, 3, 5, 6),
+         "conv2d", True, delta="conv_delta"),
+    Case("Conv2d-groups", mod(lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2)), _x(2, 4, 5, 6), "conv2d", False),
+    Case("Conv2d-depthwise", mod(lambda: nn.Conv2d(3, 6, 3, groups=3)), _x(2, 3, 5, 6), "conv2d", False),
+    Case("Conv2d-reflect", mod(lambda: nn.Conv2d(3, 5, 3, padding=(1, 2), padding_mode="reflect")), _x(2, 3, 5, 6),
+         "conv2d", False),
+    Case("Conv1d-circular", mod(lambda: nn.Conv1d(3, 5, 3, padding=2, stride=2, padding_mode="circular")),
+         _x(2, 3, 9), "conv1d", False),
+    Case("Conv3d-replicate", mod(lambda: nn.Conv3d(2, 3, (2, 3, 1), padding=1, padding_mode="replicate")),
+         _x(1, 2, 4, 5, 3), "conv3d", False),
+    Case("Conv3d", mod(lambda: nn.Conv3d(2, 4, (2, 3, 1), stride=(1, 2, 1), padding=(1, 0, 0))), _x(1, 2, 4, 5, 3),
+         "conv3d", True, delta="conv_delta"),
+    # --- nn.ConvTransposeNd
+    Case("ConvTranspose1d", mod(lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1)),
+         _x(2, 4, 5), "conv_transpose1d", False),
+    Case("ConvTranspose2d-groups", mod(lambda: nn.ConvTranspose2d(4, 6, (3, 2), stride=2, groups=2, dilation=(1, 2),
+                                                                  output_padding=(1, 0))),
+         _x(2, 4, 3, 4), "conv_transpose2d", False),
+    Case("ConvTranspose3d", mod(lambda: nn.ConvTranspose3d(4, 3, 2, stride=(2, 1, 2), bias=False)), _x(1, 4, 3, 2, 3),
+         "conv_transpose3d", False),
+    # --- nn.MultiheadAttention (whole leaf called with substituted parameters)
+    Case("MHA", _mha(), _x(2, 3, 8), "mha", False, n=2),
+    Case("MHA-kdim", _mha(6), _x(2, 3, 8), "mha", False, n=4),
+    # --- functional forms on module attributes
+    Case("F.linear", fn(lambda m, x: F.linear(x, m.w, m.b), w=(9, 4), b=(9,)), _x(3, 4), "linear", True,
+         delta="linear_delta"),
+    Case("F.linear-kw", fn(lambda m, x: F.linear(x, weight=m.w), w=(5, 4)), _x(2, 3, 4), "linear", True,
+         delta="linear_delta"),
+    Case("F.embedding", fn(lambda m, x: F.embedding(x, m.w), w=(15, 6)), _idx(15, 2, 4), "embedding", True,
+         delta="embedding_delta"),
+    Case("F.embedding-neg-pad", fn(lambda m, x: F.embedding(x, m.w, padding_idx=-1), w=(6, 4)),
+         lambda: (torch.tensor([[5, 1, 5], [0, 3, 4]]),), "embedding", True, delta="embedding_delta"),
+    Case("F.conv1d", fn(lambda m, x: F.conv1d(x, m.w, None, 2, 1), w=(6, 4, 3)), _x(2, 4, 9), "conv1d", True,
+         delta="conv_delta"),
+    Case("F.conv2d-same", fn(lambda m, x: F.conv2d(x, m.w, padding="same", dilation=2), w=(5, 3, 3, 2)),
+         _x(2, 3, 6, 7), "conv2d", True, delta="conv_delta"),
+    Case("F.conv2d-groups", fn(lambda m, x: F.conv2d(x, m.w, groups=2, stride=(1, 2)), w=(6, 2, 3, 3)),
+         _x(2, 4, 5, 7), "conv2d", False),
+    Case("F.conv3d", fn(lambda m, x: F.conv3d(x, m.w, m.b, 1, (1, 0, 1)), w=(4, 2, 2, 3, 2), b=(4,)),
+         _x(1, 2, 3, 5, 4), "conv3d", True, delta="conv_delta"),
+    Case("F.conv_transpose1d", fn(lambda m, x: F.conv_transpose1d(x, m.w, None, 2, 1, 1), w=(4, 3, 3)),
+         _x(2, 4, 5), "conv_transpose1d", False),
+    Case("F.conv_transpose2d-groups", fn(lambda m, x: F.conv_transpose2d(x, m.w, stride=2, groups=2, dilation=(2, 1),
+                                                                          output_padding=(1, 1)), w=(4, 3, 2, 3)),
+         _x(2, 4, 3, 4), "conv_transpose2d", False),
+    Case("F.conv_transpose3d", fn(lambda m, x: F.conv_transpose3d(x, m.w, m.b, stride=(1, 2, 1)), w=(4, 3, 2, 2, 2),
+                                  b=(3,)), _x(1, 4, 2, 3, 2), "conv_transpose3d", False),
+    Case("matmul-right", fn(lambda m, x: torch.matmul(x, m.w), w=(6, 4)), _x(2, 3, 6), "matmul", True,
+         delta="matmul_delta"),
+    Case("matmul-left", fn(lambda m, x: m.w @ x, w=(5, 3)), _x(2, 3, 4), "matmul", True, delta="matmul_delta"),
+    Case("matmul-method", fn(lambda m, x: x.matmul(m.w), w=(6, 4)), _x(3, 6), "matmul", True, delta="matmul_delta"),
+    Case("matmul-vector", fn(lambda m, x: (x[0] @ m.w).unsqueeze(0), w=(6, 4)), _x(3, 6), "matmul", True,
+         delta="matmul_delta"),
+    Case("matmul-t-view", fn(lambda m, x: x @ m.w.t(), w=(4, 6)), _x(3, 6), "matmul (via view)", False),
+    Case("matmul-T-left", fn(lambda m, x: m.w.t() @ x, w=(3, 5)), _x(2, 3, 4), "matmul (via view)", False),
+    Case("F.linear-t-view", fn(lambda m, x: F.linear(x, m.w.t()), w=(6, 4)), _x(3, 6), "linear (via view)", False),
+    Case("addmm-alpha", fn(lambda m, x: torch.addmm(m.b, x, m.w, beta=0.5, alpha=2.0), w=(6, 4), b=(4,)), _x(3, 6),
+         "addmm", False),
+    Case("matmul-batched-param", fn(lambda m, x: x @ m.w, w=(3, 6, 4)), _x(3, 2, 6), "matmul", False),
+    Case("mm", fn(lambda m, x: torch.mm(x, m.w), w=(6, 4)), _x(3, 6), "matmul", True, delta="matmul_delta"),
+    Case("addmm-right", fn(lambda m, x: torch.addmm(m.b, x, m.w), w=(6, 4), b=(4,)), _x(3, 6), "addmm", True,
+         delta="matmul_delta"),
+    Case("addmm-left", fn(lambda m, x: torch.addmm(m.b, m.w, x), w=(5, 3), b=(5, 1)), _x(3, 4), "addmm", True,
+         delta="matmul_delta"),
+]
+
+
+def case_ids():
+    return [c.name for c in CASES]

@@ -17,7 +17,7 @@ import lora_fx
 import lora_fx.control
 from lora_fx.errors import AdapterMismatchError, ConfigError, NotAdaptedError
 
-from _site_zoo import ZOO, randomise_adapters_, reference_call
+from _lowering_zoo import ZOO, randomise_adapters_, reference_call
 
 COMPILE_KINDS = ["linear", "f_linear", "embedding", "embedding_freq", "conv1d", "conv2d_groups",
                  "conv2d_circular", "conv_transpose2d", "matmul_right", "matmul_left", "addmm", "mha",

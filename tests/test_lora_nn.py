@@ -83,6 +83,15 @@ def test_layer_matches_loralib(name, make, inputs):
     names = ["lora_A", "lora_B"] + (["bias"] if "bias" in r_ours[1] else [])
     ref_names = {"bias": "conv.bias"} if name.startswith("conv") else {}
     r_ref = (r_ref[0], {n: r_ref[1][ref_names.get(n, n)] for n in names}, r_ref[2])
+    if getattr(ours, "padding_idx", None) is not None:
+        # Deliberate difference: loralib lets positions holding padding_idx feed lora_B's gradient; the
+        # exact LoRA reference (F.embedding(idx, W + ΔW, padding_idx)) gives them none, and so do we.
+        names = [n for n in names if n != "lora_B"]
+        w = ours.weight.detach()
+        a, b = ours.lora_A.detach().clone().requires_grad_(), ours.lora_B.detach().clone().requires_grad_()
+        merged = w + ours.scaling * (b @ a).T
+        (F.embedding(inputs[0], merged, ours.padding_idx) * g).sum().backward()
+        torch.testing.assert_close(r_ours[1]["lora_B"], b.grad, **TOL)
     _assert_same(r_ref, r_ours, names)
     # eval: loralib merges into weight.data; ours computes the same function without touching W
     ref.eval(), ours.eval()

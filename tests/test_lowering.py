@@ -11,7 +11,7 @@ from torch import nn
 import lora_fx
 from lora_fx import ops
 
-from _site_zoo import ZOO, Wrap, randomise_adapters_, reference_call
+from _lowering_zoo import ZOO, Wrap, randomise_adapters_, reference_call
 
 KINDS = sorted(ZOO)
 

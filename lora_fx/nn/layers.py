@@ -181,8 +181,7 @@ class Embedding(LoRALayer, nn.Embedding):
             return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
                                self.sparse)
         y = nn.Embedding.forward(self, x)
-        return ops.embedding_delta(y, x, a, b, self.scaling, self.padding_idx, self.scale_grad_by_freq,
-                                   loralib_grads=True)  # loralib's gradients, bit for bit
+        return ops.embedding_delta(y, x, a, b, self.scaling, self.padding_idx, self.scale_grad_by_freq)
 
 
 def _int_kernel(cls: str, kernel_size) -> int:

@@ -1,0 +1,311 @@
+"""Several named adapters on one adapted module: add, activate, mix, disable, delete.
+
+Every switch here only writes adapter attributes (``enabled``, ``mix``) and refills each adapter's
+``scaling`` buffer in place (:meth:`LoraAdapter.refresh_scaling_`): the graph is never re-traced
+and a ``torch.compile`` d module does not recompile.  Adding or deleting an adapter edits the
+graph (new or removed nodes), so a compiled module recompiles once after those.
+
+Names and semantics follow HF PEFT where it has them (``add_adapter``, ``set_adapter``,
+``delete_adapter``, ``disable_adapter``; ``add_weighted_adapter``'s ``"linear"`` combination).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+from torch import fx, nn
+
+from .adapter import ADAPTER_ATTR, LoraAdapter
+from .api import _UNSET, CONFIG_ATTR, _adapt
+from .config import LoraConfig
+from .errors import ConfigError, NotAdaptedError, TargetError
+from .ops import DELTA_OPS, MERGE_OPS
+from .state import is_adapted, state_of
+
+__all__ = [
+    "add_adapter",
+    "adapter_names",
+    "active_adapters",
+    "set_active_adapters",
+    "set_adapter_weights",
+    "disable_adapters",
+    "delete_adapter",
+    "named_adapters",
+]
+
+
+def _require(gm: nn.Module, what: str) -> None:
+    if not is_adapted(gm):
+        raise NotAdaptedError(f"{what}() needs a module produced by lora_fx.transform; {type(gm).__name__} "
+                              "carries no lora_fx adapters.")
+
+
+def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
+    """``(adapter name, module path, LoraAdapter)`` for every adapter module of ``gm``, each once,
+    in graph order (root first)."""
+    out, seen = [], set()
+    for gm_path, sub in gm.named_modules():
+        st = state_of(sub)
+        if st is None:
+            continue
+        prefix = f"{gm_path}." if gm_path else ""
+        for path, rec in st.adapters.items():
+            a = sub.get_submodule(path)
+            if id(a) not in seen:
+                seen.add(id(a))
+                out.append((rec.adapter, prefix + path, a))
+    return out
+
+
+def adapter_names(gm: nn.Module) -> list[str]:
+    """Names of the adapters on ``gm``, in the order they were added."""
+    names = list(getattr(gm, CONFIG_ATTR, {}))
+    names += [n for n, _, _ in named_adapters(gm) if n not in names]
+    return names
+
+
+def active_adapters(gm: nn.Module) -> list[str]:
+    """Names of the adapters that are enabled (on at least one site)."""
+    on = {n for n, _, a in named_adapters(gm) if a.enabled}
+    return [n for n in adapter_names(gm) if n in on]
+
+
+def _check_names(gm: nn.Module, names: Sequence[str]) -> None:
+    known = adapter_names(gm)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"unknown adapter name(s) {unknown}; this module has {known}")
+
+
+def _as_names(names: Union[str, Sequence[str]]) -> list[str]:
+    if isinstance(names, str):
+        return [names]
+    out = list(names)
+    if not all(isinstance(n, str) for n in out):
+        raise ConfigError(f"adapter names must be strings, got {out!r}")
+    return out
+
+
+def _apply(gm: nn.Module, mixes: Mapping[str, float]) -> None:
+    """Enable exactly the adapters in ``mixes`` with those mixing weights; the rest are disabled.
+    Only values change (``scaling`` buffers refilled in place): ``requires_grad`` is left alone,
+    since flipping it makes ``torch.compile`` recompile; :func:`lora_fx.mark_only_lora_as_trainable`
+    freezes inactive adapters when training."""
+    for name, _, a in named_adapters(gm):
+        a.enabled = name in mixes
+        a.mix = float(mixes.get(name, 1.0))
+        a.refresh_scaling_()
+
+
+def set_active_adapters(gm: nn.Module, names: Union[str, Sequence[str]]) -> nn.Module:
+    """Activate exactly ``names`` (one name, several, or ``[]`` to disable all); returns ``gm``.
+
+    Each active adapter contributes its full ``ΔW`` (mixing weight reset to 1); the op sees
+    ``W + Σ_active ΔW``.  No re-tracing; compiled graphs keep running without recompiling (only
+    the adapters' ``scaling`` buffers change value).  ``requires_grad`` is not touched: call
+    :func:`lora_fx.mark_only_lora_as_trainable` after switching to train exactly the active
+    adapters (inactive ones then get no gradient, as DDP with ``find_unused_parameters=False``
+    needs).
+
+    Raises:
+        NotAdaptedError: ``gm`` carries no adapters.
+        ConfigError: an unknown name (the message lists the known ones).
+    """
+    _require(gm, "set_active_adapters")
+    names = _as_names(names)
+    _check_names(gm, names)
+    _apply(gm, {n: 1.0 for n in names})
+    return gm
+
+
+def _targets(gm: nn.Module, name: str) -> set[str]:
+    out = set()
+    for gm_path, sub in gm.named_modules():
+        st = state_of(sub)
+        if st is not None:
+            prefix = f"{gm_path}." if gm_path else ""
+            out.update(prefix + r.param for r in st.adapters.values() if r.adapter == name)
+    return out
+
+
+def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_targets: bool = True) -> nn.Module:
+    """Weighted linear combination of adapters: every targeted op sees
+    ``W + Σ_name weights[name] · ΔW_name`` (PEFT's ``add_weighted_adapter(combination_type="linear")``
+    without building a new adapter; ranks may differ).  Adapters not in ``weights`` are disabled.
+
+    Args:
+        gm: an adapted module.
+        weights: ``{adapter name: weight}``; weights are floats (0 keeps the adapter in the
+            graph with no effect; negative subtracts it).
+        same_targets: require every named adapter to adapt the same parameters (default), so
+            the combination is the same at every site.
+
+    Raises:
+        ConfigError: unknown names, a non-numeric weight, or a DoRA adapter (DoRA is not linear in
+            its update; its weight only gates it, see :func:`lora_fx.ops.dora_merge`).
+        TargetError: ``same_targets`` and the adapters' targets differ (lists the differences).
+    """
+    _require(gm, "set_adapter_weights")
+    _check_names(gm, list(weights))
+    for n, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise ConfigError(f"weight of adapter {n!r} must be a number, got {w!r}")
+    dora = sorted({n for n, _, a in named_adapters(gm) if n in weights and a.use_dora})
+    if dora:
+        raise ConfigError(f"adapter(s) {dora} use DoRA, which is not linear in its update; combine plain "
+                          "LoRA adapters, or activate a DoRA adapter alone with set_active_adapters().")
+    if same_targets and len(weights) > 1:
+        names = list(weights)
+        first = _targets(gm, names[0])
+        diffs = []
+        for n in names[1:]:
+            t = _targets(gm, n)
+            if t != first:
+                diffs.append(f"{n!r} vs {names[0]!r}: only in {n!r}: {sorted(t - first)}, "
+                             f"only in {names[0]!r}: {sorted(first - t)}")
+        if diffs:
+            raise TargetError("set_adapter_weights() combines adapters of the same targets, but:\n  - "
+                              + "\n  - ".join(diffs) + "\nPass same_targets=False to combine them anyway.")
+    _apply(gm, {n: float(w) for n, w in weights.items()})
+    return gm
+
+
+@contextlib.contextmanager
+def disable_adapters(gm: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside, every adapter is off (the base model's function); on exit each
+    adapter's ``enabled`` flag and mixing weight are restored (also on error).  No re-tracing and
+    no recompilation (HF PEFT's ``with model.disable_adapter():``).
+
+    Example::
+
+        with lora_fx.disable_adapters(gm):
+            base_out = gm(x)
+
+    Raises:
+        NotAdaptedError: ``gm`` carries no adapters.
+    """
+    _require(gm, "disable_adapters")
+    saved = [(a, a.enabled, a.mix) for _, _, a in named_adapters(gm)]
+    for a, _, _ in saved:
+        a.enabled = False
+        a.refresh_scaling_()
+    try:
+        yield gm
+    finally:
+        for a, enabled, mix in saved:
+            a.enabled, a.mix = enabled, mix
+            a.refresh_scaling_()
+
+
+def add_adapter(
+    gm: nn.Module,
+    name: str,
+    rank: int = _UNSET,
+    *,
+    config: Optional[LoraConfig] = None,
+    activate: bool = False,
+    **options,
+) -> nn.Module:
+    """Add adapter ``name`` to an adapted module in place (no re-tracing of the model: the pass
+    runs again on the existing graph and appends the new merge / delta nodes after the existing
+    ones, so an op sees ``W + ΔW_old + ΔW_name``).  Returns ``gm``.
+
+    Args:
+        gm: a module from :func:`lora_fx.transform`.
+        name: new adapter name (a valid Python identifier, not already used).
+        rank, config, options: as :func:`lora_fx.transform`'s ``rank``, ``config`` and config
+            keywords (``alpha``, ``targets``, ``exclude``, ``rank_pattern``, ``alpha_pattern``,
+            ``use_rslora``, ``use_dora``, ``init``, ``dropout``, ``lowering``, ``adapter_dtype``).
+        activate: enable the new adapter alongside the active ones.  Default False, as HF PEFT's
+            ``add_adapter``: the new adapter is added disabled with ``requires_grad=False``; call
+            :func:`set_active_adapters` to use or train it.
+
+    Raises:
+        NotAdaptedError: ``gm`` is not an adapted module.
+        ConfigError: ``name`` exists already or is not an identifier; bad options; ``init="pissa"``
+            on a module whose weights are shared with the user's model.
+        TargetError / UnsupportedSiteError: as in :func:`lora_fx.transform`.
+    """
+    _require(gm, "add_adapter")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"adapter name must be a Python identifier, got {name!r}")
+    if name in adapter_names(gm):
+        raise ConfigError(f"adapter {name!r} already exists on this module; delete_adapter(gm, {name!r}) "
+                          "first or pick another name")
+    keys = {f for f in LoraConfig.__dataclass_fields__ if f != "version"}
+    unknown = sorted(set(options) - keys)
+    if unknown:
+        raise ConfigError(f"add_adapter() got unknown keyword(s) {unknown}; valid: {sorted(keys)}")
+    given = dict(options)
+    if rank is not _UNSET:
+        given["rank"] = rank
+    cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
+    if not isinstance(gm, fx.GraphModule):
+        raise NotAdaptedError(f"add_adapter() needs the root module returned by lora_fx.transform, got "
+                              f"{type(gm).__name__}")
+    before = {id(p): p.requires_grad for p in gm.parameters()}
+    was_training = gm.training
+    _adapt(gm, cfg, name)
+    for p in gm.parameters():  # _adapt freezes the base and unfreezes every adapter: undo for old ones
+        if id(p) in before:
+            p.requires_grad_(before[id(p)])
+    for n, _, a in named_adapters(gm):
+        if n == name:
+            a.enabled = bool(activate)
+            a.refresh_scaling_()
+            for p in a.parameters():
+                p.requires_grad_(bool(activate))
+    gm.train(was_training)
+    return gm
+
+
+def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` in place: its graph nodes (each merge / delta node is replaced by
+    its first argument, the value it adapted), its modules and its records.  Other adapters are
+    untouched.  Returns ``gm``.
+
+    Raises:
+        NotAdaptedError: ``gm`` carries no adapters.
+        ConfigError: unknown ``name``.
+    """
+    _require(gm, "delete_adapter")
+    _check_names(gm, [name])
+    for _, sub in list(gm.named_modules()):
+        st = state_of(sub)
+        if st is None:
+            continue
+        paths = [p for p, r in st.adapters.items() if r.adapter == name]
+        if not paths:
+            continue
+        graph = sub.graph
+        prefixes = tuple(f"{p}." for p in paths)
+        ours = lambda n: (n.op in ("get_attr", "call_module") and isinstance(n.target, str)  # noqa: E731
+                          and n.target.startswith(prefixes))
+        for node in list(graph.nodes):
+            if (node.op == "call_function" and node.target in MERGE_OPS + DELTA_OPS
+                    and any(isinstance(a, fx.Node) and ours(a) for a in node.args[1:])):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        for node in reversed(list(graph.nodes)):
+            if ours(node) and not node.users:
+                graph.erase_node(node)
+        for p in paths:
+            owner_path, _, pname = p.rpartition(".")  # "<owner>.lora.<name>.<param>"
+            holder_path = owner_path.rpartition(".")[0]  # "<owner>.lora"
+            holder = sub.get_submodule(holder_path)
+            per_name = holder[name]
+            if pname in per_name:
+                del per_name[pname]
+            if len(per_name) == 0:
+                del holder[name]
+            if len(holder) == 0:
+                owner = sub.get_submodule(holder_path.rpartition(".")[0]) if "." in holder_path else sub
+                del owner._modules[ADAPTER_ATTR]
+            del st.adapters[p]
+        graph.lint()
+        sub.recompile()
+    configs = dict(getattr(gm, CONFIG_ATTR, {}))
+    configs.pop(name, None)
+    setattr(gm, CONFIG_ATTR, configs)
+    return gm

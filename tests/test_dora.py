@@ -1,0 +1,128 @@
+"""DoRA (use_dora=True): outputs, gradients and fold versus a functional reference
+``W' = m · V / ‖V‖_row``, ``V = W + s·(B@A).reshape(W.shape)`` built in the test."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import lora_fx
+from lora_fx.ops import dora_merge
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 12)
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.fc = nn.Linear(12 + 5, 9)
+
+    def forward(self, idx, img):
+        h = self.emb(idx).mean(1)
+        c = F.relu(self.conv(img)).mean((2, 3))
+        return self.fc(torch.cat([h, c], -1))
+
+
+def _inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, 30, (4, 6), generator=g), torch.randn(4, 3, 6, 6, generator=g).to(dtype)
+
+
+def _randomise(gm, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in lora_fx.sites(gm):
+            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.3)
+            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.3)
+            s.module.lora_magnitude.mul_(1 + 0.2 * torch.rand(s.module.lora_magnitude.shape, generator=g))
+
+
+def _dora_ref_weights(model, gm):
+    out = {}
+    for s in lora_fx.sites(gm):
+        w = model.get_parameter(s.param)
+        v = w.float() + s.scaling * (s.lora_B.float() @ s.lora_A.float()).reshape(w.shape)
+        norm = v.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (w.ndim - 1))
+        m = s.module.lora_magnitude.float().reshape(norm.shape)
+        out[s.param] = (m * v / norm).to(w.dtype)
+    return out
+
+
+def test_dora_unchanged_at_init_and_magnitude_is_row_norm():
+    model = Net()
+    gm = lora_fx.transform(model, rank=3, use_dora=True)
+    for s in lora_fx.sites(gm):
+        assert s.lowering == "merge"
+        w = model.get_parameter(s.param)
+        torch.testing.assert_close(s.module.lora_magnitude.detach(), w.flatten(1).norm(dim=1))
+    x = _inputs()
+    torch.testing.assert_close(gm(*x), model(*x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_outputs_and_gradients_vs_reference(dtype):
+    model = Net().to(dtype)
+    gm = lora_fx.transform(model, rank=3, alpha=5, use_dora=True)
+    _randomise(gm)
+    idx, img = _inputs(dtype)
+    out = gm(idx, img)
+    assert out.dtype == dtype
+    ref = functional_call(model, _dora_ref_weights(model, gm), (idx, img))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    params = [p for s in lora_fx.sites(gm) for p in (s.lora_A, s.lora_B, s.module.lora_magnitude)]
+    g1 = torch.autograd.grad(out.float().square().sum(), params)
+    ref = functional_call(model, _dora_ref_weights(model, gm), (idx, img))
+    g2 = torch.autograd.grad(ref.float().square().sum(), params)
+    gtol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, **gtol)
+
+
+def test_dora_fold_matches_and_loads_strict():
+    model = Net()
+    gm = lora_fx.transform(model, rank=2, use_dora=True)
+    _randomise(gm)
+    x = _inputs()
+    folded = lora_fx.fold(gm)
+    plain = Net()
+    plain.load_state_dict(folded.state_dict(), strict=True)
+    torch.testing.assert_close(plain(*x), gm(*x), rtol=1e-5, atol=1e-5)
+    for name, w in _dora_ref_weights(model, gm).items():
+        torch.testing.assert_close(folded.get_parameter(name), w.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_disabled_dora_is_exactly_the_base_model():
+    model = Net()
+    gm = lora_fx.transform(model, rank=2, use_dora=True)
+    _randomise(gm)
+    x = _inputs()
+    assert not torch.allclose(gm(*x), model(*x))
+    with lora_fx.disable_adapters(gm):
+        torch.testing.assert_close(gm(*x), model(*x), rtol=0, atol=0)
+
+
+def test_dora_merge_gate_interpolates():
+    w = torch.randn(4, 6, dtype=torch.float64)
+    a, b = torch.randn(2, 6, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    m = torch.rand(4, dtype=torch.float64) + 0.5
+    full = dora_merge(w, a, b, torch.tensor(0.5, dtype=torch.float64), m, 0.5)
+    v = w + 0.5 * b @ a
+    torch.testing.assert_close(full, m[:, None] * v / v.norm(dim=1, keepdim=True))
+    half = dora_merge(w, a, b, torch.tensor(0.25, dtype=torch.float64), m, 0.5)
+    torch.testing.assert_close(half, w + 0.5 * (full - w))
+    assert torch.equal(dora_merge(w, a, b, torch.tensor(0.0, dtype=torch.float64), m, 0.5), w)
+
+
+def test_dora_zero_row_stays_finite():
+    """An embedding's zero padding row has norm 0: no 0/0, outputs and gradients stay finite."""
+    emb = nn.Embedding(10, 4, padding_idx=0)
+    gm = lora_fx.transform(emb, rank=2, use_dora=True)
+    idx = torch.tensor([[0, 1, 2]])
+    out = gm(idx)
+    assert torch.equal(out[0, 0], torch.zeros(4))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in lora_fx.adapter_parameters(gm))
+    with lora_fx.disable_adapters(gm):
+        torch.testing.assert_close(gm(idx), emb(idx), rtol=0, atol=0)
