@@ -173,7 +173,8 @@ def load_adapter_values_(
 
     ``state`` holds ``{key: tensor}`` as :func:`lora_fx.lora_state_dict` returns it, e.g.
     ``"layers.0.fc.lora.default.weight.lora_A"``; the adapter-name segment of each key may be
-    another name (it is replaced by ``adapter``).  For every adapter: ``lora_A: (r', fan_in)``,
+    another name (it is replaced by ``adapter``).  DoRA adapters also need their
+    ``lora_magnitude: (fan_out,)``.  For every adapter: ``lora_A: (r', fan_in)``,
     ``lora_B: (fan_out, r')`` with ``r'`` at most the adapter's capacity ``lora_A.shape[0]``
     (see :func:`reserve_rank_`); a smaller ``r'`` is zero-padded and the adapter's logical
     ``rank`` becomes ``r'``.  Values are cast to the factors' dtype and device.
@@ -201,6 +202,16 @@ def load_adapter_values_(
     for path, a in chosen.items():
         ka, kb = f"{path}.lora_A", f"{path}.lora_B"
         expected.update((ka, kb))
+        mag = getattr(a, "lora_magnitude", None)  # DoRA: the magnitude vector travels with the factors
+        if mag is not None:
+            km = f"{path}.lora_magnitude"
+            expected.add(km)
+            if km not in given:
+                problems.append(f"missing key {km!r} (DoRA magnitude)")
+                continue
+            if tuple(given[km].shape) != tuple(mag.shape):
+                problems.append(f"{km}: shape {tuple(given[km].shape)}, adapter has {tuple(mag.shape)}")
+                continue
         if ka not in given or kb not in given:
             problems += [f"missing key {k!r}" for k in (ka, kb) if k not in given]
             continue
@@ -233,6 +244,8 @@ def load_adapter_values_(
             a.lora_A[r:].zero_()
             a.lora_B[:, :r].copy_(vb)
             a.lora_B[:, r:].zero_()
+            if getattr(a, "lora_magnitude", None) is not None:
+                a.lora_magnitude.copy_(given[f"{path}.lora_magnitude"])
             a.rank = int(r)
             if isinstance(alpha, Mapping):
                 hit = next((v for p, v in alpha.items() if fnmatch.fnmatchcase(path, p)), None)

@@ -275,3 +275,23 @@ def test_reserved_padding_trains_as_rank_r():
     assert torch.count_nonzero(b.lora_A[2:]) == 0 and torch.count_nonzero(b.lora_B[:, 2:]) == 0
     torch.testing.assert_close(b.lora_A[:2], a.lora_A, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(padded(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_adapter_hot_swap_without_recompile():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 6)
+    gm = lora_fx.transform(model, rank=2, use_dora=True)
+    donor = lora_fx.transform(model, rank=2, use_dora=True)
+    randomise_adapters_(donor, generator_seed=3)
+    with torch.no_grad():
+        lora_fx.sites(donor)[0].module.lora_magnitude.mul_(1.5)
+    x = torch.randn(3, 8)
+    cnt = _counter()
+    compiled = torch.compile(gm, fullgraph=True, backend=cnt)
+    compiled(x)
+    lora_fx.load_adapter_values_(gm, lora_fx.lora_state_dict(donor))
+    torch.testing.assert_close(compiled(x), donor(x), rtol=1e-6, atol=1e-6)
+    assert cnt.frame_count == 1
+    sd = {k: v for k, v in lora_fx.lora_state_dict(donor).items() if "magnitude" not in k}
+    with pytest.raises(AdapterMismatchError, match="DoRA magnitude"):
+        lora_fx.load_adapter_values_(gm, sd)
