@@ -156,6 +156,11 @@ def test_case3_no_stale_graph_and_no_recompile(lowering):
         check(0.0)
     check(1.0)
     lora_fx.set_scale_(gm, 1.0)
+    site.module.alpha = 8.0  # raw attribute + refresh, as lora_fx.control does
+    site.module.refresh_scaling_()
+    check(4.0)
+    site.module.alpha = 4.0
+    site.module.refresh_scaling_()
     other = {k: torch.randn_like(v) for k, v in lora_fx.lora_state_dict(gm).items()}
     lora_fx.load_adapter_values_(gm, other)
     assert torch.equal(site.lora_A, other["lora.default.weight.lora_A"])
