@@ -36,7 +36,8 @@ class LoraAdapter(nn.Module):
     """Low-rank factors ``lora_A: (rank, fan_in)``, ``lora_B: (fan_out, rank)`` for a weight ``W``
     with ``fan_out = W.shape[0]``, ``fan_in = W[0].numel()``; ``ΔW = scaling · (B @ A).reshape(W.shape)``.
 
-    ``scaling`` is a non-persistent 0-dim buffer equal to ``alpha / rank`` (``alpha / sqrt(rank)``
+    ``scaling`` is a non-persistent 0-dim buffer (float32, or the factors' dtype when wider, so
+    float64 adapters scale exactly) equal to ``alpha / rank`` (``alpha / sqrt(rank)``
     with ``use_rslora``; Kalajdzievski, 2023) times ``weight`` (a user-set mixing weight, 1.0 by
     default) times ``enabled``; changing any of them refills the buffer in place, so compiled
     graphs see the new value without recompiling.
@@ -107,7 +108,8 @@ class LoraAdapter(nn.Module):
                               "plain adapter with fused={pattern: None}")
         if self.use_dora:
             self.lora_magnitude = nn.Parameter(torch.ones(fan_out, dtype=dtype, device=device))
-        self.register_buffer("scaling", torch.tensor(self.base_scaling, dtype=torch.float32, device=device),
+        self.register_buffer("scaling", torch.tensor(self.base_scaling, dtype=torch.promote_types(dtype, torch.float32),
+                                                    device=device),
                              persistent=False)
         if dropout > 0:
             self.dropout = nn.Dropout(dropout)

@@ -119,7 +119,8 @@ def transform(
     Args:
         model: any ``nn.Module`` torch.fx can trace (blocks in ``nn.ModuleList`` s are traced
             one by one and stay called submodules).
-        rank: ``r > 0`` (default 16).
+        rank: ``r > 0`` (default 16).  A rank above ``min(fan_out, fan_in)`` of a targeted weight
+            is allowed (the update is then full-rank) and warns with :class:`LoraFxWarning`.
         alpha: ``> 0``; default ``rank`` (scaling 1.0).
         targets: fnmatch patterns over fully qualified parameter names, e.g.
             ``"layers.*.attn.*.weight"``; ``None``: every weight of linear, conv, conv-transpose,
@@ -220,7 +221,9 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
         if r > min(w.shape[0], math.prod(w.shape[1:])):
             warnings.warn(f"rank {r} for '{c.fqn}' exceeds min{tuple(w.shape[:1]) + (math.prod(w.shape[1:]),)} "
                           f"of its weight {tuple(w.shape)}: the update is full-rank already and costs more "
-                          "than full fine-tuning of this weight", LoraFxWarning, stacklevel=4)
+                          f"than full fine-tuning of this weight. Use rank <= {min(w.shape[0], math.prod(w.shape[1:]))} "
+                          f"for it (e.g. rank_pattern={{'{c.fqn}': {min(w.shape[0], math.prod(w.shape[1:]))}}}) "
+                          "or exclude it", LoraFxWarning, stacklevel=4)
         from .fused import resolve_blocks
         blocks = resolve_blocks(cfg.fused_for(c.fqn, bool(c.blocks)), w.shape[0], c.blocks, c.fqn)
         a = LoraAdapter(tuple(w.shape), r, cfg.alpha_for(c.fqn), dtype=cfg.dtype_for(w), device=w.device,

@@ -11,7 +11,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .errors import AdapterFileError, AdapterMismatchError
+from .errors import AdapterFileError, AdapterMismatchError, NotAdaptedError
 from .training import lora_state_dict
 
 __all__ = ["save_lora_state", "load_lora_state", "atomic_write_bytes"]
@@ -43,10 +43,17 @@ def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: st
     (atomically).  Keys are ``model.state_dict()`` keys; tied tensors are saved once per key.
 
     Returns the path written.
+
+    Raises:
+        NotAdaptedError: ``model`` holds no adapter parameters (nothing would be saved).
+        OSError: the file cannot be written; any previous file at ``path`` is left intact.
     """
     from safetensors.torch import save
 
     sd = {k: v.detach().contiguous().clone() for k, v in lora_state_dict(model, bias=bias).items()}
+    if not any(".lora_" in k or k.startswith("lora_") for k in sd):
+        raise NotAdaptedError(f"save_lora_state(): {type(model).__name__} holds no adapter parameters, so the file "
+                              "would be empty. Save the module returned by lora_fx.transform(model, ...).")
     meta = {"format": "lora_fx", **{k: json.dumps(v) if not isinstance(v, str) else v
                                     for k, v in (metadata or {}).items()}}
     atomic_write_bytes(path, save(sd, metadata=meta))
@@ -69,9 +76,13 @@ def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
         data = Path(path).read_bytes()
         sd = load(data)
     except FileNotFoundError as exc:
-        raise AdapterFileError(f"adapter file {str(path)!r} does not exist") from exc
+        raise AdapterFileError(f"adapter file {str(path)!r} does not exist; pass the path that "
+                               "lora_fx.io.save_lora_state wrote") from exc
     except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
-        raise AdapterFileError(f"adapter file {str(path)!r} is truncated or not a safetensors file: {exc}") from exc
+        raise AdapterFileError(
+            f"adapter file {str(path)!r} is truncated or not a safetensors file ({type(exc).__name__}: {exc}). "
+            "lora_fx reads only .safetensors files written by lora_fx.io.save_lora_state (it never unpickles); "
+            "copy the file again or re-save the adapter. The model was not changed.") from exc
     own = model.state_dict()
     expected = set(lora_state_dict(model))
     problems = [f"unexpected key {k!r} (not in the model)" for k in sorted(set(sd) - set(own))]
@@ -79,7 +90,10 @@ def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
     problems += [f"{k!r}: file has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
                  for k, v in sorted(sd.items()) if k in own and own[k].shape != v.shape]
     if problems:
-        raise AdapterMismatchError(f"adapter file {str(path)!r} does not fit {type(model).__name__}:\n  - "
-                                   + "\n  - ".join(problems))
+        raise AdapterMismatchError(
+            f"adapter file {str(path)!r} does not fit {type(model).__name__} ({len(problems)} problem(s); "
+            "nothing was loaded):\n  - " + "\n  - ".join(problems)
+            + "\nLoad it into the same base model transformed with the same targets and ranks as the one "
+            "that saved it (lora_fx.sites(model) lists this model's adapters).")
     model.load_state_dict(sd, strict=False)
     return model

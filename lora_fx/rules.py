@@ -172,7 +172,7 @@ def _embedding_merged(graph, node, m, merged):
 
 def _embedding_factored(node, m, pname):
     if pname != "weight" or m.max_norm is not None:
-        return None
+        return None  # max_norm renormalises W + ΔW (ops.embedding_delta handles padding_idx, scale_grad_by_freq)
     return Factored(ops.embedding_delta, _input(node), (m.padding_idx, m.scale_grad_by_freq))
 
 

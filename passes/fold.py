@@ -65,6 +65,17 @@ def _strip_graph(gm: fx.GraphModule) -> None:
             graph.erase_node(node)
 
 
+def _read_by_graph(gm: fx.GraphModule, name: str) -> bool:
+    """Whether a node of ``gm``'s own graph reads parameter ``name`` (``get_attr`` or a leaf call)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == name:
+            return True
+        if (node.op == "call_module" and name.startswith(f"{node.target}.")
+                and not isinstance(gm.get_submodule(node.target), fx.GraphModule)):
+            return True
+    return False
+
+
 def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
     """Fold a deep copy of ``root``; returns ``(folded, info)`` where ``info`` has ``"folded"``
     (names of folded parameters) and ``"untied"`` (folded names that shared one parameter with a
@@ -110,7 +121,20 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
             owner._parameters[pname] = memo[key]
             info["folded"].append(prefix + alias)
             assigned.setdefault(id(w), {})[prefix + alias] = key
+    gms = dict(graph_modules(new))
+
+    def read_by_any_graph(name: str) -> bool:
+        return any(name.startswith(f"{p}." if p else "") and _read_by_graph(g, name[len(p) + 1 if p else 0:])
+                   for p, g in gms.items())
+
     for wid, done in assigned.items():
+        keys = set(done.values())
+        if len(keys) == 1:  # names of the parameter no graph reads (fx reads a tied weight by its
+            folded = memo[next(iter(keys))]  # first name) follow the folded tensor: no stale key
+            for n in names.get(wid, []):
+                if n not in done and not read_by_any_graph(n):
+                    owner_path, _, pname = n.rpartition(".")
+                    (new.get_submodule(owner_path) if owner_path else new)._parameters[pname] = folded
         held = {id(new.get_parameter(n)) for n in names.get(wid, [])}
         if len(held) > 1:  # the parameter's names no longer all hold one tensor: untied
             info["untied"].extend(n for n in done if n not in info["untied"])
