@@ -173,7 +173,6 @@ def embedding_delta(
     scaling: Tensor,
     padding_idx: int | None = None,
     scale_grad_by_freq: bool = False,
-    loralib_grads: bool = False,
 ) -> Tensor:
     """``y + s·F.embedding(indices, B) @ A``: factored LoRA for ``y = F.embedding(indices, W)``,
     ``W: (num_embeddings, dim)``, ``B: (num_embeddings, r)``, ``A: (r, dim)``.
