@@ -9,6 +9,7 @@ from .adapters import (active_adapters, adapter_names, add_adapter, delete_adapt
                        set_active_adapters, set_adapter_weights)
 from .api import Site, fold, sites, transform
 from .config import LoraConfig
+from .control import enable_adapters_, load_adapter_values_, reserve_rank_, set_scale_
 from .loralib_io import load_loralib_state_dict, loralib_state_dict
 from .fused import FusedSpec
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
@@ -34,4 +35,5 @@ __all__ = [
     "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
     "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",
+    "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
 ]

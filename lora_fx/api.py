@@ -54,7 +54,7 @@ def _select(consumers, targets, exclude):
     if targets is None:
         chosen = [c for c in consumers if c.default]
     else:
-        chosen = []
+        chosen, seen = [], set()
         for pat in targets:
             hit = [c for c in consumers if fnmatch.fnmatchcase(c.fqn, pat)]
             if not hit:
@@ -66,7 +66,9 @@ def _select(consumers, targets, exclude):
                 raise UnsupportedSiteError(
                     f"cannot adapt '{c.fqn}' (used by {c.op}): {c.reason}. Remove it from targets, or "
                     "target a weight matrix instead.")
-            chosen.extend(c for c in hit if c.reason is None and c not in chosen)
+            new = [c for c in hit if c.reason is None and id(c) not in seen]  # O(n): no list scans
+            seen.update(id(c) for c in new)
+            chosen.extend(new)
     if exclude is not None:
         for pat in exclude:
             if not any(fnmatch.fnmatchcase(c.fqn, pat) for c in consumers):
@@ -224,8 +226,10 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
                 raise TargetError(f"{what} key {pat!r} matches no targeted parameter; targeted: "
                                   f"{sorted({c.fqn for c in chosen})}")
 
+    gms = dict(_passes()[0].graph_modules(root))  # once: per-adapter lookups stay O(1)
+
     def make_adapter(c) -> LoraAdapter:
-        gm = dict(_passes()[0].graph_modules(root))[c.gm_path]
+        gm = gms[c.gm_path]
         w = gm.get_parameter(c.param)
         r = cfg.rank_for(c.fqn)
         if r > min(w.shape[0], math.prod(w.shape[1:])):

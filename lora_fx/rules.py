@@ -301,7 +301,7 @@ register_function_rule(F.linear, FunctionRule("linear", ((1, "weight"),), _linea
 
 
 def _embedding_fn_factored(node, slot, shape):
-    if slot != 1 or _arg(node, 3, "max_norm") is not None or _arg(node, 5, "scale_grad_by_freq", False):
+    if slot != 1 or _arg(node, 3, "max_norm") is not None:
         return None
     return Factored(ops.embedding_delta, _input(node),
                     (_arg(node, 2, "padding_idx"), bool(_arg(node, 5, "scale_grad_by_freq", False))))

@@ -180,6 +180,7 @@ def insert_lora(
     """
     gms = dict(graph_modules(root))
     by_param: dict[int, LoraAdapter] = {}
+    paths: dict[tuple[str, int], str] = {}  # (gm path, id(adapter)) -> registered module path
     groups: dict[tuple[str, str], list] = {}
     for c in selected:
         gm = gms[c.gm_path]
@@ -191,17 +192,17 @@ def insert_lora(
         if st is None:
             st = GraphState()
             setattr(gm, STATE_ATTR, st)
-        path = next((p for p, r in st.adapters.items() if r.adapter == adapter_name
-                     and gm.get_submodule(p) is adapter), None)
+        path = paths.get((c.gm_path, id(adapter)))
         if path is None:
-            path = _register(gm, c.param, adapter_name, adapter)
+            path = paths[(c.gm_path, id(adapter))] = _register(gm, c.param, adapter_name, adapter)
             st.adapters[path] = AdapterRecord(param=c.param, adapter=adapter_name)
         if c.param not in st.adapters[path].aliases:
             st.adapters[path].aliases.append(c.param)
         groups.setdefault((c.gm_path, c.node), []).append((c, adapter, path))
+    nodes_by_name = {p: {n.name: n for n in gms[p].graph.nodes} for p in {k[0] for k in groups}}
     for (gm_path, node_name), items in groups.items():
         gm = gms[gm_path]
-        node = next(n for n in gm.graph.nodes if n.name == node_name)
+        node = nodes_by_name[gm_path][node_name]
         lower = _lower_module if node.op == "call_module" else _lower_attr
         for (c, how), (_, _, path) in zip(lower(gm, node, items, lowering), items):
             state_of(gm).adapters[path].consumers.append((c.node, c.op, how))

@@ -1,0 +1,31 @@
+"""Smoke test of benchmarks/bench_train.py --quick (no timing assertions: the figures are the
+benchmark's business, the test only keeps the script running)."""
+
+import importlib.util
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load():
+    path = os.path.join(HERE, "..", "benchmarks", "bench_train.py")
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_quick_runs(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "res.json"
+    res = bench.main(["--quick", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "GPT train step" in printed and "transform() vs bare symbolic_trace" in printed
+    for section in ("gpt_train", "gpt_memory", "conv_train", "gpt_infer", "transform"):
+        assert section in res
+    assert {"full", "peft", "loralib", "fx-auto", "fx-merge", "fx-auto+compile"} <= set(res["gpt_train"])
+    assert res["gpt_train"]["full"]["ratio_to_full"] == 1.0
+    assert "above_model_mib" in res["gpt_memory"]["fx-auto"]
+    assert {"base", "fx-folded"} <= set(res["gpt_infer"]["batch1"])
+    assert json.loads(out.read_text())["config"]["quick"] is True

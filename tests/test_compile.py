@@ -1,0 +1,302 @@
+"""torch.compile(fullgraph=True) on adapted models of every site kind, and hot-swapping adapter
+values, scale, enabled state and rank without recompiling (CASES 3 and 4).
+
+Compilation is real torch.compile (Dynamo + AOTAutograd, forward and backward) with the
+``aot_eager`` backend, which keeps the tests fast on a CPU; the benchmark exercises Inductor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import lora_fx
+import lora_fx.control
+from lora_fx.errors import AdapterMismatchError, ConfigError, NotAdaptedError
+
+from _lowering_zoo import ZOO, randomise_adapters_, reference_call
+
+COMPILE_KINDS = ["linear", "f_linear", "embedding", "embedding_freq", "conv1d", "conv2d_groups",
+                 "conv2d_circular", "conv_transpose2d", "matmul_right", "matmul_left", "addmm", "mha",
+                 "mha_kdim"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _counter():
+    return CompileCounterWithBackend("aot_eager")
+
+
+def _grads(gm):
+    return [p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad]
+
+
+# every kind under "auto"; "merge" too where auto factors
+CASES = [(k, "auto") for k in COMPILE_KINDS] + [(k, "merge") for k in COMPILE_KINDS if "factored" in ZOO[k][3]]
+
+
+@pytest.mark.parametrize("kind,lowering", CASES)
+def test_fullgraph_compile_forward_backward(kind, lowering):
+    make_model, make_input, targets, _ = ZOO[kind]
+    model = make_model()
+    x = make_input()
+    gm = lora_fx.transform(model, rank=2, alpha=3, targets=targets, lowering=lowering)
+    randomise_adapters_(gm)
+    explain = torch._dynamo.explain(gm)(x)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    torch._dynamo.reset()
+
+    cnt = _counter()
+    compiled = torch.compile(gm, fullgraph=True, backend=cnt)
+    out = compiled(x)
+    out.square().sum().backward()
+    got = _grads(gm)
+    gm.zero_grad(set_to_none=True)
+    want_out = gm(x)
+    want_out.square().sum().backward()
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, _grads(gm)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, reference_call(model, gm, x)[0], rtol=1e-5, atol=1e-5)
+    assert cnt.frame_count == 1
+    compiled(x)
+    assert cnt.frame_count == 1
+
+
+def test_fullgraph_compile_with_dropout_no_breaks():
+    make_model, make_input, targets, _ = ZOO["conv1d"]
+    gm = lora_fx.transform(make_model(), rank=2, targets=targets, dropout=0.3)
+    x = make_input()
+    for mode in (gm.train, gm.eval):
+        mode()
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(gm)(x)
+        assert ex.graph_break_count == 0
+    cnt = _counter()
+    compiled = torch.compile(gm, fullgraph=True, backend=cnt)
+    gm.eval()
+    torch.testing.assert_close(compiled(x), gm(x))
+
+
+class _Blocks(nn.Module):
+    """Blocks in a ModuleList are traced into their own GraphModules (nested calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 24), nn.GELU(),
+                                                  nn.Linear(24, 16)) for _ in range(3))
+        self.head = nn.Linear(16, 30, bias=False)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+def test_fullgraph_compile_nested_blocks():
+    model = _Blocks()
+    gm = lora_fx.transform(model, rank=4)
+    randomise_adapters_(gm)
+    idx = torch.randint(0, 30, (2, 7))
+    assert torch._dynamo.explain(gm)(idx).graph_break_count == 0
+    torch._dynamo.reset()
+    cnt = _counter()
+    out = torch.compile(gm, fullgraph=True, backend=cnt)(idx)
+    torch.testing.assert_close(out, reference_call(model, gm, idx)[0], rtol=1e-5, atol=1e-5)
+    assert cnt.frame_count == 1
+
+
+# --------------------------------------------------------------------------------------------
+# hot swap (CASE 3)
+
+
+def _case3():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    gm = lora_fx.transform(model, rank=2, alpha=4)
+    randomise_adapters_(gm)
+    return model, gm, torch.randn(3, 8)
+
+
+@pytest.mark.parametrize("lowering", ["factored", "merge"])
+def test_case3_no_stale_graph_and_no_recompile(lowering):
+    model = nn.Linear(8, 8)
+    gm = lora_fx.transform(model, rank=2, alpha=4, lowering=lowering)
+    randomise_adapters_(gm)
+    x = torch.randn(3, 8)
+    cnt = _counter()
+    compiled = torch.compile(gm, fullgraph=True, backend=cnt)
+    site = lora_fx.sites(gm)[0]
+
+    def check(expect_delta_scale):
+        out = compiled(x)
+        torch.testing.assert_close(out, gm(x), rtol=0, atol=0)
+        W = model.weight + expect_delta_scale * (site.lora_B @ site.lora_A).detach()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, W, model.bias), rtol=1e-5, atol=1e-5)
+
+    check(2.0)
+    lora_fx.enable_adapters_(gm, False)
+    check(0.0)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+    lora_fx.enable_adapters_(gm, True)
+    check(2.0)
+    lora_fx.set_scale_(gm, 0.5)
+    check(1.0)
+    with lora_fx.control.disable_adapters(gm):
+        check(0.0)
+    check(1.0)
+    lora_fx.set_scale_(gm, 1.0)
+    site.module.alpha = 8.0  # raw attribute + refresh, as lora_fx.control does
+    site.module.refresh_scaling_()
+    check(4.0)
+    site.module.alpha = 4.0
+    site.module.refresh_scaling_()
+    other = {k: torch.randn_like(v) for k, v in lora_fx.lora_state_dict(gm).items()}
+    lora_fx.load_adapter_values_(gm, other)
+    assert torch.equal(site.lora_A, other["lora.default.weight.lora_A"])
+    check(2.0)
+    with torch.no_grad():  # plain in-place edits are seen too
+        site.lora_B.mul_(-3)
+    check(2.0)
+    out = compiled(x)
+    out.sum().backward()  # training after the swaps: same compiled graph
+    assert site.lora_A.grad is not None
+    assert cnt.frame_count == 1
+
+
+def test_load_another_adapter_of_same_ranks_from_other_transform():
+    model, gm, x = _case3()
+    donor = lora_fx.transform(model, rank=2, alpha=4)
+    randomise_adapters_(donor, generator_seed=9)
+    cnt = _counter()
+    compiled = torch.compile(gm, fullgraph=True, backend=cnt)
+    compiled(x)
+    lora_fx.load_adapter_values_(gm, lora_fx.lora_state_dict(donor))
+    torch.testing.assert_close(compiled(x), donor(x), rtol=1e-6, atol=1e-6)
+    assert cnt.frame_count == 1
+
+
+def test_control_errors_name_the_fix():
+    model, gm, x = _case3()
+    with pytest.raises(NotAdaptedError, match="adapters present: \\['default'\\]"):
+        lora_fx.set_scale_(gm, 2.0, adapter="nope")
+    with pytest.raises(NotAdaptedError):
+        lora_fx.enable_adapters_(model, False)
+    with pytest.raises(ConfigError):
+        lora_fx.set_scale_(gm, float("nan"))
+    sd = lora_fx.lora_state_dict(gm)
+    before = {k: v.clone() for k, v in sd.items()}
+    bad = {"lora.default.weight.lora_A": torch.zeros(2, 5), "extra.lora.default.weight.lora_B": torch.zeros(1)}
+    with pytest.raises(AdapterMismatchError) as e:
+        lora_fx.load_adapter_values_(gm, bad)
+    msg = str(e.value)
+    assert "missing key 'lora.default.weight.lora_B'" in msg and "unexpected key" in msg
+    assert all(torch.equal(before[k], v) for k, v in lora_fx.lora_state_dict(gm).items())
+
+
+def test_disable_context_restores_on_error():
+    _, gm, x = _case3()
+    lora_fx.enable_adapters_(gm, True)
+    with pytest.raises(RuntimeError):
+        with lora_fx.control.disable_adapters(gm):
+            assert lora_fx.sites(gm)[0].scaling == 0.0
+            raise RuntimeError("boom")
+    assert lora_fx.sites(gm)[0].scaling == 2.0
+
+
+def test_adapter_name_from_other_key_is_mapped():
+    _, gm, x = _case3()
+    sd = {k.replace(".default.", ".other."): torch.ones_like(v) for k, v in lora_fx.lora_state_dict(gm).items()}
+    lora_fx.load_adapter_values_(gm, sd, adapter="default")
+    assert torch.equal(lora_fx.sites(gm)[0].lora_A, torch.ones(2, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# rank change (CASE 4)
+
+
+def test_case4_rank_change_with_reserved_rank_does_not_recompile():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    gm = lora_fx.transform(model, rank=4, alpha=8)
+    randomise_adapters_(gm)
+    x = torch.randn(3, 8)
+    before = gm(x)
+    lora_fx.reserve_rank_(gm, 8)
+    site = lora_fx.sites(gm)[0]
+    assert site.lora_A.shape == (8, 8) and site.rank == 4 and site.scaling == 2.0
+    torch.testing.assert_close(gm(x), before, rtol=1e-6, atol=1e-6)  # padding changes nothing
+
+    cnt = _counter()
+    compiled = torch.compile(gm, fullgraph=True, backend=cnt)
+    torch.testing.assert_close(compiled(x), before, rtol=1e-6, atol=1e-6)
+    for r, alpha in ((8, 8.0), (4, 2.0), (1, 3.0)):
+        A, B = torch.randn(r, 8), torch.randn(8, r)
+        lora_fx.load_adapter_values_(gm, {"lora.default.weight.lora_A": A, "lora.default.weight.lora_B": B},
+                                     alpha=alpha)
+        assert lora_fx.sites(gm)[0].rank == r
+        want = torch.nn.functional.linear(x, model.weight + alpha / r * B @ A, model.bias)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
+    assert cnt.frame_count == 1
+
+
+def test_rank_above_capacity_is_refused_with_the_fix():
+    _, gm, _ = _case3()
+    with pytest.raises(AdapterMismatchError, match=r"reserve_rank_\(gm, 8\)"):
+        lora_fx.load_adapter_values_(gm, {"lora.default.weight.lora_A": torch.randn(8, 8),
+                                          "lora.default.weight.lora_B": torch.randn(8, 8)})
+    with pytest.raises(ConfigError):
+        lora_fx.reserve_rank_(gm, 1)
+
+
+def test_reserved_padding_trains_as_rank_r():
+    """Padding rows/columns get zero gradients, so an optimizer step keeps them zero and the
+    padded adapter trains exactly like the unpadded one."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 5)
+    plain = lora_fx.transform(model, rank=2)
+    randomise_adapters_(plain)
+    padded = lora_fx.reserve_rank_(lora_fx.transform(model, rank=2), 5)
+    lora_fx.load_adapter_values_(padded, lora_fx.lora_state_dict(plain))
+    x = torch.randn(4, 6)
+    for gm in (plain, padded):
+        opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            gm(x).square().sum().backward()
+            opt.step()
+    a, b = lora_fx.sites(plain)[0], lora_fx.sites(padded)[0]
+    assert torch.count_nonzero(b.lora_A[2:]) == 0 and torch.count_nonzero(b.lora_B[:, 2:]) == 0
+    torch.testing.assert_close(b.lora_A[:2], a.lora_A, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_adapter_hot_swap_without_recompile():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 6)
+    gm = lora_fx.transform(model, rank=2, use_dora=True)
+    donor = lora_fx.transform(model, rank=2, use_dora=True)
+    randomise_adapters_(donor, generator_seed=3)
+    with torch.no_grad():
+        lora_fx.sites(donor)[0].module.lora_magnitude.mul_(1.5)
+    x = torch.randn(3, 8)
+    cnt = _counter()
+    compiled = torch.compile(gm, fullgraph=True, backend=cnt)
+    compiled(x)
+    lora_fx.load_adapter_values_(gm, lora_fx.lora_state_dict(donor))
+    torch.testing.assert_close(compiled(x), donor(x), rtol=1e-6, atol=1e-6)
+    assert cnt.frame_count == 1
+    sd = {k: v for k, v in lora_fx.lora_state_dict(donor).items() if "magnitude" not in k}
+    with pytest.raises(AdapterMismatchError, match="DoRA magnitude"):
+        lora_fx.load_adapter_values_(gm, sd)
