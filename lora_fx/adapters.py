@@ -21,7 +21,7 @@ from .api import _UNSET, CONFIG_ATTR, _adapt
 from .config import LoraConfig
 from .errors import ConfigError, NotAdaptedError, TargetError
 from .ops import DELTA_OPS, MERGE_OPS
-from .state import is_adapted, state_of
+from .state import adapter_records, is_adapted, state_of
 
 __all__ = [
     "add_adapter",
@@ -45,16 +45,10 @@ def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
     """``(adapter name, module path, LoraAdapter)`` for every adapter module of ``gm``, each once,
     in graph order (root first)."""
     out, seen = [], set()
-    for gm_path, sub in gm.named_modules():
-        st = state_of(sub)
-        if st is None:
-            continue
-        prefix = f"{gm_path}." if gm_path else ""
-        for path, rec in st.adapters.items():
-            a = sub.get_submodule(path)
-            if id(a) not in seen:
-                seen.add(id(a))
-                out.append((rec.adapter, prefix + path, a))
+    for _, path, rec, a in adapter_records(gm):
+        if id(a) not in seen:
+            seen.add(id(a))
+            out.append((rec.adapter, path, a))
     return out
 
 

@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-import torch
 from torch import fx, nn
 
 from .adapter import LoraAdapter
@@ -18,7 +17,7 @@ from .config import LoraConfig, as_patterns
 from .init import dora_init_, pissa_init_
 from .errors import (AlreadyAdaptedError, ConfigError, LoraFxWarning, NotAdaptedError, TargetError,
                      UnsupportedSiteError)
-from .state import is_adapted, state_of
+from .state import adapter_records, is_adapted
 
 __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]
 
@@ -334,16 +333,10 @@ def sites(gm: nn.Module) -> list[Site]:
     # one adapter may be reached from several GraphModules (a weight shared by two blocks):
     # one Site with every alias and consumer
     found: dict[tuple[int, str], list] = {}
-    for gm_path, sub in gm.named_modules():
-        st = state_of(sub)
-        if st is None:
-            continue
-        prefix = f"{gm_path}." if gm_path else ""
-        for path, rec in st.adapters.items():
-            a = sub.get_submodule(path)
-            entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, prefix + path, rec.adapter, a, [], []])
-            entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
-            entry[5].extend(rec.consumers)
+    for prefix, path, rec, a in adapter_records(gm):
+        entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, path, rec.adapter, a, [], []])
+        entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
+        entry[5].extend(rec.consumers)
     out = []
     for param, path, name, a, aliases, consumers in found.values():
         ops_ = tuple(op for _, op, _ in consumers)

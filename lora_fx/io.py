@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Union
 
-import torch
 from torch import nn
 
 from .errors import AdapterFileError, AdapterMismatchError, NotAdaptedError

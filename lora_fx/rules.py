@@ -17,7 +17,7 @@ support for an op is adding one entry (:func:`register_module_rule`, :func:`regi
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch

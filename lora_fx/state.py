@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-__all__ = ["AdapterRecord", "GraphState", "STATE_ATTR", "state_of", "is_adapted"]
+__all__ = ["AdapterRecord", "GraphState", "STATE_ATTR", "state_of", "is_adapted", "adapter_records"]
 
 #: Attribute of every adapted ``GraphModule`` (root and blocks) holding its :class:`GraphState`.
 STATE_ATTR = "_lora_fx"
@@ -46,3 +46,16 @@ def state_of(module: nn.Module) -> GraphState | None:
 def is_adapted(module: nn.Module) -> bool:
     """True when ``module`` or any submodule carries lora_fx adapters."""
     return any(state_of(m) is not None and state_of(m).adapters for m in module.modules())
+
+
+def adapter_records(root: nn.Module):
+    """Yield ``(prefix, adapter module path in root, record, adapter module)`` for every record of
+    every lora_fx GraphModule under ``root`` (root first, graph order).  One adapter reached from
+    several GraphModules (a weight shared by two blocks) is yielded once per GraphModule."""
+    for gm_path, sub in root.named_modules():
+        st = state_of(sub)
+        if st is None:
+            continue
+        prefix = f"{gm_path}." if gm_path else ""
+        for path, rec in st.adapters.items():
+            yield prefix, prefix + path, rec, sub.get_submodule(path)
