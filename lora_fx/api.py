@@ -50,6 +50,9 @@ def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
 def _select(consumers, targets, exclude):
     names = sorted({c.fqn for c in consumers})
     shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+    if targets is not None and not targets:
+        raise TargetError("targets is empty, so nothing would be adapted; pass targets=None to adapt every "
+                          f"supported weight, or name some. Candidates: {shown}")
     if targets is None:
         chosen = [c for c in consumers if c.default]
     else:
@@ -166,6 +169,7 @@ def transform(
     if unknown:
         raise ConfigError(f"transform() got unknown keyword(s) {sorted(unknown)}; valid keywords: "
                           f"{sorted(_CONFIG_KEYS + ('config', 'adapter_name', 'blocks', 'leaf_modules', 'concrete_args', 'copy_weights', 'frontend', 'example_inputs', 'example_kwargs', 'dynamic_shapes'))}")
+    check_adapter_name(adapter_name)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"transform() needs an nn.Module, got {type(model).__name__}")
     given = {k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
@@ -209,6 +213,17 @@ def _check_pissa(root, consumers, chosen) -> None:
                 f"init='pissa' would change '{c.fqn}' (used by {c.op}), which shares its tensor with a "
                 "targeted weight but is not targeted itself; target every alias of the weight or use "
                 "init='kaiming'.")
+
+
+def check_adapter_name(name) -> str:
+    """``name`` if it can name an adapter (a non-empty identifier: it becomes a module path part).
+
+    Raises:
+        ConfigError: otherwise."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"adapter name must be a non-empty Python identifier (it becomes part of parameter "
+                          f"names like 'fc.lora.<name>.weight.lora_A'), got {name!r}")
+    return name
 
 
 def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.GraphModule:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -177,5 +178,5 @@ def _check_rank(r, what: str) -> None:
 
 
 def _check_alpha(a, what: str) -> None:
-    if isinstance(a, bool) or not isinstance(a, numbers.Real) or not a > 0:
+    if isinstance(a, bool) or not isinstance(a, numbers.Real) or not (a > 0 and math.isfinite(a)):
         raise ConfigError(f"{what} must be a positive number (scaling = alpha / rank), got {a!r}")

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Union
 
+import torch
 from torch import nn
 
 from .errors import AdapterFileError, AdapterMismatchError, NotAdaptedError
@@ -85,6 +86,13 @@ def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
     own = model.state_dict()
     expected = set(lora_state_dict(model))
     problems = [f"unexpected key {k!r} (not in the model)" for k in sorted(set(sd) - set(own))]
+    problems += [f"key {k!r} is a base weight of the model, not an adapter or bias entry (adapter files never "
+                 "overwrite base weights)" for k in sorted(set(sd) & set(own) - expected)
+                 if k.rsplit(".", 1)[-1] != "bias"]
+    problems += [f"{k!r}: {v.dtype} is not a floating-point adapter tensor" for k, v in sorted(sd.items())
+                 if not v.is_floating_point()]
+    problems += [f"{k!r} holds inf/nan values" for k, v in sorted(sd.items())
+                 if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     problems += [f"missing key {k!r}" for k in sorted(expected - set(sd))]
     problems += [f"{k!r}: file has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
                  for k, v in sorted(sd.items()) if k in own and own[k].shape != v.shape]

@@ -21,7 +21,10 @@ def _check_bias(bias: str) -> None:
 
 
 def _is_lora_key(name: str) -> bool:
-    return "lora_" in name.rsplit(".", 1)[-1] or ".lora_" in name
+    """loralib's rule ("lora_" in the name), restricted to whole-word use: a name component starting
+    with ``lora_`` (``lora_A``, ``lora_magnitude``) or containing ``_lora_`` (LoRA-Torch's ``w_lora_A``),
+    so a user's ``flora_w`` is not taken for an adapter."""
+    return any(part.startswith("lora_") or "_lora_" in part for part in name.split("."))
 
 
 def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn.Parameter]:

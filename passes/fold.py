@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from lora_fx import ops
 from lora_fx.adapter import ADAPTER_ATTR, LoraAdapter
+from lora_fx.errors import UnsupportedSiteError
 from lora_fx.state import STATE_ATTR, state_of
 
 from .trace import graph_modules
@@ -135,6 +136,14 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
                 if n not in done and not read_by_any_graph(n):
                     owner_path, _, pname = n.rpartition(".")
                     (new.get_submodule(owner_path) if owner_path else new)._parameters[pname] = folded
+        folded_ids = {id(memo[k]) for k in set(done.values())}
+        leaked = [n for n in names.get(wid, []) if n not in done and read_by_any_graph(n)
+                  and id(new.get_parameter(n)) in folded_ids]
+        if leaked:  # an unadapted consumer reads the same *module* as an adapted one: cannot untie
+            raise UnsupportedSiteError(
+                f"fold cannot give {leaked} (not targeted) the base weight back: it is the same module object as "
+                f"the adapted {sorted(done)} (one module shared by several blocks), so folding one folds both. "
+                "Target every alias of that weight (one shared adapter) or none; gm itself is exact and unchanged.")
         held = {id(new.get_parameter(n)) for n in names.get(wid, [])}
         if len(held) > 1:  # the parameter's names no longer all hold one tensor: untied
             info["untied"].extend(n for n in done if n not in info["untied"])

@@ -48,6 +48,7 @@ def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAd
     if adapter_name not in holder:
         holder[adapter_name] = nn.ModuleDict()
     holder[adapter_name][pname] = adapter
+    holder.train(owner.training)  # a new adapter (its dropout) follows its owner's mode
     return path
 
 
@@ -106,7 +107,9 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
     graph = gm.graph
     mod = gm.get_submodule(node.target)
     rule = module_rule(mod)
-    if all(_wants_factored(lowering, c, a) for c, a, _ in items):
+    # a leaf with forward hooks is called through functional_call, so its hooks see the adapted output
+    hooked = bool(mod._forward_hooks or mod._forward_pre_hooks)
+    if not hooked and all(_wants_factored(lowering, c, a) for c, a, _ in items):
         tail = _tail(node, ops.DELTA_OPS)  # earlier adapters' delta chain: append after it
         before = set(graph.nodes)
         with graph.inserting_before(tail.next):
@@ -123,7 +126,7 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
             pname = c.param[len(node.target) + 1:]
             w = merged[pname] if pname in merged else graph.get_attr(c.param)
             merged[pname] = _merge_node(graph, w, path, adapter)
-        new = rule.merged_call(graph, node, mod, merged) if rule.merged_call else None
+        new = rule.merged_call(graph, node, mod, merged) if rule.merged_call and not hooked else None
         if new is None:
             new = graph.call_function(ops.module_call, (graph.get_attr(node.target), merged) + tuple(node.args),
                                       dict(node.kwargs))

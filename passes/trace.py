@@ -14,6 +14,7 @@ import inspect
 import math
 import os
 import traceback
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
@@ -21,7 +22,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
 import lora_fx
-from lora_fx.errors import TraceError
+from lora_fx.errors import LoraFxWarning, TraceError
 from lora_fx.graph_module import LoraGraphModule
 from lora_fx.ops import LORA_OPS
 
@@ -38,6 +39,24 @@ def assert_is_none(value: Any, msg: str) -> None:
     """
     if value is not None:
         raise AssertionError(msg)
+
+
+class _TrainingFlag(int):
+    """Stand-in for ``module.training`` while tracing: passed to an op it becomes a runtime read
+    of the module's mode (a ``get_attr`` node); used in Python control flow (``if self.training``)
+    it is recorded, so the module can be kept as a leaf that follows ``train()``/``eval()``."""
+
+    def __new__(cls, value: bool, path: str, seen: set):
+        obj = super().__new__(cls, bool(value))
+        obj.path, obj.seen = path, seen
+        return obj
+
+    def __bool__(self) -> bool:
+        self.seen.add(self.path)
+        return int(self) != 0
+
+    def __repr__(self) -> str:
+        return repr(bool(int(self)))
 
 
 class LoraTracer(fx.Tracer):
@@ -60,6 +79,26 @@ class LoraTracer(fx.Tracer):
         if getattr(type(m), "_lora_fx_leaf", False):  # e.g. lora_fx.nn layers: opaque, op-table rule applies
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        """``fx.Tracer.trace`` with every module's ``training`` flag replaced by a recording stand-in
+        (restored afterwards); module paths whose forward branched on it land in ``self.branched``."""
+        self.branched: set[str] = set()
+        if not isinstance(root, nn.Module):
+            return super().trace(root, concrete_args)
+        saved = [(m, m.training) for m in root.modules()]
+        for name, m in root.named_modules():
+            object.__setattr__(m, "training", _TrainingFlag(m.training, name, self.branched))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for m, mode in saved:
+                object.__setattr__(m, "training", mode)
+
+    def create_arg(self, a: Any):
+        if isinstance(a, _TrainingFlag):  # ``F.dropout(x, p, self.training)``: read the mode at run time
+            return self.create_node("get_attr", f"{a.path}.training" if a.path else "training", (), {})
+        return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):
         self._lora_scope.append(self.path_of_module(m) if m is not self.root else "")
@@ -98,6 +137,11 @@ def graph_modules(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
     return [(name, m) for name, m in root.named_modules() if isinstance(m, fx.GraphModule)]
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 def build_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """``GraphModule`` over ``graph`` that keeps ``module``'s children (containers such as
     ``nn.ModuleList`` stay what they were), its parameters and buffers under the same names, and
@@ -123,6 +167,9 @@ def build_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         table.clear()
         table.update(items)
     gm.train(module.training)
+    for name in _HOOK_DICTS:  # the user's hooks on the traced module keep firing on its GraphModule
+        if getattr(module, name, None):
+            setattr(gm, name, getattr(module, name))
     gm._tracer_cls = LoraTracer
     return gm
 
@@ -218,13 +265,30 @@ def trace_hierarchy(
     block_names = _block_names(module, prefix, blocks, leaf_types, leaf_modules)
     leaf_names = {name for name, _ in module.named_modules()
                   if name and any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_modules)}
-    tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
-    try:
-        graph = tracer.trace(module, concrete_args=concrete_args)
-    except Exception as exc:  # fx raises many types; report one, with where and how to fix
-        inner = ".".join(p for p in [prefix.rstrip(".")] + tracer._lora_scope[-1:] if p)
-        culprit = module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1] else module
-        raise _trace_error(exc, inner, culprit) from exc
+    while True:
+        tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
+        try:
+            graph = tracer.trace(module, concrete_args=concrete_args)
+        except Exception as exc:  # fx raises many types; report one, with where and how to fix
+            inner = ".".join(p for p in [prefix.rstrip(".")] + tracer._lora_scope[-1:] if p)
+            culprit = (module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1]
+                       else module)
+            raise _trace_error(exc, inner, culprit) from exc
+        new_leaves = tracer.branched - leaf_names - block_names
+        if not new_leaves:
+            break
+        if "" in new_leaves:
+            raise TraceError(
+                f"module '{prefix.rstrip('.') or '<root>'}' ({type(module).__name__}) branches on self.training in "
+                "its forward: a traced graph would freeze one mode. Move that code into a submodule (which "
+                "lora_fx then keeps as a leaf that follows train()/eval()), or use frontend='export' with "
+                "example_inputs (which checks both modes).")
+        weighty = sorted(prefix + n for n in new_leaves if any(True for _ in module.get_submodule(n).parameters()))
+        if weighty:
+            warnings.warn(f"{weighty} branch on self.training in forward; lora_fx keeps them as opaque leaves so "
+                          "train()/eval() still switch them (their own weights are adapted only when named in "
+                          "targets, by merging).", LoraFxWarning, stacklevel=3)
+        leaf_names = leaf_names | new_leaves
     _tidy_concrete_args(graph, concrete_args)
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
