@@ -76,7 +76,7 @@ def train(model: nn.Module, params, xy, epochs: int, lr: float, desc: str, seed:
     model.train()
     for _ in tqdm(range(epochs), desc=desc, file=sys.stderr, disable=not show):
         for idx in torch.randperm(len(y), generator=g).split(64):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)  # bounded logits
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .adapters import adapter_names, add_adapter, named_adapters, set_active_adapters
 from .api import CONFIG_ATTR, sites, transform
@@ -50,8 +50,27 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 
+_EXPORTED_KINDS = {"Linear": "linear", "Embedding": "embedding", "Conv1d": "conv", "Conv2d": "conv",
+                   "Conv3d": "conv", "Conv1D": "conv1d_gpt2"}
+
+
+def _exported_kind(module: fx.GraphModule) -> Optional[str]:
+    """Kind of a leaf captured by the torch.export front-end: a GraphModule carrying the original
+    class name, whose graph holds the one ATen op (convolutions: ungrouped only)."""
+    kind = _EXPORTED_KINDS.get(type(module).__name__)
+    if kind == "conv":
+        for node in module.graph.nodes:
+            if node.op == "call_function" and "conv" in str(node.target):
+                groups = node.args[8] if "convolution" in str(node.target) and len(node.args) > 8 else (
+                    node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
+                return "conv" if groups == 1 else None
+    return kind
+
+
 def _kind(module: nn.Module) -> Optional[str]:
     """PEFT layer family of ``module``, or None when PEFT's LoRA does not cover it."""
+    if isinstance(module, fx.GraphModule):
+        return _exported_kind(module)
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -347,7 +366,7 @@ def _plan(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> t
 
 
 def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapter_name: str = "default",
-                 activate: bool = True) -> nn.Module:
+                 activate: bool = True, **capture) -> nn.Module:
     """Load a LoRA adapter saved by HF PEFT (``save_pretrained``) or :func:`save_adapter`.
 
     * ``model`` is a plain module: returns ``lora_fx.transform(model, ...)`` with the adapter
@@ -364,7 +383,12 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
         model: the base model (same architecture as the one the adapter was trained on).
         directory: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         adapter_name: name of the adapter in lora_fx.
-        activate: make it the only active adapter (as ``PeftModel.from_pretrained``).
+        activate: make it the only active adapter (as ``PeftModel.from_pretrained``; note that
+            :func:`lora_fx.add_adapter` leaves a new adapter inactive instead).
+        **capture: for a plain ``model``, :func:`lora_fx.transform`'s capture keywords
+            (``frontend``, ``example_inputs``, ``example_kwargs``, ``dynamic_shapes``, ``blocks``,
+            ``leaf_modules``, ``concrete_args``, ``copy_weights``); e.g. ``example_inputs=(ids,)``
+            for Hugging Face models, which need the export front-end.
 
     Raises:
         AdapterFileError: a file is missing, corrupt, or only a pickled ``adapter_model.bin`` exists.
@@ -396,7 +420,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
         use_rslora=bool(config.get("use_rslora", False)), use_dora=bool(config.get("use_dora", False)),
         dropout=float(config.get("lora_dropout", 0.0) or 0.0))
     if not adapted:
-        gm = transform(model, config=cfg, adapter_name=adapter_name)
+        gm = transform(model, config=cfg, adapter_name=adapter_name, **capture)
     elif adapter_name not in adapter_names(model):
         gm = add_adapter(model, adapter_name, config=cfg)
     else:

@@ -237,6 +237,19 @@ def _tidy_concrete_args(graph: fx.Graph, concrete_args: Optional[dict[str, Any]]
             taken.add(name)
 
 
+def _warn_optional_inputs(graph: fx.Graph, module: nn.Module) -> None:
+    """Warn about root arguments that default to None but were traced as tensors: fx follows the
+    ``x is not None`` branch, so calling without them fails at run time."""
+    used = [n.target for n in graph.nodes if n.op == "placeholder" and n.args == (None,) and n.users
+            and not n.target.startswith("*")]
+    if used:
+        warnings.warn(
+            f"{type(module).__name__}.forward arguments {used} default to None but the traced graph uses them as "
+            "inputs (torch.fx follows the 'is not None' branch): calling the result without them will fail. If you "
+            f"never pass them, transform(..., concrete_args={{{', '.join(repr(u) + ': None' for u in used)}}}); "
+            "otherwise always pass them, or use frontend='export' with example inputs.", LoraFxWarning, stacklevel=4)
+
+
 def trace_hierarchy(
     module: nn.Module,
     *,
@@ -265,11 +278,16 @@ def trace_hierarchy(
     block_names = _block_names(module, prefix, blocks, leaf_types, leaf_modules)
     leaf_names = {name for name, _ in module.named_modules()
                   if name and any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_modules)}
+    auto_leaves: set[str] = set()
     while True:
         tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
         try:
             graph = tracer.trace(module, concrete_args=concrete_args)
         except Exception as exc:  # fx raises many types; report one, with where and how to fix
+            retry = tracer.branched - leaf_names - block_names - {""}
+            if retry:  # the failure came after a branch on self.training: keep those modules opaque, retry
+                leaf_names, auto_leaves = leaf_names | retry, auto_leaves | retry
+                continue
             inner = ".".join(p for p in [prefix.rstrip(".")] + tracer._lora_scope[-1:] if p)
             culprit = (module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1]
                        else module)
@@ -283,13 +301,15 @@ def trace_hierarchy(
                 "its forward: a traced graph would freeze one mode. Move that code into a submodule (which "
                 "lora_fx then keeps as a leaf that follows train()/eval()), or use frontend='export' with "
                 "example_inputs (which checks both modes).")
-        weighty = sorted(prefix + n for n in new_leaves if any(True for _ in module.get_submodule(n).parameters()))
-        if weighty:
-            warnings.warn(f"{weighty} branch on self.training in forward; lora_fx keeps them as opaque leaves so "
-                          "train()/eval() still switch them (their own weights are adapted only when named in "
-                          "targets, by merging).", LoraFxWarning, stacklevel=3)
-        leaf_names = leaf_names | new_leaves
+        leaf_names, auto_leaves = leaf_names | new_leaves, auto_leaves | new_leaves
+    weighty = sorted(prefix + n for n in auto_leaves if any(True for _ in module.get_submodule(n).parameters()))
+    if weighty:
+        warnings.warn(f"{weighty} branch on self.training in forward; lora_fx keeps them as opaque leaves so "
+                      "train()/eval() still switch them (their own weights are adapted only when named in "
+                      "targets, by merging).", LoraFxWarning, stacklevel=3)
     _tidy_concrete_args(graph, concrete_args)
+    if not prefix:
+        _warn_optional_inputs(graph, module)
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in block_names:
