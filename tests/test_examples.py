@@ -37,3 +37,14 @@ def test_finetune_transformers_small(tmp_path, capsys):
     assert res["fold_max_abs_diff"] <= 1e-4 and res["export_max_abs_diff"] <= 1e-4
     assert 0 < res["trainable_fraction"] < 0.5
     assert (tmp_path / "gpt2_folded.pt2").exists() and (tmp_path / "gpt2_adapter.safetensors").exists()
+
+
+def test_attention_qv_small(capsys):
+    mod = _load("attention_qv")
+    res = mod.main(["--dim", "16", "--pretrain-epochs", "6", "--epochs", "6"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(res))
+    assert res["fold_max_abs_diff"] <= 1e-5
+    assert res["k_rows_untouched"] and res["out_proj_trained"]
+    assert 0 < res["trainable_fraction"] < 0.5
+    assert res["lora_accuracy"] > res["base_accuracy"]
