@@ -11,14 +11,14 @@ Names and semantics follow HF PEFT where it has them (``add_adapter``, ``set_ada
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from torch import fx, nn
 
 from .adapter import ADAPTER_ATTR, LoraAdapter
 from .api import _UNSET, CONFIG_ATTR, _adapt
 from .config import LoraConfig
+from .control import disable_adapters  # one implementation, re-exported here
 from .errors import ConfigError, NotAdaptedError, TargetError
 from .ops import DELTA_OPS, MERGE_OPS
 from .state import adapter_records, is_adapted, state_of
@@ -163,33 +163,6 @@ def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_tar
                               + "\n  - ".join(diffs) + "\nPass same_targets=False to combine them anyway.")
     _apply(gm, {n: float(w) for n, w in weights.items()})
     return gm
-
-
-@contextlib.contextmanager
-def disable_adapters(gm: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: inside, every adapter is off (the base model's function); on exit each
-    adapter's ``enabled`` flag and mixing weight are restored (also on error).  No re-tracing and
-    no recompilation (HF PEFT's ``with model.disable_adapter():``).
-
-    Example::
-
-        with lora_fx.disable_adapters(gm):
-            base_out = gm(x)
-
-    Raises:
-        NotAdaptedError: ``gm`` carries no adapters.
-    """
-    _require(gm, "disable_adapters")
-    saved = [(a, a.enabled, a.mix) for _, _, a in named_adapters(gm)]
-    for a, _, _ in saved:
-        a.enabled = False
-        a.refresh_scaling_()
-    try:
-        yield gm
-    finally:
-        for a, enabled, mix in saved:
-            a.enabled, a.mix = enabled, mix
-            a.refresh_scaling_()
 
 
 def add_adapter(

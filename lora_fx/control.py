@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 
 from .adapter import ADAPTER_ATTR, LoraAdapter
 from .errors import AdapterMismatchError, ConfigError, NotAdaptedError
-from .state import is_adapted
+from .state import adapter_records, is_adapted
 
 __all__ = [
     "select_adapters",
@@ -46,14 +46,6 @@ __all__ = [
 AdapterSel = Union[None, str, Sequence[str]]
 
 
-def _adapter_name(path: str) -> Optional[str]:
-    # "<owner>.lora.<name>.<param>" (param names carry no dots: they are rpartition'ed)
-    parts = path.split(".")
-    if len(parts) >= 3 and parts[-3] == ADAPTER_ATTR:
-        return parts[-2]
-    return None
-
-
 def select_adapters(gm: nn.Module, adapter: AdapterSel = None) -> list[tuple[str, LoraAdapter]]:
     """``(module path, LoraAdapter)`` of every adapter of ``gm`` named ``adapter`` (a name, a list
     of names, or ``None`` for all), each once (shared adapters of tied weights included once).
@@ -65,13 +57,12 @@ def select_adapters(gm: nn.Module, adapter: AdapterSel = None) -> list[tuple[str
     if not is_adapted(gm):
         raise NotAdaptedError(f"{type(gm).__name__} carries no lora_fx adapters; call lora_fx.transform first")
     wanted = None if adapter is None else ({adapter} if isinstance(adapter, str) else set(adapter))
-    found, names = [], set()
-    for path, m in gm.named_modules():
-        if isinstance(m, LoraAdapter):
-            name = _adapter_name(path)
-            names.add(name)
-            if wanted is None or name in wanted:
-                found.append((path, m))
+    found, names, seen = [], set(), set()
+    for _, path, rec, m in adapter_records(gm):
+        names.add(rec.adapter)
+        if id(m) not in seen and (wanted is None or rec.adapter in wanted):
+            seen.add(id(m))
+            found.append((path, m))
     missing = sorted(wanted - names) if wanted is not None else []
     if missing or not found:
         raise NotAdaptedError(f"no adapter named {missing or adapter!r} in {type(gm).__name__}; "
@@ -132,23 +123,28 @@ def enable_adapters_(gm: nn.Module, enabled: bool = True, *, adapter: AdapterSel
 
 @contextlib.contextmanager
 def disable_adapters(gm: nn.Module, *, adapter: AdapterSel = None) -> Iterator[nn.Module]:
-    """Context manager: inside, adapter(s) (all by default) are disabled, so ``gm`` computes the
-    base model; on exit each adapter's previous ``enabled`` state is restored (also on error).
-    Mirrors PEFT's ``with model.disable_adapter():``.  No recompilation under ``torch.compile``.
+    """Context manager: inside, adapter(s) (all by default) are off, so ``gm`` computes the base
+    model; on exit each adapter's ``enabled`` flag and mixing weight are restored (also on error).
+    Mirrors HF PEFT's ``with model.disable_adapter():``.  No re-tracing, no recompilation under
+    ``torch.compile`` (only the ``scaling`` buffers change).
+
+    Example::
+
+        with lora_fx.disable_adapters(gm):
+            base_out = gm(x)
 
     Raises:
-        NotAdaptedError: no such adapter.
+        NotAdaptedError: ``gm`` carries no adapters, or none named ``adapter``.
     """
-    chosen = select_adapters(gm, adapter)
-    before = [(a, a.enabled) for _, a in chosen]
+    saved = [(a, a.enabled, a.mix) for _, a in select_adapters(gm, adapter)]
+    for a, _, _ in saved:
+        a.enabled = False
+        a.refresh_scaling_()
     try:
-        for a, _ in before:
-            a.enabled = False
-            a.refresh_scaling_()
         yield gm
     finally:
-        for a, was in before:
-            a.enabled = was
+        for a, enabled, mix in saved:
+            a.enabled, a.mix = enabled, mix
             a.refresh_scaling_()
 
 

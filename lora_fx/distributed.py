@@ -199,16 +199,12 @@ def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", meta
     Raises:
         ConfigError: unknown ``bias`` mode.
     """
-    import json
     from pathlib import Path
 
-    from safetensors.torch import save
-
-    from .io import atomic_write_bytes
+    from .io import atomic_write_bytes, safetensors_bytes
 
     sd = gather_lora_state_dict(model, bias=bias, rank0_only=True)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
-    meta = {"format": "lora_fx", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in sd.items()}, metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes(sd, metadata))
     return Path(path)

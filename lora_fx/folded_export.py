@@ -12,7 +12,6 @@ whether the export succeeds or fails at any step (CASES.md case 8).
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Optional
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import ExportFileError, ExportParityError, NotAdaptedError
+from .io import atomic_write
 from .state import is_adapted
 
 __all__ = ["export_folded", "export_onnx", "parity_report"]
@@ -108,22 +108,12 @@ def _prepare(gm: nn.Module, example_inputs, example_kwargs, eval_mode: bool):
 
 
 def _atomic_write(path: str, write) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    """:func:`lora_fx.io.atomic_write`, with its ``OSError`` reported as :class:`ExportFileError`."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".lora_fx-", suffix=os.path.splitext(path)[1], dir=directory)
-        os.close(fd)
+        atomic_write(path, write)
     except OSError as exc:
-        raise ExportFileError(f"cannot write the exported program to '{path}': {exc}. Choose a writable path "
-                              "(the adapted model was not changed).") from exc
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ExportFileError(f"cannot write the exported program to '{path}': {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise ExportFileError(f"cannot write the exported program to '{os.fspath(path)}': {exc}. Choose a writable "
+                              "path (the adapted model was not changed).") from exc
 
 
 def export_folded(

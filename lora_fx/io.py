@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -14,20 +14,22 @@ from torch import nn
 from .errors import AdapterFileError, AdapterMismatchError, NotAdaptedError
 from .training import lora_state_dict
 
-__all__ = ["save_lora_state", "load_lora_state", "atomic_write_bytes"]
+__all__ = ["save_lora_state", "load_lora_state", "atomic_write", "atomic_write_bytes", "safetensors_bytes"]
 
 
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``:
-    a crash mid-write leaves any previous file intact."""
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
+    """Atomically create or replace ``path``: ``write(tmp)`` fills a temporary file in the same
+    folder, which is then ``os.replace``-d onto ``path``.  A crash or error mid-write leaves any
+    previous file intact and no temporary file behind.
+
+    Raises:
+        OSError: the folder is not writable, or ``write`` failed with it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -35,6 +37,28 @@ def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
+    """:func:`atomic_write` of ``data`` (flushed and fsync-ed), creating missing parent folders."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def safetensors_bytes(sd: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
+    """``sd`` serialised as safetensors with ``{"format": "lora_fx", **metadata}`` (non-string
+    metadata values JSON-encoded)."""
+    from safetensors.torch import save
+
+    meta = {"format": "lora_fx", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
+    return save({k: v.contiguous() for k, v in sd.items()}, metadata=meta)
 
 
 def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: str = "none",
@@ -48,15 +72,11 @@ def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: st
         NotAdaptedError: ``model`` holds no adapter parameters (nothing would be saved).
         OSError: the file cannot be written; any previous file at ``path`` is left intact.
     """
-    from safetensors.torch import save
-
     sd = {k: v.detach().contiguous().clone() for k, v in lora_state_dict(model, bias=bias).items()}
     if not any(".lora_" in k or k.startswith("lora_") for k in sd):
         raise NotAdaptedError(f"save_lora_state(): {type(model).__name__} holds no adapter parameters, so the file "
                               "would be empty. Save the module returned by lora_fx.transform(model, ...).")
-    meta = {"format": "lora_fx", **{k: json.dumps(v) if not isinstance(v, str) else v
-                                    for k, v in (metadata or {}).items()}}
-    atomic_write_bytes(path, save(sd, metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes(sd, metadata))
     return Path(path)
 
 

@@ -87,6 +87,15 @@ def _tail(node: fx.Node, chain_ops) -> fx.Node:
         node = nxt
 
 
+def _inserted(after: fx.Node, anchor: fx.Node) -> set:
+    """Nodes inserted between ``after`` and ``anchor`` (its old successor): O(inserted), not O(graph)."""
+    out, n = set(), after.next
+    while n is not anchor:
+        out.add(n)
+        n = n.next
+    return out
+
+
 def _rewire(tail: fx.Node, new: fx.Node, created: set) -> None:
     """Make every user of ``tail`` except the nodes just ``created`` read ``new``."""
     tail.replace_all_uses_with(new, delete_user_cb=lambda u: u not in created)
@@ -111,14 +120,14 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
     hooked = bool(mod._forward_hooks or mod._forward_pre_hooks)
     if not hooked and all(_wants_factored(lowering, c, a) for c, a, _ in items):
         tail = _tail(node, ops.DELTA_OPS)  # earlier adapters' delta chain: append after it
-        before = set(graph.nodes)
-        with graph.inserting_before(tail.next):
+        anchor = tail.next
+        with graph.inserting_before(anchor):
             y = tail
             for c, adapter, path in items:
                 f = rule.factored(node, mod, c.param[len(node.target) + 1:])
                 y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra)
                                         + _layout(adapter))
-        _rewire(tail, y, set(graph.nodes) - before)
+        _rewire(tail, y, _inserted(tail, anchor))
         return [(c, "factored") for c, _, _ in items]
     with graph.inserting_before(node):
         merged: dict[str, fx.Node] = {}
@@ -143,20 +152,20 @@ def _lower_attr(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
             slot = _weight_slot(user, weight)
             f = function_rule(user.target).factored(user, slot, tuple(items[0][0].shape))
             tail = _tail(user, ops.DELTA_OPS)
-            before = set(graph.nodes)
-            with graph.inserting_before(tail.next):
+            anchor = tail.next
+            with graph.inserting_before(anchor):
                 y = tail
                 for _, adapter, path in items:
                     y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra)
                                             + _layout(adapter))
-            _rewire(tail, y, set(graph.nodes) - before)
+            _rewire(tail, y, _inserted(tail, anchor))
         return [(c, "factored") for c, _, _ in items]
-    before = set(graph.nodes)
-    with graph.inserting_before(weight.next):
+    anchor = weight.next
+    with graph.inserting_before(anchor):
         w = weight
         for _, adapter, path in items:
             w = _merge_node(graph, w, path, adapter)
-    _rewire(weight, w, set(graph.nodes) - before)
+    _rewire(weight, w, _inserted(weight, anchor))
     return [(c, "merge") for c, _, _ in items]
 
 
@@ -209,7 +218,7 @@ def insert_lora(
         lower = _lower_module if node.op == "call_module" else _lower_attr
         for (c, how), (_, _, path) in zip(lower(gm, node, items, lowering), items):
             state_of(gm).adapters[path].consumers.append((c.node, c.op, how))
-    for gm in gms.values():
-        gm.graph.lint()
-        gm.recompile()
+    for gm_path in {k[0] for k in groups}:  # only rewritten graphs need new code
+        gms[gm_path].graph.lint()
+        gms[gm_path].recompile()
     return root
