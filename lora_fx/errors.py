@@ -45,7 +45,8 @@ class TraceError(LoraFxError, RuntimeError):
 
 
 class UnsupportedSiteError(LoraFxError, NotImplementedError):
-    """A parameter named by ``targets`` is consumed by an op the pass cannot rewrite."""
+    """A parameter named by ``targets`` is consumed by an op the pass cannot rewrite, or ``fold``
+    cannot give an untargeted alias of a shared module its base weight back."""
 
 
 class NotAdaptedError(LoraFxError, TypeError):

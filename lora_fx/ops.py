@@ -73,6 +73,15 @@ def merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
     ``W`` is never written; autograd sees ``ΔW`` as a function of ``lora_A`` and ``lora_B``.
     With ``blocks`` (a fused weight, see :func:`delta_weight`) the rows of disabled blocks are
     ``W``'s own rows, bit for bit.
+
+    Args:
+        weight: ``W`` of any shape ``(out, ...)`` and floating dtype.
+        lora_A: ``(rank, prod(W.shape[1:]))`` (fused: ``(n_enabled·rank, ...)``).
+        lora_B: ``(out, rank)`` (fused: ``(Σ enabled rows, rank)``).
+        scaling: 0-dim tensor.
+
+    Returns:
+        ``W + ΔW`` of ``W``'s shape and dtype (Hu et al., 2022, eq. 3).
     """
     if blocks is None:
         delta = delta_weight(lora_A, lora_B, scaling, weight.shape)
