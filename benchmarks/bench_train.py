@@ -224,11 +224,25 @@ def _summary(ts, clock):
 
 
 def run_rounds(fns: dict[str, Callable[[], None]], rounds: int, steps: int, clock: str = "cpu") -> dict[str, dict]:
+    """Time every variant once per round; round ``i`` starts at variant ``i`` (rotated order, so no
+    variant always runs first or right after a compilation-heavy neighbour).  Each result keeps its
+    per-round times (``rounds_ms``) for paired ratios (:func:`paired_ratio`)."""
     times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn, steps))
-    return {k: _summary(v, clock) for k, v in times.items()}
+    names = list(fns)
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(_timed(fns[name], steps))
+    out = {k: _summary(v, clock) for k, v in times.items()}
+    for k, v in times.items():
+        out[k]["rounds_ms"] = [1e3 * (t[0] if clock == "cpu" else t[1]) for t in v]
+    return out
+
+
+def paired_ratio(res: dict, name: str, ref: str) -> tuple[float, float]:
+    """Median and spread (max - min) of the per-round ratios ``name / ref`` (same round = same
+    machine state, so a paired ratio is steadier than a ratio of medians)."""
+    rs = [a / b for a, b in zip(res[name]["rounds_ms"], res[ref]["rounds_ms"])]
+    return statistics.median(rs), max(rs) - min(rs)
 
 
 def _compile(model, args):
@@ -252,8 +266,8 @@ def bench_train(kind, args, log):
     res = run_rounds(fns, args.rounds, args.steps, args.clock)
     # ratios: to full fine-tuning in the same mode (eager vs compiled)
     for name, r in res.items():
-        ref = res.get("full+compile", res["full"]) if name.endswith("+compile") else res["full"]
-        r["ratio_to_full"] = r["median_ms"] / ref["median_ms"]
+        ref = "full+compile" if name.endswith("+compile") and "full+compile" in res else "full"
+        r["ratio_to_full"], r["ratio_spread"] = paired_ratio(res, name, ref)
     return res
 
 
@@ -282,8 +296,8 @@ def bench_infer(kind, args, log):
                 fn()
             res = run_rounds(fns, args.rounds, args.infer_steps, args.clock)
         for name, r in res.items():
-            ref = res.get("base+compile", res["base"]) if name.endswith("+compile") else res["base"]
-            r["ratio_to_base"] = r["median_ms"] / ref["median_ms"]
+            ref = "base+compile" if name.endswith("+compile") and "base+compile" in res else "base"
+            r["ratio_to_base"], r["ratio_spread"] = paired_ratio(res, name, ref)
         out[f"batch{batch}"] = res
         log(f"  [{kind}] inference batch {batch} done")
     return out
@@ -411,9 +425,10 @@ def parse_args(argv=None):
 
 
 def _fmt_table(title, res, ratio_key):
-    lines = [title, f"  {'variant':<22}{'median ms':>11}{'spread':>9}{'ratio':>8}"]
+    lines = [title, f"  {'variant':<22}{'median ms':>11}{'spread':>9}{'ratio':>8}{'±':>8}"]
     for name, r in res.items():
-        lines.append(f"  {name:<22}{r['median_ms']:>11.2f}{r['spread']:>9.2f}{r[ratio_key]:>8.3f}")
+        lines.append(f"  {name:<22}{r['median_ms']:>11.2f}{r['spread']:>9.2f}{r[ratio_key]:>8.3f}"
+                     f"{r['ratio_spread'] / 2:>8.3f}")
     return "\n".join(lines)
 
 

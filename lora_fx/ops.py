@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lora_fx.remat import down
+
 __all__ = [
     "delta_weight",
     "merge",
@@ -146,15 +148,19 @@ def _to(x: Tensor, like: Tensor) -> Tensor:
 
 
 def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
-                 blocks: Sequence[tuple[int, bool]] | None = None) -> Tensor:
+                 blocks: Sequence[tuple[int, bool]] | None = None, remat: tuple | None = None) -> Tensor:
     """``y + s·(x Aᵀ) Bᵀ``: factored LoRA for ``y = F.linear(x, W, b)`` with ``W: (out, in)``.
 
     Shapes: ``x (..., in)``, ``y (..., out)``; returns ``(..., out)`` in ``y``'s dtype.  With
     ``blocks`` (fused weight, see :func:`delta_weight`): ``h = s·x Aᵀ`` once, then block ``i``'s
     output features get ``h_i B_iᵀ`` and disabled blocks' features are ``y``'s own, bit for bit.
+    ``remat``: how to recompute ``x`` in backward instead of keeping it (:func:`lora_fx.remat.down`).
     """
-    h = F.linear(_to(x, lora_A), lora_A) * scaling
+    h = down(x, lora_A, scaling, remat)
     if blocks is None:
+        if h.dtype == y.dtype == lora_B.dtype and y.dim() > 0:
+            # y + h Bᵀ as one GEMM with beta=1 (torch.addmm): no separate (..., out) add pass
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t()).view(y.shape)
         return y + _to(F.linear(h, lora_B), y)
     return _blockwise(y, blocks, -1, lambda start, stop, b0, i, r: F.linear(
         h[..., i * r:(i + 1) * r], lora_B[b0:b0 + stop - start]), lora_A)

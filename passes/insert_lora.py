@@ -25,6 +25,7 @@ from lora_fx.rules import function_rule, module_rule
 from lora_fx.state import STATE_ATTR, AdapterRecord, GraphState, state_of
 
 from .find_sites import Consumer, _weight_slot
+from .remat import remat_spec
 from .trace import graph_modules
 
 __all__ = ["insert_lora", "LOWERINGS"]
@@ -58,6 +59,15 @@ def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x, fn=None):
         x = graph.call_module(f"{path}.dropout", (x,))
     return (x, graph.get_attr(f"{path}.lora_A"), graph.get_attr(f"{path}.lora_B"),
             graph.get_attr(f"{path}.scaling"))
+
+
+def _delta_node(gm: fx.GraphModule, f, y, path: str, adapter: LoraAdapter) -> fx.Node:
+    """Emit ``f.fn(y, x, lora_A, lora_B, scaling, *extra[, blocks])`` at the insertion point; a
+    linear site without dropout also gets ``remat=`` when its input's producer can be recomputed."""
+    graph = gm.graph
+    args = (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra) + _layout(adapter)
+    spec = remat_spec(graph, gm, f.x) if f.fn is ops.linear_delta and not hasattr(adapter, "dropout") else None
+    return graph.call_function(f.fn, args, {"remat": spec} if spec else {})
 
 
 def _layout(adapter: LoraAdapter) -> tuple:
@@ -124,9 +134,7 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
         with graph.inserting_before(anchor):
             y = tail
             for c, adapter, path in items:
-                f = rule.factored(node, mod, c.param[len(node.target) + 1:])
-                y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra)
-                                        + _layout(adapter))
+                y = _delta_node(gm, rule.factored(node, mod, c.param[len(node.target) + 1:]), y, path, adapter)
         _rewire(tail, y, _inserted(tail, anchor))
         return [(c, "factored") for c, _, _ in items]
     with graph.inserting_before(node):
@@ -156,8 +164,7 @@ def _lower_attr(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
             with graph.inserting_before(anchor):
                 y = tail
                 for _, adapter, path in items:
-                    y = graph.call_function(f.fn, (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra)
-                                            + _layout(adapter))
+                    y = _delta_node(gm, f, y, path, adapter)
             _rewire(tail, y, _inserted(tail, anchor))
         return [(c, "factored") for c, _, _ in items]
     anchor = weight.next
