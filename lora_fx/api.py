@@ -99,6 +99,7 @@ def transform(
     init: str = _UNSET,
     dropout: float = _UNSET,
     lowering: str = _UNSET,
+    recompute_inputs: bool = _UNSET,
     adapter_dtype: Optional[str] = _UNSET,
     fused: Optional[dict] = _UNSET,
     config: Optional[LoraConfig] = None,
@@ -133,7 +134,8 @@ def transform(
             ``"layers.*.attn.*.weight"``; ``None``: every weight of linear, conv, conv-transpose,
             embedding, matmul and attention sites.
         exclude: patterns removed from targets (exclude wins).
-        rank_pattern, alpha_pattern, use_rslora, use_dora, init, dropout, lowering, adapter_dtype: see
+        rank_pattern, alpha_pattern, use_rslora, use_dora, init, dropout, lowering, recompute_inputs,
+            adapter_dtype: see
             :class:`~lora_fx.config.LoraConfig` (these keywords override ``config``).
         fused: ``{pattern: spec}``: per-block adapters on weights whose output rows are blocks,
             e.g. ``{"*.qkv.weight": {"blocks": {"q": 64, "k": 16, "v": 16}, "enable": ("q", "v")}}``
@@ -175,7 +177,8 @@ def transform(
     given = {k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
                                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                                      use_rslora=use_rslora, use_dora=use_dora, init=init, dropout=dropout,
-                                     lowering=lowering, adapter_dtype=adapter_dtype, fused=fused).items()
+                                     lowering=lowering, recompute_inputs=recompute_inputs,
+                                     adapter_dtype=adapter_dtype, fused=fused).items()
              if v is not _UNSET}
     cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
     if is_adapted(model):
@@ -263,7 +266,8 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
             dora_init_(a, w)
         return a
 
-    insert_lora.insert_lora(root, chosen, make_adapter, adapter_name=adapter_name, lowering=cfg.lowering)
+    insert_lora.insert_lora(root, chosen, make_adapter, adapter_name=adapter_name, lowering=cfg.lowering,
+                            recompute_inputs=cfg.recompute_inputs)
     configs = dict(getattr(root, CONFIG_ATTR, {}))
     configs[adapter_name] = cfg
     setattr(root, CONFIG_ATTR, configs)

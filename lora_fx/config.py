@@ -65,6 +65,10 @@ class LoraConfig:
             merged weight.
         lowering: ``"auto"`` (factored where exact and cheaper, else merge), ``"factored"``
             (factored wherever exact) or ``"merge"`` (always ``op(x, W + ΔW)``).
+        recompute_inputs: at factored linear sites whose input is the output of a norm, GELU/SiLU
+            or ``a * b`` (see :mod:`lora_fx.remat`), keep that op's inputs (saved anyway) instead of
+            the adapter input and recompute it in backward: less activation memory for one cheap
+            op per site in backward (eager autograd only).  ``False``: keep the input, as PEFT does.
         adapter_dtype: dtype name of the factors, or ``None``: float32 for float16/bfloat16
             weights, else the weight's dtype.
         fused: ``{pattern: FusedSpec | shortcut | None}``: per-block adapters on weights whose
@@ -84,6 +88,7 @@ class LoraConfig:
     use_dora: bool = False
     dropout: float = 0.0
     lowering: str = "auto"
+    recompute_inputs: bool = True
     adapter_dtype: Optional[str] = None
     fused: dict[str, Any] = field(default_factory=dict)
     version: int = CONFIG_VERSION
@@ -112,6 +117,8 @@ class LoraConfig:
             raise ConfigError(f"lowering must be 'auto', 'factored' or 'merge', got {self.lowering!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.recompute_inputs, bool):
+            raise ConfigError(f"recompute_inputs must be True or False, got {self.recompute_inputs!r}")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora must be True or False, got {self.use_dora!r}")
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:

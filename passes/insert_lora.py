@@ -61,12 +61,13 @@ def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x, fn=None):
             graph.get_attr(f"{path}.scaling"))
 
 
-def _delta_node(gm: fx.GraphModule, f, y, path: str, adapter: LoraAdapter) -> fx.Node:
+def _delta_node(gm: fx.GraphModule, f, y, path: str, adapter: LoraAdapter, remat: bool = True) -> fx.Node:
     """Emit ``f.fn(y, x, lora_A, lora_B, scaling, *extra[, blocks])`` at the insertion point; a
     linear site without dropout also gets ``remat=`` when its input's producer can be recomputed."""
     graph = gm.graph
     args = (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra) + _layout(adapter)
-    spec = remat_spec(graph, gm, f.x) if f.fn is ops.linear_delta and not hasattr(adapter, "dropout") else None
+    wants = remat and f.fn is ops.linear_delta and not hasattr(adapter, "dropout")
+    spec = remat_spec(graph, gm, f.x) if wants else None
     return graph.call_function(f.fn, args, {"remat": spec} if spec else {})
 
 
@@ -122,7 +123,7 @@ def _wants_factored(lowering: str, c: Consumer, adapter: LoraAdapter) -> bool:
     return True
 
 
-def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
+def _lower_module(gm, node, items, lowering, remat=True) -> list[tuple[Consumer, str]]:
     graph = gm.graph
     mod = gm.get_submodule(node.target)
     rule = module_rule(mod)
@@ -134,7 +135,8 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
         with graph.inserting_before(anchor):
             y = tail
             for c, adapter, path in items:
-                y = _delta_node(gm, rule.factored(node, mod, c.param[len(node.target) + 1:]), y, path, adapter)
+                y = _delta_node(gm, rule.factored(node, mod, c.param[len(node.target) + 1:]), y, path, adapter,
+                                remat)
         _rewire(tail, y, _inserted(tail, anchor))
         return [(c, "factored") for c, _, _ in items]
     with graph.inserting_before(node):
@@ -152,7 +154,7 @@ def _lower_module(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
     return [(c, "merge") for c, _, _ in items]
 
 
-def _lower_attr(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
+def _lower_attr(gm, node, items, lowering, remat=True) -> list[tuple[Consumer, str]]:
     graph = gm.graph
     weight = _tail(node, ops.MERGE_OPS)  # earlier adapters' merge chain: the weight the ops see
     if all(_wants_factored(lowering, c, a) for c, a, _ in items):
@@ -164,7 +166,7 @@ def _lower_attr(gm, node, items, lowering) -> list[tuple[Consumer, str]]:
             with graph.inserting_before(anchor):
                 y = tail
                 for _, adapter, path in items:
-                    y = _delta_node(gm, f, y, path, adapter)
+                    y = _delta_node(gm, f, y, path, adapter, remat)
             _rewire(tail, y, _inserted(tail, anchor))
         return [(c, "factored") for c, _, _ in items]
     anchor = weight.next
@@ -183,6 +185,7 @@ def insert_lora(
     *,
     adapter_name: str = "default",
     lowering: str = "auto",
+    recompute_inputs: bool = True,
 ) -> nn.Module:
     """Register one adapter per targeted parameter object and lower every selected consumer.
 
@@ -192,6 +195,7 @@ def insert_lora(
         make_adapter: builds the adapter for the first consumer of a parameter object.
         adapter_name: name under which adapters are registered.
         lowering: ``"auto"`` | ``"factored"`` | ``"merge"``.
+        recompute_inputs: attach ``remat`` specs to factored linear sites (:mod:`lora_fx.remat`).
 
     Returns:
         ``root``.  Aliases of one parameter object that are all targeted share one adapter;
@@ -223,7 +227,7 @@ def insert_lora(
         gm = gms[gm_path]
         node = nodes_by_name[gm_path][node_name]
         lower = _lower_module if node.op == "call_module" else _lower_attr
-        for (c, how), (_, _, path) in zip(lower(gm, node, items, lowering), items):
+        for (c, how), (_, _, path) in zip(lower(gm, node, items, lowering, recompute_inputs), items):
             state_of(gm).adapters[path].consumers.append((c.node, c.op, how))
     for gm_path in {k[0] for k in groups}:  # only rewritten graphs need new code
         gms[gm_path].graph.lint()

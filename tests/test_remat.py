@@ -253,3 +253,16 @@ def test_modifying_a_kept_input_in_place_is_caught():
         gm.norm.weight.mul_(2)  # the recompute would see other values
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_recompute_inputs_false_keeps_inputs_and_is_validated():
+    torch.manual_seed(0)
+    model = GatedBlock(nn.LayerNorm(12))
+    gm = lora_fx.transform(model, rank=2, recompute_inputs=False)
+    assert set(_remat_kinds(gm).values()) == {None}
+    cfg = lora_fx.LoraConfig.from_json(lora_fx.LoraConfig(recompute_inputs=False).to_json())
+    assert cfg.recompute_inputs is False
+    with pytest.raises(lora_fx.ConfigError, match="recompute_inputs"):
+        lora_fx.transform(model, rank=2, recompute_inputs="yes")
+    # dropout on the adapter branch: its input is the dropout's output, nothing to recompute
+    assert set(_remat_kinds(lora_fx.transform(model, rank=2, dropout=0.1)).values()) == {None}
