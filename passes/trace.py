@@ -187,16 +187,22 @@ def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf
     ``leaf_patterns`` is a leaf, never a block)."""
     tracer = fx.Tracer()
     found = set()
+    inside: set[str] = set()  # found blocks and every module below them (preorder: parents come first)
+    by_name: dict[str, nn.Module] = {}
     for name, child in module.named_modules():
+        by_name[name] = child
         if not name:
             continue
-        if any(name == b or name.startswith(b + ".") for b in found):
+        parent_name = name.rpartition(".")[0]
+        if parent_name in inside:
+            inside.add(name)
             continue
-        parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+        parent = by_name[parent_name]
         is_block = isinstance(parent, nn.ModuleList) or any(fnmatch.fnmatchcase(prefix + name, p) for p in patterns)
         is_leaf = any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_patterns)
         if is_block and not is_leaf and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
             found.add(name)
+            inside.add(name)
     return found
 
 
