@@ -310,7 +310,7 @@ def _reuse_key(module: nn.Module, *extra: Any) -> Optional[tuple]:
 
 def _copy_graph(template: fx.Graph) -> fx.Graph:
     """A fresh copy of ``template`` (same node names, targets and metadata)."""
-    g = fx.Graph(tracer_cls=template._tracer_cls, tracer_extras=template._tracer_extras)
+    g = fx.Graph(tracer_cls=template._tracer_cls, tracer_extras=copy.copy(template._tracer_extras))
     g._co_fields = dict(getattr(template, "_co_fields", {}))
     g._codegen = copy.deepcopy(template._codegen)
     val_map: dict[fx.Node, fx.Node] = {}
