@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -356,12 +357,17 @@ def bench_transform(args, log):
         sym, tr, tr_shared = [], [], []
         clock = CLOCK[args.clock]
         for _ in range(args.trace_repeats):  # interleaved
+            # each timing starts without the previous results' garbage, so a full collection of it
+            # lands in none of them (it would otherwise fall at random into one of the three)
+            gc.collect()
             t = clock()
             torch.fx.symbolic_trace(model)
             sym.append(clock() - t)
+            gc.collect()
             t = clock()
             lora_fx.transform(model, rank=4, targets=["blocks.*.weight"])
             tr.append(clock() - t)
+            gc.collect()
             t = clock()
             lora_fx.transform(model, rank=4, targets=["blocks.*.weight"], copy_weights=False)
             tr_shared.append(clock() - t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import fnmatch
@@ -14,6 +15,7 @@ from torch import fx, nn
 
 from .adapter import LoraAdapter
 from .config import LoraConfig, as_patterns
+from .graph_module import compile_stale, deferred_recompile
 from .init import dora_init_, pissa_init_
 from .errors import (AlreadyAdaptedError, ConfigError, LoraFxWarning, NotAdaptedError, TargetError,
                      UnsupportedSiteError)
@@ -35,16 +37,22 @@ def _passes():
 
 def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
     memo: dict[int, Any] = {}
+    for m in model.modules():  # every module's empty hook dicts and sets: made here, not via __reduce_ex__
+        for v in m.__dict__.values():
+            if (type(v) is collections.OrderedDict and not v and not v.__dict__) or (type(v) is set and not v):
+                memo[id(v)] = type(v)()
     if not copy_weights:
         for p in model.parameters():  # each Parameter object once; ties map to one copy
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     try:
-        return copy.deepcopy(model, memo)
+        copied = copy.deepcopy(model, memo)
     except Exception as exc:
         raise ConfigError(
             f"could not copy {type(model).__name__} (lora_fx never modifies your model, so it works on a "
             f"copy): {type(exc).__name__}: {exc}. Make the model deep-copyable (drop open files, locks or "
             "generators held as attributes).") from exc
+    compile_stale(copied)  # GraphModules in the model: copied inside transform's deferred_recompile block
+    return copied
 
 
 def _select(consumers, targets, exclude):
@@ -187,13 +195,14 @@ def transform(
             "second adapter silently. Train it as is, call lora_fx.fold(model) first, or add a named adapter "
             "with lora_fx.add_adapter(model, name, ...).")
     from lora_fx.passes.export import capture
-    root = capture(model, lambda: _copy_model(model, copy_weights), frontend=frontend, example_inputs=example_inputs,
-                   example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                   trace_kwargs=dict(blocks=as_patterns(blocks, "blocks") or (),
-                                     leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
-                                     concrete_args=concrete_args))
-    setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
-    return _adapt(root, cfg, adapter_name)
+    with deferred_recompile():  # each GraphModule generates its code once, after the rewrite
+        root = capture(model, lambda: _copy_model(model, copy_weights), frontend=frontend,
+                       example_inputs=example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+                       trace_kwargs=dict(blocks=as_patterns(blocks, "blocks") or (),
+                                         leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
+                                         concrete_args=concrete_args))
+        setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
+        return _adapt(root, cfg, adapter_name)
 
 
 #: Attribute of the root GraphModule: True when its base weights are its own copies (PiSSA may

@@ -191,15 +191,17 @@ def find_sites(root: nn.Module) -> list[Consumer]:
     in graph order, root first.  Adapter parameters are never listed."""
     out: list[Consumer] = []
     for gm_path, gm in graph_modules(root):
-        dg = nx.DiGraph()
-        for n in gm.graph.nodes:
-            dg.add_node(n)
-            for u in n.users:
-                dg.add_edge(n, u)
+        dg = None  # built on the first get_attr node (a graph of leaf calls only needs none)
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 out.extend(_module_consumers(gm, gm_path, n))
             elif n.op == "get_attr":
+                if dg is None:
+                    dg = nx.DiGraph()
+                    for m in gm.graph.nodes:
+                        dg.add_node(m)
+                        for u in m.users:
+                            dg.add_edge(m, u)
                 c = _attr_consumer(gm, gm_path, dg, n)
                 if c is not None:
                     out.append(c)

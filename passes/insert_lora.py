@@ -53,12 +53,18 @@ def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAd
     return path
 
 
+def _get_attr(graph: fx.Graph, target: str) -> fx.Node:
+    """``graph.get_attr(target)`` without its existence check (every target here was registered
+    just before, and the check walks the module path once per node)."""
+    return graph.create_node("get_attr", target)
+
+
 def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x, fn=None):
     # an embedding's input is indices: no dropout there (as PEFT's Embedding layer)
     if hasattr(adapter, "dropout") and fn is not ops.embedding_delta:
         x = graph.call_module(f"{path}.dropout", (x,))
-    return (x, graph.get_attr(f"{path}.lora_A"), graph.get_attr(f"{path}.lora_B"),
-            graph.get_attr(f"{path}.scaling"))
+    return (x, _get_attr(graph, f"{path}.lora_A"), _get_attr(graph, f"{path}.lora_B"),
+            _get_attr(graph, f"{path}.scaling"))
 
 
 def _delta_node(gm: fx.GraphModule, f, y, path: str, adapter: LoraAdapter, remat: bool = True) -> fx.Node:
@@ -77,12 +83,12 @@ def _layout(adapter: LoraAdapter) -> tuple:
 
 
 def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapter) -> fx.Node:
-    a = graph.get_attr(f"{path}.lora_A")
+    a = _get_attr(graph, f"{path}.lora_A")
     if hasattr(adapter, "dropout"):  # merge sites: DropConnect on lora_A (documented)
         a = graph.call_module(f"{path}.dropout", (a,))
-    b, s = graph.get_attr(f"{path}.lora_B"), graph.get_attr(f"{path}.scaling")
+    b, s = _get_attr(graph, f"{path}.lora_B"), _get_attr(graph, f"{path}.scaling")
     if getattr(adapter, "use_dora", False):
-        return graph.call_function(ops.dora_merge, (weight, a, b, s, graph.get_attr(f"{path}.lora_magnitude"),
+        return graph.call_function(ops.dora_merge, (weight, a, b, s, _get_attr(graph, f"{path}.lora_magnitude"),
                                                     adapter.base_scaling))
     return graph.call_function(ops.merge, (weight, a, b, s) + _layout(adapter))
 
@@ -143,11 +149,11 @@ def _lower_module(gm, node, items, lowering, remat=True) -> list[tuple[Consumer,
         merged: dict[str, fx.Node] = {}
         for c, adapter, path in items:
             pname = c.param[len(node.target) + 1:]
-            w = merged[pname] if pname in merged else graph.get_attr(c.param)
+            w = merged[pname] if pname in merged else _get_attr(graph, c.param)
             merged[pname] = _merge_node(graph, w, path, adapter)
         new = rule.merged_call(graph, node, mod, merged) if rule.merged_call and not hooked else None
         if new is None:
-            new = graph.call_function(ops.module_call, (graph.get_attr(node.target), merged) + tuple(node.args),
+            new = graph.call_function(ops.module_call, (_get_attr(graph, node.target), merged) + tuple(node.args),
                                       dict(node.kwargs))
     node.replace_all_uses_with(new)
     graph.erase_node(node)

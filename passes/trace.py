@@ -5,10 +5,16 @@ traced as leaves of their parent and then each traced into its own ``GraphModule
 the block in place, so the parent still *calls* the block: per-block FSDP2 ``fully_shard``,
 activation checkpointing and regional ``torch.compile`` keep working (a flat trace inlines block
 forwards and their hooks never fire).
+
+A block built exactly like one traced before (same classes, submodule/parameter layout, plain
+attributes, constant arguments, no forward hooks inside: see ``_reuse_key``) is not traced again:
+it gets a copy of that graph, which names everything relative to the block, so it runs on the
+block's own weights.  The model's blocks typically cost one trace in all.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
 import math
@@ -23,7 +29,7 @@ from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
 import lora_fx
 from lora_fx.errors import LoraFxWarning, TraceError
-from lora_fx.graph_module import LoraGraphModule
+from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, value_key
 from lora_fx.ops import LORA_OPS
 
 __all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
@@ -86,6 +92,7 @@ class LoraTracer(fx.Tracer):
         self.branched: set[str] = set()
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
+        compile_stale(root)  # a GraphModule built or copied in a deferred_recompile block: fx traces its forward
         saved = [(m, m.training) for m in root.modules()]
         for name, m in root.named_modules():
             object.__setattr__(m, "training", _TrainingFlag(m.training, name, self.branched))
@@ -180,16 +187,22 @@ def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf
     ``leaf_patterns`` is a leaf, never a block)."""
     tracer = fx.Tracer()
     found = set()
+    inside: set[str] = set()  # found blocks and every module below them (preorder: parents come first)
+    by_name: dict[str, nn.Module] = {}
     for name, child in module.named_modules():
+        by_name[name] = child
         if not name:
             continue
-        if any(name == b or name.startswith(b + ".") for b in found):
+        parent_name = name.rpartition(".")[0]
+        if parent_name in inside:
+            inside.add(name)
             continue
-        parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+        parent = by_name[parent_name]
         is_block = isinstance(parent, nn.ModuleList) or any(fnmatch.fnmatchcase(prefix + name, p) for p in patterns)
         is_leaf = any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_patterns)
         if is_block and not is_leaf and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
             found.add(name)
+            inside.add(name)
     return found
 
 
@@ -250,6 +263,64 @@ def _warn_optional_inputs(graph: fx.Graph, module: nn.Module) -> None:
             "otherwise always pass them, or use frontend='export' with example inputs.", LoraFxWarning, stacklevel=4)
 
 
+# ------------------------------------------------------------------------------------------------
+# reuse of one traced graph for structurally identical blocks
+
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_MODULE_OWN = frozenset(_HOOK_DICTS) | {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                                        "_is_full_backward_hook", "training"}
+_GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called",
+                         "_global_forward_hooks_with_kwargs")
+
+
+def _reuse_key(module: nn.Module, *extra: Any) -> Optional[tuple]:
+    """Key under which ``module``'s traced graph can be reused for another module, or None.
+
+    Two modules with equal keys are traced to the same graph by a deterministic forward: same
+    classes (so the same ``forward`` code) throughout, no instance-level ``forward``, no forward
+    hooks below the root (fx runs them while tracing), the same submodule, parameter and buffer
+    layout (names, ties, shapes, dtypes, devices) and equal plain attributes (``training``,
+    sizes, flags ...); a plain tensor attribute or a global forward hook rules reuse out.  The
+    graph names parameters and submodules relative to the root, so a copy of it run on the other
+    module reads that module's own weights."""
+    if any(getattr(torch.nn.modules.module, h, None) for h in _GLOBAL_FORWARD_HOOKS):
+        return None
+    seen: dict[int, int] = {}
+
+    def ref(obj) -> int:
+        return seen.setdefault(id(obj), len(seen))
+
+    key: list = [extra]
+    try:
+        for name, m in module.named_modules(remove_duplicate=False):
+            d = m.__dict__
+            if "forward" in d or (name and any(d.get(h) for h in _FORWARD_HOOKS)):
+                return None
+            key.append((name, type(m), ref(m), bool(m.training), frozenset(m._non_persistent_buffers_set),
+                        tuple((k, None if c is None else ref(c)) for k, c in m._modules.items()),
+                        tuple((k, None if t is None else (ref(t), type(t), tuple(t.shape), t.dtype, t.device,
+                                                          t.requires_grad))
+                              for table in (m._parameters, m._buffers) for k, t in table.items()),
+                        tuple((k, value_key(v)) for k, v in d.items() if k not in _MODULE_OWN)))
+    except NotKeyable:  # a plain tensor attribute: its values may steer the trace
+        return None
+    return tuple(key)
+
+
+def _copy_graph(template: fx.Graph) -> fx.Graph:
+    """A fresh copy of ``template`` (same node names, targets and metadata)."""
+    g = fx.Graph(tracer_cls=template._tracer_cls, tracer_extras=copy.copy(template._tracer_extras))
+    g._co_fields = dict(getattr(template, "_co_fields", {}))
+    g._codegen = copy.deepcopy(template._codegen)
+    val_map: dict[fx.Node, fx.Node] = {}
+    for node in template.nodes:
+        new = val_map[node] = g.node_copy(node, val_map.__getitem__)
+        if "nn_module_stack" in new.meta:
+            new.meta["nn_module_stack"] = copy.copy(new.meta["nn_module_stack"])
+    return g
+
+
 def trace_hierarchy(
     module: nn.Module,
     *,
@@ -259,6 +330,7 @@ def trace_hierarchy(
     concrete_args: Optional[dict[str, Any]] = None,
     prefix: str = "",
     memo: Optional[dict[int, fx.GraphModule]] = None,
+    templates: Optional[dict[tuple, fx.Graph]] = None,
 ) -> fx.GraphModule:
     """Trace ``module`` (which the caller owns: blocks inside it are replaced in place) into a
     ``GraphModule`` whose blocks are themselves traced ``GraphModule`` s.
@@ -275,9 +347,57 @@ def trace_hierarchy(
         TraceError: naming the module, the source line and the escape hatches.
     """
     memo = {} if memo is None else memo
+    templates = {} if templates is None else templates
     block_names = _block_names(module, prefix, blocks, leaf_types, leaf_modules)
     leaf_names = {name for name, _ in module.named_modules()
                   if name and any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_modules)}
+    # a block built like one traced before (the layers of a ModuleList, typically) reuses its graph
+    key = None
+    if prefix:
+        try:
+            constants = tuple(sorted((k, value_key(v)) for k, v in (concrete_args or {}).items()))
+        except NotKeyable:
+            constants = None
+        if constants is not None:
+            key = _reuse_key(module, frozenset(block_names), frozenset(leaf_names), leaf_types, constants)
+    template = templates.get(key) if key is not None else None
+    if template is not None:
+        graph = _copy_graph(template)
+    else:
+        graph, auto_leaves = _trace(module, block_names=block_names, leaf_names=leaf_names, leaf_types=leaf_types,
+                                    concrete_args=concrete_args, prefix=prefix)
+        weighty = sorted(prefix + n for n in auto_leaves
+                         if any(True for _ in module.get_submodule(n).parameters()))
+        if weighty:
+            warnings.warn(f"{weighty} branch on self.training in forward; lora_fx keeps them as opaque leaves so "
+                          "train()/eval() still switch them (their own weights are adapted only when named in "
+                          "targets, by merging).", LoraFxWarning, stacklevel=3)
+        _tidy_concrete_args(graph, concrete_args)
+        if not prefix:
+            _warn_optional_inputs(graph, module)
+        if key is not None and not auto_leaves and _reuse_key(module, *key[0]) == key:
+            templates[key] = graph  # the trace left the module as it was: copies of its graph are exact
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in block_names:
+            calls.setdefault(node.target, []).append(node)
+    for target, nodes in calls.items():
+        block = module.get_submodule(target)
+        if id(block) not in memo:
+            memo[id(block)] = trace_hierarchy(
+                block, blocks=blocks, leaf_modules=leaf_modules, leaf_types=leaf_types,
+                concrete_args=_concrete_args_from_calls(block, nodes) or None,
+                prefix=f"{prefix}{target}.", memo=memo, templates=templates)
+        parent_name, _, child_name = target.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        parent._modules[child_name] = memo[id(block)]
+    return build_graph_module(module, graph)
+
+
+def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], leaf_types: tuple[type, ...],
+           concrete_args: Optional[dict[str, Any]], prefix: str) -> tuple[fx.Graph, set[str]]:
+    """Trace ``module`` with blocks and leaves opaque; modules whose forward branches on
+    ``self.training`` become leaves too (returned as the second item)."""
     auto_leaves: set[str] = set()
     while True:
         tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
@@ -302,26 +422,4 @@ def trace_hierarchy(
                 "lora_fx then keeps as a leaf that follows train()/eval()), or use frontend='export' with "
                 "example_inputs (which checks both modes).")
         leaf_names, auto_leaves = leaf_names | new_leaves, auto_leaves | new_leaves
-    weighty = sorted(prefix + n for n in auto_leaves if any(True for _ in module.get_submodule(n).parameters()))
-    if weighty:
-        warnings.warn(f"{weighty} branch on self.training in forward; lora_fx keeps them as opaque leaves so "
-                      "train()/eval() still switch them (their own weights are adapted only when named in "
-                      "targets, by merging).", LoraFxWarning, stacklevel=3)
-    _tidy_concrete_args(graph, concrete_args)
-    if not prefix:
-        _warn_optional_inputs(graph, module)
-    calls: dict[str, list[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in block_names:
-            calls.setdefault(node.target, []).append(node)
-    for target, nodes in calls.items():
-        block = module.get_submodule(target)
-        if id(block) not in memo:
-            memo[id(block)] = trace_hierarchy(
-                block, blocks=blocks, leaf_modules=leaf_modules, leaf_types=leaf_types,
-                concrete_args=_concrete_args_from_calls(block, nodes) or None,
-                prefix=f"{prefix}{target}.", memo=memo)
-        parent_name, _, child_name = target.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        parent._modules[child_name] = memo[id(block)]
-    return build_graph_module(module, graph)
+    return graph, auto_leaves
