@@ -1,6 +1,7 @@
 """Several named adapters: add (both lowerings, blocks), activate, mix, disable, delete — against
 references ``W + Σ w·s·B@A`` built from the factors with torch.func.functional_call."""
 
+import datetime
 import os
 import tempfile
 
@@ -231,7 +232,8 @@ def test_ddp_with_inactive_adapter_find_unused_false():
     lora_fx.mark_only_lora_as_trainable(gm)
     store_dir = tempfile.mkdtemp()
     store = dist.FileStore(os.path.join(store_dir, "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         ddp = DDP(gm, find_unused_parameters=False)
         opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)

@@ -1,7 +1,7 @@
 """lora_fx.nn layers versus the real loralib package and versus a functional reference
 ``functional_call(plain_module, {W: W + s·ΔW})`` built from the factors (CASES 1 and 10)."""
 
-import math
+import datetime
 
 import loralib
 import pytest
@@ -399,7 +399,8 @@ def test_ddp_pickle_and_dtype_moves():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model = DDP(Wrap(net), find_unused_parameters=False)
         frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
