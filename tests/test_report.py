@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 from torch import nn
 
 import lora_fx
