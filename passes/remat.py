@@ -2,7 +2,8 @@
 
 :func:`remat_spec` maps the producer node of ``x`` to ``(kind, inputs, kwargs)`` with
 ``x == lora_fx.remat.PRODUCERS[kind](*inputs, **kwargs)``; ``inputs`` are graph nodes (or None),
-emitted as arguments of the delta node.  Only exact, hook-free producers are matched: stock
+emitted as arguments of the delta node.  A leaf module producer is ``(kind, (u,), {"module": leaf})``
+(a ``get_attr`` of the leaf), whose weights, attributes and hooks are read when the site runs.  Only exact, hook-free producers are matched: stock
 ``nn.LayerNorm``/``nn.RMSNorm``/``nn.GELU``/``nn.SiLU`` leaves, ``F.gelu``/``F.silu``/``F.layer_norm``/
 ``F.rms_norm`` calls, ``a * b`` of two nodes, and their ATen forms (export front-end).
 """
