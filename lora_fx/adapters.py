@@ -249,13 +249,15 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
         prefixes = tuple(f"{p}." for p in paths)
         ours = lambda n: (n.op in ("get_attr", "call_module") and isinstance(n.target, str)  # noqa: E731
                           and n.target.startswith(prefixes))
+        freed = set()  # get_attr nodes only a removed node read (a remat spec's leaf module)
         for node in list(graph.nodes):
             if (node.op == "call_function" and node.target in MERGE_OPS + DELTA_OPS
                     and any(isinstance(a, fx.Node) and ours(a) for a in node.args[1:])):
+                freed.update(n for n in node.all_input_nodes if n.op == "get_attr")
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
         for node in reversed(list(graph.nodes)):
-            if ours(node) and not node.users:
+            if (ours(node) or node in freed) and not node.users:
                 graph.erase_node(node)
         for p in paths:
             owner_path, _, pname = p.rpartition(".")  # "<owner>.lora.<name>.<param>"

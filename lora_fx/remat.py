@@ -10,7 +10,8 @@ forward's autocast state.  The result and gradients are those of ``F.linear(x, A
 same GEMMs on bit-identical recomputed values).
 
 Used by eager autograd only: under ``torch.compile`` (where AOTAutograd's partitioner makes its
-own recompute decisions), in ``no_grad`` or when nothing needs a gradient, :func:`down` is the
+own recompute decisions), under ``torch.func`` transforms or forward-mode AD, in ``no_grad``, when nothing needs a
+gradient, or when ``x`` was modified in place after its producer made it, :func:`down` is the
 plain expression.  The pass (:mod:`lora_fx.passes.insert_lora`) attaches a ``remat`` spec
 ``(kind, inputs, kwargs)`` to a site only where the producer node is one of :data:`PRODUCERS`.
 """
@@ -18,10 +19,11 @@ plain expression.  The pass (:mod:`lora_fx.passes.insert_lora`) attaches a ``rem
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["down", "PRODUCERS"]
+__all__ = ["down", "PRODUCERS", "module_kind"]
 
 #: producer kinds whose backward keeps every tensor input that requires grad: recomputing their
 #: output from those inputs costs no memory.  ``kind -> function(*inputs, **kwargs)``.
@@ -32,6 +34,40 @@ PRODUCERS = {
     "rms_norm": lambda u, w, normalized_shape, eps: F.rms_norm(u, normalized_shape, w, eps),
     "mul": lambda a, b: torch.mul(a, b),
 }
+
+
+def module_kind(m: nn.Module) -> str | None:
+    """Producer kind of a stock leaf module (exact types, no subclasses), or None."""
+    t = type(m)
+    if t is nn.GELU:
+        return "gelu"
+    if t is nn.SiLU and not m.inplace:
+        return "silu"
+    if t is nn.LayerNorm:
+        return "layer_norm"
+    if t is getattr(nn, "RMSNorm", None):
+        return "rms_norm"
+    return None
+
+
+def _global_hooks() -> bool:
+    mm = torch.nn.modules.module
+    return any(getattr(mm, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                               "_global_forward_hooks_always_called"))
+
+
+def _module_inputs(kind: str, m: nn.Module, u):
+    """``(inputs, kwargs)`` recomputing leaf ``m``'s output from ``u`` as ``m`` stands now; None when
+    ``m`` is no longer a hook-free stock module of ``kind``."""
+    if module_kind(m) != kind or m._forward_hooks or m._forward_pre_hooks or _global_hooks():
+        return None
+    if kind == "gelu":
+        return (u,), {"approximate": m.approximate}
+    if kind == "silu":
+        return (u,), {}
+    if kind == "layer_norm":
+        return (u, m.weight, m.bias), {"normalized_shape": tuple(m.normalized_shape), "eps": m.eps}
+    return (u, m.weight), {"normalized_shape": tuple(m.normalized_shape), "eps": m.eps}
 
 
 def _to(x: Tensor, like: Tensor) -> Tensor:
@@ -47,7 +83,11 @@ def _free_to_keep(kind: str, inputs: tuple) -> bool:
             return False
         a, b = tensors
         return (b.requires_grad or isinstance(a, nn.Parameter)) and (a.requires_grad or isinstance(b, nn.Parameter))
-    return True  # unary producers: the first input is kept whenever it needs a grad (else neutral)
+    # unary producers keep their first input whenever it needs a grad.  One that needs none is saved
+    # by nobody: no version counter check guards it, so an in-place change of it (between the
+    # producer and the site, or before backward) would silently change the recomputed x, or make
+    # backward raise where keeping x works.  Keeping x instead costs the same memory.
+    return bool(tensors) and tensors[0] is inputs[0] and tensors[0].requires_grad
 
 
 class _RematDown(torch.autograd.Function):
@@ -90,15 +130,28 @@ def down(x: Tensor, lora_A: Tensor, scaling: Tensor, remat: tuple | None = None)
     Args:
         x: ``(..., fan_in)``, the adapter input.
         lora_A: ``(rank, fan_in)``; scaling: 0-dim.
-        remat: ``(kind, inputs, kwargs)`` with ``x == PRODUCERS[kind](*inputs, **kwargs)``, or None.
+        remat: ``(kind, inputs, kwargs)`` with ``x == PRODUCERS[kind](*inputs, **kwargs)``, or
+            ``(kind, (u,), {"module": leaf})`` for a stock leaf module (``x == leaf(u)``), or None.
 
     Returns:
         ``(..., rank)`` in the dtype ``F.linear`` gives (``lora_A``'s, or autocast's).
     """
+    # torch.func transforms (grad, vmap, jacrev: per-sample gradients) refuse an autograd.Function
+    # without setup_context/vmap rules, and forward-mode AD one without jvp: those run the plain expression
     if (remat is None or torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or not (x.requires_grad or lora_A.requires_grad)):
+            or not (x.requires_grad or lora_A.requires_grad) or torch._C._are_functorch_transforms_active()
+            or _forward_ad._current_level >= 0):
         return F.linear(_to(x, lora_A), lora_A) * scaling
     kind, inputs, kwargs = remat
-    if not _free_to_keep(kind, inputs):
+    if "module" in kwargs:  # a leaf module producer: its weights and attributes as they are now
+        found = _module_inputs(kind, kwargs["module"], inputs[0])
+        if found is None:
+            return F.linear(_to(x, lora_A), lora_A) * scaling
+        inputs, kwargs = found
+    # x._version != 0: x was modified in place after its producer made it (``h = gelu(u);
+    # h.relu_(); fc(h)``, where the graph still feeds the gelu node): recomputing would miss that
+    # not x.requires_grad: the producer recorded nothing (no grad needed, or it ran under no_grad),
+    # so keeping its inputs is neither free nor guarded by autograd's version checks
+    if x._version != 0 or not x.requires_grad or not _free_to_keep(kind, inputs):
         return F.linear(_to(x, lora_A), lora_A) * scaling
     return _RematDown.apply(x, lora_A, scaling, kind, dict(kwargs), *inputs)

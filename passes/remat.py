@@ -2,7 +2,8 @@
 
 :func:`remat_spec` maps the producer node of ``x`` to ``(kind, inputs, kwargs)`` with
 ``x == lora_fx.remat.PRODUCERS[kind](*inputs, **kwargs)``; ``inputs`` are graph nodes (or None),
-emitted as arguments of the delta node.  Only exact, hook-free producers are matched: stock
+emitted as arguments of the delta node.  A leaf module producer is ``(kind, (u,), {"module": leaf})``
+(a ``get_attr`` of the leaf), whose weights, attributes and hooks are read when the site runs.  Only exact, hook-free producers are matched: stock
 ``nn.LayerNorm``/``nn.RMSNorm``/``nn.GELU``/``nn.SiLU`` leaves, ``F.gelu``/``F.silu``/``F.layer_norm``/
 ``F.rms_norm`` calls, ``a * b`` of two nodes, and their ATen forms (export front-end).
 """
@@ -15,6 +16,8 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from lora_fx import remat as _remat
 
 __all__ = ["remat_spec"]
 
@@ -32,25 +35,17 @@ def _bind(fn, node: fx.Node):
 
 
 def _module_spec(graph: fx.Graph, gm: nn.Module, x: fx.Node):
+    """A stock norm / activation leaf: ``(kind, (u,), {"module": <get_attr of the leaf>})``.  The
+    leaf's weights and attributes (``eps``, ``approximate`` ...) are read when the site runs, and a
+    leaf that has hooks then (or another type, after a swap) is not recomputed
+    (:func:`lora_fx.remat.down`): hooks or attributes changed after ``transform`` must not make the
+    recomputed input differ from what the leaf returned."""
     m = gm.get_submodule(x.target)
     if (m._forward_hooks or m._forward_pre_hooks or len(x.args) != 1 or x.kwargs
             or not isinstance(x.args[0], fx.Node)):
         return None
-    u, t = x.args[0], type(m)
-
-    def attr(name):
-        return graph.get_attr(f"{x.target}.{name}") if getattr(m, name, None) is not None else None
-
-    if t is nn.GELU:
-        return "gelu", (u,), {"approximate": m.approximate}
-    if t is nn.SiLU and not m.inplace:
-        return "silu", (u,), {}
-    if t is nn.LayerNorm:
-        return "layer_norm", (u, attr("weight"), attr("bias")), {"normalized_shape": tuple(m.normalized_shape),
-                                                                 "eps": m.eps}
-    if t is getattr(nn, "RMSNorm", None):
-        return "rms_norm", (u, attr("weight")), {"normalized_shape": tuple(m.normalized_shape), "eps": m.eps}
-    return None
+    kind = _remat.module_kind(m)
+    return None if kind is None else (kind, (x.args[0],), {"module": graph.get_attr(x.target)})
 
 
 def _function_spec(x: fx.Node):
@@ -94,6 +89,6 @@ def remat_spec(graph: fx.Graph, gm: nn.Module, x) -> tuple | None:
         return None
     if spec is None or not all(i is None or isinstance(i, fx.Node) for i in spec[1]) or spec[1][0] is None:
         return None
-    if any(isinstance(v, fx.Node) for v in spec[2].values()):
+    if any(isinstance(v, fx.Node) for k, v in spec[2].items() if k != "module"):
         return None
     return spec

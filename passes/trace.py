@@ -173,7 +173,7 @@ def build_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         items = [(k, table[k]) for k in order]
         table.clear()
         table.update(items)
-    gm.train(module.training)
+    gm.training = bool(module.training)  # its own flag only: children keep theirs (a block in eval mode stays so)
     for name in _HOOK_DICTS:  # the user's hooks on the traced module keep firing on its GraphModule
         if getattr(module, name, None):
             setattr(gm, name, getattr(module, name))

@@ -223,3 +223,185 @@ def test_peft_files_from_export_captured_model(tmp_path):
     torch.testing.assert_close(pm(x), gm(x))
     back = lora_fx.load_adapter(model, tmp_path, frontend="export", example_inputs=(x,))
     torch.testing.assert_close(back(x), gm(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# adapter-input recomputation and trace reuse (adversarial review of the remat / reuse branch)
+
+def _adapter_grads(model, gm, x):
+    """(output, adapter grads) of ``gm`` and of the functional reference, on clones of ``x``."""
+    params = [p for s in lora_fx.sites(gm) for p in (s.lora_A, s.lora_B)]
+    out = gm(x.clone())
+    ref = _reference(model, gm, x.clone())
+    return (out, torch.autograd.grad(out.square().sum(), params),
+            ref, torch.autograd.grad(ref.square().sum(), params))
+
+
+def _assert_matches(model, gm, x):
+    out, g, ref, gr = _adapter_grads(model, gm, x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+class _InplaceAfterProducer(nn.Module):
+    """``h = gelu(u); h.relu_(); fc(h)``: the graph feeds the gelu node to fc, whose value was then
+    changed in place; recomputing gelu(u) in backward would miss the relu_."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.ln, self.fc = nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, u):
+        if self.mode == "gelu_relu_":
+            h = F.gelu(u)
+            h.relu_()
+        else:  # "ln_add_"
+            h = self.ln(u)
+            h.add_(2.0)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("mode", ["gelu_relu_", "ln_add_"])
+def test_remat_producer_output_modified_in_place_before_site(mode):
+    torch.manual_seed(0)
+    model = _InplaceAfterProducer(mode)
+    gm = _randomize(lora_fx.transform(model, rank=2))
+    _assert_matches(model, gm, torch.randn(5, 4, requires_grad=True))
+
+
+class _MutatedInput(nn.Module):
+    """The producer's input (which needs no grad, so nothing guards it) is modified in place."""
+
+    def __init__(self, before_site):
+        super().__init__()
+        self.before_site = before_site
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, u):
+        h = F.gelu(u)
+        if self.before_site:
+            u.mul_(3.0)
+            return self.fc(h)
+        y = self.fc(h)
+        u.add_(1.0)
+        return y
+
+
+@pytest.mark.parametrize("before_site", [True, False])
+def test_remat_producer_input_modified_in_place(before_site):
+    # before: remat recomputed gelu(3u) -> wrong lora_A grad; after: backward raised "modified by an
+    # inplace operation" although the plain form (keeping x) is fine
+    torch.manual_seed(0)
+    model = _MutatedInput(before_site)
+    gm = _randomize(lora_fx.transform(model, rank=2))
+    _assert_matches(model, gm, torch.randn(5, 4))
+
+
+class _LnFc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.act, self.fc, self.out = nn.LayerNorm(4), nn.GELU(), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, u):
+        return self.out(self.act(self.fc(self.ln(u))))
+
+
+@pytest.mark.parametrize("change", ["hook", "eps", "approximate", "swap"])
+def test_remat_leaf_producer_changed_after_transform(change):
+    """A leaf producer changed after transform (a forward hook, eps, GELU mode, another module):
+    the recomputed input must be what the leaf returned at run time, not what it was at transform."""
+    torch.manual_seed(0)
+    model = _LnFc()
+    gm = _randomize(lora_fx.transform(model, rank=2))
+    for m in (model, gm):
+        if change == "hook":
+            m.ln.register_forward_hook(lambda mod, args, out: out * 3)
+        elif change == "eps":
+            m.ln.eps = 10.0
+        elif change == "approximate":
+            m.act.approximate = "tanh"
+        else:
+            m.ln = nn.Identity()
+    _assert_matches(model, gm, torch.randn(5, 4, requires_grad=True))
+
+
+def test_delete_adapter_leaves_no_dead_remat_nodes():
+    gm = lora_fx.transform(_LnFc(), rank=2)
+    lora_fx.delete_adapter(gm, "default")
+    assert [n.op for n in gm.graph.nodes if n.op == "get_attr"] == []
+
+
+def test_block_in_eval_mode_stays_in_eval_mode():
+    """transform kept only the root's mode: a block (and its dropout) put in eval() in a model in
+    training mode came back in training mode, so its dropout ran."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.fc(x))
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(4, 2)
+            self.head_drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.head_drop(self.head(x))
+
+    model = Stack()
+    model.blocks[1].eval()
+    model.head_drop.eval()
+    gm = lora_fx.transform(model, rank=2)
+    assert {n: m.training for n, m in gm.named_modules() if "lora" not in n} == {
+        n: m.training for n, m in model.named_modules()}
+
+
+def test_remat_under_torch_func_transforms():
+    """torch.func.grad / vmap (per-sample gradients) / jacrev raised "autograd.Function ... must
+    override the setup_context staticmethod" with recomputation on (the default)."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    torch.manual_seed(0)
+    model = _LnFc()
+    x = torch.randn(4, 2, 4)
+    res = []
+    for recompute in (True, False):
+        gm = _randomize(lora_fx.transform(model, rank=2, recompute_inputs=recompute))
+        torch.manual_seed(1)
+        gm = _randomize(gm)
+        params = {k: v.detach() for k, v in gm.named_parameters() if v.requires_grad}
+
+        def loss(p, xi):
+            return functional_call(gm, p, (xi,)).square().sum()
+
+        res.append((grad(loss)(params, x), vmap(grad(loss), in_dims=(None, 0))(params, x),
+                    jacrev(lambda xi: gm(xi).sum())(x)))
+    torch.testing.assert_close(res[0], res[1])
+
+
+def test_remat_under_forward_mode_ad():
+    """forward-mode AD (dual tensors) raised "You must implement the jvp function" with
+    recomputation on, where the plain form works."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    model = _LnFc()
+    x, t = torch.randn(2, 4), torch.randn(2, 4)
+    res = []
+    for recompute in (True, False):
+        gm = lora_fx.transform(model, rank=2, recompute_inputs=recompute)
+        torch.manual_seed(1)
+        gm = _randomize(gm)
+        with fwAD.dual_level():
+            out = gm(fwAD.make_dual(x.clone().requires_grad_(), t))
+            res.append(tuple(fwAD.unpack_dual(out))[:2])
+    torch.testing.assert_close(res[0], res[1])
