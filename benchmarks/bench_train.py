@@ -13,7 +13,7 @@ ratio of the fastest rounds (timeit's estimator: interference only ever adds tim
 
 Measured:
   * train step (forward, backward, AdamW step) time, ratio to full fine-tuning;
-  * peak training memory above the model: peak RSS of a fresh process during two training steps
+  * peak training memory above the model: peak RSS of a fresh process during ``--memory-steps`` (1) training steps
     minus its RSS after building the model (optimizer state, gradients, activations,
     temporaries); glibc is told to mmap every large block so RSS tracks live memory;
   * inference (``eval()``, ``no_grad``) at batch 1 and batch B, unfolded and folded

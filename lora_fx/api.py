@@ -26,7 +26,21 @@ __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_AT
 #: Attribute of the root GraphModule holding ``{adapter name: LoraConfig}``.
 CONFIG_ATTR = "_lora_fx_configs"
 
-_UNSET: Any = object()
+class _Unset:
+    """Default of a ``transform``/``add_adapter`` keyword: take the value from ``config`` (or the
+    :class:`~lora_fx.config.LoraConfig` default).  Shown as such by ``help()`` and ``inspect``."""
+
+    def __repr__(self) -> str:
+        return "<from config>"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_UNSET"  # pickles as a reference to the one sentinel
+
+
+_UNSET: Any = _Unset()
 _CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig) if f.name != "version")
 
 
