@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_train.py --rounds 11
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
