@@ -124,6 +124,29 @@ class _RematDown(torch.autograd.Function):
         return (gx, ga, None, None, None) + (None,) * ctx.n
 
 
+def _recomputable(x: Tensor, lora_A: Tensor, remat: tuple | None) -> tuple | None:
+    """``(kind, inputs, kwargs)`` to recompute ``x`` from in backward, or None for the plain form."""
+    # torch.func transforms (grad, vmap, jacrev: per-sample gradients) refuse an autograd.Function
+    # without setup_context/vmap rules, and forward-mode AD one without jvp: those run the plain expression
+    if (remat is None or torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not (x.requires_grad or lora_A.requires_grad) or torch._C._are_functorch_transforms_active()
+            or _forward_ad._current_level >= 0):
+        return None
+    kind, inputs, kwargs = remat
+    if "module" in kwargs:  # a leaf module producer: its weights and attributes as they are now
+        found = _module_inputs(kind, kwargs["module"], inputs[0])
+        if found is None:
+            return None
+        inputs, kwargs = found
+    # x._version != 0: x was modified in place after its producer made it (``h = gelu(u);
+    # h.relu_(); fc(h)``, where the graph still feeds the gelu node): recomputing would miss that
+    # not x.requires_grad: the producer recorded nothing (no grad needed, or it ran under no_grad),
+    # so keeping its inputs is neither free nor guarded by autograd's version checks
+    if x._version != 0 or not x.requires_grad or not _free_to_keep(kind, inputs):
+        return None
+    return kind, inputs, kwargs
+
+
 def down(x: Tensor, lora_A: Tensor, scaling: Tensor, remat: tuple | None = None) -> Tensor:
     """``h = s·x Aᵀ``: the down-projection of a factored linear site.
 
@@ -136,22 +159,8 @@ def down(x: Tensor, lora_A: Tensor, scaling: Tensor, remat: tuple | None = None)
     Returns:
         ``(..., rank)`` in the dtype ``F.linear`` gives (``lora_A``'s, or autocast's).
     """
-    # torch.func transforms (grad, vmap, jacrev: per-sample gradients) refuse an autograd.Function
-    # without setup_context/vmap rules, and forward-mode AD one without jvp: those run the plain expression
-    if (remat is None or torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or not (x.requires_grad or lora_A.requires_grad) or torch._C._are_functorch_transforms_active()
-            or _forward_ad._current_level >= 0):
+    spec = _recomputable(x, lora_A, remat)
+    if spec is None:
         return F.linear(_to(x, lora_A), lora_A) * scaling
-    kind, inputs, kwargs = remat
-    if "module" in kwargs:  # a leaf module producer: its weights and attributes as they are now
-        found = _module_inputs(kind, kwargs["module"], inputs[0])
-        if found is None:
-            return F.linear(_to(x, lora_A), lora_A) * scaling
-        inputs, kwargs = found
-    # x._version != 0: x was modified in place after its producer made it (``h = gelu(u);
-    # h.relu_(); fc(h)``, where the graph still feeds the gelu node): recomputing would miss that
-    # not x.requires_grad: the producer recorded nothing (no grad needed, or it ran under no_grad),
-    # so keeping its inputs is neither free nor guarded by autograd's version checks
-    if x._version != 0 or not x.requires_grad or not _free_to_keep(kind, inputs):
-        return F.linear(_to(x, lora_A), lora_A) * scaling
+    kind, inputs, kwargs = spec
     return _RematDown.apply(x, lora_A, scaling, kind, dict(kwargs), *inputs)
