@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora_fx.remat import down
+from lora_fx.remat import _to, down
 
 __all__ = [
     "delta_weight",
@@ -141,10 +141,6 @@ def dora_merge(
     d = magnitude.to(compute).reshape(view) * (v / norm)
     gate = (scaling / base_scaling).to(compute)
     return torch.lerp(w, d, gate).to(weight.dtype)
-
-
-def _to(x: Tensor, like: Tensor) -> Tensor:
-    return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
 def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,

@@ -71,6 +71,7 @@ def _module_inputs(kind: str, m: nn.Module, u):
 
 
 def _to(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` in ``like``'s dtype (no copy when it already is); shared with :mod:`lora_fx.ops`."""
     return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
@@ -96,7 +97,7 @@ class _RematDown(torch.autograd.Function):
         h = F.linear(_to(x, lora_A), lora_A) * scaling
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.kind, ctx.kwargs, ctx.n = kind, kwargs, len(inputs)
+        ctx.kind, ctx.kwargs = kind, kwargs
         ctx.x_dtype, ctx.compute_dtype = x.dtype, h.dtype
         ctx.none = [t is None for t in inputs]
         ctx.save_for_backward(lora_A, scaling, *[t for t in inputs if t is not None])
@@ -121,7 +122,7 @@ class _RematDown(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             xc = x if x.dtype == cd else x.to(cd)
             ga = (g0.reshape(-1, g0.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])).to(lora_A.dtype)
-        return (gx, ga, None, None, None) + (None,) * ctx.n
+        return (gx, ga, None, None, None) + (None,) * len(ctx.none)
 
 
 def _recomputable(x: Tensor, lora_A: Tensor, remat: tuple | None) -> tuple | None:

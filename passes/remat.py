@@ -10,7 +10,6 @@ emitted as arguments of the delta node.  A leaf module producer is ``(kind, (u,)
 
 from __future__ import annotations
 
-import inspect
 import operator
 
 import torch
@@ -27,11 +26,21 @@ _SILU = {F.silu, torch._C._nn.silu}
 _MUL = {operator.mul, torch.mul, _aten.mul.Tensor}
 
 
-def _bind(fn, node: fx.Node):
-    try:
-        return inspect.signature(fn).bind(*node.args, **node.kwargs).arguments
-    except (TypeError, ValueError):
+def _named_args(node: fx.Node, names: tuple[str, ...]) -> dict:
+    """``node``'s arguments by parameter name (positional ones in ``names`` order, then keywords);
+    works for a function and its ATen overload, whose extra trailing parameters are ignored."""
+    vals = dict(zip(names, node.args))
+    vals.update({k: v for k, v in node.kwargs.items() if k in names})
+    return vals
+
+
+def _norm_spec(kind: str, node: fx.Node, weights: tuple[str, ...], eps_default):
+    vals = _named_args(node, ("input", "normalized_shape") + weights + ("eps",))
+    shape = vals.get("normalized_shape")
+    if not isinstance(shape, (list, tuple)) or any(isinstance(s, fx.Node) for s in shape):
         return None
+    return kind, (vals["input"],) + tuple(vals.get(w) for w in weights), {
+        "normalized_shape": tuple(shape), "eps": vals.get("eps", eps_default)} if "input" in vals else None
 
 
 def _module_spec(graph: fx.Graph, gm: nn.Module, x: fx.Node):
@@ -51,34 +60,24 @@ def _module_spec(graph: fx.Graph, gm: nn.Module, x: fx.Node):
 def _function_spec(x: fx.Node):
     t = x.target
     if t in _GELU or t is _aten.gelu.default:
-        approximate = x.kwargs.get("approximate", x.args[1] if len(x.args) > 1 else "none")
-        return ("gelu", (x.args[0],), {"approximate": approximate}) if isinstance(approximate, str) else None
+        vals = _named_args(x, ("input", "approximate"))
+        approximate = vals.get("approximate", "none")
+        return ("gelu", (vals.get("input"),), {"approximate": approximate}) if isinstance(approximate, str) else None
     if t in _SILU or t is _aten.silu.default:
-        inplace = x.kwargs.get("inplace", x.args[1] if len(x.args) > 1 else False)
-        return None if inplace else ("silu", (x.args[0],), {})
+        vals = _named_args(x, ("input", "inplace"))
+        return None if vals.get("inplace", False) else ("silu", (vals.get("input"),), {})
     if t in (F.layer_norm, _aten.layer_norm.default):
-        names = ("input", "normalized_shape", "weight", "bias", "eps")
-        vals = dict(zip(names, x.args))
-        vals.update({k: v for k, v in x.kwargs.items() if k in names})
-        shape = vals.get("normalized_shape")
-        if not isinstance(shape, (list, tuple)) or any(isinstance(s, fx.Node) for s in shape):
-            return None
-        return "layer_norm", (vals["input"], vals.get("weight"), vals.get("bias")), {
-            "normalized_shape": tuple(shape), "eps": vals.get("eps", 1e-5)}
+        return _norm_spec("layer_norm", x, ("weight", "bias"), 1e-5)
     if t is getattr(F, "rms_norm", None):
-        vals = _bind(F.rms_norm, x)
-        if vals is None or not isinstance(vals.get("normalized_shape"), (list, tuple)):
-            return None
-        return "rms_norm", (vals["input"], vals.get("weight")), {
-            "normalized_shape": tuple(vals["normalized_shape"]), "eps": vals.get("eps")}
+        return _norm_spec("rms_norm", x, ("weight",), None)
     if t in _MUL and len(x.args) == 2 and not x.kwargs and all(isinstance(a, fx.Node) for a in x.args):
         return "mul", tuple(x.args), {}
     return None
 
 
 def remat_spec(graph: fx.Graph, gm: nn.Module, x) -> tuple | None:
-    """``(kind, inputs, kwargs)`` recomputing node ``x``, or None.  Emits ``get_attr`` nodes for
-    a leaf module's weights at the graph's current insertion point."""
+    """``(kind, inputs, kwargs)`` recomputing node ``x``, or None.  For a leaf module producer it
+    emits a ``get_attr`` of the leaf at the graph's current insertion point."""
     if not isinstance(x, fx.Node):
         return None
     if x.op == "call_module":
