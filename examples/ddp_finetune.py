@@ -16,6 +16,7 @@ one JSON object.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -50,6 +51,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="gloo")
     p.add_argument("--out", type=Path, default=None, help="folder for the adapter file (default: a temp dir)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds the self-started ranks may take before they are stopped")
     return p.parse_args(argv)
 
 
@@ -149,6 +152,7 @@ def _rank_entry(args: argparse.Namespace) -> dict | None:
     try:
         return run(args)
     finally:
+        gc.collect()  # the DDP reducer dies before the process group (a gloo group freed first can block)
         dist.destroy_process_group()
 
 
@@ -177,8 +181,14 @@ def main(argv=None) -> dict | None:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         with tempfile.TemporaryDirectory() as tmp:
             result_file = os.path.join(tmp, "result.json")
-            mp.start_processes(_rank_main, args=(args.nproc, _free_port(), args, result_file), nprocs=args.nproc,
-                               join=True, start_method=method)
+            ranks = mp.start_processes(_rank_main, args=(args.nproc, _free_port(), args, result_file),
+                                       nprocs=args.nproc, join=False, start_method=method)
+            deadline = time.monotonic() + args.timeout
+            while not ranks.join(timeout=5):
+                if time.monotonic() > deadline:
+                    for p in ranks.processes:
+                        p.kill()
+                    raise TimeoutError(f"ranks ran past --timeout {args.timeout:g} s and were stopped")
             result = json.loads(Path(result_file).read_text())
     if result is not None:
         print(f"{result['world_size']} ranks: held-out 5-9 accuracy base {result['base_accuracy']:.3f} -> "

@@ -15,6 +15,8 @@ from torch import nn
 import lora_fx
 from lora_fx import ops
 
+from _tolerance import assert_close, close_tol
+
 __all__ = ["randomize_", "reference_overrides", "reference_call", "check_matches_reference",
            "lora_node_counts", "snapshot", "assert_unchanged", "tol"]
 
@@ -22,11 +24,10 @@ DELTA = {ops.merge: "merge", ops.linear_delta: "linear_delta", ops.matmul_delta:
          ops.embedding_delta: "embedding_delta", ops.conv_delta: "conv_delta", ops.module_call: "module_call"}
 
 
-def tol(dtype: torch.dtype) -> dict:
-    """fp32: tight; bf16: loose (one bf16 rounding of a sum of O(10) products)."""
-    if dtype == torch.bfloat16:
-        return dict(atol=6e-2, rtol=6e-2)
-    return dict(atol=2e-5, rtol=2e-5)
+def tol(dtype: torch.dtype, expected: torch.Tensor | None = None) -> dict:
+    """``assert_close`` tolerances for a computation in ``dtype`` compared with ``expected``: from the
+    dtype's epsilon and ``expected``'s magnitude (:func:`_tolerance.close_tol`)."""
+    return close_tol(torch.ones((), dtype=dtype) if expected is None else expected, dtype)
 
 
 def randomize_(gm: nn.Module, seed: int = 1, scale: float = 0.5) -> nn.Module:
@@ -69,7 +70,6 @@ def check_matches_reference(model: nn.Module, gm: nn.Module, inputs, *, dtype=to
                             grad_input: bool = True, seed: int = 7) -> torch.Tensor:
     """Outputs and gradients of every ``lora_A``, ``lora_B`` and the floating inputs of ``gm`` equal
     those of the functional reference.  Returns ``gm``'s output."""
-    t = tol(dtype)
 
     def prep():
         return [x.detach().clone().requires_grad_(grad_input and x.is_floating_point()) for x in inputs]
@@ -78,7 +78,7 @@ def check_matches_reference(model: nn.Module, gm: nn.Module, inputs, *, dtype=to
     out = gm(*xg)
     ref = reference_call(model, gm, xr)
     assert out.dtype == ref.dtype and out.shape == ref.shape, (out.dtype, ref.dtype, out.shape, ref.shape)
-    torch.testing.assert_close(out, ref, **t)
+    assert_close(out, ref, dtype=dtype)
     gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
     lg, lr = _leaves(gm, xg), _leaves(gm, xr)
     g1 = torch.autograd.grad(out, lg, gy, allow_unused=True)
@@ -86,7 +86,7 @@ def check_matches_reference(model: nn.Module, gm: nn.Module, inputs, *, dtype=to
     for a, b in zip(g1, g2):
         assert (a is None) == (b is None)
         if a is not None:
-            torch.testing.assert_close(a.float(), b.float(), **({"atol": 0.5, "rtol": 8e-2} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}))
+            assert_close(a, b, dtype=dtype)
     return out
 
 

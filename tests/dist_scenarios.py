@@ -10,6 +10,7 @@ with a residual -> ``head: Linear(100, 7)``.  Adapted: ``proj.weight`` (100, 20)
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -420,4 +421,5 @@ def worker(rank: int, world: int, port: int, outdir: str, names: list[str]) -> N
             dist.barrier()
     finally:
         torch.save(results, outdir / f"rank{rank}.pt")
+        gc.collect()  # DDP reducers and FSDP state die before the process group (else gloo can block)
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_fx
+from _tolerance import assert_close
 import lora_fx.control
 from lora_fx.errors import AdapterMismatchError, ConfigError, NotAdaptedError
 
@@ -62,10 +63,10 @@ def test_fullgraph_compile_forward_backward(kind, lowering):
     gm.zero_grad(set_to_none=True)
     want_out = gm(x)
     want_out.square().sum().backward()
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    assert_close(out, want_out)
     for g, w in zip(got, _grads(gm)):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out, reference_call(model, gm, x)[0], rtol=1e-5, atol=1e-5)
+        assert_close(g, w)
+    assert_close(out, reference_call(model, gm, x)[0])
     assert cnt.frame_count == 1
     compiled(x)
     assert cnt.frame_count == 1
@@ -112,7 +113,7 @@ def test_fullgraph_compile_nested_blocks():
     torch._dynamo.reset()
     cnt = _counter()
     out = torch.compile(gm, fullgraph=True, backend=cnt)(idx)
-    torch.testing.assert_close(out, reference_call(model, gm, idx)[0], rtol=1e-5, atol=1e-5)
+    assert_close(out, reference_call(model, gm, idx)[0])
     assert cnt.frame_count == 1
 
 
@@ -142,12 +143,12 @@ def test_case3_no_stale_graph_and_no_recompile(lowering):
         out = compiled(x)
         torch.testing.assert_close(out, gm(x), rtol=0, atol=0)
         W = model.weight + expect_delta_scale * (site.lora_B @ site.lora_A).detach()
-        torch.testing.assert_close(out, torch.nn.functional.linear(x, W, model.bias), rtol=1e-5, atol=1e-5)
+        assert_close(out, torch.nn.functional.linear(x, W, model.bias))
 
     check(2.0)
     lora_fx.enable_adapters_(gm, False)
     check(0.0)
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+    assert_close(compiled(x), model(x))
     lora_fx.enable_adapters_(gm, True)
     check(2.0)
     lora_fx.set_scale_(gm, 0.5)
@@ -182,7 +183,7 @@ def test_load_another_adapter_of_same_ranks_from_other_transform():
     compiled = torch.compile(gm, fullgraph=True, backend=cnt)
     compiled(x)
     lora_fx.load_adapter_values_(gm, lora_fx.lora_state_dict(donor))
-    torch.testing.assert_close(compiled(x), donor(x), rtol=1e-6, atol=1e-6)
+    assert_close(compiled(x), donor(x))
     assert cnt.frame_count == 1
 
 
@@ -239,15 +240,15 @@ def test_case4_rank_change_with_reserved_rank_does_not_recompile():
 
     cnt = _counter()
     compiled = torch.compile(gm, fullgraph=True, backend=cnt)
-    torch.testing.assert_close(compiled(x), before, rtol=1e-6, atol=1e-6)
+    assert_close(compiled(x), before)
     for r, alpha in ((8, 8.0), (4, 2.0), (1, 3.0)):
         A, B = torch.randn(r, 8), torch.randn(8, r)
         lora_fx.load_adapter_values_(gm, {"lora.default.weight.lora_A": A, "lora.default.weight.lora_B": B},
                                      alpha=alpha)
         assert lora_fx.sites(gm)[0].rank == r
         want = torch.nn.functional.linear(x, model.weight + alpha / r * B @ A, model.bias)
-        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
+        assert_close(compiled(x), want)
+        assert_close(gm(x), want)
     assert cnt.frame_count == 1
 
 
@@ -278,8 +279,8 @@ def test_reserved_padding_trains_as_rank_r():
             opt.step()
     a, b = lora_fx.sites(plain)[0], lora_fx.sites(padded)[0]
     assert torch.count_nonzero(b.lora_A[2:]) == 0 and torch.count_nonzero(b.lora_B[:, 2:]) == 0
-    torch.testing.assert_close(b.lora_A[:2], a.lora_A, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(padded(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert_close(b.lora_A[:2], a.lora_A)
+    assert_close(padded(x), plain(x))
 
 
 def test_dora_adapter_hot_swap_without_recompile():
@@ -295,7 +296,7 @@ def test_dora_adapter_hot_swap_without_recompile():
     compiled = torch.compile(gm, fullgraph=True, backend=cnt)
     compiled(x)
     lora_fx.load_adapter_values_(gm, lora_fx.lora_state_dict(donor))
-    torch.testing.assert_close(compiled(x), donor(x), rtol=1e-6, atol=1e-6)
+    assert_close(compiled(x), donor(x))
     assert cnt.frame_count == 1
     sd = {k: v for k, v in lora_fx.lora_state_dict(donor).items() if "magnitude" not in k}
     with pytest.raises(AdapterMismatchError, match="DoRA magnitude"):

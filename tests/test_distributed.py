@@ -19,8 +19,10 @@ import torch.multiprocessing as mp
 
 import dist_scenarios as ds
 import lora_fx
+from _isolated import join_or_kill
 
 WORLD = 2
+RANKS_TIMEOUT_S = 240  # every scenario together takes ~15 s; a rank stuck on a dead peer never returns
 ATOL = 1e-6  # summation order differs (per-rank means averaged by all-reduce vs one mean); measured 6e-8
 
 
@@ -46,8 +48,9 @@ def results(tmp_path_factory):
         port = ds.free_port()
     except OSError as exc:
         pytest.skip(f"cannot bind a port on 127.0.0.1: {exc}")
-    mp.start_processes(ds.worker, args=(WORLD, port, str(out), list(ds.SCENARIOS)), nprocs=WORLD, join=True,
-                       start_method=_start_method())
+    ranks = mp.start_processes(ds.worker, args=(WORLD, port, str(out), list(ds.SCENARIOS)), nprocs=WORLD,
+                               join=False, start_method=_start_method())
+    join_or_kill(ranks, timeout=RANKS_TIMEOUT_S)
     failed = sorted(out.glob("init_failed_*.txt"))
     if failed:
         pytest.skip("gloo process group could not start: " + failed[0].read_text().strip().splitlines()[-1])

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 import lora_fx
+from _isolated import run_isolated
 import lora_fx.nn as lnn
 from lora_fx.errors import AdapterMismatchError, ConfigError
 
@@ -396,12 +397,12 @@ def test_ddp_pickle_and_dtype_moves():
         def forward(self, idx):
             return _mixed_forward(self.m, idx)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    def body():  # in a child process with a deadline: a process group can hang in C++ (tests/_isolated.py)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
         model = DDP(Wrap(net), find_unused_parameters=False)
         frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -409,7 +410,8 @@ def test_ddp_pickle_and_dtype_moves():
             opt.zero_grad()
             model(idx).pow(2).mean().backward()
             opt.step()
-        assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
-        assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
-    finally:
-        dist.destroy_process_group()
+        return (all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen),
+                all(p.grad is not None for p in net.parameters() if p.requires_grad))
+
+    frozen_unchanged, trained = run_isolated(body)
+    assert frozen_unchanged and trained

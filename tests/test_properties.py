@@ -34,6 +34,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx.io import load_lora_state, save_lora_state
+from _tolerance import assert_close
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 KINDS = ("linear", "flinear", "matmul", "conv1d", "conv2d", "mha", "act", "residual", "tied", "reuse")
@@ -174,7 +175,8 @@ def models(draw):
 
 
 def _reference(model, x, merged):
-    """The model with its targeted weights replaced by ``W + ΔW`` (every alias of a tied weight)."""
+    """The model with its targeted weights replaced by ``W + ΔW`` (every name of a tied weight: the
+    same tensor is given for each alias, and ``tie_weights`` covers names the graph never used)."""
     return torch.func.functional_call(model, merged, (x,), strict=False, tie_weights=True)
 
 
@@ -239,12 +241,14 @@ def test_random_models(spec, dtype, rank, alpha, use_rslora, lowering, batch, le
         gm = lora_fx.transform(model, **kwargs)
         gm2 = lora_fx.transform(model, **kwargs)
 
-    # 1. B = 0 ⇒ the adapted model computes exactly what the (frozen) model computes.  Frozen and
-    # under no_grad on both sides: PyTorch picks matmul/attention kernels by requires_grad, which
-    # can move a trainable model's output by an ulp.
+    # 1. B = 0 ⇒ the adapted model computes what the (frozen) model computes.  Frozen and under
+    # no_grad on both sides: PyTorch picks matmul/attention kernels by requires_grad.  Each rewritten
+    # op returns its original value bit for bit (tests/test_transform_sites.py), but a value with
+    # other strides in size-1 dimensions can take another CPU GEMM path downstream, so the whole
+    # model is held to a few roundings of its output's magnitude.
     frozen = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():
-        assert torch.equal(gm(x), frozen(x))
+        assert_close(gm(x), frozen(x), ulps=4)
 
     # 2. random A, B ⇒ output and gradients equal the functional reference.
     sites = lora_fx.sites(gm)
@@ -262,9 +266,10 @@ def test_random_models(spec, dtype, rank, alpha, use_rslora, lowering, batch, le
         a = s.lora_A.detach().to(ref_dtype).requires_grad_()
         b = s.lora_B.detach().to(ref_dtype).requires_grad_()
         leaves.append((s, a, b))
-        for alias in s.aliases:
-            w = base[alias]
-            merged[alias] = w + s.scaling * _ref_delta(s, a, b).reshape(w.shape).to(w.dtype)
+        w = base[s.aliases[0]]
+        value = w + s.scaling * _ref_delta(s, a, b).reshape(w.shape).to(w.dtype)
+        for alias in s.aliases:  # one tensor for every alias of the parameter object
+            merged[alias] = value
     y = gm(x)
     y_ref = _reference(ref_model, xr, merged)
     assert y.dtype == (dtype if y.is_floating_point() else y.dtype)

@@ -14,6 +14,7 @@ import lora_fx
 from lora_fx import ops
 
 from _ref_core import randomize_, reference_call, tol
+from _tolerance import assert_close
 
 
 class GatedBlock(nn.Module):
@@ -83,11 +84,8 @@ def _check(model, gm, x, dtype, ctx=None):
 
 
 def _close(a, b, dtype):
-    """fp32: tight; bf16: relative to the largest magnitude (a few bf16 ulps of it)."""
-    if dtype == torch.bfloat16:
-        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.03 * float(b.detach().abs().max()))
-    else:
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    """Within a few roundings of the largest magnitude in ``dtype`` (tests/_tolerance.py)."""
+    assert_close(a, b, dtype=dtype)
 
 
 def _factor_grads(model, gm, x, ctx=None):

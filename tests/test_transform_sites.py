@@ -35,7 +35,11 @@ def _graphs(gm):
 def test_site_matches_reference_fp32(case, lowering):
     model, inputs = _build(case, torch.float32)
     snap = snapshot(model)
-    expected = copy.deepcopy(model)(*inputs)  # (max_norm renormalises its weight in place)
+    # B = 0 must give one of these bit for bit: PyTorch picks some kernels (a 2-D weight @ a batch,
+    # attention) by requires_grad, so a frozen base can round differently from a trainable one
+    # (copies: max_norm renormalises its weight in place)
+    expected = copy.deepcopy(model)(*inputs)
+    expected_frozen = copy.deepcopy(model).requires_grad_(False)(*inputs)
     # MHA's packed in_proj_weight is fused q/k/v by default (tests/test_attention.py); here one plain pair
     plain = {"fused": {"*.in_proj_weight": None}} if case.name == "MHA" else {}
     gm = lora_fx.transform(model, rank=3, alpha=5.0, lowering=lowering, **plain)
@@ -43,7 +47,8 @@ def test_site_matches_reference_fp32(case, lowering):
         g.graph.lint()
 
     # B = 0: exactly the original function
-    assert torch.equal(gm(*inputs), expected)
+    out = gm(*inputs)
+    assert torch.equal(out, expected) or torch.equal(out, expected_frozen)
 
     sites = lora_fx.sites(gm)
     assert len(sites) == case.n
