@@ -9,6 +9,10 @@ lora_fx's docstrings are Google style with two habits mkdocstrings does not read
 * One entry for several names in ``Args:`` / ``Attributes:`` (``rank, alpha: ...``, possibly
   spread over lines, or ``a / b: ...``): split into one entry per name with the same text.
 
+``lora_fx.passes`` is installed from the top-level ``passes/`` folder (a package-dir mapping),
+which static analysis of ``lora_fx/`` cannot see: it is loaded under that name, so that public names
+re-exported from it resolve.
+
 Signatures: a keyword whose default is the sentinel ``_UNSET`` ("take the value from ``config``")
 shows the default ``config.<name>``.
 
@@ -18,6 +22,7 @@ Runs on griffe's static analysis only: nothing of lora_fx is imported.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from griffe import Extension
@@ -39,6 +44,10 @@ class LoraFxDocstrings(Extension):
     def on_package(self, *, pkg: Any, loader: Any, **kwargs: Any) -> None:
         if pkg.path != "lora_fx":
             return
+        passes = Path(pkg.filepath).parent.parent / "passes"
+        if "passes" not in pkg.members and (passes / "__init__.py").is_file():
+            # griffe's loader API has no public call for "load this folder as that submodule"
+            pkg.set_member("passes", loader._load_module("passes", passes / "__init__.py", parent=pkg))
         self._collection = loader.modules_collection
         self._public = self._public_ids()
         for obj in _walk(pkg):
