@@ -273,12 +273,12 @@ def test_fan_in_fan_out_and_square_embedding_layouts():
     torch.testing.assert_close(gm(i, x), Run(ref)(i, x), atol=2e-5, rtol=1e-5)
 
 
-def test_readme_migration_example_runs(tmp_path, monkeypatch):
+def test_docs_migration_example_runs(tmp_path, monkeypatch):
     import os
     import re
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    block = re.search(r"<!-- migration-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "files.md")).read()
+    block = re.search(r"<!-- migration-example -->\n```python\n(.*?)```", page, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, "docs/files.md", "exec"), {})
     assert sorted(torch.load(tmp_path / "ckpt_lora.pt")) == ["fc.lora_A", "fc.lora_B"]
