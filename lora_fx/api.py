@@ -13,10 +13,10 @@ from typing import Any, Optional, Sequence, Union
 
 from torch import fx, nn
 
-from .adapter import LoraAdapter
+from .adapters.module import LoraAdapter
 from .config import LoraConfig, as_patterns
 from .graph_module import compile_stale, deferred_recompile
-from .init import dora_init_, pissa_init_
+from .adapters.init import dora_init_, pissa_init_
 from .errors import (AlreadyAdaptedError, ConfigError, LoraFxWarning, NotAdaptedError, TargetError,
                      UnsupportedSiteError)
 from .state import adapter_records, is_adapted
@@ -45,8 +45,8 @@ _CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig) if f.name !=
 
 
 def _passes():
-    from lora_fx.passes import find_sites, insert_lora, trace  # installed as lora_fx.passes
-    return trace, find_sites, insert_lora
+    from lora_fx.passes import find_sites, insert_lora, trace_fx  # installed as lora_fx.passes
+    return trace_fx, find_sites, insert_lora
 
 
 def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
@@ -171,7 +171,7 @@ def transform(
         copy_weights: copy base weights (default) or share their storage with ``model``
             (``init="pissa"`` needs the copy: it writes its residual into the module's own ``W``).
         frontend: ``"auto"`` (torch.fx symbolic tracing; when it fails and example inputs are
-            given, ``torch.export``), ``"fx"`` or ``"export"`` (see :mod:`lora_fx.passes.export`).
+            given, ``torch.export``), ``"fx"`` or ``"export"`` (see :mod:`lora_fx.passes.capture`).
         example_inputs: tuple of positional example arguments for the export front-end (a single
             tensor is wrapped); sizes are dynamic unless ``dynamic_shapes`` says otherwise.
         example_kwargs: keyword example arguments for the export front-end.
@@ -208,7 +208,7 @@ def transform(
             f"{type(model).__name__} already carries lora_fx adapters; transforming it again would stack a "
             "second adapter silently. Train it as is, call lora_fx.fold(model) first, or add a named adapter "
             "with lora_fx.add_adapter(model, name, ...).")
-    from lora_fx.passes.export import capture
+    from lora_fx.passes.capture import capture
     with deferred_recompile():  # each GraphModule generates its code once, after the rewrite
         root = capture(model, lambda: _copy_model(model, copy_weights), frontend=frontend,
                        example_inputs=example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
@@ -340,7 +340,7 @@ class Site:
             adapter's mixing weight, 0 when disabled.
         lora_A: ``nn.Parameter (rank, shape[1:].numel())``; lora_B: ``(shape[0], rank)``
             (fused: ``(n_enabled·rank, ...)`` and ``(Σ enabled rows, rank)``, see ``blocks``).
-        path: fully qualified module path of the :class:`~lora_fx.adapter.LoraAdapter`.
+        path: fully qualified module path of the :class:`~lora_fx.adapters.module.LoraAdapter`.
         blocks: fused weight: ``((block name, rows, enabled), ...)`` over ``shape[0]``; ``()``
             for a plain adapter.  ``module.block_factors()`` gives per-block ``(A_i, B_i)``.
     """

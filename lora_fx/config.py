@@ -66,7 +66,7 @@ class LoraConfig:
         lowering: ``"auto"`` (factored where exact and cheaper, else merge), ``"factored"``
             (factored wherever exact) or ``"merge"`` (always ``op(x, W + ΔW)``).
         recompute_inputs: at factored linear sites whose input is the output of a norm, GELU/SiLU
-            or ``a * b`` (see :mod:`lora_fx.remat`), keep that op's inputs (saved anyway) instead of
+            or ``a * b`` (see :mod:`lora_fx.recompute`), keep that op's inputs (saved anyway) instead of
             the adapter input and recompute it in backward: less activation memory for one cheap
             op per site in backward (eager autograd only).  ``False``: keep the input, as PEFT does.
         adapter_dtype: dtype name of the factors, or ``None``: float32 for float16/bfloat16

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from .errors import AdapterMismatchError, ConfigError, NotAdaptedError
 from .state import is_adapted
-from .training import lora_state_dict
+from .io.state_dict import lora_state_dict
 
 __all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict",
            "load_full_lora_state_dict_", "save_gathered_lora_state"]
@@ -201,7 +201,7 @@ def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", meta
     """
     from pathlib import Path
 
-    from .io import atomic_write_bytes, safetensors_bytes
+    from .io._files import atomic_write_bytes, safetensors_bytes
 
     sd = gather_lora_state_dict(model, bias=bias, rank0_only=True)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:

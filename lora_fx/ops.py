@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora_fx.remat import _to, down
+from .recompute import _to, down
 
 __all__ = [
     "delta_weight",
@@ -150,7 +150,7 @@ def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
     Shapes: ``x (..., in)``, ``y (..., out)``; returns ``(..., out)`` in ``y``'s dtype.  With
     ``blocks`` (fused weight, see :func:`delta_weight`): ``h = s·x Aᵀ`` once, then block ``i``'s
     output features get ``h_i B_iᵀ`` and disabled blocks' features are ``y``'s own, bit for bit.
-    ``remat``: how to recompute ``x`` in backward instead of keeping it (:func:`lora_fx.remat.down`).
+    ``remat``: how to recompute ``x`` in backward instead of keeping it (:func:`lora_fx.recompute.down`).
     """
     h = down(x, lora_A, scaling, remat)
     if blocks is None:

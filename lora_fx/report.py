@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from torch import fx, nn
 
-from .adapter import ADAPTER_ATTR, LoraAdapter
+from .adapters.module import ADAPTER_ATTR, LoraAdapter
 from .api import sites
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, module_call

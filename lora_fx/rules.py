@@ -361,7 +361,7 @@ register_function_rule(F.multi_head_attention_forward, FunctionRule(
             (20, "v_proj_weight")), blocks=_mha_fn_blocks))
 
 # ---------------------------------------------------------------------------------------------
-# ATen-level forms (graphs from the torch.export front-end, lora_fx.passes.export).  Same
+# ATen-level forms (graphs from the torch.export front-end, lora_fx.passes.trace_export).  Same
 # semantics as the functional forms above; the op's own argument layout decides which slot is
 # the weight and its orientation (aten.addmm(bias, x, W) with W: (in, out), GPT-2's Conv1D).
 

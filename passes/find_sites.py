@@ -15,11 +15,11 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from lora_fx.adapter import ADAPTER_ATTR
+from lora_fx.adapters.module import ADAPTER_ATTR
 from lora_fx.ops import MERGE_OPS, module_call
 from lora_fx.rules import VIEW_OPS, function_rule, module_rule
 
-from .trace import graph_modules
+from .trace_fx import graph_modules
 
 __all__ = ["Consumer", "find_sites"]
 

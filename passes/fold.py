@@ -13,11 +13,11 @@ import torch
 from torch import fx, nn
 
 from lora_fx import ops
-from lora_fx.adapter import ADAPTER_ATTR, LoraAdapter
+from lora_fx.adapters.module import ADAPTER_ATTR, LoraAdapter
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.state import STATE_ATTR, state_of
 
-from .trace import graph_modules
+from .trace_fx import graph_modules
 
 __all__ = ["fold_graph_modules", "folded_weight"]
 

@@ -19,14 +19,14 @@ from typing import Callable
 from torch import fx, nn
 
 from lora_fx import ops
-from lora_fx.adapter import ADAPTER_ATTR, LoraAdapter, adapter_path
+from lora_fx.adapters.module import ADAPTER_ATTR, LoraAdapter, adapter_path
 from lora_fx.errors import ConfigError
 from lora_fx.rules import function_rule, module_rule
 from lora_fx.state import STATE_ATTR, AdapterRecord, GraphState, state_of
 
 from .find_sites import Consumer, _weight_slot
-from .remat import remat_spec
-from .trace import graph_modules
+from .match_recompute import remat_spec
+from .trace_fx import graph_modules
 
 __all__ = ["insert_lora", "LOWERINGS"]
 
@@ -201,7 +201,7 @@ def insert_lora(
         make_adapter: builds the adapter for the first consumer of a parameter object.
         adapter_name: name under which adapters are registered.
         lowering: ``"auto"`` | ``"factored"`` | ``"merge"``.
-        recompute_inputs: attach ``remat`` specs to factored linear sites (:mod:`lora_fx.remat`).
+        recompute_inputs: attach ``remat`` specs to factored linear sites (:mod:`lora_fx.recompute`).
 
     Returns:
         ``root``.  Aliases of one parameter object that are all targeted share one adapter;

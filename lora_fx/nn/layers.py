@@ -43,7 +43,7 @@ class LoRALayer:
     ``merge_weights``.  Checkpoint keys written by LoRA-Torch (``w_lora_A`` / ``w_lora_B``) are
     accepted by ``load_state_dict`` and mapped to this class's layout."""
 
-    #: ``lora_fx.transform`` keeps these layers opaque (a ``call_module`` node; see ``pass_rule``).
+    #: ``lora_fx.transform`` keeps these layers opaque (a ``call_module`` node; see :mod:`lora_fx.nn.rule`).
     _lora_fx_leaf = True
 
     def _lora_init(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool) -> None:

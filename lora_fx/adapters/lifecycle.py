@@ -15,13 +15,13 @@ from typing import Mapping, Optional, Sequence, Union
 
 from torch import fx, nn
 
-from .adapter import ADAPTER_ATTR, LoraAdapter
-from .api import _UNSET, CONFIG_ATTR, _adapt
-from .config import LoraConfig
-from .control import disable_adapters  # one implementation, re-exported here
-from .errors import ConfigError, NotAdaptedError, TargetError
-from .ops import DELTA_OPS, MERGE_OPS
-from .state import adapter_records, is_adapted, state_of
+from ..api import _UNSET, CONFIG_ATTR, _adapt
+from ..config import LoraConfig
+from ..errors import ConfigError, NotAdaptedError, TargetError
+from ..ops import DELTA_OPS, MERGE_OPS
+from ..state import adapter_records, is_adapted, state_of
+from .hotswap import disable_adapters  # one implementation, re-exported here
+from .module import ADAPTER_ATTR, LoraAdapter
 
 __all__ = [
     "add_adapter",
