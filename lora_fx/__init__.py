@@ -14,7 +14,7 @@ from .config import LoraConfig
 from .deploy import export_folded, export_onnx
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
                      ExportFileError, ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
-                     TraceError, UnsupportedSiteError)
+                     TraceError, UnknownAdapterError, UnsupportedSiteError)
 from .fused import FusedSpec
 from .io.loralib import load_loralib_state_dict, loralib_state_dict
 from .io.peft import load_adapter, save_adapter
@@ -33,7 +33,7 @@ __all__ = [
     "load_loralib_state_dict", "loralib_state_dict",
     "distributed", "gather_lora_state_dict",
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
-    "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
+    "NotAdaptedError", "UnknownAdapterError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
     "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",

@@ -8,7 +8,6 @@ import dataclasses
 import fnmatch
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from torch import fx, nn
@@ -17,14 +16,11 @@ from .adapters.module import LoraAdapter
 from .config import LoraConfig, as_patterns
 from .graph_module import compile_stale, deferred_recompile
 from .adapters.init import dora_init_, pissa_init_
-from .errors import (AlreadyAdaptedError, ConfigError, LoraFxWarning, NotAdaptedError, TargetError,
-                     UnsupportedSiteError)
-from .state import adapter_records, is_adapted
+from .errors import AlreadyAdaptedError, ConfigError, LoraFxWarning, TargetError, UnsupportedSiteError
+from .state import (CONFIG_ATTR, FOLD_META, OWNS_WEIGHTS_ATTR, Site, is_adapted, record_config_,
+                    require_adapted, sites)
 
 __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]
-
-#: Attribute of the root GraphModule holding ``{adapter name: LoraConfig}``.
-CONFIG_ATTR = "_lora_fx_configs"
 
 class _Unset:
     """Default of a ``transform``/``add_adapter`` keyword: take the value from ``config`` (or the
@@ -219,11 +215,6 @@ def transform(
         return _adapt(root, cfg, adapter_name)
 
 
-#: Attribute of the root GraphModule: True when its base weights are its own copies (PiSSA may
-#: write residuals into them), False when they share storage with the user's model.
-OWNS_WEIGHTS_ATTR = "_lora_fx_owns_weights"
-
-
 def _check_pissa(root, consumers, chosen) -> None:
     """PiSSA rewrites ``W``: only allowed on our own copy and when every use of ``W`` is adapted."""
     if not getattr(root, OWNS_WEIGHTS_ATTR, False):
@@ -291,9 +282,7 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
 
     insert_lora.insert_lora(root, chosen, make_adapter, adapter_name=adapter_name, lowering=cfg.lowering,
                             recompute_inputs=cfg.recompute_inputs)
-    configs = dict(getattr(root, CONFIG_ATTR, {}))
-    configs[adapter_name] = cfg
-    setattr(root, CONFIG_ATTR, configs)
+    record_config_(root, adapter_name, cfg)
     adapters = {id(p) for m in root.modules() if isinstance(m, LoraAdapter) for p in m.parameters()}
     for p in root.parameters():
         p.requires_grad_(id(p) in adapters)
@@ -312,79 +301,10 @@ def fold(gm: nn.Module) -> fx.GraphModule:
     Raises:
         NotAdaptedError: ``gm`` was not produced by :func:`transform` (or is already folded).
     """
-    if not is_adapted(gm):
-        raise NotAdaptedError(
-            f"fold() needs a module produced by lora_fx.transform; {type(gm).__name__} carries no lora_fx "
-            "adapters (already folded, or never transformed), so there is nothing to fold.")
+    require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
     from lora_fx.passes.fold import fold_graph_modules
     folded, info = fold_graph_modules(gm)
     if hasattr(folded, CONFIG_ATTR):
         delattr(folded, CONFIG_ATTR)
-    folded.meta["lora_fx"] = info
+    folded.meta[FOLD_META] = info
     return folded
-
-
-@dataclass(frozen=True)
-class Site:
-    """One adapted base parameter (per adapter name).
-
-    Attributes:
-        param: fully qualified name of the base parameter (first targeted alias).
-        aliases: every targeted name of that parameter object.
-        adapter: adapter name.
-        op: op kind of the first consuming call (``"linear"``, ``"conv2d"``, ``"embedding"``,
-            ``"matmul"``, ``"mha"``, ...); ``ops`` lists every consumer's kind and ``lowerings``
-            each consumer's lowering (``"factored"`` or ``"merge"``).
-        shape: base weight shape.
-        rank, alpha, scaling: ``scaling = alpha / rank`` (``/ sqrt(rank)`` for rsLoRA), times the
-            adapter's mixing weight, 0 when disabled.
-        lora_A: ``nn.Parameter (rank, shape[1:].numel())``; lora_B: ``(shape[0], rank)``
-            (fused: ``(n_enabled·rank, ...)`` and ``(Σ enabled rows, rank)``, see ``blocks``).
-        path: fully qualified module path of the :class:`~lora_fx.adapters.module.LoraAdapter`.
-        blocks: fused weight: ``((block name, rows, enabled), ...)`` over ``shape[0]``; ``()``
-            for a plain adapter.  ``module.block_factors()`` gives per-block ``(A_i, B_i)``.
-    """
-
-    param: str
-    aliases: tuple[str, ...]
-    adapter: str
-    op: str
-    ops: tuple[str, ...]
-    lowering: str
-    lowerings: tuple[str, ...]
-    shape: tuple[int, ...]
-    rank: int
-    alpha: float
-    scaling: float
-    lora_A: nn.Parameter
-    lora_B: nn.Parameter
-    path: str
-    module: LoraAdapter
-    blocks: tuple[tuple[str, int, bool], ...] = ()
-
-
-def sites(gm: nn.Module) -> list[Site]:
-    """One :class:`Site` per adapted base parameter and adapter, in graph order.
-
-    Raises:
-        NotAdaptedError: ``gm`` carries no lora_fx adapters.
-    """
-    if not is_adapted(gm):
-        raise NotAdaptedError(f"sites() needs a module produced by lora_fx.transform; {type(gm).__name__} "
-                              "carries no lora_fx adapters.")
-    # one adapter may be reached from several GraphModules (a weight shared by two blocks):
-    # one Site with every alias and consumer
-    found: dict[tuple[int, str], list] = {}
-    for prefix, path, rec, a in adapter_records(gm):
-        entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, path, rec.adapter, a, [], []])
-        entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
-        entry[5].extend(rec.consumers)
-    out = []
-    for param, path, name, a, aliases, consumers in found.values():
-        ops_ = tuple(op for _, op, _ in consumers)
-        lows = tuple(low for _, _, low in consumers)
-        out.append(Site(param=param, aliases=tuple(aliases), adapter=name, op=ops_[0] if ops_ else "", ops=ops_,
-                        lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
-                        shape=a.weight_shape, rank=a.rank, alpha=a.alpha, scaling=a.effective_scaling,
-                        lora_A=a.lora_A, lora_B=a.lora_B, path=path, module=a, blocks=tuple(a.blocks or ())))
-    return out

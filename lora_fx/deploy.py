@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ExportFileError, ExportParityError, NotAdaptedError
+from .errors import ExportFileError, ExportParityError
 from .io._files import atomic_write
-from .state import is_adapted
+from .state import require_adapted
 
 __all__ = ["export_folded", "export_onnx", "parity_report"]
 
@@ -95,10 +95,7 @@ def _prepare(gm: nn.Module, example_inputs, example_kwargs, eval_mode: bool):
     from lora_fx.api import fold
     from lora_fx.passes.trace_export import normalize_example_inputs
 
-    if not is_adapted(gm):
-        raise NotAdaptedError(
-            f"export_folded() needs a module produced by lora_fx.transform; {type(gm).__name__} carries no "
-            "lora_fx adapters (export a plain model with torch.export.export directly).")
+    require_adapted(gm, "export_folded", detail=" (export a plain model with torch.export.export directly)")
     args, kwargs, _ = normalize_example_inputs(gm, example_inputs, example_kwargs)
     want = _reference(gm, args, kwargs, eval_mode)
     folded = fold(gm)  # a new module; gm is not touched

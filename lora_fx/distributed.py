@@ -24,8 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-from .errors import AdapterMismatchError, ConfigError, NotAdaptedError
-from .state import is_adapted
+from .errors import AdapterMismatchError, ConfigError
+from .state import require_adapted
 from .io.state_dict import lora_state_dict
 
 __all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict",
@@ -62,10 +62,7 @@ def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, fx.GraphMo
         ConfigError: ``gm`` has no blocks (no ``nn.ModuleList``; name them with ``blocks=``).
     """
     root = unwrap(gm)
-    if not isinstance(root, fx.GraphModule) or not is_adapted(root):
-        raise NotAdaptedError(
-            f"blocks() needs a module produced by lora_fx.transform; got {type(root).__name__}. "
-            "Call lora_fx.transform(model, ...) first.")
+    require_adapted(root, "blocks", root=True)
     found = [(name, m) for name, m in root.named_modules() if name and isinstance(m, fx.GraphModule)]
     if not found:
         raise ConfigError(

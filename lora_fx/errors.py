@@ -16,6 +16,7 @@ __all__ = [
     "TraceError",
     "UnsupportedSiteError",
     "NotAdaptedError",
+    "UnknownAdapterError",
     "AlreadyAdaptedError",
     "AdapterMismatchError",
     "AdapterFileError",
@@ -51,6 +52,12 @@ class UnsupportedSiteError(LoraFxError, NotImplementedError):
 
 class NotAdaptedError(LoraFxError, TypeError):
     """An operation that needs a module produced by :func:`lora_fx.transform` got another module."""
+
+
+class UnknownAdapterError(ConfigError, NotAdaptedError):
+    """An adapter name that the adapted module does not have (the message lists the ones it has).
+    Also a :class:`ConfigError` (a ``ValueError``) and a :class:`NotAdaptedError`, the errors an
+    unknown name raised before this class existed."""
 
 
 class AlreadyAdaptedError(LoraFxError, ValueError):

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 from torch import fx, nn
 
 from lora_fx.errors import ConfigError, TraceError
+from lora_fx.state import FRONTEND_META
 
 from .trace_export import export_hierarchy, normalize_example_inputs
 from .trace_fx import trace_hierarchy
@@ -59,7 +60,7 @@ def capture(
         return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     try:
         root = trace_hierarchy(make_copy(), **trace_kwargs)
-        root.meta["lora_fx_frontend"] = "fx"
+        root.meta[FRONTEND_META] = "fx"
         return root
     except TraceError as fx_exc:
         if frontend == "fx":

@@ -15,9 +15,9 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from lora_fx.adapters.module import ADAPTER_ATTR
 from lora_fx.ops import MERGE_OPS, module_call
 from lora_fx.rules import VIEW_OPS, function_rule, module_rule
+from lora_fx.state import is_adapter_path
 
 from .trace_fx import graph_modules
 
@@ -52,10 +52,6 @@ class Consumer:
     reason: Optional[str]
     factorable: bool
     blocks: tuple[tuple[str, int], ...] = ()
-
-
-def _is_adapter_name(name: str) -> bool:
-    return f"{ADAPTER_ATTR}." in f".{name}" and (name.startswith(f"{ADAPTER_ATTR}.") or f".{ADAPTER_ATTR}." in name)
 
 
 def _reason(p: torch.Tensor) -> Optional[str]:
@@ -125,7 +121,7 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
     kind = rule.kind(mod)
     out = []
     for pname, p in mod.named_parameters():
-        if _is_adapter_name(pname):
+        if is_adapter_path(pname):
             continue
         reason = _reason(p)
         param = f"{node.target}.{pname}"
@@ -153,7 +149,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
         p = gm.get_parameter(node.target)
     except AttributeError:
         return None  # a buffer or constant
-    if _is_adapter_name(node.target):
+    if is_adapter_path(node.target):
         return None
     reason = _reason(p)
     node = _merge_tail(node)  # an adapted weight: its consumers are those of the merged value

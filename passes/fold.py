@@ -13,9 +13,9 @@ import torch
 from torch import fx, nn
 
 from lora_fx import ops
-from lora_fx.adapters.module import ADAPTER_ATTR, LoraAdapter
+from lora_fx.adapters.module import LoraAdapter
 from lora_fx.errors import UnsupportedSiteError
-from lora_fx.state import STATE_ATTR, state_of
+from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, is_adapter_path, state_of
 
 from .trace_fx import graph_modules
 
@@ -61,7 +61,7 @@ def _strip_graph(gm: fx.GraphModule) -> None:
             node.replace_all_uses_with(call)
             graph.erase_node(node)
     for node in reversed(list(graph.nodes)):
-        adapter_node = (node.op == "get_attr" or (node.op == "call_module" and f"{ADAPTER_ATTR}." in node.target))
+        adapter_node = node.op == "get_attr" or (node.op == "call_module" and is_adapter_path(node.target))
         if not node.users and adapter_node:
             graph.erase_node(node)
 
@@ -90,7 +90,7 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
     # object is taken before anything is replaced, so ties across blocks are seen too.
     names: dict[int, list[str]] = {}
     for name, p in new.named_parameters(remove_duplicate=False):
-        if f".{ADAPTER_ATTR}." not in f".{name}":
+        if not is_adapter_path(name):
             names.setdefault(id(p), []).append(name)
     plans = []
     for gm_path, gm in graph_modules(new):

@@ -19,10 +19,10 @@ from typing import Callable
 from torch import fx, nn
 
 from lora_fx import ops
-from lora_fx.adapters.module import ADAPTER_ATTR, LoraAdapter, adapter_path
+from lora_fx.adapters.module import LoraAdapter
 from lora_fx.errors import ConfigError
 from lora_fx.rules import function_rule, module_rule
-from lora_fx.state import STATE_ATTR, AdapterRecord, GraphState, state_of
+from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, state_of
 
 from .find_sites import Consumer, _weight_slot
 from .match_recompute import remat_spec

@@ -35,6 +35,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from lora_fx.errors import ConfigError, TraceError
+from lora_fx.state import FRONTEND_META
 
 from .follow_mode import follow_mode_
 from .trace_fx import LoraTracer, build_graph_module
@@ -196,7 +197,7 @@ def export_hierarchy(
     Returns:
         a :class:`~lora_fx.graph_module.LoraGraphModule` whose forward takes the same arguments as
         ``model.forward`` (by the example's structure), returns the same structure, and whose
-        ``state_dict`` keys equal ``model.state_dict()``'s.  ``meta["lora_fx_frontend"] = "export"``.
+        ``state_dict`` keys equal ``model.state_dict()``'s.  ``meta[FRONTEND_META] == "export"`` (:mod:`lora_fx.state`).
 
     Raises:
         ConfigError: example inputs of the wrong structure.
@@ -223,7 +224,7 @@ def export_hierarchy(
     root = _rebuild(unflat, "", model)
     root.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, ep.call_spec.in_spec, ep.call_spec.out_spec))
     root.recompile()
-    root.meta["lora_fx_frontend"] = "export"
+    root.meta[FRONTEND_META] = "export"
     for name, m in root.named_modules():
         m.training = modes.get(name, model.training)
     if check_modes:

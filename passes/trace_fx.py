@@ -31,6 +31,7 @@ import lora_fx
 from lora_fx.errors import LoraFxWarning, TraceError
 from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, value_key
 from lora_fx.ops import LORA_OPS
+from lora_fx.state import LEAF_ATTR
 
 __all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
 
@@ -82,7 +83,7 @@ class LoraTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if getattr(type(m), "_lora_fx_leaf", False):  # e.g. lora_fx.nn layers: opaque, op-table rule applies
+        if getattr(type(m), LEAF_ATTR, False):  # e.g. lora_fx.nn layers: opaque, op-table rule applies
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -30,9 +30,9 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import AdapterMismatchError, ConfigError, NotAdaptedError
-from ..state import adapter_records, is_adapted
-from .module import ADAPTER_ATTR, LoraAdapter
+from ..errors import AdapterMismatchError, ConfigError
+from ..state import ADAPTER_ATTR, check_adapter_names, iter_adapters, require_adapted
+from .module import LoraAdapter
 
 __all__ = [
     "select_adapters",
@@ -46,28 +46,20 @@ __all__ = [
 AdapterSel = Union[None, str, Sequence[str]]
 
 
-def select_adapters(gm: nn.Module, adapter: AdapterSel = None) -> list[tuple[str, LoraAdapter]]:
+def select_adapters(gm: nn.Module, adapter: AdapterSel = None, *, what: str = "select_adapters"
+                    ) -> list[tuple[str, LoraAdapter]]:
     """``(module path, LoraAdapter)`` of every adapter of ``gm`` named ``adapter`` (a name, a list
     of names, or ``None`` for all), each once (shared adapters of tied weights included once).
 
     Raises:
-        NotAdaptedError: ``gm`` carries no lora_fx adapters, or none named ``adapter`` (the
-            message lists the names present).
+        NotAdaptedError: ``gm`` carries no lora_fx adapters (``what`` names the caller).
+        UnknownAdapterError: no adapter named ``adapter`` (the message lists the names present).
     """
-    if not is_adapted(gm):
-        raise NotAdaptedError(f"{type(gm).__name__} carries no lora_fx adapters; call lora_fx.transform first")
-    wanted = None if adapter is None else ({adapter} if isinstance(adapter, str) else set(adapter))
-    found, names, seen = [], set(), set()
-    for _, path, rec, m in adapter_records(gm):
-        names.add(rec.adapter)
-        if id(m) not in seen and (wanted is None or rec.adapter in wanted):
-            seen.add(id(m))
-            found.append((path, m))
-    missing = sorted(wanted - names) if wanted is not None else []
-    if missing or not found:
-        raise NotAdaptedError(f"no adapter named {missing or adapter!r} in {type(gm).__name__}; "
-                              f"adapters present: {sorted(n for n in names if n)}")
-    return found
+    require_adapted(gm, what)
+    names = None if adapter is None else ([adapter] if isinstance(adapter, str) else list(adapter))
+    if names is not None:
+        check_adapter_names(gm, names or [adapter])
+    return [(path, a) for _, path, a in iter_adapters(gm, names)]
 
 
 def set_scale_(gm: nn.Module, scale: float, *, adapter: AdapterSel = "default") -> nn.Module:
@@ -85,7 +77,7 @@ def set_scale_(gm: nn.Module, scale: float, *, adapter: AdapterSel = "default") 
 
     Raises:
         ConfigError: ``scale`` is not a finite real number.
-        NotAdaptedError: no such adapter.
+        UnknownAdapterError: no such adapter (also a NotAdaptedError).
     """
     try:
         value = float(scale)
@@ -93,7 +85,7 @@ def set_scale_(gm: nn.Module, scale: float, *, adapter: AdapterSel = "default") 
         raise ConfigError(f"scale must be a real number, got {scale!r}") from None
     if not torch.isfinite(torch.tensor(value)):
         raise ConfigError(f"scale must be finite, got {scale!r}")
-    for _, a in select_adapters(gm, adapter):
+    for _, a in select_adapters(gm, adapter, what="set_scale_"):
         a.mix = value
         a.refresh_scaling_()
     return gm
@@ -113,9 +105,9 @@ def enable_adapters_(gm: nn.Module, enabled: bool = True, *, adapter: AdapterSel
         ``gm``.
 
     Raises:
-        NotAdaptedError: no such adapter.
+        UnknownAdapterError: no such adapter (also a NotAdaptedError).
     """
-    for _, a in select_adapters(gm, adapter):
+    for _, a in select_adapters(gm, adapter, what="enable_adapters_"):
         a.enabled = bool(enabled)
         a.refresh_scaling_()
     return gm
@@ -136,7 +128,7 @@ def disable_adapters(gm: nn.Module, *, adapter: AdapterSel = None) -> Iterator[n
     Raises:
         NotAdaptedError: ``gm`` carries no adapters, or none named ``adapter``.
     """
-    saved = [(a, a.enabled, a.mix) for _, a in select_adapters(gm, adapter)]
+    saved = [(a, a.enabled, a.mix) for _, a in select_adapters(gm, adapter, what="disable_adapters")]
     for a, _, _ in saved:
         a.enabled = False
         a.refresh_scaling_()
@@ -189,9 +181,9 @@ def load_adapter_values_(
     Raises:
         AdapterMismatchError: listing every missing key, unexpected key, wrong fan-in/fan-out and
             rank above capacity; nothing is written when any is found.
-        NotAdaptedError: no adapter named ``adapter``.
+        UnknownAdapterError: no adapter named ``adapter`` (also a NotAdaptedError).
     """
-    chosen = dict(select_adapters(gm, adapter))
+    chosen = dict(select_adapters(gm, adapter, what="load_adapter_values_"))
     given = {_normalise_key(k, adapter): v for k, v in state.items()}
     problems, plan = [], []
     expected = set()
@@ -274,11 +266,11 @@ def reserve_rank_(gm: nn.Module, max_rank: int, *, adapter: str = "default") -> 
     Raises:
         ConfigError: ``max_rank`` is not a positive int or is below an adapter's capacity, or an
             adapter is fused (per-block factors; not padded).
-        NotAdaptedError: no adapter named ``adapter``.
+        UnknownAdapterError: no adapter named ``adapter`` (also a NotAdaptedError).
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise ConfigError(f"max_rank must be a positive int, got {max_rank!r}")
-    chosen = select_adapters(gm, adapter)
+    chosen = select_adapters(gm, adapter, what="reserve_rank_")
     fused = [p for p, a in chosen if getattr(a, "blocks", None) is not None]
     if fused:
         raise ConfigError(f"reserve_rank_ pads plain adapters only; {fused} are fused (per-block q/k/v factors). "

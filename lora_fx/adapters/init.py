@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..state import PISSA_BUFFERS
 from .module import LoraAdapter
 
 __all__ = ["pissa_init_", "dora_init_"]
@@ -51,8 +52,8 @@ def pissa_init_(adapter: LoraAdapter, weight: torch.Tensor) -> LoraAdapter:
     adapter.lora_A.copy_(a)
     adapter.lora_B.copy_(b)
     # the initial factors, so the adapter can be re-expressed on the original W (save_adapter)
-    adapter.register_buffer("init_A", adapter.lora_A.detach().clone(), persistent=False)
-    adapter.register_buffer("init_B", adapter.lora_B.detach().clone(), persistent=False)
+    for name, factor in zip(PISSA_BUFFERS, (adapter.lora_A, adapter.lora_B)):
+        adapter.register_buffer(name, factor.detach().clone(), persistent=False)
     residual = w - adapter.base_scaling * (b @ a)
     weight.copy_(residual.reshape(weight.shape).to(weight.dtype))
     return adapter

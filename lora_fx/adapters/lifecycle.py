@@ -15,13 +15,14 @@ from typing import Mapping, Optional, Sequence, Union
 
 from torch import fx, nn
 
-from ..api import _UNSET, CONFIG_ATTR, _adapt
+from ..api import _UNSET, _adapt, check_adapter_name
 from ..config import LoraConfig
-from ..errors import ConfigError, NotAdaptedError, TargetError
+from ..errors import ConfigError, TargetError
 from ..ops import DELTA_OPS, MERGE_OPS
-from ..state import adapter_records, is_adapted, state_of
+from ..state import (ADAPTER_ATTR, adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters,
+                     require_adapted, state_of)
 from .hotswap import disable_adapters  # one implementation, re-exported here
-from .module import ADAPTER_ATTR, LoraAdapter
+from .module import LoraAdapter
 
 __all__ = [
     "add_adapter",
@@ -35,41 +36,16 @@ __all__ = [
 ]
 
 
-def _require(gm: nn.Module, what: str) -> None:
-    if not is_adapted(gm):
-        raise NotAdaptedError(f"{what}() needs a module produced by lora_fx.transform; {type(gm).__name__} "
-                              "carries no lora_fx adapters.")
-
-
 def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
     """``(adapter name, module path, LoraAdapter)`` for every adapter module of ``gm``, each once,
     in graph order (root first)."""
-    out, seen = [], set()
-    for _, path, rec, a in adapter_records(gm):
-        if id(a) not in seen:
-            seen.add(id(a))
-            out.append((rec.adapter, path, a))
-    return out
-
-
-def adapter_names(gm: nn.Module) -> list[str]:
-    """Names of the adapters on ``gm``, in the order they were added."""
-    names = list(getattr(gm, CONFIG_ATTR, {}))
-    names += [n for n, _, _ in named_adapters(gm) if n not in names]
-    return names
+    return list(iter_adapters(gm))
 
 
 def active_adapters(gm: nn.Module) -> list[str]:
     """Names of the adapters that are enabled (on at least one site)."""
     on = {n for n, _, a in named_adapters(gm) if a.enabled}
     return [n for n in adapter_names(gm) if n in on]
-
-
-def _check_names(gm: nn.Module, names: Sequence[str]) -> None:
-    known = adapter_names(gm)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError(f"unknown adapter name(s) {unknown}; this module has {known}")
 
 
 def _as_names(names: Union[str, Sequence[str]]) -> list[str]:
@@ -86,7 +62,7 @@ def _apply(gm: nn.Module, mixes: Mapping[str, float]) -> None:
     Only values change (``scaling`` buffers refilled in place): ``requires_grad`` is left alone,
     since flipping it makes ``torch.compile`` recompile; :func:`lora_fx.mark_only_lora_as_trainable`
     freezes inactive adapters when training."""
-    for name, _, a in named_adapters(gm):
+    for name, _, a in iter_adapters(gm):
         a.enabled = name in mixes
         a.mix = float(mixes.get(name, 1.0))
         a.refresh_scaling_()
@@ -104,23 +80,17 @@ def set_active_adapters(gm: nn.Module, names: Union[str, Sequence[str]]) -> nn.M
 
     Raises:
         NotAdaptedError: ``gm`` carries no adapters.
-        ConfigError: an unknown name (the message lists the known ones).
+        UnknownAdapterError: an unknown name (the message lists the known ones).
     """
-    _require(gm, "set_active_adapters")
+    require_adapted(gm, "set_active_adapters")
     names = _as_names(names)
-    _check_names(gm, names)
+    check_adapter_names(gm, names)
     _apply(gm, {n: 1.0 for n in names})
     return gm
 
 
 def _targets(gm: nn.Module, name: str) -> set[str]:
-    out = set()
-    for gm_path, sub in gm.named_modules():
-        st = state_of(sub)
-        if st is not None:
-            prefix = f"{gm_path}." if gm_path else ""
-            out.update(prefix + r.param for r in st.adapters.values() if r.adapter == name)
-    return out
+    return {prefix + rec.param for prefix, _, rec, _ in adapter_records(gm) if rec.adapter == name}
 
 
 def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_targets: bool = True) -> nn.Module:
@@ -136,16 +106,17 @@ def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_tar
             the combination is the same at every site.
 
     Raises:
-        ConfigError: unknown names, a non-numeric weight, or a DoRA adapter (DoRA is not linear in
-            its update; its weight only gates it, see :func:`lora_fx.ops.dora_merge`).
+        UnknownAdapterError: unknown names.
+        ConfigError: a non-numeric weight, or a DoRA adapter (DoRA is not linear in its update; its
+            weight only gates it, see :func:`lora_fx.ops.dora_merge`).
         TargetError: ``same_targets`` and the adapters' targets differ (lists the differences).
     """
-    _require(gm, "set_adapter_weights")
-    _check_names(gm, list(weights))
+    require_adapted(gm, "set_adapter_weights")
+    check_adapter_names(gm, list(weights))
     for n, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise ConfigError(f"weight of adapter {n!r} must be a number, got {w!r}")
-    dora = sorted({n for n, _, a in named_adapters(gm) if n in weights and a.use_dora})
+    dora = sorted({n for n, _, a in iter_adapters(gm, weights) if a.use_dora})
     if dora:
         raise ConfigError(f"adapter(s) {dora} use DoRA, which is not linear in its update; combine plain "
                           "LoRA adapters, or activate a DoRA adapter alone with set_active_adapters().")
@@ -194,9 +165,8 @@ def add_adapter(
             on a module whose weights are shared with the user's model.
         TargetError / UnsupportedSiteError: as in :func:`lora_fx.transform`.
     """
-    _require(gm, "add_adapter")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ConfigError(f"adapter name must be a Python identifier, got {name!r}")
+    require_adapted(gm, "add_adapter", root=True)
+    check_adapter_name(name)
     if name in adapter_names(gm):
         raise ConfigError(f"adapter {name!r} already exists on this module; delete_adapter(gm, {name!r}) "
                           "first or pick another name")
@@ -208,21 +178,17 @@ def add_adapter(
     if rank is not _UNSET:
         given["rank"] = rank
     cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
-    if not isinstance(gm, fx.GraphModule):
-        raise NotAdaptedError(f"add_adapter() needs the root module returned by lora_fx.transform, got "
-                              f"{type(gm).__name__}")
     before = {id(p): p.requires_grad for p in gm.parameters()}
     was_training = gm.training
     _adapt(gm, cfg, name)
     for p in gm.parameters():  # _adapt freezes the base and unfreezes every adapter: undo for old ones
         if id(p) in before:
             p.requires_grad_(before[id(p)])
-    for n, _, a in named_adapters(gm):
-        if n == name:
-            a.enabled = bool(activate)
-            a.refresh_scaling_()
-            for p in a.parameters():
-                p.requires_grad_(bool(activate))
+    for _, _, a in iter_adapters(gm, [name]):
+        a.enabled = bool(activate)
+        a.refresh_scaling_()
+        for p in a.parameters():
+            p.requires_grad_(bool(activate))
     gm.train(was_training)
     return gm
 
@@ -234,10 +200,10 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
 
     Raises:
         NotAdaptedError: ``gm`` carries no adapters.
-        ConfigError: unknown ``name``.
+        UnknownAdapterError: unknown ``name``.
     """
-    _require(gm, "delete_adapter")
-    _check_names(gm, [name])
+    require_adapted(gm, "delete_adapter")
+    check_adapter_names(gm, [name])
     for _, sub in list(gm.named_modules()):
         st = state_of(sub)
         if st is None:
@@ -274,7 +240,5 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
             del st.adapters[p]
         graph.lint()
         sub.recompile()
-    configs = dict(getattr(gm, CONFIG_ATTR, {}))
-    configs.pop(name, None)
-    setattr(gm, CONFIG_ATTR, configs)
+    forget_config_(gm, name)
     return gm

@@ -17,20 +17,9 @@ from torch import nn
 
 from .. import ops
 from ..errors import ConfigError
+from ..state import ADAPTER_ATTR, adapter_path  # noqa: F401  (re-exported: old lora_fx.adapter names)
 
 __all__ = ["LoraAdapter", "ADAPTER_ATTR", "adapter_path"]
-
-#: Attribute under which an owner module holds its adapters: ``owner.lora[adapter_name][param_name]``.
-ADAPTER_ATTR = "lora"
-
-
-def adapter_path(param_fqn: str, adapter_name: str) -> str:
-    """Module path of the adapter of base parameter ``param_fqn`` (e.g. ``"fc.weight"`` →
-    ``"fc.lora.default.weight"``)."""
-    owner, _, pname = param_fqn.rpartition(".")
-    prefix = f"{owner}." if owner else ""
-    return f"{prefix}{ADAPTER_ATTR}.{adapter_name}.{pname}"
-
 
 class LoraAdapter(nn.Module):
     """Low-rank factors ``lora_A: (rank, fan_in)``, ``lora_B: (fan_out, rank)`` for a weight ``W``

@@ -7,24 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .module import ADAPTER_ATTR, LoraAdapter
+from ..state import adapter_owners, check_bias, is_bias_key, is_lora_key, is_lora_layer
+from .module import LoraAdapter
 
 __all__ = ["mark_only_lora_as_trainable", "adapter_parameters", "register_model_param_after_backward"]
-
-_BIAS = ("none", "all", "lora_only")
-
-
-def _check_bias(bias: str) -> None:
-    if bias not in _BIAS:
-        raise ConfigError(f"bias must be one of {_BIAS}, got {bias!r}")
-
-
-def _is_lora_key(name: str) -> bool:
-    """loralib's rule ("lora_" in the name), restricted to whole-word use: a name component starting
-    with ``lora_`` (``lora_A``, ``lora_magnitude``) or containing ``_lora_`` (LoRA-Torch's ``w_lora_A``),
-    so a user's ``flora_w`` is not taken for an adapter."""
-    return any(part.startswith("lora_") or "_lora_" in part for part in name.split("."))
 
 
 def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn.Parameter]:
@@ -36,27 +22,10 @@ def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn
         if isinstance(m, LoraAdapter) and active_only and not m.enabled:
             disabled.update(id(p) for p in m.parameters())
     for name, p in model.named_parameters():
-        if _is_lora_key(name) and id(p) not in disabled and id(p) not in seen:
+        if is_lora_key(name) and id(p) not in disabled and id(p) not in seen:
             seen.add(id(p))
             out.append(p)
     return out
-
-
-def _adapted_owners(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules()
-            if isinstance(m._modules.get(ADAPTER_ATTR), nn.ModuleDict) or hasattr(m, "lora_A")]
-
-
-def _is_lora_layer(m: nn.Module) -> bool:
-    """A hand-built LoRA layer: ``lora_fx.nn``'s, loralib's or LoRA-Torch's (all derive from a class
-    named ``LoRALayer``), whatever its rank."""
-    return any(c.__name__ == "LoRALayer" for c in type(m).__mro__)
-
-
-def _is_bias_name(name: str) -> bool:
-    # loralib tests ``'bias' in name``; the last component only, so ``in_proj_bias`` and ``bias_k``
-    # count but a module named ``bias_net`` does not make its weight a bias.
-    return "bias" in name.rsplit(".", 1)[-1]
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
@@ -72,12 +41,12 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
     Raises:
         ConfigError: unknown ``bias`` mode.
     """
-    _check_bias(bias)
+    check_bias(bias)
     trainable = {id(p) for p in adapter_parameters(model)}
     if bias == "all":
-        trainable |= {id(p) for n, p in model.named_parameters() if _is_bias_name(n)}
+        trainable |= {id(p) for n, p in model.named_parameters() if is_bias_key(n)}
     elif bias == "lora_only":
-        owners = _adapted_owners(model) + [m for m in model.modules() if _is_lora_layer(m)]
+        owners = adapter_owners(model) + [m for m in model.modules() if is_lora_layer(m)]
         trainable |= {id(m.bias) for m in owners if isinstance(getattr(m, "bias", None), nn.Parameter)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)

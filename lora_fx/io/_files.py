@@ -10,6 +10,8 @@ from typing import Callable, Union
 
 import torch
 
+from ..state import FILE_META
+
 __all__ = ["atomic_write", "atomic_write_bytes", "safetensors_bytes"]
 
 
@@ -53,5 +55,5 @@ def safetensors_bytes(sd: dict[str, torch.Tensor], metadata: dict | None = None)
     metadata values JSON-encoded)."""
     from safetensors.torch import save
 
-    meta = {"format": "lora_fx", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
+    meta = {"format": FILE_META["format"], **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
     return save({k: v.contiguous() for k, v in sd.items()}, metadata=meta)

@@ -27,9 +27,9 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..api import sites
 from ..errors import AdapterMismatchError, ConfigError
 from ..nn import layout
+from ..state import is_adapter_path, is_lora_key, sites
 from .state_dict import lora_state_dict
 
 __all__ = ["load_loralib_state_dict", "loralib_state_dict"]
@@ -348,7 +348,7 @@ def loralib_state_dict(
     if errors:
         raise AdapterMismatchError("cannot export to the loralib layout:\n  " + "\n  ".join(errors))
     for key, value in lora_state_dict(gm, bias=bias).items():
-        if "lora_" in key.rsplit(".", 1)[-1] or ".lora." in key:
+        if is_lora_key(key) or is_adapter_path(key):
             continue
         owner_path = key.rpartition(".")[0]
         if style == "loralib" and owner_path in conv_owners:

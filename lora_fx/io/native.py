@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import AdapterFileError, AdapterMismatchError, NotAdaptedError
 from ._files import atomic_write_bytes, safetensors_bytes
+from ..state import is_lora_key
 from .state_dict import lora_state_dict
 
 __all__ = ["save_lora_state", "load_lora_state"]
@@ -29,7 +30,7 @@ def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: st
         OSError: the file cannot be written; any previous file at ``path`` is left intact.
     """
     sd = {k: v.detach().contiguous().clone() for k, v in lora_state_dict(model, bias=bias).items()}
-    if not any(".lora_" in k or k.startswith("lora_") for k in sd):
+    if not any(is_lora_key(k) for k in sd):
         raise NotAdaptedError(f"save_lora_state(): {type(model).__name__} holds no adapter parameters, so the file "
                               "would be empty. Save the module returned by lora_fx.transform(model, ...).")
     atomic_write_bytes(path, safetensors_bytes(sd, metadata))

@@ -37,10 +37,10 @@ import torch
 from torch import fx, nn
 
 from ..adapters.lifecycle import adapter_names, add_adapter, named_adapters, set_active_adapters
-from ..api import CONFIG_ATTR, sites, transform
+from ..api import transform
 from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterMismatchError, ConfigError, UnsupportedSiteError
-from ..state import is_adapted
+from ..state import FILE_META, PISSA_BUFFERS, check_adapter_names, configs_of, is_adapted, sites
 from ._files import atomic_write_bytes
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_PREFIX"]
@@ -163,7 +163,8 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         ``Path(directory)``.
 
     Raises:
-        ConfigError: unknown adapter name, or a PiSSA adapter with DoRA (a plain PiSSA adapter is
+        UnknownAdapterError: unknown adapter name.
+        ConfigError: a PiSSA adapter with DoRA (a plain PiSSA adapter is
             written as PEFT's PiSSA-to-LoRA conversion: rank ``2r``, ``[B, -B0] @ [A; A0]``, which
             applies to the original weights; alpha adjusted so the scaling is unchanged).
         UnsupportedSiteError: a site PEFT's LoRA cannot express (a parameter other than a module's
@@ -172,12 +173,10 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
     """
     from safetensors.torch import save
 
-    known = adapter_names(gm) if is_adapted(gm) else []
-    if adapter not in known:
-        raise ConfigError(f"no adapter {adapter!r} to save; this module has {known}")
-    cfg = getattr(gm, CONFIG_ATTR, {}).get(adapter)
+    check_adapter_names(gm, [adapter])
+    cfg = configs_of(gm).get(adapter)
     chosen = [s for s in sites(gm) if s.adapter == adapter]
-    pissa = [s for s in chosen if hasattr(s.module, "init_A")]
+    pissa = [s for s in chosen if hasattr(s.module, PISSA_BUFFERS[0])]
     if pissa and any(s.module.use_dora for s in pissa):
         raise ConfigError(
             f"adapter {adapter!r} combines PiSSA and DoRA: its base is the residual W - s·B0@A0 held in this "
@@ -198,10 +197,11 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
                             "axis, so the file would compute something else")
         else:
             a, b, rank, alpha = s.module.lora_A.detach(), s.module.lora_B.detach(), s.rank, s.alpha
-            if hasattr(s.module, "init_A"):
+            if hasattr(s.module, PISSA_BUFFERS[0]):
                 # PiSSA: W_res + s·B@A = W + s·(B@A - B0@A0) = W + s·[B, -B0] @ [A; A0] on the original W
-                a = torch.cat([a, s.module.init_A.to(a.dtype)])
-                b = torch.cat([b, -s.module.init_B.to(b.dtype)], dim=1)
+                a0, b0 = (getattr(s.module, n) for n in PISSA_BUFFERS)
+                a = torch.cat([a, a0.to(a.dtype)])
+                b = torch.cat([b, -b0.to(b.dtype)], dim=1)
                 rank = 2 * s.rank
                 alpha = s.module.base_scaling * (rank ** 0.5 if s.module.use_rslora else rank)
             entries.append((owner, kind, s, a, b, rank, alpha))
@@ -243,9 +243,9 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "lora_fx_adapter": adapter}
+    meta = {"format": "pt", FILE_META["adapter"]: adapter}
     if cfg is not None:
-        meta["lora_fx_config"] = cfg.to_json()
+        meta[FILE_META["config"]] = cfg.to_json()
     atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata=meta))
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return out
