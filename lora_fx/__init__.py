@@ -20,6 +20,7 @@ from .io.loralib import load_loralib_state_dict, loralib_state_dict
 from .io.peft import load_adapter, save_adapter
 from .io.state_dict import lora_state_dict
 from .report import SiteSummary, draw, summary
+from .rules import register_function_rule, register_module_rule
 from . import distributed
 from .distributed import gather_lora_state_dict
 # old module paths (thin re-exports), importable as attributes of the package as before
@@ -38,4 +39,5 @@ __all__ = [
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
     "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",
     "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
+    "register_module_rule", "register_function_rule",
 ]

@@ -74,7 +74,7 @@ class LoraTracer(fx.Tracer):
     def __init__(self, autowrap_modules=(math,), autowrap_functions=(), param_shapes_constant=False, *,
                  leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = ()):
         super().__init__(autowrap_modules=autowrap_modules,
-                         autowrap_functions=tuple(autowrap_functions) + LORA_OPS + (assert_is_none,),
+                         autowrap_functions=tuple(autowrap_functions) + tuple(LORA_OPS) + (assert_is_none,),
                          param_shapes_constant=param_shapes_constant)
         self.leaf_names = frozenset(leaf_names)
         self.leaf_types = tuple(leaf_types)

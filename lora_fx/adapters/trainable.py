@@ -4,7 +4,6 @@ semantics), and the adapter parameters themselves.  The adapter-only state dict 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..state import adapter_owners, check_bias, is_bias_key, is_lora_key, is_lora_layer

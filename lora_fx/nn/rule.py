@@ -20,10 +20,8 @@ def _has_lora(m) -> bool:
 
 
 def _base(m) -> rules.ModuleRule:
-    for module_type, rule in rules._MODULE_RULES:
-        if rule is not LORA_LAYER_RULE and isinstance(m, module_type):
-            return rule
-    return rules._GENERIC_MODULE
+    """The rule of the layer's ``torch.nn`` base class (the one it would get without this rule)."""
+    return rules.module_rule(m, skip=LORA_LAYER_RULE)
 
 
 def _merged_call(graph, node, m, merged):
