@@ -6,17 +6,15 @@ import collections
 import copy
 import dataclasses
 import fnmatch
-import math
-import warnings
 from typing import Any, Optional, Sequence, Union
 
 from torch import fx, nn
 
 from .adapters.module import LoraAdapter
 from .config import LoraConfig, as_patterns
-from .graph_module import compile_stale, deferred_recompile
-from .adapters.init import dora_init_, pissa_init_
-from .errors import AlreadyAdaptedError, ConfigError, LoraFxWarning, TargetError, UnsupportedSiteError
+from .graph_module import compile_stale, deferred_recompile, graph_modules
+from .adapters.init import check_pissa, new_adapter
+from .errors import AlreadyAdaptedError, ConfigError, TargetError, UnsupportedSiteError
 from .state import (CONFIG_ATTR, FOLD_META, OWNS_WEIGHTS_ATTR, Site, is_adapted, record_config_,
                     require_adapted, sites)
 
@@ -215,23 +213,6 @@ def transform(
         return _adapt(root, cfg, adapter_name)
 
 
-def _check_pissa(root, consumers, chosen) -> None:
-    """PiSSA rewrites ``W``: only allowed on our own copy and when every use of ``W`` is adapted."""
-    if not getattr(root, OWNS_WEIGHTS_ATTR, False):
-        raise ConfigError(
-            "init='pissa' writes the residual W - s·B@A into the base weight, but this adapted module "
-            "shares its weights with your model (copy_weights=False), which lora_fx never modifies. "
-            "Use copy_weights=True, or init='kaiming'/'gaussian'.")
-    gms = dict(_passes()[0].graph_modules(root))
-    chosen_ids = {id(gms[c.gm_path].get_parameter(c.param)) for c in chosen}
-    for c in consumers:
-        if c not in chosen and id(gms[c.gm_path].get_parameter(c.param)) in chosen_ids:
-            raise ConfigError(
-                f"init='pissa' would change '{c.fqn}' (used by {c.op}), which shares its tensor with a "
-                "targeted weight but is not targeted itself; target every alias of the weight or use "
-                "init='kaiming'.")
-
-
 def check_adapter_name(name) -> str:
     """``name`` if it can name an adapter (a non-empty identifier: it becomes a module path part).
 
@@ -249,7 +230,7 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
     consumers = find_sites.find_sites(root)
     chosen = _select(consumers, cfg.targets, cfg.exclude)
     if cfg.init == "pissa":
-        _check_pissa(root, consumers, chosen)
+        check_pissa(root, consumers, chosen)
     for what, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern),
                            ("fused", cfg.fused)):
         for pat in patterns:
@@ -257,28 +238,10 @@ def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.Graph
                 raise TargetError(f"{what} key {pat!r} matches no targeted parameter; targeted: "
                                   f"{sorted({c.fqn for c in chosen})}")
 
-    gms = dict(_passes()[0].graph_modules(root))  # once: per-adapter lookups stay O(1)
+    gms = dict(graph_modules(root))  # once: per-adapter lookups stay O(1)
 
     def make_adapter(c) -> LoraAdapter:
-        gm = gms[c.gm_path]
-        w = gm.get_parameter(c.param)
-        r = cfg.rank_for(c.fqn)
-        if r > min(w.shape[0], math.prod(w.shape[1:])):
-            warnings.warn(f"rank {r} for '{c.fqn}' exceeds min{tuple(w.shape[:1]) + (math.prod(w.shape[1:]),)} "
-                          f"of its weight {tuple(w.shape)}: the update is full-rank already and costs more "
-                          f"than full fine-tuning of this weight. Use rank <= {min(w.shape[0], math.prod(w.shape[1:]))} "
-                          f"for it (e.g. rank_pattern={{'{c.fqn}': {min(w.shape[0], math.prod(w.shape[1:]))}}}) "
-                          "or exclude it", LoraFxWarning, stacklevel=4)
-        from .fused import resolve_blocks
-        blocks = resolve_blocks(cfg.fused_for(c.fqn, bool(c.blocks)), w.shape[0], c.blocks, c.fqn)
-        a = LoraAdapter(tuple(w.shape), r, cfg.alpha_for(c.fqn), dtype=cfg.dtype_for(w), device=w.device,
-                        dropout=float(cfg.dropout), use_rslora=cfg.use_rslora, init=cfg.init,
-                        use_dora=cfg.use_dora, blocks=blocks)
-        if cfg.init == "pissa":
-            pissa_init_(a, w)
-        if cfg.use_dora:
-            dora_init_(a, w)
-        return a
+        return new_adapter(c, gms[c.gm_path].get_parameter(c.param), cfg)
 
     insert_lora.insert_lora(root, chosen, make_adapter, adapter_name=adapter_name, lowering=cfg.lowering,
                             recompute_inputs=cfg.recompute_inputs)

@@ -14,6 +14,7 @@ import torch
 
 from .errors import ConfigError
 from .fused import FusedSpec
+from .weights import compute_dtype
 
 __all__ = ["LoraConfig", "CONFIG_VERSION", "INITS", "as_patterns"]
 
@@ -137,10 +138,12 @@ class LoraConfig:
         return float(self.rank_for(name) if a is None else a)
 
     def dtype_for(self, weight: torch.Tensor) -> torch.dtype:
-        """Dtype of the factors for base weight ``weight``."""
+        """Dtype of the factors for base weight ``weight``: ``adapter_dtype``, else float32 for a
+        float16 / bfloat16 compute dtype (:func:`lora_fx.weights.compute_dtype`), else that dtype."""
         if self.adapter_dtype is not None:
             return _DTYPES[self.adapter_dtype]
-        return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = compute_dtype(weight)
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def fused_for(self, name: str, default: bool) -> Any:
         """The :class:`~lora_fx.fused.FusedSpec` for base parameter ``name`` (first matching

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import weights
 from .recompute import _to, down
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "embedding_delta",
     "conv_delta",
     "module_call",
+    "dequantized",
     "LORA_OPS",
     "DELTA_OPS",
     "MERGE_OPS",
@@ -296,3 +298,11 @@ def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **
     # a plain dict: fx hands node arguments over as immutable dicts, which torch.export's
     # functional_call tracing tries to update
     return torch.func.functional_call(module, dict(overrides), args, kwargs, strict=False, tie_weights=False)
+
+
+@merge_op
+def dequantized(weight: Tensor) -> Tensor:
+    """``W`` as the floating tensor of its logical shape (:func:`lora_fx.weights.dequantize`): the
+    first link of the merge chain of a weight whose kind is not a plain tensor (a quantized
+    weight, say), so :func:`merge` reads a float ``W``.  Plain weights never pass through it."""
+    return weights.dequantize(weight)

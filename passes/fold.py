@@ -8,25 +8,29 @@ again, adapter submodules are dropped.  The input module is never modified.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
-from lora_fx import ops
-from lora_fx.adapters.module import LoraAdapter
+from lora_fx import ops, weights
+from lora_fx.graph_module import graph_modules
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, is_adapter_path, state_of
 
-from .trace_fx import graph_modules
+
+if TYPE_CHECKING:  # annotations only: passes never import the adapters package
+    from lora_fx.adapters.module import LoraAdapter
 
 __all__ = ["fold_graph_modules", "folded_weight"]
 
 
 def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Tensor:
-    """``W + Σ ΔW`` computed in at least float32 and rounded once to ``W``'s dtype.
+    """``W + Σ ΔW`` computed in at least float32 and rounded once (:func:`lora_fx.weights.fold_into`:
+    a plain weight gets ``W``'s dtype; another weight kind decides what it returns).
 
     Args:
-        weight: base weight ``W`` of shape ``adapter.weight_shape``.
+        weight: base weight ``W`` of logical shape ``adapter.weight_shape``.
         adapters: the adapters on ``W`` in the order the graph applies them (merge-lowered ones
             first, in chain order, then factored ones); their current ``scaling`` is used and
             disabled ones add 0.  DoRA adapters apply :func:`lora_fx.ops.dora_merge`.
@@ -34,18 +38,21 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
     Raises:
         ValueError: if the result is not finite (a diverged adapter), naming nothing silently.
     """
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    out = weight.detach().to(compute)
-    with torch.no_grad():
-        for a in adapters:
-            if getattr(a, "use_dora", False):  # DoRA: the same function the graph calls, in fp32
-                out = ops.dora_merge(out, a.lora_A.detach().to(compute), a.lora_B.detach().to(compute),
-                                     a.scaling.to(compute), a.lora_magnitude.detach().to(compute), a.base_scaling)
-                continue
-            out = out + a.delta_weight(dtype=compute).detach()  # fused: exact zeros on disabled rows
-    if not torch.isfinite(out).all():
-        raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
-    return out.to(weight.dtype)
+
+    def update(out: torch.Tensor) -> torch.Tensor:  # out: dequantized W, float32 or wider
+        compute = out.dtype
+        with torch.no_grad():
+            for a in adapters:
+                if getattr(a, "use_dora", False):  # DoRA: the same function the graph calls, in fp32
+                    out = ops.dora_merge(out, a.lora_A.detach().to(compute), a.lora_B.detach().to(compute),
+                                         a.scaling.to(compute), a.lora_magnitude.detach().to(compute), a.base_scaling)
+                    continue
+                out = out + a.delta_weight(dtype=compute).detach()  # fused: exact zeros on disabled rows
+        if not torch.isfinite(out).all():
+            raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
+        return out
+
+    return weights.fold_into(weight, update)
 
 
 def _strip_graph(gm: fx.GraphModule) -> None:

@@ -13,19 +13,21 @@ of the module owning the base parameter (``<owner>.lora.<adapter>.<param>``).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import fx, nn
 
-from lora_fx import ops
-from lora_fx.adapters.module import LoraAdapter
+from lora_fx import ops, weights
+from lora_fx.graph_module import graph_modules
 from lora_fx.errors import ConfigError
 from lora_fx.rules import MERGE, Factored, choose_lowering, function_rule, module_rule
 from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, state_of
 
 from .find_sites import Consumer, _weight_slot
 from .match_recompute import remat_spec
-from .trace_fx import graph_modules
+
+if TYPE_CHECKING:  # annotations only: passes never import the adapters package
+    from lora_fx.adapters.module import LoraAdapter
 
 __all__ = ["insert_lora", "LOWERINGS"]
 
@@ -90,6 +92,14 @@ def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapte
     return graph.call_function(MERGE.fn, (weight, a, b, s) + _layout(adapter))
 
 
+def _readable(gm: fx.GraphModule, attr: fx.Node) -> fx.Node:
+    """``attr`` (a ``get_attr`` of a base weight) as the float tensor a merge reads: the node itself
+    for a plain weight, else ``dequantized(W)`` (:mod:`lora_fx.weights`)."""
+    if weights.is_plain(gm.get_parameter(attr.target)):
+        return attr
+    return gm.graph.call_function(ops.dequantized, (attr,))
+
+
 def _tail(node: fx.Node, chain_ops) -> fx.Node:
     """Last node of the chain of ``chain_ops`` calls hanging off ``node`` (each taking the previous
     one as first argument): where a further adapter on the same value is appended."""
@@ -135,7 +145,7 @@ def _lower_module(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str
         merged: dict[str, fx.Node] = {}
         for c, adapter, path in items:
             pname = c.param[len(node.target) + 1:]
-            w = merged[pname] if pname in merged else _get_attr(graph, c.param)
+            w = merged[pname] if pname in merged else _readable(gm, _get_attr(graph, c.param))
             merged[pname] = _merge_node(graph, w, path, adapter)
         new = rule.merged_call(graph, node, mod, merged) if rule.merged_call and not hooked else None
         if new is None:
@@ -168,7 +178,7 @@ def _lower_attr(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str]]
         return [(c, "factored") for c, _, _ in items]
     anchor = weight.next
     with graph.inserting_before(anchor):
-        w = weight
+        w = _readable(gm, weight) if weight is node else weight  # a chain's first adapter: read W
         for _, adapter, path in items:
             w = _merge_node(graph, w, path, adapter)
     _rewire(weight, w, _inserted(weight, anchor))

@@ -29,7 +29,7 @@ from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
 import lora_fx
 from lora_fx.errors import LoraFxWarning, TraceError
-from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, value_key
+from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, graph_modules, value_key
 from lora_fx.ops import LORA_OPS
 from lora_fx.state import LEAF_ATTR
 
@@ -138,11 +138,6 @@ def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceEr
         "adapted by merging, through torch.func.functional_call); or (3) use the torch.export "
         "front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which specialises "
         "Python control flow on shapes and arguments to the example inputs (not on tensor values).")
-
-
-def graph_modules(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """Every lora_fx-traced ``GraphModule`` in ``root`` (root first), each once, with its path."""
-    return [(name, m) for name, m in root.named_modules() if isinstance(m, fx.GraphModule)]
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",

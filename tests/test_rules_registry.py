@@ -126,6 +126,6 @@ def test_insert_lora_decides_nothing_by_op_kind():
 def test_self_registered_ops_tables():
     assert ops.LORA_OPS[:7] == [ops.merge, ops.dora_merge, ops.linear_delta, ops.matmul_delta, ops.embedding_delta,
                                 ops.conv_delta, ops.module_call]
-    assert set(ops.MERGE_OPS) == {ops.merge, ops.dora_merge}
+    assert ops.MERGE_OPS[:3] == [ops.merge, ops.dora_merge, ops.dequantized]
     assert {ops.linear_delta, ops.matmul_delta, ops.embedding_delta, ops.conv_delta} <= set(ops.DELTA_OPS)
     assert all(f in ops.LORA_OPS for f in ops.DELTA_OPS + ops.MERGE_OPS)

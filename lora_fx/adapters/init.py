@@ -1,18 +1,84 @@
-"""Weight-dependent initialisation of adapters: PiSSA factors and DoRA magnitudes.
+"""Making adapters for a base weight: the factory the pipeline calls (:func:`new_adapter`), and the
+weight-dependent initialisations, PiSSA factors and DoRA magnitudes.
 
-Both read the base weight ``W`` the adapter belongs to; PiSSA also writes the residual into ``W``,
-which lora_fx only allows on the adapted module's *own copy* of the weights (``copy_weights=True``),
-never on the user's model.
+All read the base weight ``W`` through :mod:`lora_fx.weights` (its logical shape, compute dtype and
+dequantized value); PiSSA also writes the residual into ``W``, which lora_fx only allows on the
+adapted module's *own copy* of the weights (``copy_weights=True``), never on the user's model, and
+only for weight kinds that can be written (:func:`check_pissa`).
 """
 
 from __future__ import annotations
 
-import torch
+import math
+import warnings
 
-from ..state import PISSA_BUFFERS
+import torch
+from torch import nn
+
+from .. import weights
+from ..config import LoraConfig
+from ..errors import ConfigError, LoraFxWarning
+from ..fused import resolve_blocks
+from ..graph_module import graph_modules
+from ..state import OWNS_WEIGHTS_ATTR, PISSA_BUFFERS
 from .module import LoraAdapter
 
-__all__ = ["pissa_init_", "dora_init_"]
+__all__ = ["new_adapter", "check_pissa", "pissa_init_", "dora_init_"]
+
+
+def new_adapter(site, weight: torch.Tensor, config: LoraConfig) -> LoraAdapter:
+    """The adapter of ``config`` for one site (a :class:`~lora_fx.passes.find_sites.Consumer`) on
+    base ``weight``: rank, alpha and fused blocks per the site's name, factors of the weight's
+    logical shape in :meth:`LoraConfig.dtype_for`, on the weight's device, PiSSA / DoRA initialised.
+
+    Warns:
+        LoraFxWarning: the rank exceeds ``min(fan_out, fan_in)`` (the update is full-rank already).
+    """
+    shape = weights.logical_shape(weight)
+    fan_out, fan_in = shape[0], math.prod(shape[1:])
+    r = config.rank_for(site.fqn)
+    if r > min(fan_out, fan_in):
+        warnings.warn(f"rank {r} for '{site.fqn}' exceeds min{(fan_out, fan_in)} of its weight {shape}: the update "
+                      "is full-rank already and costs more than full fine-tuning of this weight. Use rank <= "
+                      f"{min(fan_out, fan_in)} for it (e.g. rank_pattern={{'{site.fqn}': {min(fan_out, fan_in)}}}) "
+                      "or exclude it", LoraFxWarning, stacklevel=6)  # the caller of transform / add_adapter
+    blocks = resolve_blocks(config.fused_for(site.fqn, bool(site.blocks)), fan_out, site.blocks, site.fqn)
+    a = LoraAdapter(shape, r, config.alpha_for(site.fqn), dtype=config.dtype_for(weight), device=weight.device,
+                    dropout=float(config.dropout), use_rslora=config.use_rslora, init=config.init,
+                    use_dora=config.use_dora, blocks=blocks)
+    if config.init == "pissa":
+        pissa_init_(a, weight)
+    if config.use_dora:
+        dora_init_(a, weight)
+    return a
+
+
+def check_pissa(root: nn.Module, consumers, chosen) -> None:
+    """PiSSA rewrites ``W``: only allowed on the adapted module's own copy, on weight kinds that can
+    be written, and when every use of ``W`` is adapted.
+
+    Raises:
+        ConfigError: naming the reason and the fix.
+    """
+    if not getattr(root, OWNS_WEIGHTS_ATTR, False):
+        raise ConfigError(
+            "init='pissa' writes the residual W - s·B@A into the base weight, but this adapted module "
+            "shares its weights with your model (copy_weights=False), which lora_fx never modifies. "
+            "Use copy_weights=True, or init='kaiming'/'gaussian'.")
+    gms = dict(graph_modules(root))
+    for c in chosen:
+        w = gms[c.gm_path].get_parameter(c.param)
+        if not weights.writable(w):
+            raise ConfigError(f"init='pissa' writes the residual W - s·B@A into '{c.fqn}', a "
+                              f"{weights.kind_of(w).name} weight lora_fx cannot write; use init='kaiming' or "
+                              "'gaussian' for it.")
+    chosen_ids = {id(gms[c.gm_path].get_parameter(c.param)) for c in chosen}
+    for c in consumers:
+        if c not in chosen and id(gms[c.gm_path].get_parameter(c.param)) in chosen_ids:
+            raise ConfigError(
+                f"init='pissa' would change '{c.fqn}' (used by {c.op}), which shares its tensor with a "
+                "targeted weight but is not targeted itself; target every alias of the weight or use "
+                "init='kaiming'.")
 
 
 @torch.no_grad()
@@ -34,13 +100,14 @@ def pissa_init_(adapter: LoraAdapter, weight: torch.Tensor) -> LoraAdapter:
 
     Args:
         adapter: a fresh :class:`~lora_fx.adapters.module.LoraAdapter` for ``weight``.
-        weight: the base parameter, shape ``adapter.weight_shape``; **modified in place**.
+        weight: the base parameter, logical shape ``adapter.weight_shape``; **modified in place**
+            (:func:`lora_fx.weights.write_`).
 
     Returns:
         ``adapter``.
     """
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.detach().to(compute).reshape(weight.shape[0], -1)
+    compute = torch.promote_types(weights.compute_dtype(weight), torch.float32)
+    w = weights.dequantize(weight).detach().to(compute).reshape(adapter.weight_shape[0], -1)
     u, sv, vh = torch.linalg.svd(w, full_matrices=False)
     r = adapter.rank
     root = sv[:r].sqrt() / (adapter.base_scaling ** 0.5)
@@ -55,7 +122,7 @@ def pissa_init_(adapter: LoraAdapter, weight: torch.Tensor) -> LoraAdapter:
     for name, factor in zip(PISSA_BUFFERS, (adapter.lora_A, adapter.lora_B)):
         adapter.register_buffer(name, factor.detach().clone(), persistent=False)
     residual = w - adapter.base_scaling * (b @ a)
-    weight.copy_(residual.reshape(weight.shape).to(weight.dtype))
+    weights.write_(weight, residual.reshape(adapter.weight_shape))
     return adapter
 
 
@@ -67,13 +134,13 @@ def dora_init_(adapter: LoraAdapter, weight: torch.Tensor) -> LoraAdapter:
 
     Args:
         adapter: a :class:`~lora_fx.adapters.module.LoraAdapter` built with ``use_dora=True``.
-        weight: the base weight, shape ``adapter.weight_shape``; read only.
+        weight: the base weight, logical shape ``adapter.weight_shape``; read only.
 
     Returns:
         ``adapter``.
     """
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    v = weight.detach().to(compute).reshape(weight.shape[0], -1)
+    compute = torch.promote_types(weights.compute_dtype(weight), torch.float32)
+    v = weights.dequantize(weight).detach().to(compute).reshape(adapter.weight_shape[0], -1)
     v = v + adapter.base_scaling * (adapter.lora_B.to(compute) @ adapter.lora_A.to(compute))
     adapter.lora_magnitude.copy_(torch.linalg.vector_norm(v, dim=1))
     return adapter

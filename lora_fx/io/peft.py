@@ -41,6 +41,7 @@ from ..api import transform
 from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterMismatchError, ConfigError, UnsupportedSiteError
 from ..state import FILE_META, PISSA_BUFFERS, check_adapter_names, configs_of, is_adapted, sites
+from ..weights import logical_shape
 from ._files import atomic_write_bytes
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_PREFIX"]
@@ -343,23 +344,24 @@ def _plan(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> t
                             f"(has {sorted(t)})")
             continue
         r = int(t[first].shape[0])
+        shape = logical_shape(weight)
         r_cfg = _pattern_key(config.get("rank_pattern") or {}, name) or r_default
-        expected = _expected(kind, tuple(weight.shape), r, dora)
+        expected = _expected(kind, shape, r, dora)
         for key in sorted(set(expected) | set(t)):
             if key not in t:
                 problems.append(f"'{name}.{key}': missing from the file (model {type(module).__name__} "
-                                f"{tuple(weight.shape)} expects shape {expected[key]})")
+                                f"{shape} expects shape {expected[key]})")
             elif key not in expected:
                 problems.append(f"'{name}.{key}': unexpected for {type(module).__name__} (dora={dora})")
             elif tuple(t[key].shape) != tuple(expected[key]):
                 problems.append(f"'{name}.{key}': file has shape {tuple(t[key].shape)}, model "
-                                f"{type(module).__name__} with weight {tuple(weight.shape)} expects "
+                                f"{type(module).__name__} with weight {shape} expects "
                                 f"{tuple(expected[key])}")
         if r != int(r_cfg):
             problems.append(f"'{name}': tensors have rank {r} but the config says r={r_cfg}")
         alpha = _pattern_key(config.get("alpha_pattern") or {}, name)
         alpha = float(alpha_default if alpha is None else alpha)
-        targets.append(_Target(name, kind, tuple(weight.shape), r, alpha, t))
+        targets.append(_Target(name, kind, shape, r, alpha, t))
     if not grouped and not problems:
         problems.append("the file holds no LoRA tensors")
     return targets, problems

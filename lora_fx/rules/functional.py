@@ -9,15 +9,14 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from .table import (CONV_FN, CONV_T_FN, FunctionRule, _arg, _conv, _embedding, _input, _linear, _matmul,
-                    register_function_rule)
+from .table import CONV_FN, CONV_T_FN, Factored, FunctionRule, _arg, _input, register_function_rule
 
 # ---------------------------------------------------------------------------------------------
 # Functional forms on a parameter (get_attr -> call_function)
 
 
 def _linear_fn_factored(node, slot, shape):
-    return _linear(_input(node)) if slot == 1 else None
+    return Factored.linear(_input(node)) if slot == 1 else None
 
 
 register_function_rule(F.linear, FunctionRule("linear", ((1, "weight"),), _linear_fn_factored))
@@ -26,7 +25,7 @@ register_function_rule(F.linear, FunctionRule("linear", ((1, "weight"),), _linea
 def _embedding_fn_factored(node, slot, shape):
     if slot != 1 or _arg(node, 3, "max_norm") is not None:
         return None
-    return _embedding(_input(node), (_arg(node, 2, "padding_idx"), bool(_arg(node, 5, "scale_grad_by_freq", False))))
+    return Factored.embedding(_input(node), _arg(node, 2, "padding_idx"), bool(_arg(node, 5, "scale_grad_by_freq", False)))
 
 
 register_function_rule(F.embedding, FunctionRule("embedding", ((1, "weight"),), _embedding_fn_factored))
@@ -36,7 +35,7 @@ def _conv_fn_factored(node, slot, shape):
     if slot != 1 or _arg(node, 6, "groups", 1) != 1:
         return None
     extra = (tuple(shape[2:]), _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1))
-    return _conv(_input(node), extra)
+    return Factored.conv(_input(node), *extra)
 
 
 for _nd, _fn in CONV_FN.items():
@@ -51,7 +50,7 @@ def _matmul_factored(node, slot, shape):
     other = node.args[1 - slot] if len(node.args) == 2 else None
     if other is None:
         return None
-    return _matmul(other, slot == 0)
+    return Factored.matmul(other, slot == 0)
 
 
 for _target in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matmul__"):
@@ -61,7 +60,7 @@ for _target in (torch.matmul, operator.matmul, torch.mm, "matmul", "mm", "__matm
 def _addmm_factored(node, slot, shape):
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 3:
         return None
-    return _matmul(node.args[3 - slot], slot == 1)
+    return Factored.matmul(node.args[3 - slot], slot == 1)
 
 
 register_function_rule(torch.addmm, FunctionRule("addmm", ((1, "mat1"), (2, "mat2")), _addmm_factored))
@@ -97,8 +96,8 @@ def _aten_embedding_factored(node, slot, shape):
     if slot != 0 or bool(_arg(node, 4, "sparse", False)):
         return None
     pad = _arg(node, 2, "padding_idx", -1)  # ATen: -1 means none (F.embedding normalises negatives)
-    return _embedding(_arg(node, 1, "indices"),
-                      (None if pad is None or pad < 0 else pad, bool(_arg(node, 3, "scale_grad_by_freq", False))))
+    return Factored.embedding(_arg(node, 1, "indices"), None if pad is None or pad < 0 else pad,
+                              bool(_arg(node, 3, "scale_grad_by_freq", False)))
 
 
 register_function_rule(_aten.embedding.default, FunctionRule("embedding", ((0, "weight"),), _aten_embedding_factored))
@@ -116,7 +115,7 @@ def _aten_convolution_factored(node, slot, shape):
     # aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     if slot != 1 or _arg(node, 6, "transposed") or _arg(node, 8, "groups", 1) != 1:
         return None
-    return _conv(_input(node), (tuple(shape[2:]), _arg(node, 3, "stride"), _arg(node, 4, "padding"), _arg(node, 5, "dilation")))
+    return Factored.conv(_input(node), shape[2:], _arg(node, 3, "stride"), _arg(node, 4, "padding"), _arg(node, 5, "dilation"))
 
 
 register_function_rule(_aten.convolution.default, FunctionRule("convolution", ((1, "weight"),),

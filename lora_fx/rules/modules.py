@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .table import (_GENERIC_MODULE, CONV_FN, CONV_T_FN, ModuleRule, _arg, _attr, _conv, _embedding, _input,
-                    _linear, module_rule, register_module_rule)
+from .table import (_GENERIC_MODULE, CONV_FN, CONV_T_FN, Factored, ModuleRule, _arg, _attr, _input, module_rule,
+                    register_module_rule)
 
 # ---------------------------------------------------------------------------------------------
 # nn.Linear
@@ -21,7 +21,7 @@ register_module_rule(nn.Linear, ModuleRule(
     kind=lambda m: "linear",
     weights=lambda m: ("weight",),
     merged_call=_linear_merged,
-    factored=lambda node, m, p: _linear(_input(node)) if p == "weight" else None,
+    factored=lambda node, m, p: Factored.linear(_input(node)) if p == "weight" else None,
 ))
 
 # ---------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def _embedding_merged(graph, node, m, merged):
 def _embedding_factored(node, m, pname):
     if pname != "weight" or m.max_norm is not None:
         return None  # max_norm renormalises W + ΔW (ops.embedding_delta handles padding_idx, scale_grad_by_freq)
-    return _embedding(_input(node), (m.padding_idx, m.scale_grad_by_freq))
+    return Factored.embedding(_input(node), m.padding_idx, m.scale_grad_by_freq)
 
 
 register_module_rule(nn.Embedding, ModuleRule(
@@ -65,7 +65,7 @@ def _conv_merged(graph, node, m, merged):
 def _conv_factored(node, m, pname):
     if pname != "weight" or m.groups != 1 or m.padding_mode != "zeros":
         return None
-    return _conv(_input(node), (tuple(m.kernel_size), m.stride, m.padding, m.dilation))
+    return Factored.conv(_input(node), m.kernel_size, m.stride, m.padding, m.dilation)
 
 
 register_module_rule(nn.modules.conv._ConvNd, ModuleRule(

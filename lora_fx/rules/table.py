@@ -57,6 +57,36 @@ class Factored:
     fused: bool = False
     cheaper: Optional[Callable[[int, tuple], bool]] = None
 
+    # the built-in delta ops with their policies, one constructor each
+
+    @classmethod
+    def linear(cls, x) -> "Factored":
+        """:func:`lora_fx.ops.linear_delta` on input ``x``: dropout on ``x``, ``x`` recomputable in
+        backward, fused (per-block) adapters supported."""
+        return cls(ops.linear_delta, x, recompute=True, fused=True)
+
+    @classmethod
+    def embedding(cls, indices, padding_idx=None, scale_grad_by_freq: bool = False) -> "Factored":
+        """:func:`lora_fx.ops.embedding_delta`: its input is indices, so no dropout there (as PEFT's
+        Embedding layer)."""
+        return cls(ops.embedding_delta, indices, (padding_idx, scale_grad_by_freq), dropout=False)
+
+    @classmethod
+    def conv(cls, x, kernel_size, stride, padding, dilation) -> "Factored":
+        """:func:`lora_fx.ops.conv_delta` (ungrouped): a rank-channel conv plus a 1x1 conv, cheaper
+        than merging only for small ranks (``2·rank < min(out, in·k)``)."""
+        return cls(ops.conv_delta, x, (tuple(kernel_size), stride, padding, dilation), cheaper=_conv_cheaper)
+
+    @classmethod
+    def matmul(cls, x, weight_on_left: bool) -> "Factored":
+        """:func:`lora_fx.ops.matmul_delta` for ``x @ W`` (or ``W @ x``)."""
+        return cls(ops.matmul_delta, x, (weight_on_left,))
+
+
+def _conv_cheaper(rank: int, shape: tuple) -> bool:
+    # factored conv runs a rank-channel conv plus a 1x1 conv: cheaper only for small ranks
+    return rank * 2 < min(shape[0], math.prod(shape[1:]))
+
 
 @dataclass(frozen=True)
 class Merged:
@@ -180,8 +210,9 @@ def register_function_rule(target: Any, rule: FunctionRule) -> None:
     an ``OpOverload`` of the torch.export front-end, or a method name).
 
     Example: ``register_function_rule(my_linear, FunctionRule("linear", ((1, "weight"),),
-    factored=lambda node, slot, shape: Factored(ops.linear_delta, node.args[0], recompute=True,
-    fused=True) if slot == 1 else None))`` makes ``my_linear(x, self.w)`` a default, factored site.
+    factored=lambda node, slot, shape: Factored.linear(node.args[0]) if slot == 1 else None))``
+    makes ``my_linear(x, self.w)`` (a function torch.fx keeps as one call, ``torch.fx.wrap``) a
+    default site, lowered like ``F.linear``.
     """
     _FUNCTION_RULES[target] = rule
 
@@ -224,30 +255,6 @@ CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-# the factored forms and their policies, one per delta op
-
-
-def _linear(x) -> Factored:
-    # linear: dropout on x, x recomputable in backward, fused (per-block) adapters supported
-    return Factored(ops.linear_delta, x, recompute=True, fused=True)
-
-
-def _embedding(indices, extra: tuple) -> Factored:
-    # an embedding's input is indices: no dropout there (as PEFT's Embedding layer)
-    return Factored(ops.embedding_delta, indices, extra, dropout=False)
-
-
-def _conv_cheaper(rank: int, shape: tuple) -> bool:
-    # factored conv runs a rank-channel conv plus a 1x1 conv: cheaper only for small ranks
-    return rank * 2 < min(shape[0], math.prod(shape[1:]))
-
-
-def _conv(x, extra: tuple) -> Factored:
-    return Factored(ops.conv_delta, x, extra, cheaper=_conv_cheaper)
-
-
-def _matmul(x, weight_on_left: bool) -> Factored:
-    return Factored(ops.matmul_delta, x, (weight_on_left,))
 
 _aten = torch.ops.aten
 VIEW_OPS.update({  # ATen forms (torch.export front-end)
