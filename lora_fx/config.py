@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .fused import FusedSpec
 from .weights import compute_dtype
 
-__all__ = ["LoraConfig", "CONFIG_VERSION", "INITS", "as_patterns"]
+__all__ = ["LoraConfig", "CONFIG_VERSION", "INITS", "CONFIG_KEYS", "UNSET", "as_patterns", "config_with"]
 
 CONFIG_VERSION = 1
 #: Initialisation schemes of the factors (see :class:`LoraConfig`).
@@ -180,6 +180,36 @@ class LoraConfig:
     def replace(self, **changes) -> "LoraConfig":
         """A copy with ``changes`` applied (validated)."""
         return dataclasses.replace(self, **changes)
+
+
+#: The config fields ``transform`` / ``add_adapter`` take as keywords.
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig) if f.name != "version")
+
+
+class _Unset:
+    """Default of a ``transform``/``add_adapter`` keyword: take the value from ``config`` (or the
+    :class:`LoraConfig` default).  Shown as such by ``help()`` and ``inspect``."""
+
+    def __repr__(self) -> str:
+        return "<from config>"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "UNSET"  # pickles as a reference to the one sentinel
+
+
+#: The one :class:`_Unset` sentinel.
+UNSET: Any = _Unset()
+
+
+def config_with(config: Optional[LoraConfig], **options: Any) -> LoraConfig:
+    """``config`` (default ``LoraConfig()``) with every option that is not :data:`UNSET` applied
+    (validated, as :meth:`LoraConfig.replace`)."""
+    given = {k: v for k, v in options.items() if v is not UNSET}
+    base = config or LoraConfig()
+    return base.replace(**given) if given else base
 
 
 def _check_rank(r, what: str) -> None:

@@ -1,12 +1,13 @@
-"""Deployment: fold the adapters into a copy and export it, with a numeric parity check.
+"""Deployment: fold the adapters into a copy (:func:`fold`) and export it, with a numeric parity check.
 
-:func:`export_folded` = :func:`lora_fx.fold` on a copy → ``torch.export.export`` → optional
+:func:`fold` = :func:`lora_fx.passes.fold.fold_graph_modules` on a copy plus its record in
+``meta``.  :func:`export_folded` = :func:`fold` on a copy → ``torch.export.export`` → optional
 ``.pt2`` file (``torch.export.save``, written atomically) → parity of the exported program
 against the eager adapted model on the example inputs.  :func:`export_onnx` does the same through
 ``torch.onnx.export(..., dynamo=True)`` and checks parity with onnxruntime.
 
 The live adapted model is never modified: it keeps its adapters, parameters, modes and outputs
-whether the export succeeds or fails at any step (CASES.md case 8).
+whether the export succeeds or fails at any step.
 """
 
 from __future__ import annotations
@@ -15,14 +16,38 @@ import os
 from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils import _pytree as pytree
+
+from lora_fx.passes.fold import fold_graph_modules
+from lora_fx.passes.trace_export import export_error, normalize_example_inputs, resolve_dynamic_shapes
 
 from .errors import ExportFileError, ExportParityError
 from .io._files import atomic_write
-from .state import require_adapted
+from .state import CONFIG_ATTR, FOLD_META, require_adapted
 
-__all__ = ["export_folded", "export_onnx", "parity_report"]
+__all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
+
+
+def fold(gm: nn.Module) -> fx.GraphModule:
+    """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
+    float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
+
+    ``fold(gm).state_dict()`` has the original model's keys, so it loads with ``strict=True`` into
+    a fresh instance of the original class.  ``gm`` is not modified.  ``result.meta["lora_fx"]``
+    (:data:`lora_fx.state.FOLD_META`) holds ``{"folded": [names], "untied": [names]}``: a weight
+    tied to an unadapted alias gets its own folded tensor and is listed under ``"untied"``.
+
+    Raises:
+        NotAdaptedError: ``gm`` was not produced by :func:`lora_fx.transform` (or is already folded).
+    """
+    require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
+    folded, info = fold_graph_modules(gm)
+    if hasattr(folded, CONFIG_ATTR):
+        delattr(folded, CONFIG_ATTR)
+    folded.meta[FOLD_META] = info
+    return folded
+
 
 
 def _tolerance(t: torch.Tensor) -> tuple[float, float]:
@@ -92,9 +117,6 @@ def _reference(gm: nn.Module, args: tuple, kwargs: dict, eval_mode: bool):
 
 
 def _prepare(gm: nn.Module, example_inputs, example_kwargs, eval_mode: bool):
-    from lora_fx.api import fold
-    from lora_fx.passes.trace_export import normalize_example_inputs
-
     require_adapted(gm, "export_folded", detail=" (export a plain model with torch.export.export directly)")
     args, kwargs, _ = normalize_example_inputs(gm, example_inputs, example_kwargs)
     want = _reference(gm, args, kwargs, eval_mode)
@@ -152,14 +174,12 @@ def export_folded(
 
     ``gm`` keeps its adapters, parameters, modes and outputs in every case.
     """
-    from lora_fx.passes.trace_export import _export_error, resolve_dynamic_shapes
-
     folded, args, kwargs, want = _prepare(gm, example_inputs, example_kwargs, eval_mode)
     shapes = resolve_dynamic_shapes(dynamic_shapes, args, kwargs)
     try:
         ep = torch.export.export(folded, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:
-        raise _export_error(exc, folded) from exc
+        raise export_error(exc, folded) from exc
     with torch.no_grad():
         got = ep.module()(*args, **kwargs)
     parity_report(want, got, what="torch.export of the folded model", rtol=rtol, atol=atol)
@@ -194,15 +214,13 @@ def export_onnx(
     """
     import onnxruntime as ort  # noqa: F401  (fail early with ImportError)
 
-    from lora_fx.passes.trace_export import _export_error, resolve_dynamic_shapes
-
     folded, args, kwargs, want = _prepare(gm, example_inputs, None if example_kwargs is None else example_kwargs, True)
     shapes = resolve_dynamic_shapes(dynamic_shapes, args, kwargs)
     try:
         ep = torch.export.export(folded, args, kwargs, dynamic_shapes=shapes, strict=False)
         program = torch.onnx.export(ep, args, kwargs=kwargs, dynamo=True, external_data=False, verbose=False)
     except Exception as exc:
-        raise _export_error(exc, folded) from exc
+        raise export_error(exc, folded) from exc
     flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     _atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])

@@ -19,6 +19,7 @@ Typical FSDP2 use (mirrors how ``torch.distributed.fsdp.fully_shard`` is applied
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -26,6 +27,7 @@ from torch import fx, nn
 
 from .errors import AdapterMismatchError, ConfigError
 from .state import require_adapted
+from .io._files import atomic_write_bytes, safetensors_bytes
 from .io.state_dict import lora_state_dict
 
 __all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict",
@@ -196,10 +198,6 @@ def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", meta
     Raises:
         ConfigError: unknown ``bias`` mode.
     """
-    from pathlib import Path
-
-    from .io._files import atomic_write_bytes, safetensors_bytes
-
     sd = gather_lora_state_dict(model, bias=bias, rank0_only=True)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None

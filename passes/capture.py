@@ -3,19 +3,49 @@ hierarchy with torch.fx (:mod:`.trace_fx`) or torch.export (:mod:`.trace_export`
 
 from __future__ import annotations
 
+import collections
+import copy
 from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
 from lora_fx.errors import ConfigError, TraceError
+from lora_fx.graph_module import compile_stale
 from lora_fx.state import FRONTEND_META
 
 from .trace_export import export_hierarchy, normalize_example_inputs
 from .trace_fx import trace_hierarchy
 
-__all__ = ["FRONTENDS", "capture"]
+__all__ = ["FRONTENDS", "capture", "private_copy"]
 
 FRONTENDS = ("auto", "fx", "export")
+
+
+def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
+    """A deep copy of the user's ``model`` for the front-end to capture (lora_fx never modifies
+    ``model``).  ``copy_weights=False`` shares the parameters' storage (one new ``Parameter`` per
+    parameter object, so ties stay ties).
+
+    Raises:
+        ConfigError: ``model`` cannot be deep-copied (names what to drop).
+    """
+    memo: dict[int, Any] = {}
+    for m in model.modules():  # every module's empty hook dicts and sets: made here, not via __reduce_ex__
+        for v in m.__dict__.values():
+            if (type(v) is collections.OrderedDict and not v and not v.__dict__) or (type(v) is set and not v):
+                memo[id(v)] = type(v)()
+    if not copy_weights:
+        for p in model.parameters():  # each Parameter object once; ties map to one copy
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    try:
+        copied = copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise ConfigError(
+            f"could not copy {type(model).__name__} (lora_fx never modifies your model, so it works on a "
+            f"copy): {type(exc).__name__}: {exc}. Make the model deep-copyable (drop open files, locks or "
+            "generators held as attributes).") from exc
+    compile_stale(copied)  # GraphModules in the model: copied inside transform's deferred_recompile block
+    return copied
 
 
 def _short(exc: BaseException) -> str:

@@ -1,8 +1,9 @@
 """Fold pass: evaluate every active delta once and write plain weights into a *new* module.
 
-``W_folded = round_to(W.dtype)(W.float() + Σ_adapters ΔW.float())`` (one rounding); merge and
-factored delta nodes are removed, opaque-leaf ``functional_call`` s become plain module calls
-again, adapter submodules are dropped.  The input module is never modified.
+``W_folded = round_to(W.dtype)(W.float() + Σ_adapters ΔW.float())`` (one rounding, through
+:func:`lora_fx.weights.fold_into`); then :func:`~lora_fx.passes.remove_lora.remove_lora_` removes
+merge and factored delta nodes, turns opaque-leaf ``functional_call`` s back into plain module calls
+and drops the adapter submodules and records.  The input module is never modified.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from torch import fx, nn
 from lora_fx import ops, weights
 from lora_fx.graph_module import graph_modules
 from lora_fx.errors import UnsupportedSiteError
-from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, is_adapter_path, state_of
+from lora_fx.state import is_adapter_path, state_of
+
+from .remove_lora import remove_lora_
 
 
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
@@ -53,24 +56,6 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
         return out
 
     return weights.fold_into(weight, update)
-
-
-def _strip_graph(gm: fx.GraphModule) -> None:
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and (node.target in ops.MERGE_OPS or node.target in ops.DELTA_OPS):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is ops.module_call:
-            with graph.inserting_before(node):
-                call = graph.call_module(node.args[0].target, tuple(node.args[2:]), dict(node.kwargs))
-            node.replace_all_uses_with(call)
-            graph.erase_node(node)
-    for node in reversed(list(graph.nodes)):
-        adapter_node = node.op == "get_attr" or (node.op == "call_module" and is_adapter_path(node.target))
-        if not node.users and adapter_node:
-            graph.erase_node(node)
 
 
 def _read_by_graph(gm: fx.GraphModule, name: str) -> bool:
@@ -154,12 +139,6 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         held = {id(new.get_parameter(n)) for n in names.get(wid, [])}
         if len(held) > 1:  # the parameter's names no longer all hold one tensor: untied
             info["untied"].extend(n for n in done if n not in info["untied"])
-    for gm, _, _ in plans:
-        _strip_graph(gm)
-        for m in list(gm.modules()):
-            if isinstance(m._modules.get(ADAPTER_ATTR), nn.ModuleDict):
-                del m._modules[ADAPTER_ATTR]
-        delattr(gm, STATE_ATTR)
-        gm.graph.lint()
-        gm.recompile()
+    for gm, _, _ in plans:  # the same removal pass as delete_adapter, for every adapter
+        remove_lora_(gm)
     return new, info

@@ -25,16 +25,16 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import traceback
 import warnings
 from typing import Any, Optional
 
 import torch
 from torch import fx, nn
+from torch.export.unflatten import InterpreterModule, InterpreterModuleDispatcher
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
-from lora_fx.errors import ConfigError, TraceError
+from lora_fx.errors import ConfigError, TraceError, user_frame
 from lora_fx.state import FRONTEND_META
 
 from .follow_mode import follow_mode_
@@ -42,6 +42,7 @@ from .trace_fx import LoraTracer, build_graph_module
 
 __all__ = [
     "export_hierarchy",
+    "export_error",
     "normalize_example_inputs",
     "default_dynamic_shapes",
     "resolve_dynamic_shapes",
@@ -123,8 +124,6 @@ def default_dynamic_shapes(args: tuple, kwargs: dict):
 
 def _rebuild(module: nn.Module, path: str, original: nn.Module) -> nn.Module:
     """Replace every InterpreterModule under ``module`` (bottom-up) by a LoraGraphModule."""
-    from torch.export.unflatten import InterpreterModule, InterpreterModuleDispatcher
-
     if isinstance(module, InterpreterModuleDispatcher):
         raise TraceError(
             f"module '{path}' is called more than once in the forward; the export front-end keeps one graph per "
@@ -155,17 +154,10 @@ def _rebuild(module: nn.Module, path: str, original: nn.Module) -> nn.Module:
     return follow_mode_(gm)
 
 
-def _user_frame(exc: BaseException):
-    """The innermost traceback frame outside torch and lora_fx (the user's line), or None."""
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "lora_fx",
-            os.path.dirname(os.path.abspath(__file__)))
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(skip) and "<eval_with_key>" not in f.filename and not f.filename.startswith("<")]
-    return frames[-1] if frames else None
-
-
-def _export_error(exc: BaseException, model: nn.Module) -> TraceError:
-    frame = _user_frame(exc)
+def export_error(exc: BaseException, model: nn.Module) -> TraceError:
+    """The :class:`~lora_fx.errors.TraceError` for a failed ``torch.export`` of ``model``: the user's
+    line and the fix."""
+    frame = user_frame(exc, also_skip=(os.path.dirname(os.path.abspath(__file__)),), skip_synthetic=True)
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
     summary = (str(exc).strip().split("\n") or [""])[0][:400]
     return TraceError(
@@ -214,7 +206,7 @@ def export_hierarchy(
     except ConfigError:
         raise
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
-        raise _export_error(exc, model) from exc
+        raise export_error(exc, model) from exc
     finally:
         for name, m in model.named_modules():
             m.training = modes.get(name, m.training)

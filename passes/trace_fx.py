@@ -19,7 +19,6 @@ import fnmatch
 import inspect
 import math
 import os
-import traceback
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -27,13 +26,14 @@ import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
-import lora_fx
-from lora_fx.errors import LoraFxWarning, TraceError
+from lora_fx.errors import LoraFxWarning, TraceError, user_frame
 from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, graph_modules, value_key
 from lora_fx.ops import LORA_OPS
 from lora_fx.state import LEAF_ATTR
 
 __all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def assert_is_none(value: Any, msg: str) -> None:
@@ -115,19 +115,8 @@ class LoraTracer(fx.Tracer):
         return result
 
 
-def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
-    torch_dir = os.path.dirname(torch.__file__)
-    # lora_fx's own directories only (the repository root may hold the user's code: tests, examples)
-    ours = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
-            os.path.dirname(os.path.abspath(lora_fx.__file__)) + os.sep)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(torch_dir) and not os.path.abspath(f.filename).startswith(ours)
-              and "<eval_with_key>" not in f.filename]
-    return frames[-1] if frames else None
-
-
 def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceError:
-    frame = _user_frame(exc)
+    frame = user_frame(exc, also_skip=(_HERE,))
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
     name = module_path or "<root>"
     return TraceError(

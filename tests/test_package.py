@@ -1,7 +1,9 @@
+import ast
 import importlib
 import os
 import tomllib
 
+import networkx as nx
 import pytest
 
 import lora_fx
@@ -84,3 +86,79 @@ def test_every_subpackage_is_installed():
     found = {".".join(["lora_fx"] + [p for p in os.path.relpath(root, top).split(os.sep) if p != "."])
              for root, _, files in os.walk(top) if "__init__.py" in files}
     assert found | {"lora_fx.passes"} == packages
+
+
+def _modules(here: str) -> dict[str, str]:
+    """``{dotted module name: file}`` of the installed package (``passes/`` is ``lora_fx.passes``)."""
+    out = {}
+    for folder, pkg in (("lora_fx", "lora_fx"), ("passes", "lora_fx.passes")):
+        top = os.path.join(here, folder)
+        for root, _, files in os.walk(top):
+            for f in files:
+                if f.endswith(".py"):
+                    parts = os.path.relpath(os.path.join(root, f), top)[:-3].split(os.sep)
+                    parts = [p for p in parts if p != "__init__"]
+                    out[".".join([pkg] + parts)] = os.path.join(root, f)
+    return out
+
+
+def _top_level_imports(name: str, path: str, modules: dict) -> set[str]:
+    """lora_fx modules ``name`` imports when it is imported (``if TYPE_CHECKING:`` blocks excluded),
+    with the packages importing them initialises, but not ``name``'s own ancestors (initialised
+    first by Python)."""
+    is_pkg = path.endswith("__init__.py")
+    found = set()
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = name.split(".") if is_pkg else name.split(".")[:-1]
+            base = node.module or ""
+            if node.level:
+                parts = parts[:len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            chain = t.split(".")
+            for i in range(1, len(chain) + 1):
+                m = ".".join(chain[:i])
+                if m in modules and m != name and not name.startswith(m + "."):
+                    found.add(m)
+    return found
+
+
+def test_no_import_cycle():
+    """The import graph is a DAG (the package facade, imported first by Python, aside)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    modules = _modules(here)
+    graph = nx.DiGraph()
+    for name, path in modules.items():
+        graph.add_edges_from((name, t) for t in _top_level_imports(name, path, modules))
+    assert list(nx.simple_cycles(graph)) == []
+
+
+def test_passes_import_modules_not_the_facade_nor_inside_functions():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, path in _modules(here).items():
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import) and name.startswith("lora_fx.passes"):
+                assert all(a.name != "lora_fx" for a in node.names), (path, node.lineno)
+        top = {id(n) for n in tree.body} | {id(n) for b in tree.body if isinstance(b, ast.If) for n in b.body}
+        for node in ast.walk(tree):  # no function-level import of a lora_fx module
+            if isinstance(node, ast.ImportFrom) and id(node) not in top:
+                assert not (node.level or (node.module or "").startswith("lora_fx")), (path, node.lineno)
+            if isinstance(node, ast.Import) and id(node) not in top:
+                assert not any(a.name.startswith("lora_fx") for a in node.names), (path, node.lineno)
+
+
+def test_passes_lists_its_passes():
+    import lora_fx.passes as passes
+
+    for name in passes.__all__:
+        assert f":mod:`.{name}`" in passes.__doc__
+        assert importlib.import_module(f"lora_fx.passes.{name}") is getattr(passes, name)

@@ -15,16 +15,22 @@ from typing import Mapping, Optional, Sequence, Union
 
 from torch import fx, nn
 
-from ..api import _UNSET, _adapt, check_adapter_name
-from ..config import LoraConfig
+from lora_fx.passes.find_sites import find_sites
+from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.passes.remove_lora import remove_lora_
+
+from ..config import UNSET, LoraConfig, config_with
 from ..errors import ConfigError, TargetError
-from ..ops import DELTA_OPS, MERGE_OPS
-from ..state import (ADAPTER_ATTR, adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters,
-                     require_adapted, state_of)
+from ..graph_module import graph_modules
+from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters,
+                     record_config_, require_adapted, state_of)
+from ..targets import check_adapter_name, check_patterns, select_targets
 from .hotswap import disable_adapters  # one implementation, re-exported here
+from .init import check_pissa, new_adapter
 from .module import LoraAdapter
 
 __all__ = [
+    "adapt_",
     "add_adapter",
     "adapter_names",
     "active_adapters",
@@ -34,6 +40,30 @@ __all__ = [
     "delete_adapter",
     "named_adapters",
 ]
+
+
+def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.GraphModule:
+    """The pipeline after capture, on a ``GraphModule`` hierarchy the caller owns (the copy
+    :func:`lora_fx.transform` captured, or the module :func:`add_adapter` extends); returns ``root``.
+
+    find sites (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
+    (:mod:`lora_fx.targets`) → make one adapter per targeted weight (:func:`.init.new_adapter`) and
+    insert its merge / factored nodes (:mod:`lora_fx.passes.insert_lora`) → record the config
+    (:mod:`lora_fx.state`).  ``requires_grad`` is left to the caller.
+
+    Raises:
+        TargetError, UnsupportedSiteError: as :func:`lora_fx.transform`.
+        ConfigError: ``init="pissa"`` where it cannot write the weight.
+    """
+    consumers = find_sites(root)
+    chosen = select_targets(consumers, config.targets, config.exclude)
+    if config.init == "pissa":
+        check_pissa(root, consumers, chosen)
+    check_patterns(config, chosen)
+    gms = dict(graph_modules(root))  # once: per-adapter lookups stay O(1)
+    insert_lora(root, chosen, lambda c: new_adapter(c, gms[c.gm_path].get_parameter(c.param), config),
+                adapter_name=adapter_name, lowering=config.lowering, recompute_inputs=config.recompute_inputs)
+    return record_config_(root, adapter_name, config)
 
 
 def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
@@ -139,7 +169,7 @@ def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_tar
 def add_adapter(
     gm: nn.Module,
     name: str,
-    rank: int = _UNSET,
+    rank: int = UNSET,
     *,
     config: Optional[LoraConfig] = None,
     activate: bool = False,
@@ -174,16 +204,9 @@ def add_adapter(
     unknown = sorted(set(options) - keys)
     if unknown:
         raise ConfigError(f"add_adapter() got unknown keyword(s) {unknown}; valid: {sorted(keys)}")
-    given = dict(options)
-    if rank is not _UNSET:
-        given["rank"] = rank
-    cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
-    before = {id(p): p.requires_grad for p in gm.parameters()}
+    cfg = config_with(config, rank=rank, **options)
     was_training = gm.training
-    _adapt(gm, cfg, name)
-    for p in gm.parameters():  # _adapt freezes the base and unfreezes every adapter: undo for old ones
-        if id(p) in before:
-            p.requires_grad_(before[id(p)])
+    adapt_(gm, cfg, name)
     for _, _, a in iter_adapters(gm, [name]):
         a.enabled = bool(activate)
         a.refresh_scaling_()
@@ -206,39 +229,7 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
     check_adapter_names(gm, [name])
     for _, sub in list(gm.named_modules()):
         st = state_of(sub)
-        if st is None:
-            continue
-        paths = [p for p, r in st.adapters.items() if r.adapter == name]
-        if not paths:
-            continue
-        graph = sub.graph
-        prefixes = tuple(f"{p}." for p in paths)
-        ours = lambda n: (n.op in ("get_attr", "call_module") and isinstance(n.target, str)  # noqa: E731
-                          and n.target.startswith(prefixes))
-        freed = set()  # get_attr nodes only a removed node read (a remat spec's leaf module)
-        for node in list(graph.nodes):
-            if (node.op == "call_function" and node.target in MERGE_OPS + DELTA_OPS
-                    and any(isinstance(a, fx.Node) and ours(a) for a in node.args[1:])):
-                freed.update(n for n in node.all_input_nodes if n.op == "get_attr")
-                node.replace_all_uses_with(node.args[0])
-                graph.erase_node(node)
-        for node in reversed(list(graph.nodes)):
-            if (ours(node) or node in freed) and not node.users:
-                graph.erase_node(node)
-        for p in paths:
-            owner_path, _, pname = p.rpartition(".")  # "<owner>.lora.<name>.<param>"
-            holder_path = owner_path.rpartition(".")[0]  # "<owner>.lora"
-            holder = sub.get_submodule(holder_path)
-            per_name = holder[name]
-            if pname in per_name:
-                del per_name[pname]
-            if len(per_name) == 0:
-                del holder[name]
-            if len(holder) == 0:
-                owner = sub.get_submodule(holder_path.rpartition(".")[0]) if "." in holder_path else sub
-                del owner._modules[ADAPTER_ATTR]
-            del st.adapters[p]
-        graph.lint()
-        sub.recompile()
+        if st is not None:  # the same removal pass as fold, for this adapter's modules only
+            remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name])
     forget_config_(gm, name)
     return gm

@@ -9,7 +9,18 @@ from torch import nn
 from ..state import adapter_owners, check_bias, is_bias_key, is_lora_key, is_lora_layer
 from .module import LoraAdapter
 
-__all__ = ["mark_only_lora_as_trainable", "adapter_parameters", "register_model_param_after_backward"]
+__all__ = ["mark_only_lora_as_trainable", "adapter_parameters", "train_adapters_only_",
+           "register_model_param_after_backward"]
+
+
+def train_adapters_only_(root: nn.Module) -> nn.Module:
+    """``requires_grad`` True for every parameter of every :class:`LoraAdapter` under ``root``
+    (enabled or not), False for all other parameters: the state :func:`lora_fx.transform` returns.
+    Returns ``root``."""
+    adapters = {id(p) for m in root.modules() if isinstance(m, LoraAdapter) for p in m.parameters()}
+    for p in root.parameters():
+        p.requires_grad_(id(p) in adapters)
+    return root
 
 
 def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn.Parameter]:
