@@ -25,9 +25,9 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-from .errors import AdapterMismatchError, ConfigError
+from .errors import ConfigError
 from .state import require_adapted
-from .io._files import atomic_write_bytes, safetensors_bytes
+from .io._files import atomic_write_bytes, mismatch_error, safetensors_bytes
 from .io.state_dict import lora_state_dict
 
 __all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict",
@@ -179,7 +179,7 @@ def load_full_lora_state_dict_(model: nn.Module, state_dict: dict[str, torch.Ten
     problems += [f"{k!r}: given shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
                  for k, v in sorted(state_dict.items()) if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if problems:
-        raise AdapterMismatchError(f"adapter state does not fit {type(inner).__name__}:\n  - " + "\n  - ".join(problems))
+        raise mismatch_error(f"adapter state does not fit {type(inner).__name__}", problems)
     if any(isinstance(p, DTensor) for p in inner.parameters()):
         set_model_state_dict(inner, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=False))
     else:

@@ -30,7 +30,8 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import AdapterMismatchError, ConfigError
+from ..errors import ConfigError
+from ..io._files import mismatch_error
 from ..state import ADAPTER_ATTR, check_adapter_names, iter_adapters, require_adapted
 from .module import LoraAdapter
 
@@ -223,8 +224,7 @@ def load_adapter_values_(
     problems += [f"unexpected key {k!r} (no adapter '{adapter}' there)"
                  for k in sorted(set(given) - expected)]
     if problems:
-        raise AdapterMismatchError(f"cannot load adapter values into '{adapter}' of {type(gm).__name__}:\n  - "
-                                   + "\n  - ".join(problems))
+        raise mismatch_error(f"cannot load adapter values into '{adapter}' of {type(gm).__name__}", problems)
     with torch.no_grad():
         for path, a, va, vb in plan:
             r = va.shape[0]

@@ -1,4 +1,11 @@
-"""Helpers every adapter-file format shares: atomic writes and safetensors bytes."""
+"""What every adapter format shares: one signature shape, one mismatch error, atomic writes and
+safetensors bytes.
+
+Signature shape (:class:`Saver`, :class:`Loader`): the model first, then where the adapter is (a
+file, a directory or a state dict), then keyword-only options.  A saver returns the path it wrote;
+a loader returns the model it loaded into (or the adapted model it built), checks everything
+before writing anything, and reports every problem at once with :func:`mismatch_error`.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,46 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Protocol, Sequence, Union
 
 import torch
+from torch import nn
 
+from ..errors import AdapterMismatchError, LoraFxError
 from ..state import FILE_META
 
-__all__ = ["atomic_write", "atomic_write_bytes", "safetensors_bytes"]
+__all__ = ["Saver", "Loader", "mismatch_error", "atomic_write", "atomic_write_bytes", "safetensors_bytes"]
+
+
+class Saver(Protocol):
+    """``save(model, path, *, **options) -> Path``: write the adapters of ``model`` to ``path``
+    (atomically) and return it (e.g. :func:`lora_fx.io.save_lora_state`, :func:`lora_fx.save_adapter`)."""
+
+    def __call__(self, model: nn.Module, path: Union[str, os.PathLike], /, **options: Any) -> Path: ...
+
+
+class Loader(Protocol):
+    """``load(model, source, *, **options) -> nn.Module``: load adapters from ``source`` (a path, a
+    directory or a state dict) into ``model`` and return it, or raise :func:`mismatch_error`'s error
+    with nothing changed (e.g. :func:`lora_fx.io.load_lora_state`, :func:`lora_fx.load_adapter`)."""
+
+    def __call__(self, model: nn.Module, source: Any, /, **options: Any) -> nn.Module: ...
+
+
+def mismatch_error(subject: str, problems: Sequence[str], *, hint: str = "", outcome: str = "nothing was loaded",
+                   error: type[LoraFxError] = AdapterMismatchError) -> LoraFxError:
+    """The one error for adapter state that does not fit: ``"<subject> (<n> problem(s); <outcome>):"``
+    and one ``"  - <problem>"`` line per problem, then ``hint``.
+
+    Args:
+        subject: what did not fit what, e.g. ``"adapter file 'a.safetensors' does not fit MLP"``.
+        problems: every mismatch (missing, unexpected, mis-shaped keys ...), each naming its key.
+        hint: the fix, on its own line.
+        outcome: what happened instead (nothing is ever half-loaded).
+        error: the class to raise (:class:`~lora_fx.errors.AdapterMismatchError` by default).
+    """
+    message = f"{subject} ({len(problems)} problem(s); {outcome}):\n  - " + "\n  - ".join(problems)
+    return error(message + (f"\n{hint}" if hint else ""))
 
 
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..errors import AdapterMismatchError, ConfigError
 from ..nn import layout
 from ..state import is_adapter_path, is_lora_key, sites
+from ._files import mismatch_error
 from .state_dict import lora_state_dict
 
 __all__ = ["load_loralib_state_dict", "loralib_state_dict"]
@@ -248,7 +249,7 @@ def load_loralib_state_dict(
         if missing:
             errors.append(f"no checkpoint key for the adapters of {missing} (pass strict=False to keep them)")
     if errors:
-        raise AdapterMismatchError("loralib checkpoint does not fit the model:\n  " + "\n  ".join(errors))
+        raise mismatch_error(f"loralib checkpoint does not fit {type(gm).__name__}", errors)
     for dst, src in writes:
         dst.copy_(src.to(dst.dtype))
     return gm
@@ -346,7 +347,8 @@ def loralib_state_dict(
         out[key_a] = a.to(dtype).contiguous()
         out[key_a[:-1] + "B"] = b.to(dtype).contiguous()
     if errors:
-        raise AdapterMismatchError("cannot export to the loralib layout:\n  " + "\n  ".join(errors))
+        raise mismatch_error(f"{type(gm).__name__}'s adapters have no loralib layout", errors,
+                             outcome="nothing was exported")
     for key, value in lora_state_dict(gm, bias=bias).items():
         if is_lora_key(key) or is_adapter_path(key):
             continue

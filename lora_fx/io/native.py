@@ -10,8 +10,8 @@ from typing import Union
 import torch
 from torch import nn
 
-from ..errors import AdapterFileError, AdapterMismatchError, NotAdaptedError
-from ._files import atomic_write_bytes, safetensors_bytes
+from ..errors import AdapterFileError, NotAdaptedError
+from ._files import atomic_write_bytes, mismatch_error, safetensors_bytes
 from ..state import is_lora_key
 from .state_dict import lora_state_dict
 
@@ -74,10 +74,9 @@ def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
     problems += [f"{k!r}: file has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
                  for k, v in sorted(sd.items()) if k in own and own[k].shape != v.shape]
     if problems:
-        raise AdapterMismatchError(
-            f"adapter file {str(path)!r} does not fit {type(model).__name__} ({len(problems)} problem(s); "
-            "nothing was loaded):\n  - " + "\n  - ".join(problems)
-            + "\nLoad it into the same base model transformed with the same targets and ranks as the one "
+        raise mismatch_error(
+            f"adapter file {str(path)!r} does not fit {type(model).__name__}", problems,
+            hint="Load it into the same base model transformed with the same targets and ranks as the one "
             "that saved it (lora_fx.sites(model) lists this model's adapters).")
     model.load_state_dict(sd, strict=False)
     return model

@@ -42,7 +42,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterMismatchError, ConfigError, UnsupportedSiteError
 from ..state import FILE_META, PISSA_BUFFERS, check_adapter_names, configs_of, is_adapted, sites
 from ..weights import logical_shape
-from ._files import atomic_write_bytes
+from ._files import atomic_write_bytes, mismatch_error
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_PREFIX"]
 
@@ -207,8 +207,8 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
                 alpha = s.module.base_scaling * (rank ** 0.5 if s.module.use_rslora else rank)
             entries.append((owner, kind, s, a, b, rank, alpha))
     if problems:
-        raise UnsupportedSiteError(f"adapter {adapter!r} cannot be written in PEFT's format:\n  - "
-                                   + "\n  - ".join(problems))
+        raise mismatch_error(f"adapter {adapter!r} cannot be written in PEFT's format", problems,
+                             outcome="nothing was written", error=UnsupportedSiteError)
     tensors: dict[str, torch.Tensor] = {}
     for owner, kind, s, a, b, _, _ in entries:
         for key, t in _to_peft(kind, a, b, s.shape).items():
@@ -412,8 +412,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
             problems.append(f"adapter {adapter_name!r} already exists with (rank, alpha, dora) per target {have}, "
                             f"the file has {want}; pass another adapter_name= or delete_adapter() first")
     if problems:
-        raise AdapterMismatchError(f"adapter in '{directory}' does not fit {type(model).__name__}:\n  - "
-                                   + "\n  - ".join(problems))
+        raise mismatch_error(f"adapter in '{directory}' does not fit {type(model).__name__}", problems)
     cfg = LoraConfig(
         rank=targets[0].rank, alpha=targets[0].alpha,
         targets=tuple(f"{t.module}.weight" for t in targets),
