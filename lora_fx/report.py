@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
-from .ops import DELTA_OPS, MERGE_OPS, module_call
+from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
 from .state import is_adapted, is_adapter_path, iter_adapters, sites
 
 __all__ = ["summary", "SiteSummary", "draw"]
@@ -149,7 +149,7 @@ def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] =
     labels, colors = {}, {}
     for n in keep:
         graph.add_node(n.name)
-        if n.op == "call_function" and (n.target in MERGE_OPS or n.target in DELTA_OPS):
+        if n.op == "call_function" and n.target is not dequantized and (n.target in MERGE_OPS or n.target in DELTA_OPS):
             a, name = _adapter_of(gm, n)
             kind = "DoRA" if n.target.__name__ == "dora_merge" else ("merge" if n.target in MERGE_OPS else "factored")
             labels[n.name] = f"LoRA '{name}'\nr={a.rank if a else '?'} {kind}"

@@ -5,18 +5,20 @@ Nothing else in the library spells one of these keys: writers and readers import
 ==========================  =================================  =======================================
 key                         where, holding                     written by / read by
 ==========================  =================================  =======================================
-:data:`STATE_ATTR`          every adapted ``GraphModule``:     ``passes.insert_lora`` (new records),
-                            its :class:`GraphState`            ``passes.remove_lora`` (drops them),
-                                                               ``deploy.fold`` (deletes it); read by
-                                                               every function taking an adapted model
-:data:`CONFIG_ATTR`         root: ``{adapter: LoraConfig}``    ``adapters.lifecycle`` (add / delete),
+:data:`STATE_ATTR`          every adapted ``GraphModule``:     ``passes.insert_lora`` (records),
+                            its :class:`GraphState`            ``passes.remove_lora`` (drops them and,
+                                                               with the last, the attribute); read
+                                                               through :func:`state_of` by every
+                                                               function taking an adapted model
+:data:`CONFIG_ATTR`         root: ``{adapter: LoraConfig}``    :func:`record_config_` /
+                                                               :func:`forget_config_` (add / delete),
                                                                ``deploy.fold`` (deletes it); read by
                                                                :func:`adapter_names`, ``io.peft``
 :data:`OWNS_WEIGHTS_ATTR`   root: base weights are its own     ``api.transform``; read by
                             copies (``copy_weights=True``)     ``adapters.init.check_pissa``
 :data:`ADAPTER_ATTR`        owner module of a base parameter:  ``passes.insert_lora``,
                             ``ModuleDict[adapter][param]``     ``passes.remove_lora``; paths from
-                            of :class:`LoraAdapter` s          :func:`adapter_path`
+                            of ``LoraAdapter`` s               :func:`adapter_path`
 :data:`FRONTEND_META`       root ``.meta``: ``"fx"`` or        ``passes.capture``,
                             ``"export"``                       ``passes.trace_export``; read by users
 :data:`FOLD_META`           folded root ``.meta``:             ``deploy.fold``; read by users
