@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from .table import CONV_FN, CONV_T_FN, Factored, FunctionRule, _arg, _input, register_function_rule
 
+__all__: list[str] = []  # entries only: importing this module registers them
+
 # ---------------------------------------------------------------------------------------------
 # Functional forms on a parameter (get_attr -> call_function)
 

@@ -8,6 +8,8 @@ from torch import nn
 from .table import (_GENERIC_MODULE, CONV_FN, CONV_T_FN, Factored, ModuleRule, _arg, _attr, _input, module_rule,
                     register_module_rule)
 
+__all__: list[str] = []  # entries only: importing this module registers them
+
 # ---------------------------------------------------------------------------------------------
 # nn.Linear
 
