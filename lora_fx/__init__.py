@@ -4,24 +4,27 @@
 weight is seen by its op as ``W + scaling · B @ A`` (Hu et al., ICLR 2022); only the adapters train.
 """
 
-from .adapter import LoraAdapter
-from .adapters import (active_adapters, adapter_names, add_adapter, delete_adapter, disable_adapters,
-                       set_active_adapters, set_adapter_weights)
+from .adapters.module import LoraAdapter
+from .adapters.lifecycle import (active_adapters, adapter_names, add_adapter, delete_adapter, disable_adapters,
+                                 set_active_adapters, set_adapter_weights)
+from .adapters.hotswap import enable_adapters_, load_adapter_values_, reserve_rank_, set_scale_
+from .adapters.trainable import adapter_parameters, mark_only_lora_as_trainable, register_model_param_after_backward
 from .api import Site, fold, sites, transform
 from .config import LoraConfig
-from .control import enable_adapters_, load_adapter_values_, reserve_rank_, set_scale_
-from .loralib_io import load_loralib_state_dict, loralib_state_dict
-from .fused import FusedSpec
+from .deploy import export_folded, export_onnx
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
                      ExportFileError, ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
-                     TraceError, UnsupportedSiteError)
-from .folded_export import export_folded, export_onnx
-from .peft_io import load_adapter, save_adapter
+                     TraceError, UnknownAdapterError, UnsupportedSiteError)
+from .fused import FusedSpec
+from .io.loralib import load_loralib_state_dict, loralib_state_dict
+from .io.peft import load_adapter, save_adapter
+from .io.state_dict import lora_state_dict
 from .report import SiteSummary, draw, summary
-from .training import (adapter_parameters, lora_state_dict, mark_only_lora_as_trainable,
-                       register_model_param_after_backward)
+from .rules import register_function_rule, register_module_rule
 from . import distributed
 from .distributed import gather_lora_state_dict
+# old module paths (thin re-exports), importable as attributes of the package as before
+from . import adapter, control, folded_export, init, loralib_io, peft_io, remat, training  # noqa: F401,E402
 
 __version__ = "0.1.0"
 
@@ -31,9 +34,10 @@ __all__ = [
     "load_loralib_state_dict", "loralib_state_dict",
     "distributed", "gather_lora_state_dict",
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
-    "NotAdaptedError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
+    "NotAdaptedError", "UnknownAdapterError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
     "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",
     "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
+    "register_module_rule", "register_function_rule",
 ]

@@ -1,129 +1,61 @@
-"""Public entry points: :func:`transform`, :func:`fold`, :func:`sites`."""
+"""The public entry point :func:`transform`: it only orchestrates the pipeline, each step in its own file.
+
+1. options → one :class:`~lora_fx.config.LoraConfig` (:mod:`lora_fx.config`); the adapter name
+   (:mod:`lora_fx.targets`);
+2. capture a private copy of the model as a hierarchy of ``GraphModule`` s
+   (:mod:`lora_fx.passes.capture`: torch.fx :mod:`~lora_fx.passes.trace_fx`, or torch.export
+   :mod:`~lora_fx.passes.trace_export` + :mod:`~lora_fx.passes.follow_mode`);
+3. :func:`lora_fx.adapters.lifecycle.adapt_`: find sites (:mod:`lora_fx.passes.find_sites`) →
+   select targets (:mod:`lora_fx.targets`) → make adapters (:mod:`lora_fx.adapters.init`) →
+   insert them (:mod:`lora_fx.passes.insert_lora`, lowering per :mod:`lora_fx.rules`) → record
+   state (:mod:`lora_fx.state`);
+4. only the adapters train (:mod:`lora_fx.adapters.trainable`).
+
+:func:`fold` (:mod:`lora_fx.deploy`) and :func:`sites` / :class:`Site` (:mod:`lora_fx.state`) are
+re-exported here.
+"""
 
 from __future__ import annotations
 
-import collections
-import copy
-import dataclasses
-import fnmatch
-import math
-import warnings
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from torch import fx, nn
 
-from .adapter import LoraAdapter
-from .config import LoraConfig, as_patterns
-from .graph_module import compile_stale, deferred_recompile
-from .init import dora_init_, pissa_init_
-from .errors import (AlreadyAdaptedError, ConfigError, LoraFxWarning, NotAdaptedError, TargetError,
-                     UnsupportedSiteError)
-from .state import adapter_records, is_adapted
+from lora_fx.passes.capture import capture, private_copy
+
+from .adapters.lifecycle import adapt_
+from .adapters.trainable import train_adapters_only_
+from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with
+from .deploy import fold
+from .errors import AlreadyAdaptedError, ConfigError
+from .graph_module import deferred_recompile
+from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, Site, is_adapted, sites
+from .targets import check_adapter_name
 
 __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]
 
-#: Attribute of the root GraphModule holding ``{adapter name: LoraConfig}``.
-CONFIG_ATTR = "_lora_fx_configs"
-
-class _Unset:
-    """Default of a ``transform``/``add_adapter`` keyword: take the value from ``config`` (or the
-    :class:`~lora_fx.config.LoraConfig` default).  Shown as such by ``help()`` and ``inspect``."""
-
-    def __repr__(self) -> str:
-        return "<from config>"
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        return "_UNSET"  # pickles as a reference to the one sentinel
-
-
-_UNSET: Any = _Unset()
-_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig) if f.name != "version")
-
-
-def _passes():
-    from lora_fx.passes import find_sites, insert_lora, trace  # installed as lora_fx.passes
-    return trace, find_sites, insert_lora
-
-
-def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
-    memo: dict[int, Any] = {}
-    for m in model.modules():  # every module's empty hook dicts and sets: made here, not via __reduce_ex__
-        for v in m.__dict__.values():
-            if (type(v) is collections.OrderedDict and not v and not v.__dict__) or (type(v) is set and not v):
-                memo[id(v)] = type(v)()
-    if not copy_weights:
-        for p in model.parameters():  # each Parameter object once; ties map to one copy
-            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-    try:
-        copied = copy.deepcopy(model, memo)
-    except Exception as exc:
-        raise ConfigError(
-            f"could not copy {type(model).__name__} (lora_fx never modifies your model, so it works on a "
-            f"copy): {type(exc).__name__}: {exc}. Make the model deep-copyable (drop open files, locks or "
-            "generators held as attributes).") from exc
-    compile_stale(copied)  # GraphModules in the model: copied inside transform's deferred_recompile block
-    return copied
-
-
-def _select(consumers, targets, exclude):
-    names = sorted({c.fqn for c in consumers})
-    shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
-    if targets is not None and not targets:
-        raise TargetError("targets is empty, so nothing would be adapted; pass targets=None to adapt every "
-                          f"supported weight, or name some. Candidates: {shown}")
-    if targets is None:
-        chosen = [c for c in consumers if c.default]
-    else:
-        chosen, seen = [], set()
-        for pat in targets:
-            hit = [c for c in consumers if fnmatch.fnmatchcase(c.fqn, pat)]
-            if not hit:
-                raise TargetError(f"targets pattern {pat!r} matches no parameter consumed by the model's "
-                                  f"forward. Candidates: {shown}")
-            bad = [c for c in hit if c.reason is not None]
-            if bad and (len(bad) == len(hit) or not any(ch in pat for ch in "*?[")):
-                c = bad[0]
-                raise UnsupportedSiteError(
-                    f"cannot adapt '{c.fqn}' (used by {c.op}): {c.reason}. Remove it from targets, or "
-                    "target a weight matrix instead.")
-            new = [c for c in hit if c.reason is None and id(c) not in seen]  # O(n): no list scans
-            seen.update(id(c) for c in new)
-            chosen.extend(new)
-    if exclude is not None:
-        for pat in exclude:
-            if not any(fnmatch.fnmatchcase(c.fqn, pat) for c in consumers):
-                raise TargetError(f"exclude pattern {pat!r} matches no parameter consumed by the model's "
-                                  f"forward. Candidates: {shown}")
-        chosen = [c for c in chosen if not any(fnmatch.fnmatchcase(c.fqn, p) for p in exclude)]
-    if not chosen:
-        raise TargetError("no site to adapt: " + (
-            "the model has no supported weight (linear, conv, conv_transpose, embedding, matmul, "
-            f"attention). Name parameters explicitly with targets=[...]. Candidates: {shown}"
-            if targets is None else f"exclude removed every target. Candidates: {shown}"))
-    return chosen
+_UNSET = UNSET  # its old name here (pickles of the sentinel refer to it)
+_CAPTURE_KEYS = ("config", "adapter_name", "blocks", "leaf_modules", "concrete_args", "copy_weights", "frontend",
+                 "example_inputs", "example_kwargs", "dynamic_shapes")
 
 
 def transform(
     model: nn.Module,
-    rank: int = _UNSET,
+    rank: int = UNSET,
     *,
-    alpha: Optional[float] = _UNSET,
-    targets: Union[None, str, Sequence[str]] = _UNSET,
-    exclude: Union[None, str, Sequence[str]] = _UNSET,
-    rank_pattern: Optional[dict] = _UNSET,
-    alpha_pattern: Optional[dict] = _UNSET,
-    use_rslora: bool = _UNSET,
-    use_dora: bool = _UNSET,
-    init: str = _UNSET,
-    dropout: float = _UNSET,
-    lowering: str = _UNSET,
-    recompute_inputs: bool = _UNSET,
-    adapter_dtype: Optional[str] = _UNSET,
-    fused: Optional[dict] = _UNSET,
+    alpha: Optional[float] = UNSET,
+    targets: Union[None, str, Sequence[str]] = UNSET,
+    exclude: Union[None, str, Sequence[str]] = UNSET,
+    rank_pattern: Optional[dict] = UNSET,
+    alpha_pattern: Optional[dict] = UNSET,
+    use_rslora: bool = UNSET,
+    use_dora: bool = UNSET,
+    init: str = UNSET,
+    dropout: float = UNSET,
+    lowering: str = UNSET,
+    recompute_inputs: bool = UNSET,
+    adapter_dtype: Optional[str] = UNSET,
+    fused: Optional[dict] = UNSET,
     config: Optional[LoraConfig] = None,
     adapter_name: str = "default",
     blocks: Union[None, str, Sequence[str]] = None,
@@ -171,7 +103,7 @@ def transform(
         copy_weights: copy base weights (default) or share their storage with ``model``
             (``init="pissa"`` needs the copy: it writes its residual into the module's own ``W``).
         frontend: ``"auto"`` (torch.fx symbolic tracing; when it fails and example inputs are
-            given, ``torch.export``), ``"fx"`` or ``"export"`` (see :mod:`lora_fx.passes.export`).
+            given, ``torch.export``), ``"fx"`` or ``"export"`` (see :mod:`lora_fx.passes.capture`).
         example_inputs: tuple of positional example arguments for the export front-end (a single
             tensor is wrapped); sizes are dynamic unless ``dynamic_shapes`` says otherwise.
         example_kwargs: keyword example arguments for the export front-end.
@@ -192,199 +124,29 @@ def transform(
     """
     if unknown:
         raise ConfigError(f"transform() got unknown keyword(s) {sorted(unknown)}; valid keywords: "
-                          f"{sorted(_CONFIG_KEYS + ('config', 'adapter_name', 'blocks', 'leaf_modules', 'concrete_args', 'copy_weights', 'frontend', 'example_inputs', 'example_kwargs', 'dynamic_shapes'))}")
+                          f"{sorted(CONFIG_KEYS + _CAPTURE_KEYS)}")
+    # 1. the options: one LoraConfig (config.py), a valid adapter name (targets.py), an unadapted model
     check_adapter_name(adapter_name)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"transform() needs an nn.Module, got {type(model).__name__}")
-    given = {k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
-                                     rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                                     use_rslora=use_rslora, use_dora=use_dora, init=init, dropout=dropout,
-                                     lowering=lowering, recompute_inputs=recompute_inputs,
-                                     adapter_dtype=adapter_dtype, fused=fused).items()
-             if v is not _UNSET}
-    cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
+    cfg = config_with(config, rank=rank, alpha=alpha, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, use_rslora=use_rslora, use_dora=use_dora, init=init,
+                      dropout=dropout, lowering=lowering, recompute_inputs=recompute_inputs,
+                      adapter_dtype=adapter_dtype, fused=fused)
     if is_adapted(model):
         raise AlreadyAdaptedError(
             f"{type(model).__name__} already carries lora_fx adapters; transforming it again would stack a "
             "second adapter silently. Train it as is, call lora_fx.fold(model) first, or add a named adapter "
             "with lora_fx.add_adapter(model, name, ...).")
-    from lora_fx.passes.export import capture
     with deferred_recompile():  # each GraphModule generates its code once, after the rewrite
-        root = capture(model, lambda: _copy_model(model, copy_weights), frontend=frontend,
+        # 2. capture a private copy: torch.fx or torch.export (passes/capture.py → trace_fx, trace_export)
+        root = capture(model, lambda: private_copy(model, copy_weights), frontend=frontend,
                        example_inputs=example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                        trace_kwargs=dict(blocks=as_patterns(blocks, "blocks") or (),
                                          leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
                                          concrete_args=concrete_args))
         setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
-        return _adapt(root, cfg, adapter_name)
-
-
-#: Attribute of the root GraphModule: True when its base weights are its own copies (PiSSA may
-#: write residuals into them), False when they share storage with the user's model.
-OWNS_WEIGHTS_ATTR = "_lora_fx_owns_weights"
-
-
-def _check_pissa(root, consumers, chosen) -> None:
-    """PiSSA rewrites ``W``: only allowed on our own copy and when every use of ``W`` is adapted."""
-    if not getattr(root, OWNS_WEIGHTS_ATTR, False):
-        raise ConfigError(
-            "init='pissa' writes the residual W - s·B@A into the base weight, but this adapted module "
-            "shares its weights with your model (copy_weights=False), which lora_fx never modifies. "
-            "Use copy_weights=True, or init='kaiming'/'gaussian'.")
-    gms = dict(_passes()[0].graph_modules(root))
-    chosen_ids = {id(gms[c.gm_path].get_parameter(c.param)) for c in chosen}
-    for c in consumers:
-        if c not in chosen and id(gms[c.gm_path].get_parameter(c.param)) in chosen_ids:
-            raise ConfigError(
-                f"init='pissa' would change '{c.fqn}' (used by {c.op}), which shares its tensor with a "
-                "targeted weight but is not targeted itself; target every alias of the weight or use "
-                "init='kaiming'.")
-
-
-def check_adapter_name(name) -> str:
-    """``name`` if it can name an adapter (a non-empty identifier: it becomes a module path part).
-
-    Raises:
-        ConfigError: otherwise."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ConfigError(f"adapter name must be a non-empty Python identifier (it becomes part of parameter "
-                          f"names like 'fc.lora.<name>.weight.lora_A'), got {name!r}")
-    return name
-
-
-def _adapt(root: fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> fx.GraphModule:
-    """Find sites, create adapters and lower them on a traced hierarchy the caller owns."""
-    _, find_sites, insert_lora = _passes()
-    consumers = find_sites.find_sites(root)
-    chosen = _select(consumers, cfg.targets, cfg.exclude)
-    if cfg.init == "pissa":
-        _check_pissa(root, consumers, chosen)
-    for what, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern),
-                           ("fused", cfg.fused)):
-        for pat in patterns:
-            if not any(fnmatch.fnmatchcase(c.fqn, pat) for c in chosen):
-                raise TargetError(f"{what} key {pat!r} matches no targeted parameter; targeted: "
-                                  f"{sorted({c.fqn for c in chosen})}")
-
-    gms = dict(_passes()[0].graph_modules(root))  # once: per-adapter lookups stay O(1)
-
-    def make_adapter(c) -> LoraAdapter:
-        gm = gms[c.gm_path]
-        w = gm.get_parameter(c.param)
-        r = cfg.rank_for(c.fqn)
-        if r > min(w.shape[0], math.prod(w.shape[1:])):
-            warnings.warn(f"rank {r} for '{c.fqn}' exceeds min{tuple(w.shape[:1]) + (math.prod(w.shape[1:]),)} "
-                          f"of its weight {tuple(w.shape)}: the update is full-rank already and costs more "
-                          f"than full fine-tuning of this weight. Use rank <= {min(w.shape[0], math.prod(w.shape[1:]))} "
-                          f"for it (e.g. rank_pattern={{'{c.fqn}': {min(w.shape[0], math.prod(w.shape[1:]))}}}) "
-                          "or exclude it", LoraFxWarning, stacklevel=4)
-        from .fused import resolve_blocks
-        blocks = resolve_blocks(cfg.fused_for(c.fqn, bool(c.blocks)), w.shape[0], c.blocks, c.fqn)
-        a = LoraAdapter(tuple(w.shape), r, cfg.alpha_for(c.fqn), dtype=cfg.dtype_for(w), device=w.device,
-                        dropout=float(cfg.dropout), use_rslora=cfg.use_rslora, init=cfg.init,
-                        use_dora=cfg.use_dora, blocks=blocks)
-        if cfg.init == "pissa":
-            pissa_init_(a, w)
-        if cfg.use_dora:
-            dora_init_(a, w)
-        return a
-
-    insert_lora.insert_lora(root, chosen, make_adapter, adapter_name=adapter_name, lowering=cfg.lowering,
-                            recompute_inputs=cfg.recompute_inputs)
-    configs = dict(getattr(root, CONFIG_ATTR, {}))
-    configs[adapter_name] = cfg
-    setattr(root, CONFIG_ATTR, configs)
-    adapters = {id(p) for m in root.modules() if isinstance(m, LoraAdapter) for p in m.parameters()}
-    for p in root.parameters():
-        p.requires_grad_(id(p) in adapters)
-    return root
-
-
-def fold(gm: nn.Module) -> fx.GraphModule:
-    """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
-    float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
-
-    ``fold(gm).state_dict()`` has the original model's keys, so it loads with ``strict=True`` into
-    a fresh instance of the original class.  ``gm`` is not modified.  ``result.meta["lora_fx"]``
-    holds ``{"folded": [names], "untied": [names]}``: a weight tied to an unadapted alias gets its
-    own folded tensor and is listed under ``"untied"``.
-
-    Raises:
-        NotAdaptedError: ``gm`` was not produced by :func:`transform` (or is already folded).
-    """
-    if not is_adapted(gm):
-        raise NotAdaptedError(
-            f"fold() needs a module produced by lora_fx.transform; {type(gm).__name__} carries no lora_fx "
-            "adapters (already folded, or never transformed), so there is nothing to fold.")
-    from lora_fx.passes.fold import fold_graph_modules
-    folded, info = fold_graph_modules(gm)
-    if hasattr(folded, CONFIG_ATTR):
-        delattr(folded, CONFIG_ATTR)
-    folded.meta["lora_fx"] = info
-    return folded
-
-
-@dataclass(frozen=True)
-class Site:
-    """One adapted base parameter (per adapter name).
-
-    Attributes:
-        param: fully qualified name of the base parameter (first targeted alias).
-        aliases: every targeted name of that parameter object.
-        adapter: adapter name.
-        op: op kind of the first consuming call (``"linear"``, ``"conv2d"``, ``"embedding"``,
-            ``"matmul"``, ``"mha"``, ...); ``ops`` lists every consumer's kind and ``lowerings``
-            each consumer's lowering (``"factored"`` or ``"merge"``).
-        shape: base weight shape.
-        rank, alpha, scaling: ``scaling = alpha / rank`` (``/ sqrt(rank)`` for rsLoRA), times the
-            adapter's mixing weight, 0 when disabled.
-        lora_A: ``nn.Parameter (rank, shape[1:].numel())``; lora_B: ``(shape[0], rank)``
-            (fused: ``(n_enabled·rank, ...)`` and ``(Σ enabled rows, rank)``, see ``blocks``).
-        path: fully qualified module path of the :class:`~lora_fx.adapter.LoraAdapter`.
-        blocks: fused weight: ``((block name, rows, enabled), ...)`` over ``shape[0]``; ``()``
-            for a plain adapter.  ``module.block_factors()`` gives per-block ``(A_i, B_i)``.
-    """
-
-    param: str
-    aliases: tuple[str, ...]
-    adapter: str
-    op: str
-    ops: tuple[str, ...]
-    lowering: str
-    lowerings: tuple[str, ...]
-    shape: tuple[int, ...]
-    rank: int
-    alpha: float
-    scaling: float
-    lora_A: nn.Parameter
-    lora_B: nn.Parameter
-    path: str
-    module: LoraAdapter
-    blocks: tuple[tuple[str, int, bool], ...] = ()
-
-
-def sites(gm: nn.Module) -> list[Site]:
-    """One :class:`Site` per adapted base parameter and adapter, in graph order.
-
-    Raises:
-        NotAdaptedError: ``gm`` carries no lora_fx adapters.
-    """
-    if not is_adapted(gm):
-        raise NotAdaptedError(f"sites() needs a module produced by lora_fx.transform; {type(gm).__name__} "
-                              "carries no lora_fx adapters.")
-    # one adapter may be reached from several GraphModules (a weight shared by two blocks):
-    # one Site with every alias and consumer
-    found: dict[tuple[int, str], list] = {}
-    for prefix, path, rec, a in adapter_records(gm):
-        entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, path, rec.adapter, a, [], []])
-        entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
-        entry[5].extend(rec.consumers)
-    out = []
-    for param, path, name, a, aliases, consumers in found.values():
-        ops_ = tuple(op for _, op, _ in consumers)
-        lows = tuple(low for _, _, low in consumers)
-        out.append(Site(param=param, aliases=tuple(aliases), adapter=name, op=ops_[0] if ops_ else "", ops=ops_,
-                        lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
-                        shape=a.weight_shape, rank=a.rank, alpha=a.alpha, scaling=a.effective_scaling,
-                        lora_A=a.lora_A, lora_B=a.lora_B, path=path, module=a, blocks=tuple(a.blocks or ())))
-    return out
+        # 3. find sites → select targets → make adapters → insert_lora → record state (adapters/lifecycle.adapt_)
+        adapt_(root, cfg, adapter_name)
+        # 4. only the adapters train (adapters/trainable.py)
+        return train_adapters_only_(root)

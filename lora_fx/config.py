@@ -14,8 +14,9 @@ import torch
 
 from .errors import ConfigError
 from .fused import FusedSpec
+from .weights import compute_dtype
 
-__all__ = ["LoraConfig", "CONFIG_VERSION", "INITS", "as_patterns"]
+__all__ = ["LoraConfig", "CONFIG_VERSION", "INITS", "CONFIG_KEYS", "UNSET", "as_patterns", "config_with"]
 
 CONFIG_VERSION = 1
 #: Initialisation schemes of the factors (see :class:`LoraConfig`).
@@ -66,7 +67,7 @@ class LoraConfig:
         lowering: ``"auto"`` (factored where exact and cheaper, else merge), ``"factored"``
             (factored wherever exact) or ``"merge"`` (always ``op(x, W + ΔW)``).
         recompute_inputs: at factored linear sites whose input is the output of a norm, GELU/SiLU
-            or ``a * b`` (see :mod:`lora_fx.remat`), keep that op's inputs (saved anyway) instead of
+            or ``a * b`` (see :mod:`lora_fx.recompute`), keep that op's inputs (saved anyway) instead of
             the adapter input and recompute it in backward: less activation memory for one cheap
             op per site in backward (eager autograd only).  ``False``: keep the input, as PEFT does.
         adapter_dtype: dtype name of the factors, or ``None``: float32 for float16/bfloat16
@@ -137,10 +138,12 @@ class LoraConfig:
         return float(self.rank_for(name) if a is None else a)
 
     def dtype_for(self, weight: torch.Tensor) -> torch.dtype:
-        """Dtype of the factors for base weight ``weight``."""
+        """Dtype of the factors for base weight ``weight``: ``adapter_dtype``, else float32 for a
+        float16 / bfloat16 compute dtype (:func:`lora_fx.weights.compute_dtype`), else that dtype."""
         if self.adapter_dtype is not None:
             return _DTYPES[self.adapter_dtype]
-        return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = compute_dtype(weight)
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def fused_for(self, name: str, default: bool) -> Any:
         """The :class:`~lora_fx.fused.FusedSpec` for base parameter ``name`` (first matching
@@ -177,6 +180,36 @@ class LoraConfig:
     def replace(self, **changes) -> "LoraConfig":
         """A copy with ``changes`` applied (validated)."""
         return dataclasses.replace(self, **changes)
+
+
+#: The config fields ``transform`` / ``add_adapter`` take as keywords.
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig) if f.name != "version")
+
+
+class _Unset:
+    """Default of a ``transform``/``add_adapter`` keyword: take the value from ``config`` (or the
+    :class:`LoraConfig` default).  Shown as such by ``help()`` and ``inspect``."""
+
+    def __repr__(self) -> str:
+        return "<from config>"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "UNSET"  # pickles as a reference to the one sentinel
+
+
+#: The one :class:`_Unset` sentinel.
+UNSET: Any = _Unset()
+
+
+def config_with(config: Optional[LoraConfig], **options: Any) -> LoraConfig:
+    """``config`` (default ``LoraConfig()``) with every option that is not :data:`UNSET` applied
+    (validated, as :meth:`LoraConfig.replace`)."""
+    given = {k: v for k, v in options.items() if v is not UNSET}
+    base = config or LoraConfig()
+    return base.replace(**given) if given else base
 
 
 def _check_rank(r, what: str) -> None:

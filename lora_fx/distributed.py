@@ -19,14 +19,16 @@ Typical FSDP2 use (mirrors how ``torch.distributed.fsdp.fully_shard`` is applied
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import fx, nn
 
-from .errors import AdapterMismatchError, ConfigError, NotAdaptedError
-from .state import is_adapted
-from .training import lora_state_dict
+from .errors import ConfigError
+from .state import require_adapted
+from .io._files import atomic_write_bytes, mismatch_error, safetensors_bytes
+from .io.state_dict import lora_state_dict
 
 __all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict",
            "load_full_lora_state_dict_", "save_gathered_lora_state"]
@@ -62,10 +64,7 @@ def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, fx.GraphMo
         ConfigError: ``gm`` has no blocks (no ``nn.ModuleList``; name them with ``blocks=``).
     """
     root = unwrap(gm)
-    if not isinstance(root, fx.GraphModule) or not is_adapted(root):
-        raise NotAdaptedError(
-            f"blocks() needs a module produced by lora_fx.transform; got {type(root).__name__}. "
-            "Call lora_fx.transform(model, ...) first.")
+    require_adapted(root, "blocks", root=True)
     found = [(name, m) for name, m in root.named_modules() if name and isinstance(m, fx.GraphModule)]
     if not found:
         raise ConfigError(
@@ -180,7 +179,7 @@ def load_full_lora_state_dict_(model: nn.Module, state_dict: dict[str, torch.Ten
     problems += [f"{k!r}: given shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
                  for k, v in sorted(state_dict.items()) if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if problems:
-        raise AdapterMismatchError(f"adapter state does not fit {type(inner).__name__}:\n  - " + "\n  - ".join(problems))
+        raise mismatch_error(f"adapter state does not fit {type(inner).__name__}", problems)
     if any(isinstance(p, DTensor) for p in inner.parameters()):
         set_model_state_dict(inner, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=False))
     else:
@@ -199,10 +198,6 @@ def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", meta
     Raises:
         ConfigError: unknown ``bias`` mode.
     """
-    from pathlib import Path
-
-    from .io import atomic_write_bytes, safetensors_bytes
-
     sd = gather_lora_state_dict(model, bias=bias, rank0_only=True)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None

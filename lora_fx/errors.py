@@ -8,6 +8,12 @@ builtins keeps working.  Messages name the culprit (module, parameter or graph n
 
 from __future__ import annotations
 
+import os
+import traceback
+from typing import Iterable, Optional
+
+import torch
+
 __all__ = [
     "LoraFxError",
     "LoraFxWarning",
@@ -16,11 +22,13 @@ __all__ = [
     "TraceError",
     "UnsupportedSiteError",
     "NotAdaptedError",
+    "UnknownAdapterError",
     "AlreadyAdaptedError",
     "AdapterMismatchError",
     "AdapterFileError",
     "ExportParityError",
     "ExportFileError",
+    "user_frame",
 ]
 
 
@@ -53,6 +61,12 @@ class NotAdaptedError(LoraFxError, TypeError):
     """An operation that needs a module produced by :func:`lora_fx.transform` got another module."""
 
 
+class UnknownAdapterError(ConfigError, NotAdaptedError):
+    """An adapter name that the adapted module does not have (the message lists the ones it has).
+    Also a :class:`ConfigError` (a ``ValueError``) and a :class:`NotAdaptedError`, the errors an
+    unknown name raised before this class existed."""
+
+
 class AlreadyAdaptedError(LoraFxError, ValueError):
     """``transform`` was called on a module that already carries lora_fx adapters."""
 
@@ -71,3 +85,25 @@ class ExportParityError(LoraFxError, RuntimeError):
 
 class ExportFileError(LoraFxError, OSError):
     """An exported program (``.pt2`` / ``.onnx``) could not be written to the requested path."""
+
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_frame(exc: BaseException, *, also_skip: Iterable[str] = (),
+               skip_synthetic: bool = False) -> Optional[traceback.FrameSummary]:
+    """The innermost traceback frame of ``exc`` outside torch and lora_fx (the user's line, for a
+    message that names it), or None.
+
+    Args:
+        exc: the error.
+        also_skip: more directories to skip (the passes' own, which an editable install keeps
+            outside the package directory).
+        skip_synthetic: also skip frames of code without a file (``"<string>"``, ...).
+    """
+    skip = (os.path.dirname(torch.__file__), _OWN_DIR) + tuple(os.path.abspath(d) + os.sep for d in also_skip)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not os.path.abspath(f.filename).startswith(skip) and "<eval_with_key>" not in f.filename
+              and not (skip_synthetic and f.filename.startswith("<"))]
+    return frames[-1] if frames else None
+

@@ -22,11 +22,16 @@ from torch.fx.graph_module import _deserialize_graph_module, _format_import_bloc
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.package import sys_importer
 
-__all__ = ["LoraGraphModule", "deferred_recompile", "compile_stale", "value_key", "NotKeyable"]
+__all__ = ["LoraGraphModule", "graph_modules", "deferred_recompile", "compile_stale", "value_key", "NotKeyable"]
 
 _GM_OWN = {"_graph", "_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec", "meta",
            "_tracer_cls", "_tracer_extras", "_replace_hooks", "_create_node_hooks", "_erase_node_hooks",
            "_deepcopy_hooks", "_graphmodule_cls_name"}
+
+
+def graph_modules(root: torch.nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """Every ``GraphModule`` in ``root`` (root first), each once, with its path."""
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, fx.GraphModule)]
 
 
 def _restore(gm: fx.GraphModule, state: dict[str, Any]) -> fx.GraphModule:

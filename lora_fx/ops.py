@@ -17,6 +17,11 @@ Two lowerings compute the same function of the inputs:
 Dtypes: the factors may be in another dtype than the base (e.g. fp32 adapters on a bf16 model);
 the delta is computed in the adapter dtype and cast once to the base value's dtype, so every
 function returns the dtype of its first argument.
+
+Every function a lowered graph calls registers itself with a decorator (:func:`delta_op`,
+:func:`merge_op`, :func:`graph_op`), which fills :data:`DELTA_OPS`, :data:`MERGE_OPS` and
+:data:`LORA_OPS`: the passes that strip adapters (fold, delete) and the tracer that keeps these
+calls as leaves read those tables, so a new op is known everywhere once it is decorated.
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora_fx.remat import _to, down
+from . import weights
+from .recompute import _to, down
 
 __all__ = [
+    "delta_op",
+    "merge_op",
+    "graph_op",
     "delta_weight",
     "merge",
     "dora_merge",
@@ -38,10 +47,46 @@ __all__ = [
     "embedding_delta",
     "conv_delta",
     "module_call",
+    "dequantized",
     "LORA_OPS",
     "DELTA_OPS",
     "MERGE_OPS",
 ]
+
+
+#: Ops whose first argument is the base value ``y = op(x, W)`` and which return ``y + s·...``: a
+#: pass may replace one by its first argument to fold or remove an adapter.  Filled by :func:`delta_op`.
+DELTA_OPS: list[Callable[..., Tensor]] = []
+#: Ops that take the base *weight* as first argument and return the weight the op sees.  Filled by
+#: :func:`merge_op`.
+MERGE_OPS: list[Callable[..., Tensor]] = []
+#: Every function a lowered graph calls (delta, merge, and :func:`module_call`); the tracer keeps
+#: them as leaves, so a pickled adapted module re-traces to the same graph.
+LORA_OPS: list[Callable[..., object]] = []
+
+
+def graph_op(fn):
+    """Register ``fn`` as a function adapted graphs call (in :data:`LORA_OPS`); returns ``fn``."""
+    if fn not in LORA_OPS:
+        LORA_OPS.append(fn)
+    return fn
+
+
+def delta_op(fn):
+    """Register ``fn(y, x, lora_A, lora_B, scaling, *extra) -> y + ΔW applied to x`` as a factored
+    delta op (in :data:`DELTA_OPS` and :data:`LORA_OPS`); returns ``fn``.  Its policy (dropout,
+    recomputation, fused adapters, when it is cheaper) is a :class:`lora_fx.rules.Factored` field."""
+    if fn not in DELTA_OPS:
+        DELTA_OPS.append(fn)
+    return graph_op(fn)
+
+
+def merge_op(fn):
+    """Register ``fn(W, lora_A, lora_B, scaling, ...) -> W'`` as a merge op (in :data:`MERGE_OPS`
+    and :data:`LORA_OPS`); returns ``fn``."""
+    if fn not in MERGE_OPS:
+        MERGE_OPS.append(fn)
+    return graph_op(fn)
 
 
 def delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: Tensor, shape: Sequence[int],
@@ -68,6 +113,7 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: Tensor, shape: Sequenc
             (stop - start,) + tuple(shape[1:])), lora_A)
 
 
+@merge_op
 def merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
           blocks: Sequence[tuple[int, bool]] | None = None) -> Tensor:
     """Out-of-place merged weight ``W + ΔW`` in ``W``'s dtype (merge lowering).
@@ -109,6 +155,7 @@ def _blockwise(base: Tensor, blocks, dim: int, delta_of, lora_A: Tensor) -> Tens
     return torch.cat(pieces, dim)
 
 
+@merge_op
 def dora_merge(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, magnitude: Tensor, base_scaling: float
 ) -> Tensor:
@@ -143,6 +190,7 @@ def dora_merge(
     return torch.lerp(w, d, gate).to(weight.dtype)
 
 
+@delta_op
 def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
                  blocks: Sequence[tuple[int, bool]] | None = None, remat: tuple | None = None) -> Tensor:
     """``y + s·(x Aᵀ) Bᵀ``: factored LoRA for ``y = F.linear(x, W, b)`` with ``W: (out, in)``.
@@ -150,7 +198,7 @@ def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
     Shapes: ``x (..., in)``, ``y (..., out)``; returns ``(..., out)`` in ``y``'s dtype.  With
     ``blocks`` (fused weight, see :func:`delta_weight`): ``h = s·x Aᵀ`` once, then block ``i``'s
     output features get ``h_i B_iᵀ`` and disabled blocks' features are ``y``'s own, bit for bit.
-    ``remat``: how to recompute ``x`` in backward instead of keeping it (:func:`lora_fx.remat.down`).
+    ``remat``: how to recompute ``x`` in backward instead of keeping it (:func:`lora_fx.recompute.down`).
     """
     h = down(x, lora_A, scaling, remat)
     if blocks is None:
@@ -162,6 +210,7 @@ def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
         h[..., i * r:(i + 1) * r], lora_B[b0:b0 + stop - start]), lora_A)
 
 
+@delta_op
 def matmul_delta(
     y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, weight_on_left: bool = False
 ) -> Tensor:
@@ -176,6 +225,7 @@ def matmul_delta(
     return y + _to((_to(x, lora_B) @ lora_B) @ (lora_A * scaling), y)
 
 
+@delta_op
 def embedding_delta(
     y: Tensor,
     indices: Tensor,
@@ -214,6 +264,7 @@ def embedding_delta(
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+@delta_op
 def conv_delta(
     y: Tensor,
     x: Tensor,
@@ -240,6 +291,7 @@ def conv_delta(
     return y + _to(conv(h, b), y)
 
 
+@graph_op
 def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **kwargs):
     """Call ``module(*args, **kwargs)`` with some parameters replaced (merge lowering of an opaque
     leaf module).  Mirrors :func:`torch.func.functional_call`; the module is not modified."""
@@ -248,8 +300,9 @@ def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **
     return torch.func.functional_call(module, dict(overrides), args, kwargs, strict=False, tie_weights=False)
 
 
-#: Ops whose first argument is the base value and which a pass may strip to fold or remove an adapter.
-DELTA_OPS = (linear_delta, matmul_delta, embedding_delta, conv_delta)
-#: Ops that take the base *weight* as first argument and return the weight the op sees.
-MERGE_OPS = (merge, dora_merge)
-LORA_OPS = MERGE_OPS + DELTA_OPS + (module_call,)
+@merge_op
+def dequantized(weight: Tensor) -> Tensor:
+    """``W`` as the floating tensor of its logical shape (:func:`lora_fx.weights.dequantize`): the
+    first link of the merge chain of a weight whose kind is not a plain tensor (a quantized
+    weight, say), so :func:`merge` reads a float ``W``.  Plain weights never pass through it."""
+    return weights.dequantize(weight)

@@ -9,11 +9,10 @@ from typing import Optional, Union
 
 from torch import fx, nn
 
-from .adapter import ADAPTER_ATTR, LoraAdapter
-from .api import sites
+from .adapters.module import LoraAdapter
 from .errors import ConfigError
-from .ops import DELTA_OPS, MERGE_OPS, module_call
-from .state import is_adapted
+from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
+from .state import is_adapted, is_adapter_path, iter_adapters, sites
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
@@ -86,9 +85,8 @@ def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
         rows.append({"site": s.param, "adapter": s.adapter, "op": s.op, "weight shape": tuple(s.shape),
                      "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.enabled),
                      "trainable params": n, "share": n / max(total, 1)})
-    adapters = {id(m): m for m in gm.modules() if isinstance(m, LoraAdapter)}
     result = SiteSummary(rows=tuple(rows), total_params=total,
-                         adapter_params=sum(p.numel() for m in adapters.values() for p in m.parameters()),
+                         adapter_params=sum(p.numel() for _, _, m in iter_adapters(gm) for p in m.parameters()),
                          trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad))
     if show:
         print(result)
@@ -110,7 +108,7 @@ def _adapter_of(gm: fx.GraphModule, node: fx.Node) -> tuple[Optional[LoraAdapter
 
 
 def _is_adapter_attr(node: fx.Node) -> bool:
-    return node.op in ("get_attr", "call_module") and f".{ADAPTER_ATTR}." in f".{node.target}"
+    return node.op in ("get_attr", "call_module") and is_adapter_path(str(node.target))
 
 
 def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] = None, dpi: int = 120) -> Path:
@@ -151,7 +149,7 @@ def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] =
     labels, colors = {}, {}
     for n in keep:
         graph.add_node(n.name)
-        if n.op == "call_function" and (n.target in MERGE_OPS or n.target in DELTA_OPS):
+        if n.op == "call_function" and n.target is not dequantized and (n.target in MERGE_OPS or n.target in DELTA_OPS):
             a, name = _adapter_of(gm, n)
             kind = "DoRA" if n.target.__name__ == "dora_merge" else ("merge" if n.target in MERGE_OPS else "factored")
             labels[n.name] = f"LoRA '{name}'\nr={a.rank if a else '?'} {kind}"

@@ -1,15 +1,87 @@
-"""Records a lora_fx GraphModule carries about its adapters (plain data: survives deepcopy/pickle)."""
+"""Every attribute and meta key lora_fx writes, the records it keeps, and the views built on them.
+
+Nothing else in the library spells one of these keys: writers and readers import them from here.
+
+==========================  =================================  =======================================
+key                         where, holding                     written by / read by
+==========================  =================================  =======================================
+:data:`STATE_ATTR`          every adapted ``GraphModule``:     ``passes.insert_lora`` (records),
+                            its :class:`GraphState`            ``passes.remove_lora`` (drops them and,
+                                                               with the last, the attribute); read
+                                                               through :func:`state_of` by every
+                                                               function taking an adapted model
+:data:`CONFIG_ATTR`         root: ``{adapter: LoraConfig}``    :func:`record_config_` /
+                                                               :func:`forget_config_` (add / delete),
+                                                               ``deploy.fold`` (deletes it); read by
+                                                               :func:`adapter_names`, ``io.peft``
+:data:`OWNS_WEIGHTS_ATTR`   root: base weights are its own     ``api.transform``; read by
+                            copies (``copy_weights=True``)     ``adapters.init.check_pissa``
+:data:`ADAPTER_ATTR`        owner module of a base parameter:  ``passes.insert_lora``,
+                            ``ModuleDict[adapter][param]``     ``passes.remove_lora``; paths from
+                            of ``LoraAdapter`` s               :func:`adapter_path`
+:data:`FRONTEND_META`       root ``.meta``: ``"fx"`` or        ``passes.capture``,
+                            ``"export"``                       ``passes.trace_export``; read by users
+:data:`FOLD_META`           folded root ``.meta``:             ``deploy.fold``; read by users
+                            ``{"folded": [...], "untied": []}``
+:data:`LEAF_ATTR`           class attribute: keep instances    ``lora_fx.nn.layers``; read by
+                            as opaque leaves when tracing      ``passes.trace_fx``
+:data:`PISSA_BUFFERS`       adapter: PiSSA's initial factors   ``adapters.init.pissa_init_``; read by
+                            (non-persistent buffers)           ``io.peft.save_adapter``
+:data:`FILE_META`           safetensors metadata of adapter    ``io._files``, ``io.peft``
+                            files
+==========================  =================================  =======================================
+
+The adapter module's own attributes (``lora_A``, ``lora_B``, ``scaling``, ``lora_magnitude``,
+``dropout``, ``rank``, ``alpha``, ``mix``, ``enabled``, ``blocks``) are defined by
+:class:`~lora_fx.adapters.module.LoraAdapter`.  Records are plain data, so they survive
+``deepcopy``, ``pickle`` and ``torch.save``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
+import torch
 from torch import fx, nn
 
-__all__ = ["AdapterRecord", "GraphState", "STATE_ATTR", "state_of", "is_adapted", "adapter_records"]
+from .errors import ConfigError, NotAdaptedError, UnknownAdapterError
+
+if TYPE_CHECKING:  # annotations only: the adapter module imports this one
+    from .adapters.module import LoraAdapter
+
+__all__ = [
+    "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FOLD_META", "LEAF_ATTR",
+    "PISSA_BUFFERS", "FILE_META",
+    "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
+    "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
+    "adapter_path", "is_adapter_path", "is_lora_key", "is_bias_key", "check_bias", "BIAS_MODES",
+    "adapter_owners", "is_lora_layer", "Site", "sites",
+]
 
 #: Attribute of every adapted ``GraphModule`` (root and blocks) holding its :class:`GraphState`.
 STATE_ATTR = "_lora_fx"
+#: Attribute of the root ``GraphModule`` holding ``{adapter name: LoraConfig}`` in the order added.
+CONFIG_ATTR = "_lora_fx_configs"
+#: Attribute of the root ``GraphModule``: True when its base weights are its own copies (PiSSA may
+#: write residuals into them), False when they share storage with the user's model.
+OWNS_WEIGHTS_ATTR = "_lora_fx_owns_weights"
+#: Submodule under which an owner module holds its adapters: ``owner.lora[adapter_name][param_name]``.
+ADAPTER_ATTR = "lora"
+#: Key of ``root.meta``: the front-end that captured the model (``"fx"`` or ``"export"``).
+FRONTEND_META = "lora_fx_frontend"
+#: Key of ``folded.meta``: ``{"folded": [names], "untied": [names]}`` (see :func:`lora_fx.fold`).
+FOLD_META = "lora_fx"
+#: Class attribute: instances are kept as opaque leaves by the torch.fx front-end.
+LEAF_ATTR = "_lora_fx_leaf"
+#: Non-persistent buffers of a PiSSA adapter: its initial factors ``(A0, B0)``.
+PISSA_BUFFERS = ("init_A", "init_B")
+#: safetensors metadata keys: the file format tag, the adapter name and its config (JSON).
+FILE_META = {"format": "lora_fx", "adapter": "lora_fx_adapter", "config": "lora_fx_config"}
+
+
+# ---------------------------------------------------------------------------------------------
+# records
 
 
 @dataclass
@@ -48,7 +120,28 @@ def is_adapted(module: nn.Module) -> bool:
     return any(state_of(m) is not None and state_of(m).adapters for m in module.modules())
 
 
-def adapter_records(root: nn.Module):
+def require_adapted(module: nn.Module, what: str, *, detail: str = "", root: bool = False) -> None:
+    """The guard of every function that needs an adapted module.
+
+    Args:
+        module: the argument to check.
+        what: the public function's name, for the message.
+        detail: extra explanation appended to the message.
+        root: also require the root ``GraphModule`` that :func:`lora_fx.transform` returned.
+
+    Raises:
+        NotAdaptedError: ``module`` carries no lora_fx adapters (or, with ``root``, is not a
+            ``GraphModule``).
+    """
+    if not is_adapted(module):
+        raise NotAdaptedError(f"{what}() needs a module produced by lora_fx.transform; {type(module).__name__} "
+                              f"carries no lora_fx adapters{detail}.")
+    if root and not isinstance(module, fx.GraphModule):
+        raise NotAdaptedError(f"{what}() needs the root module returned by lora_fx.transform, got "
+                              f"{type(module).__name__}")
+
+
+def adapter_records(root: nn.Module) -> Iterator[tuple[str, str, AdapterRecord, "LoraAdapter"]]:
     """Yield ``(prefix, adapter module path in root, record, adapter module)`` for every record of
     every lora_fx GraphModule under ``root`` (root first, graph order).  One adapter reached from
     several GraphModules (a weight shared by two blocks) is yielded once per GraphModule."""
@@ -59,3 +152,204 @@ def adapter_records(root: nn.Module):
         prefix = f"{gm_path}." if gm_path else ""
         for path, rec in st.adapters.items():
             yield prefix, prefix + path, rec, sub.get_submodule(path)
+
+
+def iter_adapters(root: nn.Module, names: Optional[Iterable[str]] = None) -> Iterator[tuple[str, str, "LoraAdapter"]]:
+    """``(adapter name, module path, LoraAdapter)`` of every adapter module under ``root``, each
+    once (a shared adapter of tied weights too), in graph order, root first; only those named in
+    ``names`` when given."""
+    wanted = None if names is None else set(names)
+    seen: set[int] = set()
+    for _, path, rec, a in adapter_records(root):
+        if id(a) not in seen and (wanted is None or rec.adapter in wanted):
+            seen.add(id(a))
+            yield rec.adapter, path, a
+
+
+def configs_of(root: nn.Module) -> dict[str, Any]:
+    """``{adapter name: LoraConfig}`` recorded on ``root`` (a copy; empty when none)."""
+    return dict(getattr(root, CONFIG_ATTR, {}))
+
+
+def record_config_(root: nn.Module, name: str, config: Any) -> nn.Module:
+    """Record the config of adapter ``name`` on ``root``; returns ``root``."""
+    configs = configs_of(root)
+    configs[name] = config
+    setattr(root, CONFIG_ATTR, configs)
+    return root
+
+
+def forget_config_(root: nn.Module, name: str) -> nn.Module:
+    """Drop the recorded config of adapter ``name`` (if any); returns ``root``."""
+    configs = configs_of(root)
+    configs.pop(name, None)
+    setattr(root, CONFIG_ATTR, configs)
+    return root
+
+
+def adapter_names(root: nn.Module) -> list[str]:
+    """Names of the adapters on ``root``, in the order they were added."""
+    names = list(configs_of(root))
+    names += [n for n, _, _ in iter_adapters(root) if n not in names]
+    return names
+
+
+def check_adapter_names(root: nn.Module, names: Sequence[str]) -> None:
+    """Raise unless every name in ``names`` names an adapter of ``root``.
+
+    Raises:
+        UnknownAdapterError: listing the unknown names and the adapters present.
+    """
+    known = adapter_names(root)
+    missing = [n for n in names if n not in known]
+    if missing:
+        shown = missing[0] if len(missing) == 1 else missing
+        raise UnknownAdapterError(
+            f"no adapter {shown!r} in {type(root).__name__} (unknown adapter name{'s' if len(missing) > 1 else ''}); "
+            f"adapters present: {known}. Pass one of these, or add it with lora_fx.add_adapter(model, name, ...).")
+
+
+# ---------------------------------------------------------------------------------------------
+# names and keys
+
+
+def adapter_path(param_fqn: str, adapter_name: str) -> str:
+    """Module path of the adapter of base parameter ``param_fqn`` (e.g. ``"fc.weight"`` →
+    ``"fc.lora.default.weight"``)."""
+    owner, _, pname = param_fqn.rpartition(".")
+    prefix = f"{owner}." if owner else ""
+    return f"{prefix}{ADAPTER_ATTR}.{adapter_name}.{pname}"
+
+
+def is_adapter_path(name: str) -> bool:
+    """Whether ``name`` (a parameter, buffer or module path) lies inside a lora_fx adapter holder:
+    one of its components is :data:`ADAPTER_ATTR` followed by more (``"fc.lora.default.weight.lora_A"``)."""
+    return f".{ADAPTER_ATTR}." in f".{name}"
+
+
+def is_lora_key(name: str) -> bool:
+    """Whether a parameter / state-dict key belongs to any LoRA adapter: lora_fx's, or a hand-built
+    layer's (loralib's rule, ``"lora_"`` in the name, restricted to whole-word use: a name component
+    starting with ``lora_`` (``lora_A``, ``lora_magnitude``) or containing ``_lora_`` (LoRA-Torch's
+    ``w_lora_A``), so a user's ``flora_w`` is not taken for an adapter)."""
+    return any(part.startswith("lora_") or "_lora_" in part for part in name.split("."))
+
+
+#: ``bias`` modes of :func:`lora_fx.mark_only_lora_as_trainable` and :func:`lora_fx.lora_state_dict`.
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def check_bias(bias: str) -> None:
+    """Raises :class:`~lora_fx.errors.ConfigError` unless ``bias`` is one of :data:`BIAS_MODES`."""
+    if bias not in BIAS_MODES:
+        raise ConfigError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+
+
+def is_bias_key(name: str) -> bool:
+    """loralib's ``'bias' in name``, on the last component only, so ``in_proj_bias`` and ``bias_k``
+    count but a module named ``bias_net`` does not make its weight a bias."""
+    return "bias" in name.rsplit(".", 1)[-1]
+
+
+def adapter_owners(model: nn.Module) -> list[nn.Module]:
+    """Modules holding adapters: lora_fx's (an :data:`ADAPTER_ATTR` ``ModuleDict``) or their own
+    ``lora_A`` (hand-built layers)."""
+    return [m for m in model.modules()
+            if isinstance(m._modules.get(ADAPTER_ATTR), nn.ModuleDict) or hasattr(m, "lora_A")]
+
+
+def is_lora_layer(m: nn.Module) -> bool:
+    """A hand-built LoRA layer: ``lora_fx.nn``'s, loralib's or LoRA-Torch's (all derive from a class
+    named ``LoRALayer``), whatever its rank."""
+    return any(c.__name__ == "LoRALayer" for c in type(m).__mro__)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public view: one Site per adapted parameter and adapter
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adapted base parameter (per adapter name).  The adapter's values are read from
+    ``module`` on access, so a site stays true after hot-swaps (:func:`lora_fx.load_adapter_values_`,
+    :func:`lora_fx.reserve_rank_`, :func:`lora_fx.set_scale_`).
+
+    Attributes:
+        param: fully qualified name of the base parameter (first targeted alias).
+        aliases: every targeted name of that parameter object.
+        adapter: adapter name.
+        op: op kind of the first consuming call (``"linear"``, ``"conv2d"``, ``"embedding"``,
+            ``"matmul"``, ``"mha"``, ...); ``ops`` lists every consumer's kind and ``lowerings``
+            each consumer's lowering (``"factored"`` or ``"merge"``).
+        path: fully qualified module path of the :class:`~lora_fx.adapters.module.LoraAdapter`.
+        module: that adapter module.
+        shape: base weight shape (the ``(out, in...)`` shape its op consumes).
+        rank, alpha, scaling: ``scaling = alpha / rank`` (``/ sqrt(rank)`` for rsLoRA), times the
+            adapter's mixing weight, 0 when disabled.
+        lora_A: ``nn.Parameter (rank, shape[1:].numel())``; lora_B: ``(shape[0], rank)``
+            (fused: ``(n_enabled·rank, ...)`` and ``(Σ enabled rows, rank)``, see ``blocks``).
+        blocks: fused weight: ``((block name, rows, enabled), ...)`` over ``shape[0]``; ``()``
+            for a plain adapter.  ``module.block_factors()`` gives per-block ``(A_i, B_i)``.
+    """
+
+    param: str
+    aliases: tuple[str, ...]
+    adapter: str
+    op: str
+    ops: tuple[str, ...]
+    lowering: str
+    lowerings: tuple[str, ...]
+    path: str
+    module: "LoraAdapter"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.module.weight_shape
+
+    @property
+    def rank(self) -> int:
+        return self.module.rank
+
+    @property
+    def alpha(self) -> float:
+        return self.module.alpha
+
+    @property
+    def scaling(self) -> float:
+        return self.module.effective_scaling
+
+    @property
+    def lora_A(self) -> torch.nn.Parameter:
+        return self.module.lora_A
+
+    @property
+    def lora_B(self) -> torch.nn.Parameter:
+        return self.module.lora_B
+
+    @property
+    def blocks(self) -> tuple[tuple[str, int, bool], ...]:
+        return tuple(self.module.blocks or ())
+
+
+def sites(gm: nn.Module) -> list[Site]:
+    """One :class:`Site` per adapted base parameter and adapter, in graph order.
+
+    Raises:
+        NotAdaptedError: ``gm`` carries no lora_fx adapters.
+    """
+    require_adapted(gm, "sites")
+    # one adapter may be reached from several GraphModules (a weight shared by two blocks):
+    # one Site with every alias and consumer
+    found: dict[tuple[int, str], list] = {}
+    for prefix, path, rec, a in adapter_records(gm):
+        entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, path, rec.adapter, a, [], []])
+        entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
+        entry[5].extend(rec.consumers)
+    out = []
+    for param, path, name, a, aliases, consumers in found.values():
+        ops_ = tuple(op for _, op, _ in consumers)
+        lows = tuple(low for _, _, low in consumers)
+        out.append(Site(param=param, aliases=tuple(aliases), adapter=name, op=ops_[0] if ops_ else "", ops=ops_,
+                        lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
+                        path=path, module=a))
+    return out

@@ -1,7 +1,23 @@
-"""Graph passes of lora_fx (installed as ``lora_fx.passes``); one pass per module.
+"""Graph passes of lora_fx (installed as ``lora_fx.passes``); one pass per module, in pipeline order.
 
-* :mod:`.trace`: front-ends turning an ``nn.Module`` into a hierarchy of ``GraphModule`` s.
+* :mod:`.capture`: front-end selection (torch.fx, torch.export, or fx falling back to export).
+* :mod:`.trace_fx`: torch.fx front-end: an ``nn.Module`` → a hierarchy of ``GraphModule`` s.
+* :mod:`.trace_export`: torch.export front-end, rebuilt into the same hierarchy.
+* :mod:`.follow_mode`: makes an exported graph follow ``.train()`` / ``.eval()``.
 * :mod:`.find_sites`: pure analysis: which parameters reach which ops.
+* :mod:`.match_recompute`: which adapter inputs can be recomputed in backward.
 * :mod:`.insert_lora`: registers adapters and inserts merge / factored nodes.
+* :mod:`.remove_lora`: takes adapters out again (shared by ``delete_adapter`` and fold).
 * :mod:`.fold`: evaluates the deltas once and writes plain weights into a new module.
+
+Passes import the library modules they use (``lora_fx.rules``, ``lora_fx.ops``, ``lora_fx.state``,
+``lora_fx.weights``, ...), never the package facade or the adapters package.
 """
+
+from . import (capture, find_sites, fold, follow_mode, insert_lora, match_recompute, remove_lora, trace_export,
+               trace_fx)
+# old module paths (thin re-exports), importable as attributes of the package as before
+from . import export, remat, trace  # noqa: F401,E402
+
+__all__ = ["capture", "trace_fx", "trace_export", "follow_mode", "find_sites", "match_recompute", "insert_lora",
+           "remove_lora", "fold"]

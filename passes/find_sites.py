@@ -15,11 +15,12 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from lora_fx.adapter import ADAPTER_ATTR
+from lora_fx import weights
 from lora_fx.ops import MERGE_OPS, module_call
+from lora_fx.graph_module import graph_modules
 from lora_fx.rules import VIEW_OPS, function_rule, module_rule
+from lora_fx.state import is_adapter_path
 
-from .trace import graph_modules
 
 __all__ = ["Consumer", "find_sites"]
 
@@ -34,7 +35,7 @@ class Consumer:
         param: parameter name relative to that ``GraphModule`` (the alias the node uses).
         fqn: fully qualified parameter name in the root.
         op: op kind (``"linear"``, ``"conv2d"``, ``"matmul"``, ``"mha"``, ...).
-        shape: the parameter's shape.
+        shape: the parameter's logical shape (:func:`lora_fx.weights.logical_shape`).
         default: adapted when ``targets`` is None (a weight of a known weight-consuming op).
         reason: why the site cannot be adapted, or None.
         factorable: the factored lowering is exact for every use.
@@ -52,18 +53,6 @@ class Consumer:
     reason: Optional[str]
     factorable: bool
     blocks: tuple[tuple[str, int], ...] = ()
-
-
-def _is_adapter_name(name: str) -> bool:
-    return f"{ADAPTER_ATTR}." in f".{name}" and (name.startswith(f"{ADAPTER_ATTR}.") or f".{ADAPTER_ATTR}." in name)
-
-
-def _reason(p: torch.Tensor) -> Optional[str]:
-    if p.ndim < 2:
-        return f"it is {p.ndim}-D; LoRA adapts weights with at least 2 dimensions"
-    if not p.is_floating_point():
-        return f"its dtype {p.dtype} is not floating point"
-    return None
 
 
 def _slots(user: fx.Node, node: fx.Node) -> list[tuple[int, str]]:
@@ -125,13 +114,13 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
     kind = rule.kind(mod)
     out = []
     for pname, p in mod.named_parameters():
-        if _is_adapter_name(pname):
+        if is_adapter_path(pname):
             continue
-        reason = _reason(p)
+        reason = weights.reason(p)
         param = f"{node.target}.{pname}"
         out.append(Consumer(
             gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
-            op=kind, shape=tuple(p.shape), default=reason is None and pname in defaults, reason=reason,
+            op=kind, shape=weights.logical_shape(p), default=reason is None and pname in defaults, reason=reason,
             factorable=reason is None and rule.factored(node, mod, pname) is not None,
             blocks=tuple(rule.blocks(mod, pname)) if reason is None else ()))
     return out
@@ -153,9 +142,10 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
         p = gm.get_parameter(node.target)
     except AttributeError:
         return None  # a buffer or constant
-    if _is_adapter_name(node.target):
+    if is_adapter_path(node.target):
         return None
-    reason = _reason(p)
+    reason = weights.reason(p)
+    shape = weights.logical_shape(p)
     node = _merge_tail(node)  # an adapted weight: its consumers are those of the merged value
     direct = list(node.users)
     terminals = _terminal_users(dg, node)
@@ -163,7 +153,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
     known = terminals and all(function_rule(t.target) is not None and t.op != "output" for t in terminals)
     direct_slots = [_weight_slot(u, node) for u in direct]
     factorable = reason is None and all(
-        s is not None and function_rule(u.target).factored(u, s, tuple(p.shape)) is not None
+        s is not None and function_rule(u.target).factored(u, s, shape) is not None
         for u, s in zip(direct, direct_slots))
     calls = [u for u in direct if u.op == "call_function" and u.target is module_call]
     if node is not attr and calls and len(calls) == len(direct):  # an opaque leaf lowered earlier
@@ -172,16 +162,16 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
         rule = module_rule(mod)
         return Consumer(
             gm_path=gm_path, node=attr.name, param=attr.target,
-            fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=rule.kind(mod), shape=tuple(p.shape),
+            fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=rule.kind(mod), shape=shape,
             default=reason is None and attr.target[len(owner) + 1:] in rule.weights(mod), reason=reason,
             factorable=False)
     viewed = any(_is_view(u) for u in direct)
     blocks = next((tuple(b) for u, s in zip(direct, direct_slots) if s is not None
-                   for b in [function_rule(u.target).blocks(u, s, tuple(p.shape))] if b), ())
+                   for b in [function_rule(u.target).blocks(u, s, shape)] if b), ())
     op = "+".join(kinds) + (" (via view)" if viewed else "")
     return Consumer(
         gm_path=gm_path, node=attr.name, param=attr.target,
-        fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=op or "unused", shape=tuple(p.shape),
+        fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=op or "unused", shape=shape,
         default=bool(reason is None and known and (viewed or all(s is not None for s in direct_slots))),
         reason=reason, factorable=bool(factorable and direct), blocks=blocks if reason is None else ())
 

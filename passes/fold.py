@@ -1,32 +1,39 @@
 """Fold pass: evaluate every active delta once and write plain weights into a *new* module.
 
-``W_folded = round_to(W.dtype)(W.float() + Σ_adapters ΔW.float())`` (one rounding); merge and
-factored delta nodes are removed, opaque-leaf ``functional_call`` s become plain module calls
-again, adapter submodules are dropped.  The input module is never modified.
+``W_folded = round_to(W.dtype)(W.float() + Σ_adapters ΔW.float())`` (one rounding, through
+:func:`lora_fx.weights.fold_into`); then :func:`~lora_fx.passes.remove_lora.remove_lora_` removes
+merge and factored delta nodes, turns opaque-leaf ``functional_call`` s back into plain module calls
+and drops the adapter submodules and records.  The input module is never modified.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
-from lora_fx import ops
-from lora_fx.adapter import ADAPTER_ATTR, LoraAdapter
+from lora_fx import ops, weights
+from lora_fx.graph_module import graph_modules
 from lora_fx.errors import UnsupportedSiteError
-from lora_fx.state import STATE_ATTR, state_of
+from lora_fx.state import is_adapter_path, state_of
 
-from .trace import graph_modules
+from .remove_lora import remove_lora_
+
+
+if TYPE_CHECKING:  # annotations only: passes never import the adapters package
+    from lora_fx.adapters.module import LoraAdapter
 
 __all__ = ["fold_graph_modules", "folded_weight"]
 
 
 def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Tensor:
-    """``W + Σ ΔW`` computed in at least float32 and rounded once to ``W``'s dtype.
+    """``W + Σ ΔW`` computed in at least float32 and rounded once (:func:`lora_fx.weights.fold_into`:
+    a plain weight gets ``W``'s dtype; another weight kind decides what it returns).
 
     Args:
-        weight: base weight ``W`` of shape ``adapter.weight_shape``.
+        weight: base weight ``W`` of logical shape ``adapter.weight_shape``.
         adapters: the adapters on ``W`` in the order the graph applies them (merge-lowered ones
             first, in chain order, then factored ones); their current ``scaling`` is used and
             disabled ones add 0.  DoRA adapters apply :func:`lora_fx.ops.dora_merge`.
@@ -34,36 +41,21 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
     Raises:
         ValueError: if the result is not finite (a diverged adapter), naming nothing silently.
     """
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    out = weight.detach().to(compute)
-    with torch.no_grad():
-        for a in adapters:
-            if getattr(a, "use_dora", False):  # DoRA: the same function the graph calls, in fp32
-                out = ops.dora_merge(out, a.lora_A.detach().to(compute), a.lora_B.detach().to(compute),
-                                     a.scaling.to(compute), a.lora_magnitude.detach().to(compute), a.base_scaling)
-                continue
-            out = out + a.delta_weight(dtype=compute).detach()  # fused: exact zeros on disabled rows
-    if not torch.isfinite(out).all():
-        raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
-    return out.to(weight.dtype)
 
+    def update(out: torch.Tensor) -> torch.Tensor:  # out: dequantized W, float32 or wider
+        compute = out.dtype
+        with torch.no_grad():
+            for a in adapters:
+                if getattr(a, "use_dora", False):  # DoRA: the same function the graph calls, in fp32
+                    out = ops.dora_merge(out, a.lora_A.detach().to(compute), a.lora_B.detach().to(compute),
+                                         a.scaling.to(compute), a.lora_magnitude.detach().to(compute), a.base_scaling)
+                    continue
+                out = out + a.delta_weight(dtype=compute).detach()  # fused: exact zeros on disabled rows
+        if not torch.isfinite(out).all():
+            raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
+        return out
 
-def _strip_graph(gm: fx.GraphModule) -> None:
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and (node.target in ops.MERGE_OPS or node.target in ops.DELTA_OPS):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is ops.module_call:
-            with graph.inserting_before(node):
-                call = graph.call_module(node.args[0].target, tuple(node.args[2:]), dict(node.kwargs))
-            node.replace_all_uses_with(call)
-            graph.erase_node(node)
-    for node in reversed(list(graph.nodes)):
-        adapter_node = (node.op == "get_attr" or (node.op == "call_module" and f"{ADAPTER_ATTR}." in node.target))
-        if not node.users and adapter_node:
-            graph.erase_node(node)
+    return weights.fold_into(weight, update)
 
 
 def _read_by_graph(gm: fx.GraphModule, name: str) -> bool:
@@ -90,7 +82,7 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
     # object is taken before anything is replaced, so ties across blocks are seen too.
     names: dict[int, list[str]] = {}
     for name, p in new.named_parameters(remove_duplicate=False):
-        if f".{ADAPTER_ATTR}." not in f".{name}":
+        if not is_adapter_path(name):
             names.setdefault(id(p), []).append(name)
     plans = []
     for gm_path, gm in graph_modules(new):
@@ -147,12 +139,6 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         held = {id(new.get_parameter(n)) for n in names.get(wid, [])}
         if len(held) > 1:  # the parameter's names no longer all hold one tensor: untied
             info["untied"].extend(n for n in done if n not in info["untied"])
-    for gm, _, _ in plans:
-        _strip_graph(gm)
-        for m in list(gm.modules()):
-            if isinstance(m._modules.get(ADAPTER_ATTR), nn.ModuleDict):
-                del m._modules[ADAPTER_ATTR]
-        delattr(gm, STATE_ATTR)
-        gm.graph.lint()
-        gm.recompile()
+    for gm, _, _ in plans:  # the same removal pass as delete_adapter, for every adapter
+        remove_lora_(gm)
     return new, info

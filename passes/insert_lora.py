@@ -13,20 +13,21 @@ of the module owning the base parameter (``<owner>.lora.<adapter>.<param>``).
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import fx, nn
 
-from lora_fx import ops
-from lora_fx.adapter import ADAPTER_ATTR, LoraAdapter, adapter_path
+from lora_fx import ops, weights
+from lora_fx.graph_module import graph_modules
 from lora_fx.errors import ConfigError
-from lora_fx.rules import function_rule, module_rule
-from lora_fx.state import STATE_ATTR, AdapterRecord, GraphState, state_of
+from lora_fx.rules import MERGE, Factored, choose_lowering, function_rule, module_rule
+from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, state_of
 
 from .find_sites import Consumer, _weight_slot
-from .remat import remat_spec
-from .trace import graph_modules
+from .match_recompute import remat_spec
+
+if TYPE_CHECKING:  # annotations only: passes never import the adapters package
+    from lora_fx.adapters.module import LoraAdapter
 
 __all__ = ["insert_lora", "LOWERINGS"]
 
@@ -59,21 +60,18 @@ def _get_attr(graph: fx.Graph, target: str) -> fx.Node:
     return graph.create_node("get_attr", target)
 
 
-def _factor_args(graph: fx.Graph, path: str, adapter: LoraAdapter, x, fn=None):
-    # an embedding's input is indices: no dropout there (as PEFT's Embedding layer)
-    if hasattr(adapter, "dropout") and fn is not ops.embedding_delta:
-        x = graph.call_module(f"{path}.dropout", (x,))
-    return (x, _get_attr(graph, f"{path}.lora_A"), _get_attr(graph, f"{path}.lora_B"),
-            _get_attr(graph, f"{path}.scaling"))
-
-
-def _delta_node(gm: fx.GraphModule, f, y, path: str, adapter: LoraAdapter, remat: bool = True) -> fx.Node:
-    """Emit ``f.fn(y, x, lora_A, lora_B, scaling, *extra[, blocks])`` at the insertion point; a
-    linear site without dropout also gets ``remat=`` when its input's producer can be recomputed."""
+def _delta_node(gm: fx.GraphModule, f: Factored, y, path: str, adapter: LoraAdapter, remat: bool = True) -> fx.Node:
+    """Emit ``f.fn(y, dropout(x), lora_A, lora_B, scaling, *extra[, blocks])`` at the insertion
+    point, with dropout where the adapter has one and ``f.dropout``; a recomputable form
+    (``f.recompute``) without dropout also gets ``remat=`` when its input's producer can be recomputed."""
     graph = gm.graph
-    args = (y,) + _factor_args(graph, path, adapter, f.x, f.fn) + tuple(f.extra) + _layout(adapter)
-    wants = remat and f.fn is ops.linear_delta and not hasattr(adapter, "dropout")
-    spec = remat_spec(graph, gm, f.x) if wants else None
+    x = f.x
+    dropout = hasattr(adapter, "dropout")
+    if dropout and f.dropout:
+        x = graph.call_module(f"{path}.dropout", (x,))
+    args = (y, x, _get_attr(graph, f"{path}.lora_A"), _get_attr(graph, f"{path}.lora_B"),
+            _get_attr(graph, f"{path}.scaling")) + tuple(f.extra) + _layout(adapter)
+    spec = remat_spec(graph, gm, f.x) if remat and f.recompute and not dropout else None
     return graph.call_function(f.fn, args, {"remat": spec} if spec else {})
 
 
@@ -83,14 +81,23 @@ def _layout(adapter: LoraAdapter) -> tuple:
 
 
 def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapter) -> fx.Node:
+    """Emit ``W' = merge(W, ...)`` per :data:`lora_fx.rules.MERGE` (DoRA: its own merge)."""
     a = _get_attr(graph, f"{path}.lora_A")
-    if hasattr(adapter, "dropout"):  # merge sites: DropConnect on lora_A (documented)
+    if hasattr(adapter, "dropout") and MERGE.dropout_on_A:  # DropConnect on lora_A
         a = graph.call_module(f"{path}.dropout", (a,))
     b, s = _get_attr(graph, f"{path}.lora_B"), _get_attr(graph, f"{path}.scaling")
     if getattr(adapter, "use_dora", False):
-        return graph.call_function(ops.dora_merge, (weight, a, b, s, _get_attr(graph, f"{path}.lora_magnitude"),
-                                                    adapter.base_scaling))
-    return graph.call_function(ops.merge, (weight, a, b, s) + _layout(adapter))
+        return graph.call_function(MERGE.dora_fn, (weight, a, b, s, _get_attr(graph, f"{path}.lora_magnitude"),
+                                                   adapter.base_scaling))
+    return graph.call_function(MERGE.fn, (weight, a, b, s) + _layout(adapter))
+
+
+def _readable(gm: fx.GraphModule, attr: fx.Node) -> fx.Node:
+    """``attr`` (a ``get_attr`` of a base weight) as the float tensor a merge reads: the node itself
+    for a plain weight, else ``dequantized(W)`` (:mod:`lora_fx.weights`)."""
+    if weights.is_plain(gm.get_parameter(attr.target)):
+        return attr
+    return gm.graph.call_function(ops.dequantized, (attr,))
 
 
 def _tail(node: fx.Node, chain_ops) -> fx.Node:
@@ -118,38 +125,27 @@ def _rewire(tail: fx.Node, new: fx.Node, created: set) -> None:
     tail.replace_all_uses_with(new, delete_user_cb=lambda u: u not in created)
 
 
-def _wants_factored(lowering: str, c: Consumer, adapter: LoraAdapter) -> bool:
-    if lowering == "merge" or not c.factorable or getattr(adapter, "use_dora", False):
-        return False
-    if adapter.layout is not None and c.op != "linear":  # fused: factored form for linear only
-        return False
-    if lowering == "auto" and c.op.startswith("conv"):
-        # factored conv runs a rank-channel conv plus a 1x1 conv: cheaper only for small ranks
-        return adapter.rank * 2 < min(c.shape[0], math.prod(c.shape[1:]))
-    return True
-
-
-def _lower_module(gm, node, items, lowering, remat=True) -> list[tuple[Consumer, str]]:
+def _lower_module(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str]]:
     graph = gm.graph
     mod = gm.get_submodule(node.target)
     rule = module_rule(mod)
+    forms = [rule.factored(node, mod, c.param[len(node.target) + 1:]) if c.factorable else None for c, _, _ in items]
     # a leaf with forward hooks is called through functional_call, so its hooks see the adapted output
     hooked = bool(mod._forward_hooks or mod._forward_pre_hooks)
-    if not hooked and all(_wants_factored(lowering, c, a) for c, a, _ in items):
+    if not hooked and all(choose_lowering(mode, [f], a, c.shape) == "factored" for f, (c, a, _) in zip(forms, items)):
         tail = _tail(node, ops.DELTA_OPS)  # earlier adapters' delta chain: append after it
         anchor = tail.next
         with graph.inserting_before(anchor):
             y = tail
-            for c, adapter, path in items:
-                y = _delta_node(gm, rule.factored(node, mod, c.param[len(node.target) + 1:]), y, path, adapter,
-                                remat)
+            for f, (c, adapter, path) in zip(forms, items):
+                y = _delta_node(gm, f, y, path, adapter, remat)
         _rewire(tail, y, _inserted(tail, anchor))
         return [(c, "factored") for c, _, _ in items]
     with graph.inserting_before(node):
         merged: dict[str, fx.Node] = {}
         for c, adapter, path in items:
             pname = c.param[len(node.target) + 1:]
-            w = merged[pname] if pname in merged else _get_attr(graph, c.param)
+            w = merged[pname] if pname in merged else _readable(gm, _get_attr(graph, c.param))
             merged[pname] = _merge_node(graph, w, path, adapter)
         new = rule.merged_call(graph, node, mod, merged) if rule.merged_call and not hooked else None
         if new is None:
@@ -160,13 +156,18 @@ def _lower_module(gm, node, items, lowering, remat=True) -> list[tuple[Consumer,
     return [(c, "merge") for c, _, _ in items]
 
 
-def _lower_attr(gm, node, items, lowering, remat=True) -> list[tuple[Consumer, str]]:
+def _lower_attr(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str]]:
     graph = gm.graph
     weight = _tail(node, ops.MERGE_OPS)  # earlier adapters' merge chain: the weight the ops see
-    if all(_wants_factored(lowering, c, a) for c, a, _ in items):
+    shape = tuple(items[0][0].shape)
+
+    def form(user):  # analysis guarantees every use of a factorable weight has a weight slot and a rule
+        return function_rule(user.target).factored(user, _weight_slot(user, weight), shape)
+
+    forms = [form(u) for u in weight.users] if all(c.factorable for c, _, _ in items) else []
+    if all(choose_lowering(mode, forms, a, c.shape) == "factored" for c, a, _ in items):
         for user in list(weight.users):
-            slot = _weight_slot(user, weight)
-            f = function_rule(user.target).factored(user, slot, tuple(items[0][0].shape))
+            f = form(user)  # now: its input may be the output of a site rewired just before (a tied weight)
             tail = _tail(user, ops.DELTA_OPS)
             anchor = tail.next
             with graph.inserting_before(anchor):
@@ -177,7 +178,7 @@ def _lower_attr(gm, node, items, lowering, remat=True) -> list[tuple[Consumer, s
         return [(c, "factored") for c, _, _ in items]
     anchor = weight.next
     with graph.inserting_before(anchor):
-        w = weight
+        w = _readable(gm, weight) if weight is node else weight  # a chain's first adapter: read W
         for _, adapter, path in items:
             w = _merge_node(graph, w, path, adapter)
     _rewire(weight, w, _inserted(weight, anchor))
@@ -201,7 +202,7 @@ def insert_lora(
         make_adapter: builds the adapter for the first consumer of a parameter object.
         adapter_name: name under which adapters are registered.
         lowering: ``"auto"`` | ``"factored"`` | ``"merge"``.
-        recompute_inputs: attach ``remat`` specs to factored linear sites (:mod:`lora_fx.remat`).
+        recompute_inputs: attach ``remat`` specs to factored linear sites (:mod:`lora_fx.recompute`).
 
     Returns:
         ``root``.  Aliases of one parameter object that are all targeted share one adapter;

@@ -70,7 +70,7 @@ def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch, exc):
     before = path.read_bytes()
 
     real_fdopen = os.fdopen
-    monkeypatch.setattr(lio.os, "fdopen", lambda fd, mode: FailingFile(real_fdopen(fd, mode), exc))
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FailingFile(real_fdopen(fd, mode), exc))
     with pytest.raises(type(exc)):
         save_lora_state(_adapted(2), path)
     monkeypatch.undo()
@@ -91,7 +91,7 @@ def test_failing_rename_keeps_previous_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise PermissionError(13, "Permission denied", str(dst))
 
-    monkeypatch.setattr(lio.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(PermissionError):
         save_lora_state(_adapted(2), path)
     monkeypatch.undo()

@@ -9,8 +9,9 @@ forwards call :mod:`lora_fx.ops`, the functions the ``lora_fx.transform`` pass i
 are the same functions as ``lora_fx``'s.
 """
 
-from ..training import lora_state_dict, mark_only_lora_as_trainable, register_model_param_after_backward
-from . import layout, pass_rule
+from ..adapters.trainable import mark_only_lora_as_trainable, register_model_param_after_backward
+from ..io.state_dict import lora_state_dict
+from . import layout, rule
 from .layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention,
                      merged_weight)
 

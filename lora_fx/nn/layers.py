@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import AdapterMismatchError, ConfigError
+from ..state import LEAF_ATTR
 from . import layout
 
 __all__ = ["LoRALayer", "Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MergedLinear",
@@ -42,9 +43,6 @@ class LoRALayer:
     ``lora_dropout`` (an ``nn.Dropout`` or ``nn.Identity``), ``merged`` (always False here) and
     ``merge_weights``.  Checkpoint keys written by LoRA-Torch (``w_lora_A`` / ``w_lora_B``) are
     accepted by ``load_state_dict`` and mapped to this class's layout."""
-
-    #: ``lora_fx.transform`` keeps these layers opaque (a ``call_module`` node; see ``pass_rule``).
-    _lora_fx_leaf = True
 
     def _lora_init(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool) -> None:
         if not isinstance(r, int) or r < 0:
@@ -74,6 +72,10 @@ class LoRALayer:
                 value = value.t()
             state_dict[prefix + ours] = value
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# lora_fx.transform keeps these layers opaque (a call_module node; see lora_fx.nn.rule)
+setattr(LoRALayer, LEAF_ATTR, True)
 
 
 def _init_A(p: Tensor) -> None:

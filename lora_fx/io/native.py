@@ -1,69 +1,26 @@
-"""Adapter files: safetensors only (never pickle), written atomically (temp file + rename)."""
+"""lora_fx's own adapter files: one ``.safetensors`` file of :func:`~lora_fx.io.state_dict.lora_state_dict`
+(safetensors only, never pickle; written atomically)."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 import torch
 from torch import nn
 
-from .errors import AdapterFileError, AdapterMismatchError, NotAdaptedError
-from .training import lora_state_dict
+from ..errors import AdapterFileError, NotAdaptedError
+from ._files import atomic_write_bytes, mismatch_error, safetensors_bytes
+from ..state import is_lora_key
+from .state_dict import lora_state_dict
 
-__all__ = ["save_lora_state", "load_lora_state", "atomic_write", "atomic_write_bytes", "safetensors_bytes"]
-
-
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
-    """Atomically create or replace ``path``: ``write(tmp)`` fills a temporary file in the same
-    folder, which is then ``os.replace``-d onto ``path``.  A crash or error mid-write leaves any
-    previous file intact and no temporary file behind.
-
-    Raises:
-        OSError: the folder is not writable, or ``write`` failed with it.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """:func:`atomic_write` of ``data`` (flushed and fsync-ed), creating missing parent folders."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
-
-
-def safetensors_bytes(sd: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
-    """``sd`` serialised as safetensors with ``{"format": "lora_fx", **metadata}`` (non-string
-    metadata values JSON-encoded)."""
-    from safetensors.torch import save
-
-    meta = {"format": "lora_fx", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
-    return save({k: v.contiguous() for k, v in sd.items()}, metadata=meta)
+__all__ = ["save_lora_state", "load_lora_state"]
 
 
 def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: str = "none",
                     metadata: dict | None = None) -> Path:
-    """Save :func:`~lora_fx.training.lora_state_dict` of ``model`` to a ``.safetensors`` file
+    """Save :func:`~lora_fx.io.state_dict.lora_state_dict` of ``model`` to a ``.safetensors`` file
     (atomically).  Keys are ``model.state_dict()`` keys; tied tensors are saved once per key.
 
     Returns the path written.
@@ -73,7 +30,7 @@ def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: st
         OSError: the file cannot be written; any previous file at ``path`` is left intact.
     """
     sd = {k: v.detach().contiguous().clone() for k, v in lora_state_dict(model, bias=bias).items()}
-    if not any(".lora_" in k or k.startswith("lora_") for k in sd):
+    if not any(is_lora_key(k) for k in sd):
         raise NotAdaptedError(f"save_lora_state(): {type(model).__name__} holds no adapter parameters, so the file "
                               "would be empty. Save the module returned by lora_fx.transform(model, ...).")
     atomic_write_bytes(path, safetensors_bytes(sd, metadata))
@@ -117,10 +74,9 @@ def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
     problems += [f"{k!r}: file has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
                  for k, v in sorted(sd.items()) if k in own and own[k].shape != v.shape]
     if problems:
-        raise AdapterMismatchError(
-            f"adapter file {str(path)!r} does not fit {type(model).__name__} ({len(problems)} problem(s); "
-            "nothing was loaded):\n  - " + "\n  - ".join(problems)
-            + "\nLoad it into the same base model transformed with the same targets and ranks as the one "
+        raise mismatch_error(
+            f"adapter file {str(path)!r} does not fit {type(model).__name__}", problems,
+            hint="Load it into the same base model transformed with the same targets and ranks as the one "
             "that saved it (lora_fx.sites(model) lists this model's adapters).")
     model.load_state_dict(sd, strict=False)
     return model

@@ -15,15 +15,22 @@ from typing import Mapping, Optional, Sequence, Union
 
 from torch import fx, nn
 
-from .adapter import ADAPTER_ATTR, LoraAdapter
-from .api import _UNSET, CONFIG_ATTR, _adapt
-from .config import LoraConfig
-from .control import disable_adapters  # one implementation, re-exported here
-from .errors import ConfigError, NotAdaptedError, TargetError
-from .ops import DELTA_OPS, MERGE_OPS
-from .state import adapter_records, is_adapted, state_of
+from lora_fx.passes.find_sites import find_sites
+from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.passes.remove_lora import remove_lora_
+
+from ..config import UNSET, LoraConfig, config_with
+from ..errors import ConfigError, TargetError
+from ..graph_module import graph_modules
+from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters,
+                     record_config_, require_adapted, state_of)
+from ..targets import check_adapter_name, check_patterns, select_targets
+from .hotswap import disable_adapters  # one implementation, re-exported here
+from .init import check_pissa, new_adapter
+from .module import LoraAdapter
 
 __all__ = [
+    "adapt_",
     "add_adapter",
     "adapter_names",
     "active_adapters",
@@ -35,41 +42,40 @@ __all__ = [
 ]
 
 
-def _require(gm: nn.Module, what: str) -> None:
-    if not is_adapted(gm):
-        raise NotAdaptedError(f"{what}() needs a module produced by lora_fx.transform; {type(gm).__name__} "
-                              "carries no lora_fx adapters.")
+def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.GraphModule:
+    """The pipeline after capture, on a ``GraphModule`` hierarchy the caller owns (the copy
+    :func:`lora_fx.transform` captured, or the module :func:`add_adapter` extends); returns ``root``.
+
+    find sites (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
+    (:mod:`lora_fx.targets`) → make one adapter per targeted weight (:func:`.init.new_adapter`) and
+    insert its merge / factored nodes (:mod:`lora_fx.passes.insert_lora`) → record the config
+    (:mod:`lora_fx.state`).  ``requires_grad`` is left to the caller.
+
+    Raises:
+        TargetError, UnsupportedSiteError: as :func:`lora_fx.transform`.
+        ConfigError: ``init="pissa"`` where it cannot write the weight.
+    """
+    consumers = find_sites(root)
+    chosen = select_targets(consumers, config.targets, config.exclude)
+    if config.init == "pissa":
+        check_pissa(root, consumers, chosen)
+    check_patterns(config, chosen)
+    gms = dict(graph_modules(root))  # once: per-adapter lookups stay O(1)
+    insert_lora(root, chosen, lambda c: new_adapter(c, gms[c.gm_path].get_parameter(c.param), config),
+                adapter_name=adapter_name, lowering=config.lowering, recompute_inputs=config.recompute_inputs)
+    return record_config_(root, adapter_name, config)
 
 
 def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
     """``(adapter name, module path, LoraAdapter)`` for every adapter module of ``gm``, each once,
     in graph order (root first)."""
-    out, seen = [], set()
-    for _, path, rec, a in adapter_records(gm):
-        if id(a) not in seen:
-            seen.add(id(a))
-            out.append((rec.adapter, path, a))
-    return out
-
-
-def adapter_names(gm: nn.Module) -> list[str]:
-    """Names of the adapters on ``gm``, in the order they were added."""
-    names = list(getattr(gm, CONFIG_ATTR, {}))
-    names += [n for n, _, _ in named_adapters(gm) if n not in names]
-    return names
+    return list(iter_adapters(gm))
 
 
 def active_adapters(gm: nn.Module) -> list[str]:
     """Names of the adapters that are enabled (on at least one site)."""
     on = {n for n, _, a in named_adapters(gm) if a.enabled}
     return [n for n in adapter_names(gm) if n in on]
-
-
-def _check_names(gm: nn.Module, names: Sequence[str]) -> None:
-    known = adapter_names(gm)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError(f"unknown adapter name(s) {unknown}; this module has {known}")
 
 
 def _as_names(names: Union[str, Sequence[str]]) -> list[str]:
@@ -86,7 +92,7 @@ def _apply(gm: nn.Module, mixes: Mapping[str, float]) -> None:
     Only values change (``scaling`` buffers refilled in place): ``requires_grad`` is left alone,
     since flipping it makes ``torch.compile`` recompile; :func:`lora_fx.mark_only_lora_as_trainable`
     freezes inactive adapters when training."""
-    for name, _, a in named_adapters(gm):
+    for name, _, a in iter_adapters(gm):
         a.enabled = name in mixes
         a.mix = float(mixes.get(name, 1.0))
         a.refresh_scaling_()
@@ -104,23 +110,17 @@ def set_active_adapters(gm: nn.Module, names: Union[str, Sequence[str]]) -> nn.M
 
     Raises:
         NotAdaptedError: ``gm`` carries no adapters.
-        ConfigError: an unknown name (the message lists the known ones).
+        UnknownAdapterError: an unknown name (the message lists the known ones).
     """
-    _require(gm, "set_active_adapters")
+    require_adapted(gm, "set_active_adapters")
     names = _as_names(names)
-    _check_names(gm, names)
+    check_adapter_names(gm, names)
     _apply(gm, {n: 1.0 for n in names})
     return gm
 
 
 def _targets(gm: nn.Module, name: str) -> set[str]:
-    out = set()
-    for gm_path, sub in gm.named_modules():
-        st = state_of(sub)
-        if st is not None:
-            prefix = f"{gm_path}." if gm_path else ""
-            out.update(prefix + r.param for r in st.adapters.values() if r.adapter == name)
-    return out
+    return {prefix + rec.param for prefix, _, rec, _ in adapter_records(gm) if rec.adapter == name}
 
 
 def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_targets: bool = True) -> nn.Module:
@@ -136,16 +136,17 @@ def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_tar
             the combination is the same at every site.
 
     Raises:
-        ConfigError: unknown names, a non-numeric weight, or a DoRA adapter (DoRA is not linear in
-            its update; its weight only gates it, see :func:`lora_fx.ops.dora_merge`).
+        UnknownAdapterError: unknown names.
+        ConfigError: a non-numeric weight, or a DoRA adapter (DoRA is not linear in its update; its
+            weight only gates it, see :func:`lora_fx.ops.dora_merge`).
         TargetError: ``same_targets`` and the adapters' targets differ (lists the differences).
     """
-    _require(gm, "set_adapter_weights")
-    _check_names(gm, list(weights))
+    require_adapted(gm, "set_adapter_weights")
+    check_adapter_names(gm, list(weights))
     for n, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise ConfigError(f"weight of adapter {n!r} must be a number, got {w!r}")
-    dora = sorted({n for n, _, a in named_adapters(gm) if n in weights and a.use_dora})
+    dora = sorted({n for n, _, a in iter_adapters(gm, weights) if a.use_dora})
     if dora:
         raise ConfigError(f"adapter(s) {dora} use DoRA, which is not linear in its update; combine plain "
                           "LoRA adapters, or activate a DoRA adapter alone with set_active_adapters().")
@@ -168,7 +169,7 @@ def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_tar
 def add_adapter(
     gm: nn.Module,
     name: str,
-    rank: int = _UNSET,
+    rank: int = UNSET,
     *,
     config: Optional[LoraConfig] = None,
     activate: bool = False,
@@ -194,9 +195,8 @@ def add_adapter(
             on a module whose weights are shared with the user's model.
         TargetError / UnsupportedSiteError: as in :func:`lora_fx.transform`.
     """
-    _require(gm, "add_adapter")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ConfigError(f"adapter name must be a Python identifier, got {name!r}")
+    require_adapted(gm, "add_adapter", root=True)
+    check_adapter_name(name)
     if name in adapter_names(gm):
         raise ConfigError(f"adapter {name!r} already exists on this module; delete_adapter(gm, {name!r}) "
                           "first or pick another name")
@@ -204,25 +204,14 @@ def add_adapter(
     unknown = sorted(set(options) - keys)
     if unknown:
         raise ConfigError(f"add_adapter() got unknown keyword(s) {unknown}; valid: {sorted(keys)}")
-    given = dict(options)
-    if rank is not _UNSET:
-        given["rank"] = rank
-    cfg = (config or LoraConfig()).replace(**given) if given else (config or LoraConfig())
-    if not isinstance(gm, fx.GraphModule):
-        raise NotAdaptedError(f"add_adapter() needs the root module returned by lora_fx.transform, got "
-                              f"{type(gm).__name__}")
-    before = {id(p): p.requires_grad for p in gm.parameters()}
+    cfg = config_with(config, rank=rank, **options)
     was_training = gm.training
-    _adapt(gm, cfg, name)
-    for p in gm.parameters():  # _adapt freezes the base and unfreezes every adapter: undo for old ones
-        if id(p) in before:
-            p.requires_grad_(before[id(p)])
-    for n, _, a in named_adapters(gm):
-        if n == name:
-            a.enabled = bool(activate)
-            a.refresh_scaling_()
-            for p in a.parameters():
-                p.requires_grad_(bool(activate))
+    adapt_(gm, cfg, name)
+    for _, _, a in iter_adapters(gm, [name]):
+        a.enabled = bool(activate)
+        a.refresh_scaling_()
+        for p in a.parameters():
+            p.requires_grad_(bool(activate))
     gm.train(was_training)
     return gm
 
@@ -234,47 +223,13 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
 
     Raises:
         NotAdaptedError: ``gm`` carries no adapters.
-        ConfigError: unknown ``name``.
+        UnknownAdapterError: unknown ``name``.
     """
-    _require(gm, "delete_adapter")
-    _check_names(gm, [name])
+    require_adapted(gm, "delete_adapter")
+    check_adapter_names(gm, [name])
     for _, sub in list(gm.named_modules()):
         st = state_of(sub)
-        if st is None:
-            continue
-        paths = [p for p, r in st.adapters.items() if r.adapter == name]
-        if not paths:
-            continue
-        graph = sub.graph
-        prefixes = tuple(f"{p}." for p in paths)
-        ours = lambda n: (n.op in ("get_attr", "call_module") and isinstance(n.target, str)  # noqa: E731
-                          and n.target.startswith(prefixes))
-        freed = set()  # get_attr nodes only a removed node read (a remat spec's leaf module)
-        for node in list(graph.nodes):
-            if (node.op == "call_function" and node.target in MERGE_OPS + DELTA_OPS
-                    and any(isinstance(a, fx.Node) and ours(a) for a in node.args[1:])):
-                freed.update(n for n in node.all_input_nodes if n.op == "get_attr")
-                node.replace_all_uses_with(node.args[0])
-                graph.erase_node(node)
-        for node in reversed(list(graph.nodes)):
-            if (ours(node) or node in freed) and not node.users:
-                graph.erase_node(node)
-        for p in paths:
-            owner_path, _, pname = p.rpartition(".")  # "<owner>.lora.<name>.<param>"
-            holder_path = owner_path.rpartition(".")[0]  # "<owner>.lora"
-            holder = sub.get_submodule(holder_path)
-            per_name = holder[name]
-            if pname in per_name:
-                del per_name[pname]
-            if len(per_name) == 0:
-                del holder[name]
-            if len(holder) == 0:
-                owner = sub.get_submodule(holder_path.rpartition(".")[0]) if "." in holder_path else sub
-                del owner._modules[ADAPTER_ATTR]
-            del st.adapters[p]
-        graph.lint()
-        sub.recompile()
-    configs = dict(getattr(gm, CONFIG_ATTR, {}))
-    configs.pop(name, None)
-    setattr(gm, CONFIG_ATTR, configs)
+        if st is not None:  # the same removal pass as fold, for this adapter's modules only
+            remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name])
+    forget_config_(gm, name)
     return gm

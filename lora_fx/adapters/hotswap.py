@@ -1,0 +1,292 @@
+"""Hot-swap controls: rescale, enable/disable and reload adapters *in place*, so a
+``torch.compile`` d model keeps its compiled graph and sees the new values.
+
+Every adapted graph reads an adapter through ``get_attr`` nodes of ``lora_A``, ``lora_B`` and the
+0-dim ``scaling`` buffer (``alpha / rank · mix · enabled``).  Dynamo treats parameters and
+buffers as graph inputs guarded on shape, dtype, device and ``requires_grad`` only, never on
+their values, so changing values in place (``copy_``, ``fill_``) reuses the compiled code; what
+recompiles is a change of shape (another rank), dtype or device, or replacing a ``Parameter``
+object (mirrors ``torch.compile``'s guard model; see ``torch._dynamo`` "recompilation" docs).
+
+Rank changes under compile: :func:`reserve_rank_` zero-pads every adapter to a maximum rank once,
+before compiling; afterwards :func:`load_adapter_values_` loads any rank up to it without
+recompiling (padding rows of ``A`` / columns of ``B`` are zero, so ``B @ A`` is unchanged, and the
+logical rank used by ``scaling = alpha / rank`` is updated in place).  Without it, loading another
+rank needs new ``Parameter`` s of another shape, which recompiles (and is refused here).
+
+All functions take the adapter name (``adapter="default"`` as in ``transform(adapter_name=...)``);
+``adapter=None`` means every adapter where documented.  Mutating functions end in ``_`` and return
+their argument.  Switching between several named adapters (activate, combine) is
+``lora_fx.set_active_adapters`` / ``set_adapter_weights``; these helpers act on values of the
+adapters that exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Iterator, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..io._files import mismatch_error
+from ..state import ADAPTER_ATTR, check_adapter_names, iter_adapters, require_adapted
+from .module import LoraAdapter
+
+__all__ = [
+    "select_adapters",
+    "set_scale_",
+    "enable_adapters_",
+    "disable_adapters",
+    "load_adapter_values_",
+    "reserve_rank_",
+]
+
+AdapterSel = Union[None, str, Sequence[str]]
+
+
+def select_adapters(gm: nn.Module, adapter: AdapterSel = None, *, what: str = "select_adapters"
+                    ) -> list[tuple[str, LoraAdapter]]:
+    """``(module path, LoraAdapter)`` of every adapter of ``gm`` named ``adapter`` (a name, a list
+    of names, or ``None`` for all), each once (shared adapters of tied weights included once).
+
+    Raises:
+        NotAdaptedError: ``gm`` carries no lora_fx adapters (``what`` names the caller).
+        UnknownAdapterError: no adapter named ``adapter`` (the message lists the names present).
+    """
+    require_adapted(gm, what)
+    names = None if adapter is None else ([adapter] if isinstance(adapter, str) else list(adapter))
+    if names is not None:
+        check_adapter_names(gm, names or [adapter])
+    return [(path, a) for _, path, a in iter_adapters(gm, names)]
+
+
+def set_scale_(gm: nn.Module, scale: float, *, adapter: AdapterSel = "default") -> nn.Module:
+    """Set the mixing weight of adapter(s) in place: ``scaling = alpha / rank · scale`` (PEFT's
+    ``set_scale`` / diffusers' ``lora_scale``).  ``scale = 0`` switches the adapter off without
+    disabling it; compiled graphs see the new value without recompiling.
+
+    Args:
+        gm: a module from :func:`lora_fx.transform`.
+        scale: a finite float (1.0 is the trained scaling).
+        adapter: adapter name, list of names, or ``None`` for all.
+
+    Returns:
+        ``gm``.
+
+    Raises:
+        ConfigError: ``scale`` is not a finite real number.
+        UnknownAdapterError: no such adapter (also a NotAdaptedError).
+    """
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ConfigError(f"scale must be a real number, got {scale!r}") from None
+    if not torch.isfinite(torch.tensor(value)):
+        raise ConfigError(f"scale must be finite, got {scale!r}")
+    for _, a in select_adapters(gm, adapter, what="set_scale_"):
+        a.mix = value
+        a.refresh_scaling_()
+    return gm
+
+
+def enable_adapters_(gm: nn.Module, enabled: bool = True, *, adapter: AdapterSel = None) -> nn.Module:
+    """Enable (or disable, ``enabled=False``) adapter(s) in place.  A disabled adapter multiplies
+    its delta by 0 (its branch still runs, so compiled graphs stay valid and do not recompile);
+    :func:`lora_fx.adapter_parameters` leaves its parameters out.
+
+    Args:
+        gm: a module from :func:`lora_fx.transform`.
+        enabled: new state.
+        adapter: adapter name, list of names, or ``None`` (default) for all.
+
+    Returns:
+        ``gm``.
+
+    Raises:
+        UnknownAdapterError: no such adapter (also a NotAdaptedError).
+    """
+    for _, a in select_adapters(gm, adapter, what="enable_adapters_"):
+        a.enabled = bool(enabled)
+        a.refresh_scaling_()
+    return gm
+
+
+@contextlib.contextmanager
+def disable_adapters(gm: nn.Module, *, adapter: AdapterSel = None) -> Iterator[nn.Module]:
+    """Context manager: inside, adapter(s) (all by default) are off, so ``gm`` computes the base
+    model; on exit each adapter's ``enabled`` flag and mixing weight are restored (also on error).
+    Mirrors HF PEFT's ``with model.disable_adapter():``.  No re-tracing, no recompilation under
+    ``torch.compile`` (only the ``scaling`` buffers change).
+
+    Example::
+
+        with lora_fx.disable_adapters(gm):
+            base_out = gm(x)
+
+    Raises:
+        NotAdaptedError: ``gm`` carries no adapters, or none named ``adapter``.
+    """
+    saved = [(a, a.enabled, a.mix) for _, a in select_adapters(gm, adapter, what="disable_adapters")]
+    for a, _, _ in saved:
+        a.enabled = False
+        a.refresh_scaling_()
+    try:
+        yield gm
+    finally:
+        for a, enabled, mix in saved:
+            a.enabled, a.mix = enabled, mix
+            a.refresh_scaling_()
+
+
+def _normalise_key(key: str, adapter: str) -> str:
+    """Replace the adapter-name segment of an adapter state key by ``adapter``."""
+    parts = key.split(".")
+    if len(parts) >= 4 and parts[-4] == ADAPTER_ATTR:
+        parts[-3] = adapter
+    return ".".join(parts)
+
+
+def load_adapter_values_(
+    gm: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    adapter: str = "default",
+    alpha: Union[None, float, Mapping[str, float]] = None,
+) -> nn.Module:
+    """Copy adapter factors into adapter ``adapter`` of ``gm`` in place (``Tensor.copy_`` under
+    ``no_grad``; ``Parameter`` objects, shapes and devices stay), so compiled graphs see the new
+    values without recompiling.
+
+    ``state`` holds ``{key: tensor}`` as :func:`lora_fx.lora_state_dict` returns it, e.g.
+    ``"layers.0.fc.lora.default.weight.lora_A"``; the adapter-name segment of each key may be
+    another name (it is replaced by ``adapter``).  DoRA adapters also need their
+    ``lora_magnitude: (fan_out,)``.  For every adapter: ``lora_A: (r', fan_in)``,
+    ``lora_B: (fan_out, r')`` with ``r'`` at most the adapter's capacity ``lora_A.shape[0]``
+    (see :func:`reserve_rank_`); a smaller ``r'`` is zero-padded and the adapter's logical
+    ``rank`` becomes ``r'``.  Values are cast to the factors' dtype and device.
+
+    Args:
+        gm: a module from :func:`lora_fx.transform`.
+        state: the factors to load; every adapter named ``adapter`` must get both factors.
+        adapter: the adapter to load into.
+        alpha: ``None`` keeps each adapter's ``alpha``; a float sets it for all; a mapping
+            ``{fnmatch pattern over adapter module path: alpha}`` sets it per adapter.
+            ``scaling = alpha / rank`` (``/ sqrt(rank)`` with rsLoRA) is refreshed in place.
+
+    Returns:
+        ``gm``.
+
+    Raises:
+        AdapterMismatchError: listing every missing key, unexpected key, wrong fan-in/fan-out and
+            rank above capacity; nothing is written when any is found.
+        UnknownAdapterError: no adapter named ``adapter`` (also a NotAdaptedError).
+    """
+    chosen = dict(select_adapters(gm, adapter, what="load_adapter_values_"))
+    given = {_normalise_key(k, adapter): v for k, v in state.items()}
+    problems, plan = [], []
+    expected = set()
+    for path, a in chosen.items():
+        ka, kb = f"{path}.lora_A", f"{path}.lora_B"
+        expected.update((ka, kb))
+        mag = getattr(a, "lora_magnitude", None)  # DoRA: the magnitude vector travels with the factors
+        if mag is not None:
+            km = f"{path}.lora_magnitude"
+            expected.add(km)
+            if km not in given:
+                problems.append(f"missing key {km!r} (DoRA magnitude)")
+                continue
+            if tuple(given[km].shape) != tuple(mag.shape):
+                problems.append(f"{km}: shape {tuple(given[km].shape)}, adapter has {tuple(mag.shape)}")
+                continue
+        if ka not in given or kb not in given:
+            problems += [f"missing key {k!r}" for k in (ka, kb) if k not in given]
+            continue
+        va, vb = given[ka], given[kb]
+        cap, fan_in = a.lora_A.shape
+        fan_out = a.lora_B.shape[0]
+        if va.ndim != 2 or vb.ndim != 2 or va.shape[1] != fan_in or vb.shape[0] != fan_out or va.shape[0] != vb.shape[1]:
+            problems.append(f"{path}: lora_A {tuple(va.shape)} / lora_B {tuple(vb.shape)} do not fit "
+                            f"A (r, {fan_in}) / B ({fan_out}, r)")
+            continue
+        if getattr(a, "blocks", None) is not None and (va.shape != a.lora_A.shape or vb.shape != a.lora_B.shape):
+            problems.append(f"{path}: fused adapter (blocks {a.blocks}) needs lora_A {tuple(a.lora_A.shape)} / "
+                            f"lora_B {tuple(a.lora_B.shape)} exactly, got {tuple(va.shape)} / {tuple(vb.shape)}")
+            continue
+        if va.shape[0] > cap:
+            problems.append(f"{path}: rank {va.shape[0]} exceeds the adapter's capacity {cap}; call "
+                            f"lora_fx.reserve_rank_(gm, {va.shape[0]}) before compiling (or re-transform "
+                            "with that rank: a shape change recompiles)")
+            continue
+        plan.append((path, a, va, vb))
+    problems += [f"unexpected key {k!r} (no adapter '{adapter}' there)"
+                 for k in sorted(set(given) - expected)]
+    if problems:
+        raise mismatch_error(f"cannot load adapter values into '{adapter}' of {type(gm).__name__}", problems)
+    with torch.no_grad():
+        for path, a, va, vb in plan:
+            r = va.shape[0]
+            a.lora_A[:r].copy_(va)
+            a.lora_A[r:].zero_()
+            a.lora_B[:, :r].copy_(vb)
+            a.lora_B[:, r:].zero_()
+            if getattr(a, "lora_magnitude", None) is not None:
+                a.lora_magnitude.copy_(given[f"{path}.lora_magnitude"])
+            a.rank = int(r)
+            if isinstance(alpha, Mapping):
+                hit = next((v for p, v in alpha.items() if fnmatch.fnmatchcase(path, p)), None)
+                if hit is not None:
+                    a.alpha = float(hit)
+            elif alpha is not None:
+                a.alpha = float(alpha)
+            a.refresh_scaling_()
+    return gm
+
+
+def reserve_rank_(gm: nn.Module, max_rank: int, *, adapter: str = "default") -> nn.Module:
+    """Zero-pad every adapter named ``adapter`` to ``max_rank`` rows of ``lora_A`` / columns of
+    ``lora_B``, so adapters of any rank up to ``max_rank`` can later be loaded with
+    :func:`load_adapter_values_` without changing shapes (no recompilation under
+    ``torch.compile``).  The outputs do not change (the padding is zero, the logical ``rank`` and
+    ``scaling`` stay), and training stays exactly rank-``r``: the padding gets zero gradients.
+
+    Call it **before** ``torch.compile`` and before building the optimizer: it replaces the factor
+    ``Parameter`` objects (new shapes).  State dicts then hold padded factors.
+
+    Args:
+        gm: a module from :func:`lora_fx.transform`.
+        max_rank: capacity, at least every adapter's current capacity.
+        adapter: adapter name.
+
+    Returns:
+        ``gm``.
+
+    Raises:
+        ConfigError: ``max_rank`` is not a positive int or is below an adapter's capacity, or an
+            adapter is fused (per-block factors; not padded).
+        UnknownAdapterError: no adapter named ``adapter`` (also a NotAdaptedError).
+    """
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
+        raise ConfigError(f"max_rank must be a positive int, got {max_rank!r}")
+    chosen = select_adapters(gm, adapter, what="reserve_rank_")
+    fused = [p for p, a in chosen if getattr(a, "blocks", None) is not None]
+    if fused:
+        raise ConfigError(f"reserve_rank_ pads plain adapters only; {fused} are fused (per-block q/k/v factors). "
+                          "Transform with fused={'<pattern>': None} for one plain adapter per weight, or exclude them.")
+    small = [f"{p} (capacity {a.lora_A.shape[0]})" for p, a in chosen if a.lora_A.shape[0] > max_rank]
+    if small:
+        raise ConfigError(f"max_rank {max_rank} is below the capacity of: {', '.join(small)}")
+    with torch.no_grad():
+        for _, a in chosen:
+            cap = a.lora_A.shape[0]
+            if cap == max_rank:
+                continue
+            A = a.lora_A.new_zeros(max_rank, a.lora_A.shape[1])
+            B = a.lora_B.new_zeros(a.lora_B.shape[0], max_rank)
+            A[:cap] = a.lora_A
+            B[:, :cap] = a.lora_B
+            a.lora_A = nn.Parameter(A, requires_grad=a.lora_A.requires_grad)
+            a.lora_B = nn.Parameter(B, requires_grad=a.lora_B.requires_grad)
+    return gm

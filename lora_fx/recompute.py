@@ -1,0 +1,167 @@
+"""Adapter-input rematerialisation: the LoRA down-projection without keeping its input alive.
+
+A factored site computes ``h = s·x Aᵀ`` and autograd keeps ``x`` for ``∂L/∂A = s·gᵀx``.  When
+``x`` is the output of a cheap op whose own backward already keeps that op's inputs (``gelu(u)``,
+``silu(u)``, ``layer_norm(u, w, b)``, ``rms_norm(u, w)``, ``a * b`` of two tensors that both
+require grad), nothing but the adapter holds ``x`` between forward and backward: PEFT-style
+layers pay one activation-sized tensor per adapted site for it.  :func:`down` instead saves the
+producer's inputs (shared storage, already saved) and recomputes ``x`` in backward, under the
+forward's autocast state.  The result and gradients are those of ``F.linear(x, A) * s`` (the
+same GEMMs on bit-identical recomputed values).
+
+Used by eager autograd only: under ``torch.compile`` (where AOTAutograd's partitioner makes its
+own recompute decisions), under ``torch.func`` transforms or forward-mode AD, in ``no_grad``, when nothing needs a
+gradient, or when ``x`` was modified in place after its producer made it, :func:`down` is the
+plain expression.  The pass (:mod:`lora_fx.passes.insert_lora`) attaches a ``remat`` spec
+``(kind, inputs, kwargs)`` to a site only where the producer node is one of :data:`PRODUCERS`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["down", "PRODUCERS", "module_kind"]
+
+#: producer kinds whose backward keeps every tensor input that requires grad: recomputing their
+#: output from those inputs costs no memory.  ``kind -> function(*inputs, **kwargs)``.
+PRODUCERS = {
+    "gelu": lambda u, approximate="none": F.gelu(u, approximate=approximate),
+    "silu": lambda u: F.silu(u),
+    "layer_norm": lambda u, w, b, normalized_shape, eps: F.layer_norm(u, normalized_shape, w, b, eps),
+    "rms_norm": lambda u, w, normalized_shape, eps: F.rms_norm(u, normalized_shape, w, eps),
+    "mul": lambda a, b: torch.mul(a, b),
+}
+
+
+def module_kind(m: nn.Module) -> str | None:
+    """Producer kind of a stock leaf module (exact types, no subclasses), or None."""
+    t = type(m)
+    if t is nn.GELU:
+        return "gelu"
+    if t is nn.SiLU and not m.inplace:
+        return "silu"
+    if t is nn.LayerNorm:
+        return "layer_norm"
+    if t is getattr(nn, "RMSNorm", None):
+        return "rms_norm"
+    return None
+
+
+def _global_hooks() -> bool:
+    mm = torch.nn.modules.module
+    return any(getattr(mm, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                               "_global_forward_hooks_always_called"))
+
+
+def _module_inputs(kind: str, m: nn.Module, u):
+    """``(inputs, kwargs)`` recomputing leaf ``m``'s output from ``u`` as ``m`` stands now; None when
+    ``m`` is no longer a hook-free stock module of ``kind``."""
+    if module_kind(m) != kind or m._forward_hooks or m._forward_pre_hooks or _global_hooks():
+        return None
+    if kind == "gelu":
+        return (u,), {"approximate": m.approximate}
+    if kind == "silu":
+        return (u,), {}
+    if kind == "layer_norm":
+        return (u, m.weight, m.bias), {"normalized_shape": tuple(m.normalized_shape), "eps": m.eps}
+    return (u, m.weight), {"normalized_shape": tuple(m.normalized_shape), "eps": m.eps}
+
+
+def _to(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` in ``like``'s dtype (no copy when it already is); shared with :mod:`lora_fx.ops`."""
+    return x if x.dtype == like.dtype else x.to(like.dtype)
+
+
+def _free_to_keep(kind: str, inputs: tuple) -> bool:
+    """Whether keeping ``inputs`` alive until backward costs nothing extra: each is a parameter
+    or buffer-like leaf (alive anyway) or is saved by the producer's own backward."""
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    if kind == "mul":  # a*b keeps b iff a needs a grad, and a iff b does
+        if len(tensors) != 2:
+            return False
+        a, b = tensors
+        return (b.requires_grad or isinstance(a, nn.Parameter)) and (a.requires_grad or isinstance(b, nn.Parameter))
+    # unary producers keep their first input whenever it needs a grad.  One that needs none is saved
+    # by nobody: no version counter check guards it, so an in-place change of it (between the
+    # producer and the site, or before backward) would silently change the recomputed x, or make
+    # backward raise where keeping x works.  Keeping x instead costs the same memory.
+    return bool(tensors) and tensors[0] is inputs[0] and tensors[0].requires_grad
+
+
+class _RematDown(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, scaling, kind, kwargs, *inputs):
+        h = F.linear(_to(x, lora_A), lora_A) * scaling
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.kind, ctx.kwargs = kind, kwargs
+        ctx.x_dtype, ctx.compute_dtype = x.dtype, h.dtype
+        ctx.none = [t is None for t in inputs]
+        ctx.save_for_backward(lora_A, scaling, *[t for t in inputs if t is not None])
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        lora_A, scaling, *saved = ctx.saved_tensors
+        it = iter(saved)
+        inputs = [None if none else next(it) for none in ctx.none]
+        dev, enabled, dtype = ctx.autocast
+        # create_graph=True runs backward with grad mode on: recompute differentiably, so second
+        # derivatives see x as the function of the inputs that it is
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            x = PRODUCERS[ctx.kind](*inputs, **ctx.kwargs)
+        cd = ctx.compute_dtype
+        g0 = g * scaling  # as MulBackward: dtype of h
+        a = lora_A if lora_A.dtype == cd else lora_A.to(cd)
+        gx = ga = None
+        if ctx.needs_input_grad[0]:
+            gx = (g0 @ a).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            xc = x if x.dtype == cd else x.to(cd)
+            ga = (g0.reshape(-1, g0.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])).to(lora_A.dtype)
+        return (gx, ga, None, None, None) + (None,) * len(ctx.none)
+
+
+def _recomputable(x: Tensor, lora_A: Tensor, remat: tuple | None) -> tuple | None:
+    """``(kind, inputs, kwargs)`` to recompute ``x`` from in backward, or None for the plain form."""
+    # torch.func transforms (grad, vmap, jacrev: per-sample gradients) refuse an autograd.Function
+    # without setup_context/vmap rules, and forward-mode AD one without jvp: those run the plain expression
+    if (remat is None or torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not (x.requires_grad or lora_A.requires_grad) or torch._C._are_functorch_transforms_active()
+            or _forward_ad._current_level >= 0):
+        return None
+    kind, inputs, kwargs = remat
+    if "module" in kwargs:  # a leaf module producer: its weights and attributes as they are now
+        found = _module_inputs(kind, kwargs["module"], inputs[0])
+        if found is None:
+            return None
+        inputs, kwargs = found
+    # x._version != 0: x was modified in place after its producer made it (``h = gelu(u);
+    # h.relu_(); fc(h)``, where the graph still feeds the gelu node): recomputing would miss that
+    # not x.requires_grad: the producer recorded nothing (no grad needed, or it ran under no_grad),
+    # so keeping its inputs is neither free nor guarded by autograd's version checks
+    if x._version != 0 or not x.requires_grad or not _free_to_keep(kind, inputs):
+        return None
+    return kind, inputs, kwargs
+
+
+def down(x: Tensor, lora_A: Tensor, scaling: Tensor, remat: tuple | None = None) -> Tensor:
+    """``h = s·x Aᵀ``: the down-projection of a factored linear site.
+
+    Args:
+        x: ``(..., fan_in)``, the adapter input.
+        lora_A: ``(rank, fan_in)``; scaling: 0-dim.
+        remat: ``(kind, inputs, kwargs)`` with ``x == PRODUCERS[kind](*inputs, **kwargs)``, or
+            ``(kind, (u,), {"module": leaf})`` for a stock leaf module (``x == leaf(u)``), or None.
+
+    Returns:
+        ``(..., rank)`` in the dtype ``F.linear`` gives (``lora_A``'s, or autocast's).
+    """
+    spec = _recomputable(x, lora_A, remat)
+    if spec is None:
+        return F.linear(_to(x, lora_A), lora_A) * scaling
+    kind, inputs, kwargs = spec
+    return _RematDown.apply(x, lora_A, scaling, kind, dict(kwargs), *inputs)

@@ -1,0 +1,112 @@
+"""Front-end selection: capture a private copy of the user's model as a lora_fx ``GraphModule``
+hierarchy with torch.fx (:mod:`.trace_fx`) or torch.export (:mod:`.trace_export`)."""
+
+from __future__ import annotations
+
+import collections
+import copy
+from typing import Any, Callable, Optional
+
+from torch import fx, nn
+
+from lora_fx.errors import ConfigError, TraceError
+from lora_fx.graph_module import compile_stale
+from lora_fx.state import FRONTEND_META
+
+from .trace_export import export_hierarchy, normalize_example_inputs
+from .trace_fx import trace_hierarchy
+
+__all__ = ["FRONTENDS", "capture", "private_copy"]
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
+    """A deep copy of the user's ``model`` for the front-end to capture (lora_fx never modifies
+    ``model``).  ``copy_weights=False`` shares the parameters' storage (one new ``Parameter`` per
+    parameter object, so ties stay ties).
+
+    Raises:
+        ConfigError: ``model`` cannot be deep-copied (names what to drop).
+    """
+    memo: dict[int, Any] = {}
+    for m in model.modules():  # every module's empty hook dicts and sets: made here, not via __reduce_ex__
+        for v in m.__dict__.values():
+            if (type(v) is collections.OrderedDict and not v and not v.__dict__) or (type(v) is set and not v):
+                memo[id(v)] = type(v)()
+    if not copy_weights:
+        for p in model.parameters():  # each Parameter object once; ties map to one copy
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    try:
+        copied = copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise ConfigError(
+            f"could not copy {type(model).__name__} (lora_fx never modifies your model, so it works on a "
+            f"copy): {type(exc).__name__}: {exc}. Make the model deep-copyable (drop open files, locks or "
+            "generators held as attributes).") from exc
+    compile_stale(copied)  # GraphModules in the model: copied inside transform's deferred_recompile block
+    return copied
+
+
+def _short(exc: BaseException) -> str:
+    """A failure without its own "How to fix" (the combined error gives one fix for both)."""
+    return str(exc).strip().split("\nHow to fix")[0]
+
+
+def capture(
+    model: nn.Module,
+    make_copy: Callable[[], nn.Module],
+    *,
+    frontend: str,
+    example_inputs: Any,
+    example_kwargs: Optional[dict],
+    dynamic_shapes: Any,
+    trace_kwargs: dict,
+) -> fx.GraphModule:
+    """Capture a private copy of the user's ``model`` with the chosen front-end.
+
+    ``"fx"``: :func:`~lora_fx.passes.trace_fx.trace_hierarchy`; ``"export"``:
+    :func:`export_hierarchy`; ``"auto"``: fx, and when fx fails, torch.export if example inputs
+    were given.  ``model`` itself is only inspected (its ``forward`` signature); ``make_copy()``
+    returns a fresh private copy each call (a failed fx trace may have replaced blocks of its copy).
+
+    Raises:
+        ConfigError: unknown ``frontend``, ``frontend="export"`` without example inputs, or
+            example inputs of the wrong structure.
+        TraceError: the front-end(s) failed; with ``"auto"`` one error shows both failures,
+            shortest first, and the fix.
+    """
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
+    has_examples = not (example_inputs is None or (isinstance(example_inputs, tuple) and not example_inputs)) \
+        or bool(example_kwargs)
+    if frontend == "export" and not has_examples:
+        raise ConfigError("frontend='export' needs example inputs: transform(model, ..., frontend='export', "
+                          "example_inputs=(x,), example_kwargs={...}) with tensors shaped like real inputs.")
+    inputs = () if example_inputs is None else example_inputs
+    if frontend != "fx" and has_examples:  # structure errors first, before any work
+        normalize_example_inputs(model, inputs, example_kwargs)
+    if frontend == "export":
+        return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
+    try:
+        root = trace_hierarchy(make_copy(), **trace_kwargs)
+        root.meta[FRONTEND_META] = "fx"
+        return root
+    except TraceError as fx_exc:
+        if frontend == "fx":
+            raise
+        if not has_examples:
+            raise TraceError(
+                f"{str(fx_exc).strip()}\n(4) or pass example inputs, transform(model, ..., example_inputs=(x,), "
+                "example_kwargs={...}): frontend='auto' then falls back to torch.export.") from fx_exc
+        fx_error = fx_exc
+    try:
+        return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
+    except TraceError as ex_exc:
+        both = sorted([("torch.fx", _short(fx_error)), ("torch.export", _short(ex_exc))], key=lambda t: len(t[1]))
+        raise TraceError(
+            f"neither front-end could capture {type(model).__name__} (shortest failure first):\n"
+            + "\n".join(f"[{which}] {text}" for which, text in both)
+            + "\nHow to fix: for torch.fx, pass concrete_args / leaf_modules for the failing module; for "
+              "torch.export, make the failing line independent of tensor values (torch.where / torch.cond) and "
+              "check example_inputs; or keep the failing code in a leaf module (leaf_modules=[...]).") from ex_exc

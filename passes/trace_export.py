@@ -1,0 +1,249 @@
+"""Front-end: ``torch.export`` capture rebuilt into a lora_fx ``GraphModule`` hierarchy.
+
+Models that ``torch.fx.symbolic_trace`` cannot trace (data-dependent Python control flow, today's
+HF transformers) are captured with ``torch.export.export(..., strict=False)`` on example inputs,
+then ``torch.export.unflatten`` restores the module hierarchy: every called submodule of the
+original model becomes its own :class:`~lora_fx.graph_module.LoraGraphModule` holding an ATen-level
+graph, called by its parent, with its parameters and buffers under their original names.  So
+``state_dict`` keys equal the original model's, blocks stay called submodules (per-block FSDP,
+checkpointing, regional compile), and the same site rules (ATen entries in :mod:`lora_fx.rules`)
+and passes (find_sites, insert_lora, fold) apply.
+
+Train / eval.  An exported graph bakes the training flag of every op in.  lora_fx exports a copy
+in **train mode** (the mode that records every dropout probability) and then makes the graph
+follow ``self.training`` of the ``GraphModule`` holding each op
+(:func:`~lora_fx.passes.follow_mode.follow_mode_`).  Other Python branches on ``self.training``
+would stay baked in train form, so :func:`export_hierarchy` checks the result against the model in
+eval mode on the example inputs and raises if they differ.
+
+Dynamic shapes: by default every dimension of every example tensor is ``Dim.AUTO`` (sizes seen
+as 0 or 1 specialise), so a model captured with a batch of 2 runs with a batch of 8.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+from torch.export.unflatten import InterpreterModule, InterpreterModuleDispatcher
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
+
+from lora_fx.errors import ConfigError, TraceError, user_frame
+from lora_fx.state import FRONTEND_META
+
+from .follow_mode import follow_mode_
+from .trace_fx import LoraTracer, build_graph_module
+
+__all__ = [
+    "export_hierarchy",
+    "export_error",
+    "normalize_example_inputs",
+    "default_dynamic_shapes",
+    "resolve_dynamic_shapes",
+]
+
+# ------------------------------------------------------------------------------------------------
+# example inputs
+
+
+def normalize_example_inputs(
+    model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
+) -> tuple[tuple, dict, list[str]]:
+    """Check ``example_inputs`` / ``example_kwargs`` against ``model.forward``'s signature.
+
+    Args:
+        model: the module to be captured.
+        example_inputs: a tuple of positional arguments (a single tensor is wrapped as ``(x,)``).
+        example_kwargs: a dict of keyword arguments, or None.
+
+    Returns:
+        ``(args, kwargs, names)``: ``names`` are the parameter names the arguments bind to.
+
+    Raises:
+        ConfigError: wrong container types, or arguments that do not bind to ``forward``
+            (too many, unknown keyword, missing required), naming the mismatch.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise ConfigError(
+            f"example_inputs must be a tuple of positional arguments for {type(model).__name__}.forward, got "
+            f"{type(example_inputs).__name__}; wrap it: example_inputs=(x,) (keyword arguments go in "
+            "example_kwargs={...}).")
+    kwargs = {} if example_kwargs is None else example_kwargs
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigError(f"example_kwargs must be a dict {{name: value}}, got {type(kwargs).__name__}")
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return example_inputs, dict(kwargs), [f"arg_{i}" for i in range(len(example_inputs))] + list(kwargs)
+    try:
+        bound = sig.bind(*example_inputs, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"example inputs do not match {type(model).__name__}.forward{sig}: {exc} (got "
+            f"{len(example_inputs)} positional argument(s) and keywords {sorted(kwargs)}). Pass "
+            "example_inputs=(positional, ...) and example_kwargs={name: value} as forward takes them.") from exc
+    names = []
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            names.extend(f"{name}_{i}" for i in range(len(value)))
+        elif kind is not inspect.Parameter.VAR_KEYWORD and name not in kwargs:
+            names.append(name)
+    return example_inputs, dict(kwargs), names[:len(example_inputs)] + list(kwargs)
+
+
+def resolve_dynamic_shapes(dynamic_shapes: Any, args: tuple, kwargs: dict):
+    """``None`` → :func:`default_dynamic_shapes`; ``False`` → static shapes (``None`` for
+    ``torch.export``, faster to export, fixed sizes); anything else is passed through."""
+    if dynamic_shapes is None:
+        return default_dynamic_shapes(args, kwargs)
+    return None if dynamic_shapes is False else dynamic_shapes
+
+
+def default_dynamic_shapes(args: tuple, kwargs: dict):
+    """``Dim.AUTO`` for every dimension of every tensor in ``args`` and ``kwargs`` (``None`` for
+    non-tensors), as the ``(args, kwargs)`` structure ``torch.export.export`` accepts."""
+    def spec(x):
+        return {d: torch.export.Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None
+    spec_args = tuple(pytree.tree_map(spec, a) for a in args)
+    spec_kwargs = {k: pytree.tree_map(spec, v) for k, v in kwargs.items()}
+    return spec_args + tuple(spec_kwargs.values()) if spec_kwargs else spec_args
+
+
+# ------------------------------------------------------------------------------------------------
+# unflattened program -> LoraGraphModule hierarchy
+
+
+def _rebuild(module: nn.Module, path: str, original: nn.Module) -> nn.Module:
+    """Replace every InterpreterModule under ``module`` (bottom-up) by a LoraGraphModule."""
+    if isinstance(module, InterpreterModuleDispatcher):
+        raise TraceError(
+            f"module '{path}' is called more than once in the forward; the export front-end keeps one graph per "
+            "module, so it cannot rebuild a module reused in several places. Use frontend='fx' (with "
+            f"leaf_modules=['{path}'] if needed), or give each call its own module.")
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module._modules[name] = _rebuild(child, f"{path}.{name}" if path else name, original)
+    if not isinstance(module, InterpreterModule) and not hasattr(module, "graph"):
+        return module
+    try:
+        orig = original.get_submodule(path) if path else original
+    except AttributeError:
+        orig = module
+    if isinstance(orig, (nn.ModuleList, nn.ModuleDict)):  # containers stay containers (never called)
+        container = type(orig)()
+        for name, child in module._modules.items():
+            container._modules[name] = child
+        return container
+    cls_name = type(orig).__name__
+    graph = copy.deepcopy(module.graph)
+    graph._tracer_cls = LoraTracer  # so pickles re-trace with lora_fx ops as leaves
+    for node in graph.nodes:
+        if node.name == "self":  # a child called `self` (BERT's attention): would shadow forward's self
+            node._rename(f"{node.op}_self")
+    gm = build_graph_module(module, graph)
+    gm.__class__.__name__ = cls_name  # GraphModule makes a class per instance; name it as the original
+    return follow_mode_(gm)
+
+
+def export_error(exc: BaseException, model: nn.Module) -> TraceError:
+    """The :class:`~lora_fx.errors.TraceError` for a failed ``torch.export`` of ``model``: the user's
+    line and the fix."""
+    frame = user_frame(exc, also_skip=(os.path.dirname(os.path.abspath(__file__)),), skip_synthetic=True)
+    where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
+    summary = (str(exc).strip().split("\n") or [""])[0][:400]
+    return TraceError(
+        f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {summary}\n"
+        "How to fix: make the failing line independent of tensor values (use torch.where / torch.cond "
+        "instead of `if tensor:`), or check that example_inputs are what forward expects.")
+
+
+def export_hierarchy(
+    model: nn.Module,
+    example_inputs: tuple,
+    example_kwargs: Optional[dict] = None,
+    *,
+    dynamic_shapes: Any = None,
+    check_modes: bool = True,
+) -> fx.GraphModule:
+    """Capture ``model`` (which the caller owns) with ``torch.export`` and rebuild its hierarchy.
+
+    Args:
+        model: the module to capture (a private copy of the user's model; it is put in train mode
+            for the capture and restored afterwards; its parameters are shared with the result).
+        example_inputs: tuple of positional example arguments (tensors of representative dtype
+            and rank; sizes are dynamic by default).
+        example_kwargs: keyword example arguments.
+        dynamic_shapes: as ``torch.export.export``'s; default (None): ``Dim.AUTO`` everywhere;
+            False: static (the result then only runs on the example sizes).
+        check_modes: compare the result with ``model`` in eval mode on the example inputs.
+
+    Returns:
+        a :class:`~lora_fx.graph_module.LoraGraphModule` whose forward takes the same arguments as
+        ``model.forward`` (by the example's structure), returns the same structure, and whose
+        ``state_dict`` keys equal ``model.state_dict()``'s.  ``meta[FRONTEND_META] == "export"`` (:mod:`lora_fx.state`).
+
+    Raises:
+        ConfigError: example inputs of the wrong structure.
+        TraceError: torch.export failed (names the line and the fix), a module is called more than
+            once, or the graph differs from the model in eval mode (Python branches on
+            ``self.training`` other than dropout / batch norm / attention dropout).
+    """
+    args, kwargs, names = normalize_example_inputs(model, example_inputs, example_kwargs)
+    shapes = resolve_dynamic_shapes(dynamic_shapes, args, kwargs)
+    modes = {name: m.training for name, m in model.named_modules()}
+    model.train()
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    except ConfigError:
+        raise
+    except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
+        raise export_error(exc, model) from exc
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes.get(name, m.training)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
+        unflat = torch.export.unflatten(ep)
+    root = _rebuild(unflat, "", model)
+    root.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, ep.call_spec.in_spec, ep.call_spec.out_spec))
+    root.recompile()
+    root.meta[FRONTEND_META] = "export"
+    for name, m in root.named_modules():
+        m.training = modes.get(name, model.training)
+    if check_modes:
+        _check_eval(root, model, args, kwargs)
+    return root
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def _check_eval(root: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    saved = [(m, m.training) for m in list(model.modules()) + list(root.modules())]
+    try:
+        model.eval()
+        root.eval()
+        with torch.no_grad():
+            want, got = _leaves(model(*args, **kwargs)), _leaves(root(*args, **kwargs))
+    finally:
+        for m, t in saved:
+            m.training = t
+    diffs = [(w - g).abs().max().item() if w.shape == g.shape and w.numel() else (0.0 if w.shape == g.shape else float("inf"))
+             for w, g in zip(want, got) if w.is_floating_point()]
+    scale = max([w.abs().max().item() for w in want if w.is_floating_point() and w.numel()] + [1.0])
+    if len(want) != len(got) or any(d > 1e-4 * scale for d in diffs):
+        raise TraceError(
+            f"the graph torch.export captured from {type(model).__name__} in train mode differs from the model in "
+            f"eval mode (max abs difference {max(diffs, default=float('inf')):.3g} on the example inputs): its forward "
+            "branches on self.training in Python beyond dropout, attention dropout and batch norm, which lora_fx makes "
+            "follow .train()/.eval(). Use frontend='fx' if the model traces, or remove the branch.")
