@@ -26,13 +26,6 @@ COMPILE = [ZOO[n] for n in ("Linear-3d", "F.linear", "Embedding-padding_idx", "E
                             "matmul-left-2d", "addmm-right", "MHA-fused", "MHA-kdim")]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _counter():
     return CompileCounterWithBackend("aot_eager")
 
