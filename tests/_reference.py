@@ -219,12 +219,36 @@ def reference_call(model: nn.Module, gm: nn.Module, args=(), kwargs=None, *, ext
     if not isinstance(args, tuple):
         args = tuple(args) if isinstance(args, list) else (args,)
     if dtype is not None:
-        model = copy.deepcopy(model).to(dtype)
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        if any(t.dtype != dtype for t in tensors):  # .to() works in place: on a copy
+            model = copy.deepcopy(model).to(dtype)
         args = _cast(args, dtype)
         kwargs = dict(zip(kwargs, _cast(tuple(kwargs.values()), dtype))) if kwargs else kwargs
     over = reference_overrides(model, gm, dtype=dtype, **overrides)
     over.update(extra or {})
-    return torch.func.functional_call(model, over, args, kwargs or {}, tie_weights=False, strict=False)
+    before = {n: id(t) for n, t in (*model.named_parameters(remove_duplicate=False),
+                                    *model.named_buffers(remove_duplicate=False))}
+    out = torch.func.functional_call(model, _one_name_per_attribute(model, over), args, kwargs or {},
+                                     tie_weights=False, strict=False)
+    after = {n: id(t) for n, t in (*model.named_parameters(remove_duplicate=False),
+                                   *model.named_buffers(remove_duplicate=False))}
+    assert after == before, "reference: functional_call did not restore the model's tensors"
+    return out
+
+
+def _one_name_per_attribute(model: nn.Module, over: dict) -> dict:
+    """Keep one name per (owning module, attribute): a module registered under two paths (``self.b
+    = self.a``) is one attribute, and ``torch.func.functional_call`` given both names restores the
+    second from the first's override, leaving the override in the model (torch 2.13).  Different
+    modules sharing one tensor (a tied head) keep both names."""
+    seen, out = set(), {}
+    for name, t in over.items():
+        path, _, attr = name.rpartition(".")
+        key = (id(model.get_submodule(path)), attr)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
 
 
 def reference_model(model: nn.Module, gm: nn.Module, **overrides) -> nn.Module:

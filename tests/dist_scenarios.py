@@ -3,9 +3,9 @@ single-process references they are compared with.  Not a test module itself (no 
 importable by spawned children because pytest puts ``tests/`` on ``sys.path``.
 
 Model: ``proj: Linear(20, 100)`` -> 2 blocks (``nn.ModuleList``) of ``LayerNorm(100)``,
-``fc1: Linear(100, 100)`` (adapted) and ``fc2: Linear(100, 100)`` (frozen, not adapted: CASES 6)
+``fc1: Linear(100, 100)`` (adapted) and ``fc2: Linear(100, 100)`` (frozen, not adapted: CASES.md 6)
 with a residual -> ``head: Linear(100, 7)``.  Adapted: ``proj.weight`` (100, 20), ``layers.*.fc1.weight``
-(100, 100), ``head.weight`` (7, 100); the ``head`` adapter is disabled (inactive: CASES 5).
+(100, 100), ``head.weight`` (7, 100); the ``head`` adapter is disabled (inactive: CASES.md 5).
 """
 
 from __future__ import annotations

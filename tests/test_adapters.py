@@ -215,7 +215,7 @@ def test_pissa_adapter_on_top_keeps_outputs():
 
 @pytest.mark.distributed
 def test_ddp_with_inactive_adapter_find_unused_false():
-    """CASES 5: DDP(find_unused_parameters=False) with a second, inactive adapter."""
+    """CASES.md 5: DDP(find_unused_parameters=False) with a second, inactive adapter."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -244,7 +244,7 @@ def test_ddp_with_inactive_adapter_find_unused_false():
 
 @pytest.mark.filterwarnings("ignore::lora_fx.LoraFxWarning")
 def test_rank_change_under_compile_recompiles_once_and_is_correct():
-    """CASES 4: swapping in a rank-8 adapter after a rank-4 one edits the graph: one recompilation,
+    """CASES.md 4: swapping in a rank-8 adapter after a rank-4 one edits the graph: one recompilation,
     then switching between them is free."""
     model = Net()
     gm = lora_fx.transform(model, rank=4)

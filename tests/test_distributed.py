@@ -1,4 +1,4 @@
-"""DDP and FSDP2 training of adapted models in 2 real gloo ranks on 127.0.0.1 (CASES 5 and 6).
+"""DDP and FSDP2 training of adapted models in 2 real gloo ranks on 127.0.0.1 (CASES.md 5 and 6).
 
 One module-scoped fixture starts one process group of 2 ranks (forked, so the children share the
 parent's imports) and runs every scenario of ``dist_scenarios.py`` in it; each test then checks
@@ -101,6 +101,7 @@ def test_reference_is_nontrivial(reference):
 
 @pytest.mark.distributed
 def test_ddp_three_steps_equal_single_process(results, reference):
+    """CASES.md 5: three DDP steps with an inactive adapter equal the single-process reference."""
     per_rank = _scenario(results, "ddp")
     for res in per_rank:
         assert res["grads_equal"] == [True] * ds.STEPS  # A/B gradients identical across ranks, every step
@@ -114,7 +115,7 @@ def test_ddp_three_steps_equal_single_process(results, reference):
 
 @pytest.mark.distributed
 def test_ddp_inactive_adapter_needs_no_find_unused_parameters(results):
-    # CASES 5: a second, disabled adapter; find_unused_parameters=False; only the parameters of the
+    # CASES.md 5: a second, disabled adapter; find_unused_parameters=False; only the parameters of the
     # active forward require grad, so DDP's reducer expects exactly those gradients
     res = _scenario(results, "ddp")[0]
     assert sorted(n for n, rg in res["requires_grad"].items() if rg) == _trainable_keys()
@@ -150,7 +151,7 @@ def test_flat_trace_breaks_per_block_fsdp_but_lora_fx_hierarchy_works(results):
 
 @pytest.mark.distributed
 def test_fsdp2_mixed_trainability(results):
-    # CASES 6: one adapted and one frozen Linear(100, 100) per block under FSDP2
+    # CASES.md 6: one adapted and one frozen Linear(100, 100) per block under FSDP2
     for res in _scenario(results, "fsdp"):
         assert res["trainable_names"] == _trainable_keys()
         assert res["grad_names"] == _trainable_keys()  # only adapters get gradients

@@ -1,5 +1,5 @@
 """dtypes and devices: half-precision bases with fp32 or same-dtype adapters, autocast, moving the
-module with ``.to`` / ``.half``, and the one-rounding fold of bf16 weights (CASES 7)."""
+module with ``.to`` / ``.half``, and the one-rounding fold of bf16 weights (CASES.md 7)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_half_base_runs_and_returns_base_dtype(dtype, adapter_dtype):
 
 
 def test_cases7_bf16_linear():
-    """CASES 7: bf16 Linear(16, 16), fp32 adapters, bf16 input: runs, returns bf16; after
+    """CASES.md 7: bf16 Linear(16, 16), fp32 adapters, bf16 input: runs, returns bf16; after
     ``.to(torch.float64)`` everything is float64; adapters sit on their weight's device."""
     torch.manual_seed(0)
     lin = nn.Linear(16, 16).to(torch.bfloat16)

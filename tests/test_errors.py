@@ -180,6 +180,7 @@ def test_fold_and_sites_of_unadapted(mlp):
 
 
 def test_trace_failure_names_module_and_line():
+    """CASES.md 9 (the typed error and its message)."""
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -219,7 +220,7 @@ def _adapted(model, **kw):
 
 
 def test_file_for_another_model_lists_every_mismatch(tmp_path):
-    """CASES 2: save for MLP(16→32→16), first layer, rank 4; load into MLP(16→64→16)."""
+    """CASES.md 2: save for MLP(16→32→16), first layer, rank 4; load into MLP(16→64→16)."""
     src = _adapted(MLP(16, 32, 16), rank=4, targets=["fc1.weight"])
     path = save_lora_state(src, tmp_path / "a.safetensors")
 

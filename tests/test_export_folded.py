@@ -73,6 +73,8 @@ def _unchanged(gm, snap, x, want):
 
 
 def test_export_folded_matches_eager_and_saves(tmp_path):
+    """CASES.md 8: a successful folded export matches eager, holds no adapter parameters, and its
+    code reads no ``.data``."""
     torch.manual_seed(0)
     gm = _adapted(Net()).train()
     x = torch.randn(2, 3, 4, 4)
@@ -93,6 +95,7 @@ def test_export_folded_matches_eager_and_saves(tmp_path):
 
 
 def test_unwritable_path_leaves_live_model_intact_case8(tmp_path):
+    """CASES.md 8: an export that fails half-way (unwritable path) leaves the live model as it was."""
     torch.manual_seed(0)
     gm = _adapted(Net()).train()
     x = torch.randn(2, 3, 4, 4)

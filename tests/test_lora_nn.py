@@ -1,5 +1,5 @@
 """lora_fx.nn layers versus the real loralib package and versus a functional reference
-``functional_call(plain_module, {W: W + s·ΔW})`` built from the factors (CASES 1 and 10)."""
+``functional_call(plain_module, {W: W + s·ΔW})`` built from the factors (CASES.md 1 and 10)."""
 
 import datetime
 
@@ -53,7 +53,7 @@ def _load_from_loralib(ours, ref):
     return ours
 
 
-CASES = [
+LAYERS = [
     ("linear", lambda L: L.Linear(7, 5, r=3, lora_alpha=6), (torch.randn(4, 7),)),
     ("linear_fifo", lambda L: L.Linear(7, 5, r=3, lora_alpha=6, fan_in_fan_out=True), (torch.randn(2, 3, 7),)),
     ("embedding", lambda L: L.Embedding(11, 6, r=3, lora_alpha=4, padding_idx=2),
@@ -70,7 +70,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,make,inputs", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,make,inputs", LAYERS, ids=[c[0] for c in LAYERS])
 def test_layer_matches_loralib(name, make, inputs):
     torch.manual_seed(0)
     ref = _randomize(make(loralib))
@@ -141,7 +141,7 @@ def test_conv_any_kernel_matches_functional_reference(nd):
 
 
 def test_mode_switches_identical_and_weights_untouched():
-    """CASE 1: non-square and square embeddings and a Linear: train / eval / train give identical
+    """CASES.md 1: non-square and square embeddings and a Linear: train / eval / train give identical
     outputs (bit for bit) and no weight changes in place."""
     class Net(nn.Module):
         def __init__(self):

@@ -13,12 +13,12 @@ import lora_fx
 from lora_fx import ops
 
 from _checks import graph_modules
-from _reference import randomize_, reference_call
+from _reference import lora_weight, randomize_, reference_call
 from _tolerance import assert_close, assert_not_close
-from _zoo import CASES, Wrap, build, case_ids, expected_lowering
+from _zoo import SITES, Wrap, build, case_ids, expected_lowering
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_ids())
+@pytest.mark.parametrize("case", SITES, ids=case_ids())
 def test_lowering_choice_per_site(case):
     for lowering in ("auto", "merge", "factored"):  # factored where exact, merge elsewhere
         model, _ = build(case)
@@ -112,8 +112,7 @@ def test_dropout_merge_is_dropconnect_on_lora_A_and_follows_mode():
     W = model.m.weight
 
     def manual(a):
-        Wp = W + float(s.scaling) * (B @ a).reshape(W.shape)
-        return torch.func.functional_call(model, {"m.weight": Wp}, (x,))
+        return torch.func.functional_call(model, {"m.weight": lora_weight(W, a, B, float(s.scaling))}, (x,))
 
     gm.train()
     torch.manual_seed(5)

@@ -1,6 +1,6 @@
 """PEFT adapter files against the real ``peft`` package: save → ``PeftModel.from_pretrained`` and
 PEFT ``save_pretrained`` → :func:`lora_fx.load_adapter`, for Linear, Embedding (non-square and
-square), Conv2d and transformers' GPT-2 ``Conv1D`` layouts; mismatch errors (CASES 2)."""
+square), Conv2d and transformers' GPT-2 ``Conv1D`` layouts; mismatch errors (CASES.md 2)."""
 
 import copy
 import json
@@ -115,7 +115,7 @@ def test_load_peft_saved_adapter_equal_outputs(tmp_path, dora):
 
 
 def test_cases2_same_base_then_wrong_base(tmp_path):
-    """CASES 2: adapter for MLP(16→32→16), first layer only, rank 4."""
+    """CASES.md 2: adapter for MLP(16→32→16), first layer only, rank 4."""
     src = MLP(32)
     gm = lora_fx.transform(src, rank=4, targets=["fc1.weight"])
     _randomise(gm)
@@ -216,7 +216,7 @@ def test_save_refuses_what_peft_cannot_express(tmp_path):
 
 
 def test_loading_values_into_compiled_module_needs_no_recompile(tmp_path):
-    """CASES 3 (load other values): in-place loads are seen by the compiled graph, no recompile."""
+    """CASES.md 3 (load other values): in-place loads are seen by the compiled graph, no recompile."""
     model = MLP(32)
     gm = lora_fx.transform(model, rank=2, targets=["fc1.weight"])
     src = lora_fx.transform(model, rank=2, targets=["fc1.weight"])

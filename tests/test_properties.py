@@ -193,7 +193,7 @@ def test_random_models(spec, dtype, rank, alpha, use_rslora, lowering, batch, le
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lora_fx.LoraFxWarning)  # rank > min(fan_out, fan_in) on tiny layers
         gm = lora_fx.transform(model, **kwargs)
-        gm2 = lora_fx.transform(model, **kwargs)
+    gm2 = copy.deepcopy(gm)  # a second fresh adapted model (B = 0) for the save/load round trip
 
     # 1. B = 0 ⇒ the adapted model computes what the (frozen) model computes.  Frozen and under
     # no_grad on both sides: PyTorch picks matmul/attention kernels by requires_grad.  Each rewritten

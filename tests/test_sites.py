@@ -17,7 +17,7 @@ import lora_fx
 from _checks import assert_unchanged, graph_modules, lora_node_counts, snapshot
 from _reference import check_matches_reference, leaf_factors, randomize_, reference_call
 from _tolerance import assert_close
-from _zoo import CASES, ZOO, build, case_ids, expected_lowering
+from _zoo import SITES, ZOO, build, case_ids, expected_lowering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
@@ -30,7 +30,7 @@ def _enabled_rows(site):
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS)
-@pytest.mark.parametrize("case", CASES, ids=case_ids())
+@pytest.mark.parametrize("case", SITES, ids=case_ids())
 def test_site_matches_reference_fp32(case, lowering):
     """CASES.md 10: every site kind against the reference built from the factors."""
     model, inputs = build(case)

@@ -85,6 +85,7 @@ def _check_message(msg, module_name, cls, text):
     (Nested, "dec", OptionalBranch, "temperature > 1.0"),
 ])
 def test_trace_error_names_module_and_line(make, name, cls, text):
+    """CASES.md 9: shape branch and optional-argument branch, at the root and nested."""
     torch.manual_seed(0)
     model = make()
     snap = snapshot(model)
@@ -99,6 +100,7 @@ def test_trace_error_names_module_and_line(make, name, cls, text):
 
 
 def test_escape_hatch_concrete_args():
+    """CASES.md 9: the suggested concrete_args works."""
     torch.manual_seed(0)
     model = OptionalBranch()
     x = torch.randn(2, 6)
@@ -113,6 +115,7 @@ def test_escape_hatch_concrete_args():
 
 
 def test_escape_hatch_leaf_modules():
+    """CASES.md 9: the suggested leaf_modules works."""
     torch.manual_seed(0)
     model = Outer()
     x = torch.randn(2, 6)
