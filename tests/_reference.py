@@ -185,14 +185,14 @@ def _merged(params, site_list, factors, weights, base, dtype):
     w = base.get(first.param, params[first.param])
     compute = dtype or torch.promote_types(torch.promote_types(w.dtype, first.lora_A.dtype), torch.float32)
     value = w.to(compute)
-    dora = [s for s in site_list if getattr(s.module, "use_dora", False)]
-    if dora and len(site_list) > 1:
-        raise NotImplementedError("reference: a DoRA adapter combined with another adapter on one weight")
-    for s in site_list:
+    scalings = [weights[s.adapter] * base_scaling(s) if weights is not None else s.scaling for s in site_list]
+    active = [s for s, c in zip(site_list, scalings) if c != 0]
+    if len(active) > 1 and any(getattr(s.module, "use_dora", False) for s in active):
+        raise NotImplementedError("reference: an active DoRA adapter combined with another one on one weight")
+    for s, scaling in zip(site_list, scalings):
         a, b = factors[_key(s)] if factors is not None and _key(s) in factors else (s.lora_A, s.lora_B)
         a, b = a.to(compute), b.to(compute)
         s_base = base_scaling(s)
-        scaling = weights[s.adapter] * s_base if weights is not None else s.scaling
         d = _delta_rows(a, b, w.shape, s.blocks)
         if getattr(s.module, "use_dora", False):  # eq. 5 of DoRA with the adapter's gate
             v = value + s_base * d

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -176,12 +175,18 @@ def models(draw):
                 tie_head=tie_head, freq=freq)
 
 
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """One folder for every example's adapter file (each example replaces the last one's)."""
+    return tmp_path_factory.mktemp("adapters")
+
+
 @given(spec=models(), dtype=st.sampled_from([torch.float32, torch.float32, torch.float64, torch.bfloat16,
                                               torch.float16]),
        rank=st.integers(1, 3), alpha=st.sampled_from([None, 0.5, 3.0]), use_rslora=st.booleans(),
        lowering=st.sampled_from(["auto", "factored", "merge"]), batch=st.integers(1, 2),
        length=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_random_models(spec, dtype, rank, alpha, use_rslora, lowering, batch, length, seed):
+def test_random_models(adapter_dir, spec, dtype, rank, alpha, use_rslora, lowering, batch, length, seed):
     torch.manual_seed(seed)
     model = Net(**spec).to(dtype)
     if spec["vocab"]:
@@ -242,9 +247,8 @@ def test_random_models(spec, dtype, rank, alpha, use_rslora, lowering, batch, le
         assert torch.equal(frozen(x), yf)
 
     # 4. adapter save/load round trip is exact.
-    with tempfile.TemporaryDirectory() as d:
-        path = save_lora_state(gm, os.path.join(d, "adapter.safetensors"))
-        load_lora_state(gm2, path)
+    path = save_lora_state(gm, adapter_dir / "adapter.safetensors")
+    load_lora_state(gm2, path)
     sd1, sd2 = lora_fx.lora_state_dict(gm), lora_fx.lora_state_dict(gm2)
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     with torch.no_grad():
