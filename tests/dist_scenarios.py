@@ -3,9 +3,9 @@ single-process references they are compared with.  Not a test module itself (no 
 importable by spawned children because pytest puts ``tests/`` on ``sys.path``.
 
 Model: ``proj: Linear(20, 100)`` -> 2 blocks (``nn.ModuleList``) of ``LayerNorm(100)``,
-``fc1: Linear(100, 100)`` (adapted) and ``fc2: Linear(100, 100)`` (frozen, not adapted: CASES 6)
+``fc1: Linear(100, 100)`` (adapted) and ``fc2: Linear(100, 100)`` (frozen, not adapted: CASES.md 6)
 with a residual -> ``head: Linear(100, 7)``.  Adapted: ``proj.weight`` (100, 20), ``layers.*.fc1.weight``
-(100, 100), ``head.weight`` (7, 100); the ``head`` adapter is disabled (inactive: CASES 5).
+(100, 100), ``head.weight`` (7, 100); the ``head`` adapter is disabled (inactive: CASES.md 5).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
+from _reference import lora_weight
+from _tolerance import differs
 from lora_fx.adapter import adapter_path
 
 RANK, ALPHA = 4, 8.0
@@ -155,11 +157,9 @@ def initial_factors() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
 
 
 def reference_forward(base: nn.Module, factors, x):
-    params = {}
-    for n, W in base.named_parameters():
-        if n in factors:
-            A, B, s = factors[n]
-            params[n] = W + s * (B @ A).reshape(W.shape)
+    """The functional reference (tests/_reference.py) with factors that the reference's own
+    optimizer trains: ``{name: (A, B, s)}``."""
+    params = {n: lora_weight(W, *factors[n]) for n, W in base.named_parameters() if n in factors}
     return torch.func.functional_call(base, params, (x,))
 
 
@@ -363,7 +363,7 @@ def scenario_fsdp_checkpoint(rank: int, world: int, outdir: Path) -> dict:
     return {"lora": out["lora"], "x": shard(x, rank), "y_trained": y_trained,
             "written": written is not None, "full_reload_equal": torch.equal(y_fresh2, y_trained),
             "dcp_reload_equal": torch.equal(y_fresh, y_trained),
-            "fresh_differed": not torch.allclose(y_fresh_before, y_trained)}
+            "fresh_differed": differs(y_fresh_before, y_trained)}
 
 
 def scenario_flat_trace(rank: int, world: int, outdir: Path) -> dict:

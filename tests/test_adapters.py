@@ -1,5 +1,5 @@
 """Several named adapters: add (both lowerings, blocks), activate, mix, disable, delete — against
-references ``W + Σ w·s·B@A`` built from the factors with torch.func.functional_call."""
+the functional reference ``W + Σ w·s·B@A`` built from the factors (tests/_reference.py)."""
 
 import datetime
 import os
@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.func import functional_call
 
 import lora_fx
 from _isolated import run_isolated
+from _reference import randomize_, reference_call
+from _tolerance import assert_close
 from lora_fx import ConfigError, NotAdaptedError, TargetError
 
 
@@ -46,22 +47,12 @@ IDX = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(0))
 
 
 def _randomise(gm, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in lora_fx.sites(gm):
-            if s.adapter == name:
-                s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.2)
-                s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.2)
+    randomize_(gm, adapter=name, seed=seed, scale=0.2)
 
 
 def _reference(model, gm, weights):
-    """Output of ``model`` with ``W + Σ_name weights[name] · s_name · B@A`` at every site."""
-    over = {}
-    for s in lora_fx.sites(gm):
-        if s.adapter in weights:
-            w = over.get(s.param, model.get_parameter(s.param))
-            over[s.param] = w + weights[s.adapter] * s.module.base_scaling * (s.lora_B @ s.lora_A).reshape(w.shape)
-    return functional_call(model, over, (IDX,))
+    """Output of ``model`` with ``W + Σ_name weights[name] · alpha_name/rank_name · B@A`` at every site."""
+    return reference_call(model, gm, (IDX,), weights=weights)
 
 
 def _two(lowering_a="auto", lowering_b="auto", **kw_b):
@@ -84,19 +75,19 @@ def test_add_adapter_chains_after_existing_nodes(low_a, low_b):
         if isinstance(sub, fx.GraphModule):
             sub.graph.lint()
     # the new adapter is added inactive: outputs are those of "default" alone
-    torch.testing.assert_close(gm(IDX), _reference(model, gm, {"default": 1.0}))
+    assert_close(gm(IDX), _reference(model, gm, {"default": 1.0}))
     lora_fx.set_active_adapters(gm, ["default", "b"])
     assert not any(p.requires_grad for s in lora_fx.sites(gm) if s.adapter == "b" for p in (s.lora_A, s.lora_B))
     lora_fx.mark_only_lora_as_trainable(gm)  # train exactly the active adapters
     out = gm(IDX)
-    torch.testing.assert_close(out, _reference(model, gm, {"default": 1.0, "b": 1.0}), rtol=1e-5, atol=1e-5)
+    assert_close(out, _reference(model, gm, {"default": 1.0, "b": 1.0}))
     params = [p for s in lora_fx.sites(gm) for p in (s.lora_A, s.lora_B)]
     g1 = torch.autograd.grad(out.square().sum(), params)
     g2 = torch.autograd.grad(_reference(model, gm, {"default": 1.0, "b": 1.0}).square().sum(), params)
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_close(a, b)
     folded = lora_fx.fold(gm)
-    torch.testing.assert_close(folded(IDX), out.detach(), rtol=1e-5, atol=1e-5)
+    assert_close(folded(IDX), out.detach())
 
 
 def test_switching_never_retraces_or_recompiles():
@@ -121,7 +112,7 @@ def test_switching_never_retraces_or_recompiles():
         first = len(compiles)
         for change, weights in checks:
             change()
-            torch.testing.assert_close(compiled(IDX), _reference(model, gm, weights), rtol=1e-5, atol=1e-5)
+            assert_close(compiled(IDX), _reference(model, gm, weights))
             assert lora_fx.active_adapters(gm) == [n for n in ("default", "b") if n in weights]
     assert len(compiles) == first  # value changes only: no recompilation
     assert codes == {n: m.code for n, m in gm.named_modules() if isinstance(m, fx.GraphModule)}
@@ -134,7 +125,7 @@ def test_disable_context_manager_restores_state():
     grads = {n: p.requires_grad for n, p in gm.named_parameters()}
     with lora_fx.disable_adapters(gm) as same:
         assert same is gm and lora_fx.active_adapters(gm) == []
-        torch.testing.assert_close(gm(IDX), model(IDX), rtol=0, atol=0)
+        assert_close(gm(IDX), model(IDX), ulps=0)
     assert torch.equal(gm(IDX), before)
     assert grads == {n: p.requires_grad for n, p in gm.named_parameters()}
     with pytest.raises(RuntimeError), lora_fx.disable_adapters(gm):  # restores on error too
@@ -181,10 +172,10 @@ def test_delete_adapter_removes_nodes_and_modules():
         if isinstance(sub, fx.GraphModule):
             sub.graph.lint()
             assert not [n for n in sub.graph.nodes if ".lora.b." in f".{n.target}"]
-    torch.testing.assert_close(gm(IDX), _reference(model, gm, {"default": 1.0}), rtol=1e-5, atol=1e-5)
+    assert_close(gm(IDX), _reference(model, gm, {"default": 1.0}))
     lora_fx.delete_adapter(gm, "default")
     assert not [k for k in gm.state_dict() if ".lora." in f".{k}"]
-    torch.testing.assert_close(gm(IDX), model(IDX))
+    assert_close(gm(IDX), model(IDX))
     with pytest.raises(NotAdaptedError):
         lora_fx.delete_adapter(gm, "default")
 
@@ -216,7 +207,7 @@ def test_pissa_adapter_on_top_keeps_outputs():
     lora_fx.set_active_adapters(gm, "default")
     before = gm(IDX).detach()
     lora_fx.add_adapter(gm, "p", rank=2, init="pissa", targets=["head.weight"], activate=True)
-    torch.testing.assert_close(gm(IDX), before, rtol=1e-5, atol=1e-5)
+    assert_close(gm(IDX), before)
     shared = lora_fx.transform(model, rank=2, copy_weights=False)
     with pytest.raises(ConfigError, match="copy_weights=False"):
         lora_fx.add_adapter(shared, "p", rank=2, init="pissa")
@@ -224,7 +215,7 @@ def test_pissa_adapter_on_top_keeps_outputs():
 
 @pytest.mark.distributed
 def test_ddp_with_inactive_adapter_find_unused_false():
-    """CASES 5: DDP(find_unused_parameters=False) with a second, inactive adapter."""
+    """CASES.md 5: DDP(find_unused_parameters=False) with a second, inactive adapter."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -253,7 +244,7 @@ def test_ddp_with_inactive_adapter_find_unused_false():
 
 @pytest.mark.filterwarnings("ignore::lora_fx.LoraFxWarning")
 def test_rank_change_under_compile_recompiles_once_and_is_correct():
-    """CASES 4: swapping in a rank-8 adapter after a rank-4 one edits the graph: one recompilation,
+    """CASES.md 4: swapping in a rank-8 adapter after a rank-4 one edits the graph: one recompilation,
     then switching between them is free."""
     model = Net()
     gm = lora_fx.transform(model, rank=4)
@@ -266,12 +257,12 @@ def test_rank_change_under_compile_recompiles_once_and_is_correct():
 
     compiled = torch.compile(gm, backend=backend)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(IDX), _reference(model, gm, {"default": 1.0}), rtol=1e-5, atol=1e-5)
+        assert_close(compiled(IDX), _reference(model, gm, {"default": 1.0}))
         lora_fx.add_adapter(gm, "r8", rank=8)
         _randomise(gm, "r8", 3)
         lora_fx.set_active_adapters(gm, "r8")
-        torch.testing.assert_close(compiled(IDX), _reference(model, gm, {"r8": 1.0}), rtol=1e-5, atol=1e-5)
+        assert_close(compiled(IDX), _reference(model, gm, {"r8": 1.0}))
         after_add = len(compiles)
         lora_fx.set_active_adapters(gm, "default")
-        torch.testing.assert_close(compiled(IDX), _reference(model, gm, {"default": 1.0}), rtol=1e-5, atol=1e-5)
+        assert_close(compiled(IDX), _reference(model, gm, {"default": 1.0}))
     assert after_add > 1 and len(compiles) == after_add

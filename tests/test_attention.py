@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
-from _lora_ref import delta, factor_grads, set_factors_
+from _reference import factor_grads, reference_model, set_factors_
+from _tolerance import assert_close
 
 E, H, L, S, N = 16, 4, 5, 7, 2
 KDIM, VDIM = 12, 10
@@ -36,15 +37,9 @@ def _adapted(model, **kw):
 
 
 def _reference(model, gm):
-    """Deep copy of ``model`` with every adapted weight set to ``W + ΔW`` (all params trainable)."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for s in lora_fx.sites(gm):
-            w = ref.get_parameter(s.param)
-            w.copy_((w.float() + delta(s)).to(w.dtype))
-    for p in ref.parameters():
-        p.requires_grad_(True)
-    return ref
+    """The reference MHA: a copy of ``model`` with every adapted weight set to ``W + ΔW``
+    (tests/_reference.py), all parameters trainable (dL/dW' gives the factor gradients)."""
+    return reference_model(model, gm).requires_grad_(True)
 
 
 def _inputs(packed, batch_first, self_attn=False):
@@ -65,10 +60,10 @@ def _loss(out, weights):
     return loss
 
 
-def _close(a, b, what, tol=1e-5):
+def _close(a, b, what, dtype=torch.float32):
     assert (a is None) == (b is None), what
     if a is not None:
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+        assert_close(a, b, dtype=dtype, msg=what)
 
 
 MHA_CONFIGS = [dict(packed=p, bias=b, add_bias_kv=kv, add_zero_attn=z, batch_first=bf)
@@ -192,8 +187,8 @@ def test_mha_bf16_matches_reference():
     out, w = gm(x, x, x, True, True)
     rout, rw = ref(x, x, x, True, True)
     assert out.dtype == torch.bfloat16
-    _close(out.float(), rout.float(), "bf16 output", tol=2e-2)
-    _close(w.float(), rw.float(), "bf16 weights", tol=2e-2)
+    _close(out, rout, "bf16 output", dtype=torch.bfloat16)
+    _close(w, rw, "bf16 weights", dtype=torch.bfloat16)
 
 
 def test_mha_targets_by_glob_and_fused_enable():

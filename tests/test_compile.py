@@ -1,5 +1,5 @@
 """torch.compile(fullgraph=True) on adapted models of every site kind, and hot-swapping adapter
-values, scale, enabled state and rank without recompiling (CASES 3 and 4).
+values, scale, enabled state and rank without recompiling (CASES.md 3 and 4).
 
 Compilation is real torch.compile (Dynamo + AOTAutograd, forward and backward) with the
 ``aot_eager`` backend, which keeps the tests fast on a CPU; the benchmark exercises Inductor.
@@ -14,22 +14,16 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_fx
-from _tolerance import assert_close
 import lora_fx.control
 from lora_fx.errors import AdapterMismatchError, ConfigError, NotAdaptedError
 
-from _lowering_zoo import ZOO, randomise_adapters_, reference_call
+from _reference import lora_weight, randomize_, reference_call
+from _tolerance import assert_close
+from _zoo import ZOO, build
 
-COMPILE_KINDS = ["linear", "f_linear", "embedding", "embedding_freq", "conv1d", "conv2d_groups",
-                 "conv2d_circular", "conv_transpose2d", "matmul_right", "matmul_left", "addmm", "mha",
-                 "mha_kdim"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+COMPILE = [ZOO[n] for n in ("Linear-3d", "F.linear", "Embedding-padding_idx", "Embedding-freq-pad", "Conv1d",
+                            "Conv2d-groups", "Conv2d-circular", "ConvTranspose2d", "matmul-right-operator",
+                            "matmul-left-2d", "addmm-right", "MHA-fused", "MHA-kdim")]
 
 
 def _counter():
@@ -41,16 +35,13 @@ def _grads(gm):
 
 
 # every kind under "auto"; "merge" too where auto factors
-CASES = [(k, "auto") for k in COMPILE_KINDS] + [(k, "merge") for k in COMPILE_KINDS if "factored" in ZOO[k][3]]
+COMPILE_CASES = [(c, "auto") for c in COMPILE] + [(c, "merge") for c in COMPILE if c.factorable]
 
 
-@pytest.mark.parametrize("kind,lowering", CASES)
-def test_fullgraph_compile_forward_backward(kind, lowering):
-    make_model, make_input, targets, _ = ZOO[kind]
-    model = make_model()
-    x = make_input()
-    gm = lora_fx.transform(model, rank=2, alpha=3, targets=targets, lowering=lowering)
-    randomise_adapters_(gm)
+@pytest.mark.parametrize("case,lowering", COMPILE_CASES, ids=[f"{c.name}-{low}" for c, low in COMPILE_CASES])
+def test_fullgraph_compile_forward_backward(case, lowering):
+    model, (x,) = build(case)
+    gm = randomize_(lora_fx.transform(model, rank=2, alpha=3, lowering=lowering, **case.kw))
     explain = torch._dynamo.explain(gm)(x)
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
     torch._dynamo.reset()
@@ -66,16 +57,15 @@ def test_fullgraph_compile_forward_backward(kind, lowering):
     assert_close(out, want_out)
     for g, w in zip(got, _grads(gm)):
         assert_close(g, w)
-    assert_close(out, reference_call(model, gm, x)[0])
+    assert_close(out, reference_call(model, gm, (x,)))
     assert cnt.frame_count == 1
     compiled(x)
     assert cnt.frame_count == 1
 
 
 def test_fullgraph_compile_with_dropout_no_breaks():
-    make_model, make_input, targets, _ = ZOO["conv1d"]
-    gm = lora_fx.transform(make_model(), rank=2, targets=targets, dropout=0.3)
-    x = make_input()
+    model, (x,) = build(ZOO["Conv1d"])
+    gm = lora_fx.transform(model, rank=2, dropout=0.3)
     for mode in (gm.train, gm.eval):
         mode()
         torch._dynamo.reset()
@@ -84,7 +74,7 @@ def test_fullgraph_compile_with_dropout_no_breaks():
     cnt = _counter()
     compiled = torch.compile(gm, fullgraph=True, backend=cnt)
     gm.eval()
-    torch.testing.assert_close(compiled(x), gm(x))
+    assert_close(compiled(x), gm(x))
 
 
 class _Blocks(nn.Module):
@@ -106,34 +96,33 @@ class _Blocks(nn.Module):
 
 def test_fullgraph_compile_nested_blocks():
     model = _Blocks()
-    gm = lora_fx.transform(model, rank=4)
-    randomise_adapters_(gm)
+    gm = randomize_(lora_fx.transform(model, rank=4))
     idx = torch.randint(0, 30, (2, 7))
     assert torch._dynamo.explain(gm)(idx).graph_break_count == 0
     torch._dynamo.reset()
     cnt = _counter()
     out = torch.compile(gm, fullgraph=True, backend=cnt)(idx)
-    assert_close(out, reference_call(model, gm, idx)[0])
+    assert_close(out, reference_call(model, gm, (idx,)))
     assert cnt.frame_count == 1
 
 
 # --------------------------------------------------------------------------------------------
-# hot swap (CASE 3)
+# hot swap (CASES.md 3)
 
 
 def _case3():
     torch.manual_seed(0)
     model = nn.Linear(8, 8)
-    gm = lora_fx.transform(model, rank=2, alpha=4)
-    randomise_adapters_(gm)
+    gm = randomize_(lora_fx.transform(model, rank=2, alpha=4))
     return model, gm, torch.randn(3, 8)
 
 
 @pytest.mark.parametrize("lowering", ["factored", "merge"])
 def test_case3_no_stale_graph_and_no_recompile(lowering):
+    """CASES.md 3: a compiled adapted Linear(8, 8) equals eager after every value change (disable,
+    enable, scale, alpha, other values, in-place edits), with no recompilation."""
     model = nn.Linear(8, 8)
-    gm = lora_fx.transform(model, rank=2, alpha=4, lowering=lowering)
-    randomise_adapters_(gm)
+    gm = randomize_(lora_fx.transform(model, rank=2, alpha=4, lowering=lowering))
     x = torch.randn(3, 8)
     cnt = _counter()
     compiled = torch.compile(gm, fullgraph=True, backend=cnt)
@@ -141,8 +130,8 @@ def test_case3_no_stale_graph_and_no_recompile(lowering):
 
     def check(expect_delta_scale):
         out = compiled(x)
-        torch.testing.assert_close(out, gm(x), rtol=0, atol=0)
-        W = model.weight + expect_delta_scale * (site.lora_B @ site.lora_A).detach()
+        assert torch.equal(out, gm(x))
+        W = lora_weight(model.weight, site.lora_A.detach(), site.lora_B.detach(), expect_delta_scale)
         assert_close(out, torch.nn.functional.linear(x, W, model.bias))
 
     check(2.0)
@@ -177,8 +166,7 @@ def test_case3_no_stale_graph_and_no_recompile(lowering):
 
 def test_load_another_adapter_of_same_ranks_from_other_transform():
     model, gm, x = _case3()
-    donor = lora_fx.transform(model, rank=2, alpha=4)
-    randomise_adapters_(donor, generator_seed=9)
+    donor = randomize_(lora_fx.transform(model, rank=2, alpha=4), seed=9)
     cnt = _counter()
     compiled = torch.compile(gm, fullgraph=True, backend=cnt)
     compiled(x)
@@ -223,20 +211,22 @@ def test_adapter_name_from_other_key_is_mapped():
 
 
 # --------------------------------------------------------------------------------------------
-# rank change (CASE 4)
+# rank change (CASES.md 4)
 
 
 def test_case4_rank_change_with_reserved_rank_does_not_recompile():
+    """CASES.md 4: with a reserved maximum rank, rank 4 -> 8 -> 4 -> 1 swaps never recompile."""
     torch.manual_seed(0)
     model = nn.Linear(8, 8)
-    gm = lora_fx.transform(model, rank=4, alpha=8)
-    randomise_adapters_(gm)
+    gm = randomize_(lora_fx.transform(model, rank=4, alpha=8))
     x = torch.randn(3, 8)
     before = gm(x)
     lora_fx.reserve_rank_(gm, 8)
     site = lora_fx.sites(gm)[0]
     assert site.lora_A.shape == (8, 8) and site.rank == 4 and site.scaling == 2.0
-    torch.testing.assert_close(gm(x), before, rtol=1e-6, atol=1e-6)  # padding changes nothing
+    # padding changes nothing: zero rows/columns only add exact zeros to each dot product, though a
+    # longer inner dimension may change a BLAS's blocking (summation order): a few roundings
+    assert_close(gm(x), before, ulps=8)
 
     cnt = _counter()
     compiled = torch.compile(gm, fullgraph=True, backend=cnt)
@@ -246,7 +236,7 @@ def test_case4_rank_change_with_reserved_rank_does_not_recompile():
         lora_fx.load_adapter_values_(gm, {"lora.default.weight.lora_A": A, "lora.default.weight.lora_B": B},
                                      alpha=alpha)
         assert lora_fx.sites(gm)[0].rank == r
-        want = torch.nn.functional.linear(x, model.weight + alpha / r * B @ A, model.bias)
+        want = torch.nn.functional.linear(x, lora_weight(model.weight, A, B, alpha / r), model.bias)
         assert_close(compiled(x), want)
         assert_close(gm(x), want)
     assert cnt.frame_count == 1
@@ -266,8 +256,7 @@ def test_reserved_padding_trains_as_rank_r():
     padded adapter trains exactly like the unpadded one."""
     torch.manual_seed(0)
     model = nn.Linear(6, 5)
-    plain = lora_fx.transform(model, rank=2)
-    randomise_adapters_(plain)
+    plain = randomize_(lora_fx.transform(model, rank=2))
     padded = lora_fx.reserve_rank_(lora_fx.transform(model, rank=2), 5)
     lora_fx.load_adapter_values_(padded, lora_fx.lora_state_dict(plain))
     x = torch.randn(4, 6)
@@ -279,6 +268,9 @@ def test_reserved_padding_trains_as_rank_r():
             opt.step()
     a, b = lora_fx.sites(plain)[0], lora_fx.sites(padded)[0]
     assert torch.count_nonzero(b.lora_A[2:]) == 0 and torch.count_nonzero(b.lora_B[:, 2:]) == 0
+    # the two runs differ only in the summation order of their gradients (a few roundings); AdamW's
+    # update m / sqrt(v) keeps relative errors relative, and 3 steps of lr 0.1 on O(1) factors add
+    # no amplification worth counting: the default fp32 tolerance
     assert_close(b.lora_A[:2], a.lora_A)
     assert_close(padded(x), plain(x))
 
@@ -287,8 +279,7 @@ def test_dora_adapter_hot_swap_without_recompile():
     torch.manual_seed(0)
     model = nn.Linear(8, 6)
     gm = lora_fx.transform(model, rank=2, use_dora=True)
-    donor = lora_fx.transform(model, rank=2, use_dora=True)
-    randomise_adapters_(donor, generator_seed=3)
+    donor = randomize_(lora_fx.transform(model, rank=2, use_dora=True), seed=3)
     with torch.no_grad():
         lora_fx.sites(donor)[0].module.lora_magnitude.mul_(1.5)
     x = torch.randn(3, 8)

@@ -1,13 +1,14 @@
-"""DoRA (use_dora=True): outputs, gradients and fold versus a functional reference
-``W' = m · V / ‖V‖_row``, ``V = W + s·(B@A).reshape(W.shape)`` built in the test."""
+"""DoRA (use_dora=True): outputs, gradients and fold versus the functional reference
+``W' = m · V / ‖V‖_row``, ``V = W + s·(B@A).reshape(W.shape)`` (tests/_reference.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import lora_fx
+from _reference import randomize_, reference_call, reference_overrides
+from _tolerance import assert_close, assert_not_close
 from lora_fx.ops import dora_merge
 
 
@@ -30,23 +31,7 @@ def _inputs(dtype=torch.float32):
 
 
 def _randomise(gm, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in lora_fx.sites(gm):
-            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.3)
-            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.3)
-            s.module.lora_magnitude.mul_(1 + 0.2 * torch.rand(s.module.lora_magnitude.shape, generator=g))
-
-
-def _dora_ref_weights(model, gm):
-    out = {}
-    for s in lora_fx.sites(gm):
-        w = model.get_parameter(s.param)
-        v = w.float() + s.scaling * (s.lora_B.float() @ s.lora_A.float()).reshape(w.shape)
-        norm = v.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (w.ndim - 1))
-        m = s.module.lora_magnitude.float().reshape(norm.shape)
-        out[s.param] = (m * v / norm).to(w.dtype)
-    return out
+    randomize_(gm, seed=seed, scale=0.3, magnitude=0.2)
 
 
 def test_dora_unchanged_at_init_and_magnitude_is_row_norm():
@@ -55,9 +40,9 @@ def test_dora_unchanged_at_init_and_magnitude_is_row_norm():
     for s in lora_fx.sites(gm):
         assert s.lowering == "merge"
         w = model.get_parameter(s.param)
-        torch.testing.assert_close(s.module.lora_magnitude.detach(), w.flatten(1).norm(dim=1))
+        assert_close(s.module.lora_magnitude.detach(), w.flatten(1).norm(dim=1))
     x = _inputs()
-    torch.testing.assert_close(gm(*x), model(*x), rtol=1e-5, atol=1e-6)
+    assert_close(gm(*x), model(*x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,16 +53,14 @@ def test_dora_outputs_and_gradients_vs_reference(dtype):
     idx, img = _inputs(dtype)
     out = gm(idx, img)
     assert out.dtype == dtype
-    ref = functional_call(model, _dora_ref_weights(model, gm), (idx, img))
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(out, ref, **tol)
+    ref = reference_call(model, gm, (idx, img))
+    assert_close(out, ref, dtype=dtype)
     params = [p for s in lora_fx.sites(gm) for p in (s.lora_A, s.lora_B, s.module.lora_magnitude)]
     g1 = torch.autograd.grad(out.float().square().sum(), params)
-    ref = functional_call(model, _dora_ref_weights(model, gm), (idx, img))
+    ref = reference_call(model, gm, (idx, img))
     g2 = torch.autograd.grad(ref.float().square().sum(), params)
-    gtol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, **gtol)
+        assert_close(a, b, dtype=dtype)
 
 
 def test_dora_fold_matches_and_loads_strict():
@@ -88,9 +71,9 @@ def test_dora_fold_matches_and_loads_strict():
     folded = lora_fx.fold(gm)
     plain = Net()
     plain.load_state_dict(folded.state_dict(), strict=True)
-    torch.testing.assert_close(plain(*x), gm(*x), rtol=1e-5, atol=1e-5)
-    for name, w in _dora_ref_weights(model, gm).items():
-        torch.testing.assert_close(folded.get_parameter(name), w.detach(), rtol=1e-5, atol=1e-6)
+    assert_close(plain(*x), gm(*x))
+    for name, w in reference_overrides(model, gm).items():
+        assert_close(folded.get_parameter(name), w.detach())
 
 
 def test_disabled_dora_is_exactly_the_base_model():
@@ -98,9 +81,13 @@ def test_disabled_dora_is_exactly_the_base_model():
     gm = lora_fx.transform(model, rank=2, use_dora=True)
     _randomise(gm)
     x = _inputs()
-    assert not torch.allclose(gm(*x), model(*x))
+    assert_not_close(gm(*x), model(*x))
     with lora_fx.disable_adapters(gm):
-        torch.testing.assert_close(gm(*x), model(*x), rtol=0, atol=0)
+        assert torch.equal(gm(*x), model(*x))
+    # the reference's DoRA gate: a disabled adapter is exactly W
+    assert_close(gm(*x), reference_call(model, gm, x))
+    with lora_fx.disable_adapters(gm):
+        assert torch.equal(reference_call(model, gm, x), model(*x))
 
 
 def test_dora_merge_gate_interpolates():
@@ -109,9 +96,9 @@ def test_dora_merge_gate_interpolates():
     m = torch.rand(4, dtype=torch.float64) + 0.5
     full = dora_merge(w, a, b, torch.tensor(0.5, dtype=torch.float64), m, 0.5)
     v = w + 0.5 * b @ a
-    torch.testing.assert_close(full, m[:, None] * v / v.norm(dim=1, keepdim=True))
+    assert_close(full, m[:, None] * v / v.norm(dim=1, keepdim=True))
     half = dora_merge(w, a, b, torch.tensor(0.25, dtype=torch.float64), m, 0.5)
-    torch.testing.assert_close(half, w + 0.5 * (full - w))
+    assert_close(half, w + 0.5 * (full - w))
     assert torch.equal(dora_merge(w, a, b, torch.tensor(0.0, dtype=torch.float64), m, 0.5), w)
 
 
@@ -125,4 +112,4 @@ def test_dora_zero_row_stays_finite():
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in lora_fx.adapter_parameters(gm))
     with lora_fx.disable_adapters(gm):
-        torch.testing.assert_close(gm(idx), emb(idx), rtol=0, atol=0)
+        assert torch.equal(gm(idx), emb(idx))

@@ -4,6 +4,7 @@ naming the culprit and the fix, and the user's model unchanged afterwards."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 
@@ -17,6 +18,8 @@ from lora_fx.errors import (AdapterFileError, AdapterMismatchError, AlreadyAdapt
                             UnsupportedSiteError)
 from lora_fx.io import load_lora_state, save_lora_state
 
+from _checks import assert_unchanged, snapshot
+
 
 class MLP(nn.Module):
     def __init__(self, d_in=16, hidden=32, d_out=16):
@@ -26,30 +29,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x)))
-
-
-def snapshot(model: nn.Module):
-    """Everything a failing call could have touched: values, flags, structure, attributes."""
-    return dict(
-        state={k: v.detach().clone() for k, v in model.state_dict().items()},
-        flags={n: p.requires_grad for n, p in model.named_parameters()},
-        params={n: id(p) for n, p in model.named_parameters(remove_duplicate=False)},
-        modules=[(n, type(m).__name__, sorted(m.__dict__)) for n, m in model.named_modules()],
-        training=[m.training for m in model.modules()],
-        n_params=sum(p.numel() for p in model.parameters()),
-    )
-
-
-def assert_unchanged(model: nn.Module, snap, x=None, y=None):
-    now = snapshot(model)
-    assert now["state"].keys() == snap["state"].keys()
-    for k, v in snap["state"].items():
-        assert torch.equal(now["state"][k], v), k
-    for key in ("flags", "params", "modules", "training", "n_params"):
-        assert now[key] == snap[key], key
-    if x is not None:
-        with torch.no_grad():
-            assert torch.equal(model(x), y)
 
 
 @pytest.fixture
@@ -117,6 +96,17 @@ def test_rank_larger_than_weight_warns_and_names_fix(mlp):
         warnings.simplefilter("error")
         lora_fx.transform(mlp, rank=16, targets=["fc1.weight"])  # at the bound: silent
     assert_unchanged(mlp, snap)
+
+
+def test_bad_values_are_typed_errors():
+    model = nn.Linear(3, 3)
+    with pytest.raises(ConfigError, match="alpha"):
+        lora_fx.transform(model, rank=2, alpha=math.inf)
+    for name in ("", "a.b", 3):
+        with pytest.raises(ConfigError, match="adapter name"):
+            lora_fx.transform(model, rank=2, adapter_name=name)
+    with pytest.raises(TargetError, match="targets is empty"):
+        lora_fx.transform(model, rank=2, targets=[])
 
 
 def test_unknown_keyword(mlp):
@@ -190,6 +180,7 @@ def test_fold_and_sites_of_unadapted(mlp):
 
 
 def test_trace_failure_names_module_and_line():
+    """CASES.md 9 (the typed error and its message)."""
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -229,7 +220,7 @@ def _adapted(model, **kw):
 
 
 def test_file_for_another_model_lists_every_mismatch(tmp_path):
-    """CASES 2: save for MLP(16→32→16), first layer, rank 4; load into MLP(16→64→16)."""
+    """CASES.md 2: save for MLP(16→32→16), first layer, rank 4; load into MLP(16→64→16)."""
     src = _adapted(MLP(16, 32, 16), rank=4, targets=["fc1.weight"])
     path = save_lora_state(src, tmp_path / "a.safetensors")
 

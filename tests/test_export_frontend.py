@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import lora_fx
+from _reference import randomize_, reference_call
+from _tolerance import assert_close
 from lora_fx.errors import ConfigError, TraceError
 
 
@@ -62,19 +64,7 @@ def _is_lora(key):
 
 
 def _randomize(gm, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for s in lora_fx.sites(gm):
-        with torch.no_grad():
-            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.3)
-            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.3)
-
-
-def _reference_params(model, gm):
-    params = dict(model.named_parameters())
-    for s in lora_fx.sites(gm):
-        for name in s.aliases:
-            params[name] = params[name] + s.scaling * (s.lora_B @ s.lora_A).reshape(s.shape)
-    return params
+    randomize_(gm, seed=seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +101,14 @@ def test_outputs_and_gradients_match_functional_reference(aten_case):
     _randomize(gm)
     for batch in (idx, torch.randint(0, 20, (8, 9))):  # captured with batch 2, runs with 8 (dynamic shapes)
         out = gm(batch)
-        params = _reference_params(model, gm)
-        ref = torch.func.functional_call(model, params, (batch,))
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        ref = reference_call(model, gm, (batch,))
+        assert_close(out, ref)
         sites = lora_fx.sites(gm)
         factors = [p for s in sites for p in (s.lora_A, s.lora_B)]
         g_out = torch.autograd.grad(out.square().sum(), factors)
         g_ref = torch.autograd.grad(ref.square().sum(), factors)
         for a, b in zip(g_out, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+            assert_close(a, b)
     assert all(not p.requires_grad for n, p in gm.named_parameters() if not _is_lora(n))
 
 
@@ -133,14 +122,14 @@ def test_training_helpers_fold_and_pickle_on_export_result(aten_case):
     assert sd and all(_is_lora(k) for k in sd)
     fresh = copy.deepcopy(gm0)
     fresh.load_state_dict(sd, strict=False)
-    torch.testing.assert_close(fresh(idx), gm(idx))
+    assert_close(fresh(idx), gm(idx))
     folded = lora_fx.fold(gm)
     assert not any(_is_lora(k) for k in folded.state_dict())
     plain = AtenNet()
     plain.load_state_dict(folded.state_dict(), strict=True)  # torchtune's fold test
-    torch.testing.assert_close(plain(idx), gm(idx), rtol=1e-5, atol=1e-5)
+    assert_close(plain(idx), gm(idx))
     again = pickle.loads(pickle.dumps(gm))
-    torch.testing.assert_close(again(idx), gm(idx))
+    assert_close(again(idx), gm(idx))
 
 
 class ModeNet(nn.Module):
@@ -172,15 +161,15 @@ def test_train_eval_follow_mode_on_export_graphs():
         want = twin.train()(x)
         torch.manual_seed(5)
         got = gm.train()(x)
-        torch.testing.assert_close(got, want)  # same dropout masks, batch statistics
-    torch.testing.assert_close(gm.bn.running_mean, twin.bn.running_mean)
+        assert_close(got, want)  # same dropout masks, batch statistics
+    assert_close(gm.bn.running_mean, twin.bn.running_mean)
     assert int(gm.bn.num_batches_tracked) == int(twin.bn.num_batches_tracked) == 2
     assert not torch.equal(gm.bn.running_mean, before["bn.running_mean"])
     gm.eval(), twin.eval()
     assert not any(m.training for m in gm.modules())
     with torch.no_grad():
         e1, e2 = gm(x), gm(x)
-        torch.testing.assert_close(e1, twin(x), rtol=1e-5, atol=1e-5)
+        assert_close(e1, twin(x))
     assert torch.equal(e1, e2)  # dropout, attention dropout off; running stats used
     assert int(gm.bn.num_batches_tracked) == 2  # not counted in eval
     torch.manual_seed(6)
@@ -212,8 +201,7 @@ def test_mode_switches_keep_outputs_case1():
     outs = [gm.train()(i, j), gm.eval()(i, j), gm.train()(i, j)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
     assert all(torch.equal(v, gm.state_dict()[k]) for k, v in weights.items())
-    ref = torch.func.functional_call(net, _reference_params(net, gm), (i, j))
-    torch.testing.assert_close(outs[0], ref, rtol=1e-5, atol=1e-5)
+    assert_close(outs[0], reference_call(net, gm, (i, j)))
 
 
 def test_auto_uses_fx_when_it_traces():
@@ -309,15 +297,13 @@ def test_reused_module_and_bf16_against_reference(dtype):
     (site,) = lora_fx.sites(gm)  # one adapter, both calls see it
     out = gm(x)
     assert out.dtype == dtype
-    delta = (site.scaling * site.lora_B @ site.lora_A).to(dtype)
-    ref = torch.func.functional_call(model, {"fc.weight": model.fc.weight + delta, "fc.bias": model.fc.bias}, (x,))
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, ref, **tol)
+    ref = reference_call(model, gm, (x,))
+    assert_close(out, ref, dtype=dtype)
     if dtype == torch.float32:
         ga = torch.autograd.grad(out.sum(), [site.lora_A, site.lora_B])
         gr = torch.autograd.grad(ref.sum(), [site.lora_A, site.lora_B])
         for a, b in zip(ga, gr):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            assert_close(a, b)
 
 
 def test_factored_embedding_padding_row_gets_no_gradient_fx_path():
@@ -330,11 +316,11 @@ def test_factored_embedding_padding_row_gets_no_gradient_fx_path():
     assert site.lowering == "factored"
     idx = torch.tensor([[0, 3, 0, 7], [2, 0, 9, 9]])
     out = gm(idx)
-    ref = torch.func.functional_call(model, _reference_params(model, gm), (idx,))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    ref = reference_call(model, gm, (idx,))
+    assert_close(out, ref)
     for a, b in zip(torch.autograd.grad(out.square().sum(), [site.lora_A, site.lora_B]),
                     torch.autograd.grad(ref.square().sum(), [site.lora_A, site.lora_B])):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_close(a, b)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -347,8 +333,8 @@ def test_embedding_scale_grad_by_freq_factored_matches_reference(frontend):
     (site,) = lora_fx.sites(gm)
     assert site.lowering == "factored"  # ops.embedding_delta re-weights A's gradient per position
     out = gm(idx)
-    ref = torch.func.functional_call(model, _reference_params(model, gm), (idx,))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    ref = reference_call(model, gm, (idx,))
+    assert_close(out, ref)
     for a, b in zip(torch.autograd.grad(out.square().sum(), [site.lora_A, site.lora_B]),
                     torch.autograd.grad(ref.square().sum(), [site.lora_A, site.lora_B])):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_close(a, b)

@@ -12,7 +12,8 @@ from torch import nn
 import lora_fx
 from lora_fx import ops
 from lora_fx.fused import FusedSpec
-from _lora_ref import delta, set_factors_
+from _reference import delta, leaf_factors, lora_weight, reference_call, set_factors_
+from _tolerance import assert_close
 
 IN, Q, K, V = 12, 10, 4, 4  # unequal blocks (18 rows)
 
@@ -58,7 +59,7 @@ def test_fused_linear_matches_reference_and_disabled_rows_are_exact(lowering, fu
     # the library's ΔW has exact zeros on k's rows and equals the independent reference
     dw = site.module.delta_weight()
     assert torch.equal(dw[Q:Q + K], torch.zeros(K, IN))
-    torch.testing.assert_close(dw, delta(site), atol=1e-6, rtol=1e-6)
+    assert_close(dw, delta(site))
     # per-block factors: each enabled block has its own rank-3 pair
     bf = site.module.block_factors()
     assert list(bf) == ["q", "v"] and tuple(bf["q"][1].shape) == (Q, 3) and tuple(bf["v"][1].shape) == (V, 3)
@@ -66,26 +67,26 @@ def test_fused_linear_matches_reference_and_disabled_rows_are_exact(lowering, fu
     y = gm(x)
     base = model(x)
     assert torch.equal(y[..., Q:Q + K], base[..., Q:Q + K])  # k disabled: bit-identical outputs
-    # reference: functional_call of the original with W + ΔW, gradients through leaf copies of A, B
-    a = site.lora_A.detach().clone().requires_grad_(True)
-    b = site.lora_B.detach().clone().requires_grad_(True)
-    rows = [site.scaling * b[:Q] @ a[:3], torch.zeros(K, IN), site.scaling * b[Q:] @ a[3:]]
+    # reference: functional_call of the original with W + ΔW (q and v blocks with their own factors,
+    # k rows zero), gradients through leaf copies of A, B
+    leaves = leaf_factors(gm)
+    a, b = leaves[pname, "default"]
     w = model.get_parameter(pname)
     x2 = x.detach().clone().requires_grad_(True)
-    ref = torch.func.functional_call(model, {pname: w + torch.cat(rows)}, (x2,))
+    ref = reference_call(model, gm, (x2,), factors=leaves)
     g = torch.randn(y.shape)
     (y * g).sum().backward()
     (ref * g).sum().backward()
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(site.lora_A.grad, a.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(site.lora_B.grad, b.grad, atol=1e-5, rtol=1e-5)
+    assert_close(y, ref)
+    assert_close(x.grad, x2.grad)
+    assert_close(site.lora_A.grad, a.grad)
+    assert_close(site.lora_B.grad, b.grad)
     # fold: k rows of the weight are the original's, bit for bit
     folded = lora_fx.fold(gm)
     fw = folded.get_parameter(pname)
     assert torch.equal(fw[Q:Q + K], w[Q:Q + K])
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), ref, atol=1e-5, rtol=1e-5)
+        assert_close(folded(x), ref)
 
 
 def test_fused_disabled_query_rows_bit_identical_in_mha():
@@ -123,9 +124,8 @@ def test_fused_bf16_base_with_fp32_adapters():
     y = gm(x)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y[:, Q:Q + K], model(x)[:, Q:Q + K])
-    w = model.qkv.weight.float() + delta(site)
-    ref = F.linear(x.float(), w, model.qkv.bias.float())
-    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+    ref = reference_call(model, gm, (x,), dtype=torch.float32)  # the same bf16 values in float32
+    assert_close(y, ref, dtype=torch.bfloat16)
 
 
 def test_gate_up_equal_split_and_rank_pattern():
@@ -147,9 +147,7 @@ def test_gate_up_equal_split_and_rank_pattern():
     for i, s in enumerate(lora_fx.sites(gm)):
         set_factors_(s, seed=20 + i)
     x = torch.randn(5, 6)
-    overrides = {s.param: model.get_parameter(s.param) + delta(s) for s in lora_fx.sites(gm)}
-    ref = torch.func.functional_call(model, overrides, (x,))
-    torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
+    assert_close(gm(x), reference_call(model, gm, (x,)))
 
 
 def test_fused_state_dict_round_trip_and_sites():
@@ -201,21 +199,15 @@ def test_fused_ops_match_reference_for_any_layout(sizes, data):
     b = torch.randn(sum(n for n, e in layout if e), r, generator=g)
     w = torch.randn(sum(sizes), fan_in, generator=g)
     s = torch.tensor(0.7)
-    rows, i, b0 = [], 0, 0
-    for n, e in layout:
-        if e:
-            rows.append(0.7 * b[b0:b0 + n] @ a[i * r:(i + 1) * r])
-            i, b0 = i + 1, b0 + n
-        else:
-            rows.append(torch.zeros(n, fan_in))
-    ref = torch.cat(rows)
-    torch.testing.assert_close(ops.delta_weight(a, b, s, w.shape, layout), ref)
+    blocks = tuple((str(i), n, e) for i, (n, e) in enumerate(layout))
+    ref = lora_weight(torch.zeros_like(w), a, b, 0.7, blocks)  # 0.7 · ΔW from the documented layout
+    assert_close(ops.delta_weight(a, b, s, w.shape, layout), ref)
     merged = ops.merge(w, a, b, s, layout)
-    torch.testing.assert_close(merged, w + ref)
+    assert_close(merged, lora_weight(w, a, b, 0.7, blocks))
     x = torch.randn(4, fan_in, generator=g)
     y = F.linear(x, w)
     out = ops.linear_delta(y, x, a, b, s, layout)
-    torch.testing.assert_close(out, F.linear(x, w + ref), atol=1e-5, rtol=1e-5)
+    assert_close(out, F.linear(x, w + ref))
     start = 0
     for n, e in layout:
         if not e:  # disabled blocks: bit-identical rows and features

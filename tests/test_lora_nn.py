@@ -1,5 +1,5 @@
 """lora_fx.nn layers versus the real loralib package and versus a functional reference
-``functional_call(plain_module, {W: W + s·ΔW})`` built from the factors (CASES 1 and 10)."""
+``functional_call(plain_module, {W: W + s·ΔW})`` built from the factors (CASES.md 1 and 10)."""
 
 import datetime
 
@@ -14,8 +14,8 @@ import lora_fx
 from _isolated import run_isolated
 import lora_fx.nn as lnn
 from lora_fx.errors import AdapterMismatchError, ConfigError
-
-TOL = dict(atol=1e-5, rtol=1e-5)
+from _reference import lora_weight
+from _tolerance import assert_close
 
 
 def _randomize(model, std=0.5):
@@ -39,12 +39,12 @@ def _run(model, inputs, out_grad):
 def _assert_same(a, b, names=None):
     out_a, g_a, x_a = a
     out_b, g_b, x_b = b
-    torch.testing.assert_close(out_a, out_b, **TOL)
+    assert_close(out_a, out_b)
     for n in names if names is not None else g_a:
-        torch.testing.assert_close(g_a[n], g_b[n], **TOL, msg=n)
+        assert_close(g_a[n], g_b[n], msg=n)
     for ga, gb in zip(x_a, x_b):
         if ga is not None:
-            torch.testing.assert_close(ga, gb, **TOL)
+            assert_close(ga, gb)
 
 
 def _load_from_loralib(ours, ref):
@@ -53,7 +53,7 @@ def _load_from_loralib(ours, ref):
     return ours
 
 
-CASES = [
+LAYERS = [
     ("linear", lambda L: L.Linear(7, 5, r=3, lora_alpha=6), (torch.randn(4, 7),)),
     ("linear_fifo", lambda L: L.Linear(7, 5, r=3, lora_alpha=6, fan_in_fan_out=True), (torch.randn(2, 3, 7),)),
     ("embedding", lambda L: L.Embedding(11, 6, r=3, lora_alpha=4, padding_idx=2),
@@ -70,7 +70,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,make,inputs", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,make,inputs", LAYERS, ids=[c[0] for c in LAYERS])
 def test_layer_matches_loralib(name, make, inputs):
     torch.manual_seed(0)
     ref = _randomize(make(loralib))
@@ -92,12 +92,12 @@ def test_layer_matches_loralib(name, make, inputs):
         a, b = ours.lora_A.detach().clone().requires_grad_(), ours.lora_B.detach().clone().requires_grad_()
         merged = w + ours.scaling * (b @ a).T
         (F.embedding(inputs[0], merged, ours.padding_idx) * g).sum().backward()
-        torch.testing.assert_close(r_ours[1]["lora_B"], b.grad, **TOL)
+        assert_close(r_ours[1]["lora_B"], b.grad)
     _assert_same(r_ref, r_ours, names)
     # eval: loralib merges into weight.data; ours computes the same function without touching W
     ref.eval(), ours.eval()
     with torch.no_grad():
-        torch.testing.assert_close(ref(*inputs), ours(*inputs), **TOL)
+        assert_close(ref(*inputs), ours(*inputs))
 
 
 def test_same_seed_same_init_as_loralib():
@@ -109,10 +109,6 @@ def test_same_seed_same_init_as_loralib():
         ours = make(lnn)
         for k, v in ref.state_dict().items():
             assert torch.equal(v, ours.state_dict()[k]), k
-
-
-def _reference(plain, overrides, inputs):
-    return functional_call(plain, overrides, inputs)
 
 
 def _plain_copy(layer, cls, **kw):
@@ -130,22 +126,22 @@ def test_conv_any_kernel_matches_functional_reference(nd):
     x = torch.randn(2, 3, *([5] * nd), requires_grad=True)
     plain = _plain_copy(layer, base, in_channels=3, out_channels=4, kernel_size=3, padding=1)
     A, B = layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_()
-    ref = _reference(plain, {"weight": plain.weight + 2.5 * (B @ A).reshape(plain.weight.shape)}, (x,))
+    ref = functional_call(plain, {"weight": lora_weight(plain.weight, A, B, 2.5)}, (x,))
     g = torch.randn_like(ref)
     gx_ref, gA, gB = torch.autograd.grad((ref * g).sum(), (x, A, B))
     out = layer(x)
     gx, gA2, gB2 = torch.autograd.grad((out * g).sum(), (x, layer.lora_A, layer.lora_B))
-    torch.testing.assert_close(out, ref, **TOL)
+    assert_close(out, ref)
     for a, b in ((gx, gx_ref), (gA2, gA), (gB2, gB)):
-        torch.testing.assert_close(a, b, **TOL)
+        assert_close(a, b)
     # lora_factors: the same ΔW in lora_fx's (rank r·k·k) layout
     a, b = layer.lora_factors()["weight"]
     assert a.shape == (2 * 3 * 3, layer.weight[0].numel()) and b.shape == (4, 18)
-    torch.testing.assert_close(b @ a, (layer.lora_B @ layer.lora_A).reshape(4, -1), **TOL)
+    assert_close(b @ a, (layer.lora_B @ layer.lora_A).reshape(4, -1))
 
 
 def test_mode_switches_identical_and_weights_untouched():
-    """CASE 1: non-square and square embeddings and a Linear: train / eval / train give identical
+    """CASES.md 1: non-square and square embeddings and a Linear: train / eval / train give identical
     outputs (bit for bit) and no weight changes in place."""
     class Net(nn.Module):
         def __init__(self):
@@ -176,7 +172,7 @@ def test_mode_switches_identical_and_weights_untouched():
     ref.load_state_dict(net.state_dict())
     for mode in (True, False, True):
         ref.train(mode)
-        torch.testing.assert_close(ref(i, j), outs[0], **TOL)
+        assert_close(ref(i, j), outs[0])
 
 
 def test_backward_after_mode_switch_is_exact():
@@ -190,9 +186,9 @@ def test_backward_after_mode_switch_is_exact():
     A, B = layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_()
     ref = F.linear(x, layer.weight.t() + 2 * B @ A, layer.bias)
     gA, gB = torch.autograd.grad(ref.sum(), (A, B))
-    torch.testing.assert_close(layer.lora_A.grad, gA, **TOL)
-    torch.testing.assert_close(layer.lora_B.grad, gB, **TOL)
-    torch.testing.assert_close(lnn.merged_weight(layer), layer.weight + 2 * (B @ A).t(), **TOL)
+    assert_close(layer.lora_A.grad, gA)
+    assert_close(layer.lora_B.grad, gB)
+    assert_close(lnn.merged_weight(layer), layer.weight + 2 * (B @ A).t())
 
 
 def test_bf16_linear_with_fp32_factors_matches_reference():
@@ -204,7 +200,7 @@ def test_bf16_linear_with_fp32_factors_matches_reference():
     out = layer(x)
     assert out.dtype == torch.bfloat16
     ref = F.linear(x.float(), layer.weight.float() + 2 * layer.lora_B @ layer.lora_A, layer.bias.float())
-    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=2e-2)
+    assert_close(out, ref, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("enable", [["q", "k", "v", "o"], ["q", "v"], ["k", "o"]])
@@ -227,12 +223,13 @@ def test_multihead_attention_matches_reference(enable, separate):
         name = "".join(qkv)
         assert factors[f"{name}_lora_B"].shape == (3 * E, r)
         mask = torch.tensor([c in enable for c in "qkv"], dtype=torch.float).repeat_interleave(E)[:, None]
-        over["in_proj_weight"] = plain.in_proj_weight + s * (mask * factors[f"{name}_lora_B"]) @ factors[f"{name}_lora_A"]
+        over["in_proj_weight"] = lora_weight(plain.in_proj_weight, factors[f"{name}_lora_A"],
+                                             mask * factors[f"{name}_lora_B"], s)
     for c in qkv if separate else ():
         w = getattr(plain, f"{c}_proj_weight")
-        over[f"{c}_proj_weight"] = w + s * factors[f"{c}_lora_B"] @ factors[f"{c}_lora_A"]
+        over[f"{c}_proj_weight"] = lora_weight(w, factors[f"{c}_lora_A"], factors[f"{c}_lora_B"], s)
     if "o" in enable:
-        over["out_proj.weight"] = plain.out_proj.weight + s * factors["o_lora_B"] @ factors["o_lora_A"]
+        over["out_proj.weight"] = lora_weight(plain.out_proj.weight, factors["o_lora_A"], factors["o_lora_B"], s)
     ref = functional_call(plain, over, (q, k, v))[0]
     g = torch.randn_like(ref)
     names = sorted(factors)
@@ -240,9 +237,9 @@ def test_multihead_attention_matches_reference(enable, separate):
     out = mha(q, k, v)[0]
     params = dict(mha.named_parameters())
     grads = torch.autograd.grad((out * g).sum(), [q] + [params[n] for n in names])
-    torch.testing.assert_close(out, ref, **TOL)
+    assert_close(out, ref)
     for a, b, n in zip(grads, ref_grads, ["query"] + names):
-        torch.testing.assert_close(a, b, **TOL, msg=n)
+        assert_close(a, b, msg=n)
     assert not any(mha.get_parameter(n).requires_grad for n in over)  # adapted base weights frozen
 
 
@@ -268,10 +265,10 @@ def test_loratorch_checkpoint_layouts_load():
     ours.load_state_dict(ckpt, strict=True)
     x, i, img = torch.randn(3, 5), torch.tensor([1, 8, 0]), torch.randn(1, 3, 5, 5)
     dw = lambda m: s * (ckpt[f"{m}.w_lora_B"] @ ckpt[f"{m}.w_lora_A"])
-    torch.testing.assert_close(ours.lin(x), F.linear(x, lin.weight + dw("lin"), lin.bias), **TOL)
-    torch.testing.assert_close(ours.emb(i), F.embedding(i, emb.weight + dw("emb")), **TOL)
-    torch.testing.assert_close(ours.conv(img), F.conv2d(img, conv.weight + dw("conv").view(conv.weight.shape),
-                                                        conv.bias), **TOL)
+    assert_close(ours.lin(x), F.linear(x, lin.weight + dw("lin"), lin.bias))
+    assert_close(ours.emb(i), F.embedding(i, emb.weight + dw("emb")))
+    assert_close(ours.conv(img), F.conv2d(img, conv.weight + dw("conv").view(conv.weight.shape),
+                                         conv.bias))
     # MultiheadAttention: fused in_proj adapter named by the enabled letters, out_proj adapter "o"
     E = 8
     mha = lnn.MultiheadAttention(E, 2, enable_lora=["q", "v", "o"], r=r, lora_alpha=alpha)
@@ -284,7 +281,7 @@ def test_loratorch_checkpoint_layouts_load():
     bad = dict(sd, qv_lora_B=torch.randn(3 * E, r))
     with pytest.raises(AdapterMismatchError, match="qv_lora_B"):
         mha.load_state_dict(bad)
-    torch.testing.assert_close(mha.qv_lora_B, qv_B)
+    assert_close(mha.qv_lora_B, qv_B)
 
 
 def test_loralib_conv_checkpoint_keys_and_conv_attribute():
@@ -293,7 +290,7 @@ def test_loralib_conv_checkpoint_keys_and_conv_attribute():
     ours.load_state_dict(ref.state_dict(), strict=True)  # conv.weight / conv.bias keys accepted
     assert ours.conv is ours and isinstance(ours, nn.Conv2d)
     x = torch.randn(1, 3, 6, 6)
-    torch.testing.assert_close(ours(x), ref(x), **TOL)
+    assert_close(ours(x), ref(x))
     assert set(ours.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}  # a plain Conv2d's keys + LoRA
 
 
@@ -316,7 +313,7 @@ def test_r0_layers_are_plain():
         assert not [n for n, _ in layer.named_parameters() if "lora_" in n]
         assert layer.weight.requires_grad
         base = next(c for c in type(layer).__mro__ if c.__module__.startswith("torch.nn"))
-        torch.testing.assert_close(layer(x), base.forward(layer, x))
+        assert_close(layer(x), base.forward(layer, x))
 
 
 def test_register_model_param_after_backward_is_noop():
@@ -352,7 +349,7 @@ def test_transform_over_lora_fx_nn_layers(lowering):
     x = torch.randn(2, 6)
     own = net.a.weight + 2 * net.a.lora_B @ net.a.lora_A
     ref = net.c(net.b(F.linear(x, own + site.lora_B @ site.lora_A, net.a.bias)))
-    torch.testing.assert_close(gm(x), ref, **TOL)
+    assert_close(gm(x), ref)
 
 
 def _mixed_net():
@@ -384,7 +381,7 @@ def test_ddp_pickle_and_dtype_moves():
     torch.save(net, buf)
     buf.seek(0)
     clone = torch.load(buf, weights_only=False)
-    torch.testing.assert_close(_mixed_forward(clone, idx), ref, atol=0, rtol=0)
+    assert_close(_mixed_forward(clone, idx), ref, ulps=0)
     wide = clone.to(torch.float64)
     assert all(p.dtype == torch.float64 for p in wide.parameters())
     assert _mixed_forward(wide, idx).dtype == torch.float64

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lora_fx.nn import layout
+from _tolerance import assert_close
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -20,10 +21,10 @@ def test_conv_layouts_round_trip(nd, k, g, r, cin, cout):
     dw = (B @ A).reshape(shape)  # loralib / LoRA-Torch: (B @ A).view(W.shape)
     a, b = layout.conv_to_ours(A, B, shape, k, g)
     assert a.shape == (r * k * k // g, dw[0].numel()) and b.shape == (cout, r * k * k // g)
-    torch.testing.assert_close((b @ a).reshape(shape), dw)
+    assert_close((b @ a).reshape(shape), dw)
     A2, B2, r2 = layout.conv_from_ours(a, b, shape, k, g)
     assert A2.shape == (r2 * k, A.shape[1]) and B2.shape == (B.shape[0], r2 * k)
-    torch.testing.assert_close((B2 @ A2).reshape(shape), dw)
+    assert_close((B2 @ A2).reshape(shape), dw)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
@@ -38,7 +39,7 @@ def test_merged_layouts_match_loralib_grouped_conv(flags, r, d):
     ref = torch.zeros(d * len(flags), 5, dtype=torch.float64)
     ref[torch.tensor(flags).repeat_interleave(d)] = grouped
     ours = layout.merged_B(B, flags, r) @ A
-    torch.testing.assert_close(ours, ref)
+    assert_close(ours, ref)
     A2, B2 = layout.merged_from_ours(A, layout.merged_B(B, flags, r), flags)
     back = torch.nn.functional.conv1d(A2.unsqueeze(0), B2.unsqueeze(-1), groups=n_on).squeeze(0)
-    torch.testing.assert_close(back, grouped)
+    assert_close(back, grouped)

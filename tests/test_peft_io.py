@@ -1,6 +1,6 @@
 """PEFT adapter files against the real ``peft`` package: save → ``PeftModel.from_pretrained`` and
 PEFT ``save_pretrained`` → :func:`lora_fx.load_adapter`, for Linear, Embedding (non-square and
-square), Conv2d and transformers' GPT-2 ``Conv1D`` layouts; mismatch errors (CASES 2)."""
+square), Conv2d and transformers' GPT-2 ``Conv1D`` layouts; mismatch errors (CASES.md 2)."""
 
 import copy
 import json
@@ -12,6 +12,8 @@ from torch import nn
 
 import lora_fx
 from lora_fx import AdapterFileError, AdapterMismatchError, ConfigError, UnsupportedSiteError
+from _reference import randomize_
+from _tolerance import assert_close, assert_not_close
 
 peft = pytest.importorskip("peft")
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
@@ -52,11 +54,9 @@ def _inputs():
 
 
 def _randomise(gm, scale=0.3, seed=4):
-    g = torch.Generator().manual_seed(seed)
+    randomize_(gm, seed=seed, scale=scale)
     with torch.no_grad():
         for s in lora_fx.sites(gm):
-            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * scale)
-            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * scale)
             if s.module.use_dora:
                 s.module.lora_magnitude.mul_(1.3)
 
@@ -83,8 +83,8 @@ def test_save_adapter_loads_in_peft_with_equal_outputs(tmp_path, dora):
     assert sorted(os.listdir(out_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), out_dir)
     with torch.no_grad():
-        torch.testing.assert_close(pm(*x), gm(*x), rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(pm(*x), model(*x), atol=1e-3)
+        assert_close(pm(*x), gm(*x))
+        assert_not_close(pm(*x), model(*x))
     cfg = json.loads((out_dir / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["use_dora"] is dora
 
@@ -103,19 +103,19 @@ def test_load_peft_saved_adapter_equal_outputs(tmp_path, dora):
     with torch.no_grad():
         expected = pm(*x)
         got = gm(*x)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, model(*x), atol=1e-3)  # loading a non-zero adapter changed the output
+    assert_close(got, expected)
+    assert_not_close(got, model(*x))  # loading a non-zero adapter changed the output
     ranks = {s.param: s.rank for s in lora_fx.sites(gm)}
     assert ranks["fc.weight"] == 2 and ranks["conv.weight"] == 3
     # round trip: our file of the loaded adapter loads in PEFT again
     lora_fx.save_adapter(gm, tmp_path / "again")
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "again")
     with torch.no_grad():
-        torch.testing.assert_close(pm2(*x), expected, rtol=1e-5, atol=1e-5)
+        assert_close(pm2(*x), expected)
 
 
 def test_cases2_same_base_then_wrong_base(tmp_path):
-    """CASES 2: adapter for MLP(16→32→16), first layer only, rank 4."""
+    """CASES.md 2: adapter for MLP(16→32→16), first layer only, rank 4."""
     src = MLP(32)
     gm = lora_fx.transform(src, rank=4, targets=["fc1.weight"])
     _randomise(gm)
@@ -123,7 +123,7 @@ def test_cases2_same_base_then_wrong_base(tmp_path):
     x = torch.randn(5, 16)
     # (a) same model, no config restated: identical outputs
     again = lora_fx.load_adapter(src, tmp_path / "a")
-    torch.testing.assert_close(again(x), gm(x), rtol=0, atol=0)
+    assert_close(again(x), gm(x), ulps=0)
     # (b) MLP(16→64→16): one error listing the mismatch with both shapes; model unchanged
     other = lora_fx.transform(MLP(64), rank=2)
     n_params, out = sum(p.numel() for p in other.parameters()), other(x).detach()
@@ -172,7 +172,7 @@ def test_load_into_adapted_model_as_second_adapter(tmp_path):
     same = lora_fx.load_adapter(gm, tmp_path / "p", adapter_name="peft")
     assert same is gm and lora_fx.active_adapters(gm) == ["peft"]
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), pm(x), rtol=1e-5, atol=1e-5)
+        assert_close(gm(x), pm(x))
     # loading again under the same name fills the same adapter
     lora_fx.load_adapter(gm, tmp_path / "p", adapter_name="peft")
     assert lora_fx.adapter_names(gm) == ["default", "peft"]
@@ -216,7 +216,7 @@ def test_save_refuses_what_peft_cannot_express(tmp_path):
 
 
 def test_loading_values_into_compiled_module_needs_no_recompile(tmp_path):
-    """CASES 3 (load other values): in-place loads are seen by the compiled graph, no recompile."""
+    """CASES.md 3 (load other values): in-place loads are seen by the compiled graph, no recompile."""
     model = MLP(32)
     gm = lora_fx.transform(model, rank=2, targets=["fc1.weight"])
     src = lora_fx.transform(model, rank=2, targets=["fc1.weight"])
@@ -231,9 +231,9 @@ def test_loading_values_into_compiled_module_needs_no_recompile(tmp_path):
     compiled = torch.compile(gm, backend=backend)
     x = torch.randn(3, 16)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
+        assert_close(compiled(x), model(x))
         lora_fx.load_adapter(gm, tmp_path / "a")
-        torch.testing.assert_close(compiled(x), src(x), rtol=1e-6, atol=1e-6)
+        assert_close(compiled(x), src(x))
     assert len(compiles) == 1
 
 
@@ -246,11 +246,11 @@ def test_pickle_roundtrip_with_two_adapters_and_dora():
     _randomise(gm)
     x = torch.randn(3, 16)
     again = pickle.loads(pickle.dumps(gm))
-    torch.testing.assert_close(again(x), gm(x), rtol=0, atol=0)
+    assert_close(again(x), gm(x), ulps=0)
     assert lora_fx.adapter_names(again) == ["default", "d"]
     lora_fx.set_active_adapters(again, "default")
     lora_fx.set_active_adapters(gm, "default")
-    torch.testing.assert_close(again(x), gm(x), rtol=0, atol=0)
+    assert_close(again(x), gm(x), ulps=0)
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -263,14 +263,33 @@ def test_pissa_adapter_saved_for_the_original_base(tmp_path, rslora):
             s.lora_A.add_(0.05 * torch.randn_like(s.lora_A))
             s.lora_B.add_(0.05 * torch.randn_like(s.lora_B))
     x = torch.randn(4, 16)
-    assert not torch.allclose(gm(x), model(x), atol=1e-3)
+    assert_not_close(gm(x), model(x))
     lora_fx.save_adapter(gm, tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert cfg["r"] == 6
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "p")
     with torch.no_grad():
-        torch.testing.assert_close(pm(x), gm(x), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(lora_fx.load_adapter(model, tmp_path / "p")(x), gm(x), rtol=1e-4, atol=1e-5)
+        assert_close(pm(x), gm(x))
+        assert_close(lora_fx.load_adapter(model, tmp_path / "p")(x), gm(x))
+
+
+def test_peft_files_from_export_captured_model(tmp_path):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(x)))
+
+    model, x = M().eval(), torch.randn(3, 8)
+    gm = randomize_(lora_fx.transform(model, rank=2, frontend="export", example_inputs=(x,)))
+    lora_fx.save_adapter(gm, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    assert_close(pm(x), gm(x))
+    back = lora_fx.load_adapter(model, tmp_path, frontend="export", example_inputs=(x,))
+    assert_close(back(x), gm(x))
 
 
 def test_layout_mapping_is_inverse_and_matches_peft_delta_formula():
@@ -287,7 +306,9 @@ def test_layout_mapping_is_inverse_and_matches_peft_delta_formula():
     def check(kind, r, d0, d1, k):
         shape = (d0, d1, k, k) if kind == "conv" else (d0, d1)
         fan_in = d1 * k * k if kind == "conv" else d1
-        a, b = torch.randn(r, fan_in, dtype=torch.float64), torch.randn(d0, r, dtype=torch.float64)
+        g = torch.Generator().manual_seed(1000 * r + 100 * d0 + 10 * d1 + k)
+        a = torch.randn(r, fan_in, dtype=torch.float64, generator=g)
+        b = torch.randn(d0, r, dtype=torch.float64, generator=g)
         ours = (b @ a).reshape(shape)
         t = _to_peft(kind, a, b, shape)
         if kind == "embedding":
@@ -296,7 +317,7 @@ def test_layout_mapping_is_inverse_and_matches_peft_delta_formula():
             peft_delta = (t["lora_B.weight"] @ t["lora_A.weight"]).T  # fan_in_fan_out transpose
         else:
             peft_delta = (t["lora_B.weight"].flatten(1) @ t["lora_A.weight"].flatten(1)).reshape(shape)
-        torch.testing.assert_close(peft_delta, ours)
+        assert_close(peft_delta, ours)
         a2, b2 = _from_peft(kind, t)
         assert torch.equal(a2, a) and torch.equal(b2, b)
 

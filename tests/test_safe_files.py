@@ -15,7 +15,8 @@ from torch import nn
 
 import lora_fx
 import lora_fx.io as lio
-from lora_fx.errors import AdapterFileError
+from _reference import randomize_
+from lora_fx.errors import AdapterFileError, AdapterMismatchError
 from lora_fx.io import load_lora_state, save_lora_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +134,25 @@ def test_loading_never_unpickles(tmp_path):
     sentinel_check = pickle.loads(pickle.dumps(Evil()))  # the payload does work when unpickled
     sentinel_check.close()
     assert sentinel.exists()
+
+
+def test_adapter_file_never_overwrites_base_weights_nor_loads_nan(tmp_path):
+    from safetensors.torch import save_file
+
+    model = nn.Sequential(nn.Linear(3, 3))
+    gm = lora_fx.transform(model, rank=2)
+    good = save_lora_state(randomize_(gm), tmp_path / "good.safetensors")
+    sd = dict(lora_fx.lora_state_dict(gm))
+    save_file({**{k: v.clone() for k, v in sd.items()}, "0.weight": torch.zeros(3, 3)}, tmp_path / "base.safetensors")
+    nan = {k: torch.full_like(v, float("nan")) for k, v in sd.items()}
+    save_file(nan, tmp_path / "nan.safetensors")
+    fresh = lora_fx.transform(model, rank=2)
+    w = fresh.get_parameter("0.weight").clone()
+    for bad, msg in (("base.safetensors", "base weight"), ("nan.safetensors", "inf/nan")):
+        with pytest.raises(AdapterMismatchError, match=msg):
+            load_lora_state(fresh, tmp_path / bad)
+    assert torch.equal(fresh.get_parameter("0.weight"), w)
+    load_lora_state(fresh, good)
 
 
 def _calls(tree, dotted):

@@ -1,15 +1,21 @@
-"""Shared and tied parameters: a site is a (parameter, consuming call) pair."""
+"""Shared and tied parameters: a site is a (parameter, consuming call) pair; one adapter per
+parameter object; fold keeps ties (every name of a folded parameter object that no unadapted
+consumer reads points at the folded tensor, so the folded state dict loads ``strict=True`` into
+the original class) and unties only what an unadapted consumer still reads."""
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
 from lora_fx.io import load_lora_state, save_lora_state
-from _lora_ref import set_factors_
+from _reference import leaf_factors, randomize_, reference_call, set_factors_
+from _tolerance import assert_close
 
 VOCAB, D = 50, 16
 
@@ -36,27 +42,22 @@ def _adapt(model, targets, **kw):
     return gm
 
 
-def _reference(model, gm, idx, names):
-    """functional_call of the original with ``{name: W + s·B@A}`` for ``names`` only; gradients
-    through leaf copies of the factors."""
-    (site,) = [s for s in lora_fx.sites(gm) if s.param in names or set(s.aliases) & set(names)]
-    a = site.lora_A.detach().clone().requires_grad_(True)
-    b = site.lora_B.detach().clone().requires_grad_(True)
-    w = model.emb.weight + site.scaling * (b @ a)
-    out = torch.func.functional_call(model, {n: w for n in names}, (idx,), tie_weights=False, strict=False)
-    return out, a, b, site
-
-
 def _check(model, gm, idx, names):
+    """Outputs and factor gradients against the reference, whose ``W + s·B@A`` (one tensor) is
+    given for exactly the targeted aliases ``names``."""
+    (site,) = lora_fx.sites(gm)
+    assert sorted(site.aliases) == sorted(names)
     h, logits = gm(idx)
-    (rh, rlogits), a, b, site = _reference(model, gm, idx, names)
+    leaves = leaf_factors(gm)
+    a, b = leaves[site.param, site.adapter]
+    rh, rlogits = reference_call(model, gm, (idx,), factors=leaves)
     g = torch.randn(logits.shape)
     ((logits * g).sum() + h.square().sum()).backward()
     ((rlogits * g).sum() + rh.square().sum()).backward()
-    torch.testing.assert_close(h, rh, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, rlogits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(site.lora_A.grad, a.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(site.lora_B.grad, b.grad, atol=1e-5, rtol=1e-5)
+    assert_close(h, rh)
+    assert_close(logits, rlogits)
+    assert_close(site.lora_A.grad, a.grad)
+    assert_close(site.lora_B.grad, b.grad)
     return h, logits
 
 
@@ -75,12 +76,11 @@ def test_every_alias_targeted_shares_one_adapter_and_keeps_the_tie():
     assert sorted(folded.meta["lora_fx"]["folded"]) == ["emb.weight", "head.weight"]
     assert folded.emb.weight is folded.head.weight  # folded tie kept
     with torch.no_grad():
-        for a, b in zip(folded(idx), gm(idx)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close(folded(idx), gm(idx))
     plain = TiedLM()
     plain.load_state_dict(folded.state_dict(), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(plain(idx)[1], gm(idx)[1], atol=1e-5, rtol=1e-5)
+        assert_close(plain(idx)[1], gm(idx)[1])
 
 
 @pytest.mark.parametrize("target, other", [("head.weight", "emb"), ("emb.weight", "head")])
@@ -104,8 +104,7 @@ def test_one_alias_targeted_adapts_only_its_consumer(target, other):
     other_w = folded.get_parameter(f"{other}.weight")
     assert torch.equal(other_w, model.emb.weight)  # the other alias keeps the original values
     with torch.no_grad():
-        for a, b in zip(folded(idx), gm(idx)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close(folded(idx), gm(idx))
 
 
 def test_fold_never_writes_into_shared_storage():
@@ -143,8 +142,7 @@ def test_tied_torch_export_folded_and_unfolded(targets):
     for mod in (gm, folded):
         ep = torch.export.export(mod, (idx,))
         with torch.no_grad():
-            for a, b in zip(ep.module()(idx), gm(idx)):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert_close(ep.module()(idx), gm(idx))
     names = set(torch.export.export(folded, (idx,)).state_dict)
     assert not any("lora" in n for n in names)
 
@@ -166,16 +164,15 @@ def test_parameter_read_by_several_ops_gets_one_adapter():
     (site,) = lora_fx.sites(gm)
     assert sum(isinstance(m, lora_fx.LoraAdapter) for m in gm.modules()) == 1
     x, z = torch.randn(3, 8), torch.randn(3, 12)
-    a = site.lora_A.detach().clone().requires_grad_(True)
-    b = site.lora_B.detach().clone().requires_grad_(True)
-    ref = torch.func.functional_call(model, {"w": model.w + site.scaling * (b @ a)}, (x, z))
+    leaves = leaf_factors(gm)
+    a, b = leaves["w", "default"]
+    ref = reference_call(model, gm, (x, z), factors=leaves)
     out = gm(x, z)
-    for o, r in zip(out, ref):
-        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+    assert_close(out, ref)
     (out[0].sum() + out[1].square().sum()).backward()
     (ref[0].sum() + ref[1].square().sum()).backward()
-    torch.testing.assert_close(site.lora_A.grad, a.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(site.lora_B.grad, b.grad, atol=1e-5, rtol=1e-5)
+    assert_close(site.lora_A.grad, a.grad)
+    assert_close(site.lora_B.grad, b.grad)
 
 
 class SharedBlocks(nn.Module):
@@ -202,15 +199,52 @@ def test_sharing_across_blocks_one_adapter_and_fold_keeps_tie():
     assert len(ws) == 1  # one parameter object, one adapter
     (site,) = [s for s in lora_fx.sites(gm)][:1]
     x = torch.randn(4, D)
-    w = model.head.weight + delta_of(site)
-    ref = torch.func.functional_call(model, {"head.weight": w}, (x,), tie_weights=True)  # every alias
-    torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
+    ref = reference_call(model, gm, (x,), tie_all=True)  # every name of the one object
+    assert_close(gm(x), ref)
     folded = lora_fx.fold(gm)
     assert folded.meta["lora_fx"]["untied"] == []
     assert folded.head.weight is folded.layers[0].weight is folded.layers[1].weight
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), ref, atol=1e-5, rtol=1e-5)
+        assert_close(folded(x), ref)
 
 
-def delta_of(site):
-    return site.scaling * (site.lora_B.detach() @ site.lora_A.detach())
+class TwoTies(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.fc = nn.Linear(6, 6)
+        self.head_w = self.fc.weight  # second name of fc.weight, read by F.linear (fx reads it as fc.weight)
+        self.head = nn.Linear(6, 9, bias=False)
+        self.head.weight = self.emb.weight  # read by its own module call
+
+    def forward(self, idx):
+        h = torch.tanh(self.fc(self.emb(idx)))
+        return self.head(F.linear(h, self.head_w))
+
+
+def test_fold_all_aliases_targeted_stay_tied():
+    model = TwoTies()
+    gm = randomize_(lora_fx.transform(model, rank=2))
+    idx = torch.randint(0, 9, (2, 4))
+    folded = lora_fx.fold(gm)
+    assert folded.fc.weight is folded.head_w and folded.emb.weight is folded.head.weight
+    assert folded.meta["lora_fx"]["untied"] == []
+    plain = copy.deepcopy(model).requires_grad_(False)
+    plain.load_state_dict(folded.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(plain(idx), folded(idx))
+        assert_close(folded(idx), gm(idx))
+        assert_close(folded(idx), reference_call(model, gm, (idx,), tie_all=True))
+
+
+def test_fold_alias_read_by_unadapted_consumer_is_untied():
+    model = TwoTies()
+    gm = randomize_(lora_fx.transform(model, rank=2, targets=["emb.weight"]))  # head.weight (same object) is not
+    idx = torch.randint(0, 9, (2, 4))
+    with torch.no_grad():
+        assert_close(gm(idx), reference_call(model, gm, (idx,)))
+        folded = lora_fx.fold(gm)
+        assert folded.meta["lora_fx"]["untied"] == ["emb.weight"]
+        assert folded.emb.weight is not folded.head.weight
+        assert torch.equal(folded.head.weight, model.head.weight)
+        assert_close(folded(idx), gm(idx))

@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 import lora_fx
-from _ref_core import assert_unchanged, check_matches_reference, randomize_, reference_call, snapshot
-from lora_fx.errors import LoraFxError, TraceError
+from _checks import assert_unchanged, snapshot
+from _reference import check_matches_reference, randomize_, reference_call
+from _tolerance import assert_close
+from lora_fx.errors import LoraFxError, LoraFxWarning, TraceError
 
 
 class ShapeBranch(nn.Module):
@@ -83,6 +85,7 @@ def _check_message(msg, module_name, cls, text):
     (Nested, "dec", OptionalBranch, "temperature > 1.0"),
 ])
 def test_trace_error_names_module_and_line(make, name, cls, text):
+    """CASES.md 9: shape branch and optional-argument branch, at the root and nested."""
     torch.manual_seed(0)
     model = make()
     snap = snapshot(model)
@@ -97,13 +100,14 @@ def test_trace_error_names_module_and_line(make, name, cls, text):
 
 
 def test_escape_hatch_concrete_args():
+    """CASES.md 9: the suggested concrete_args works."""
     torch.manual_seed(0)
     model = OptionalBranch()
     x = torch.randn(2, 6)
     for t in (None, 2.0):
         gm = randomize_(lora_fx.transform(model, rank=2, concrete_args={"temperature": t}))
-        torch.testing.assert_close(gm(x, temperature=t), reference_call(model, gm, (x,), {"temperature": t}))
-        torch.testing.assert_close(gm(x, t), reference_call(model, gm, (x, t)))
+        assert_close(gm(x, temperature=t), reference_call(model, gm, (x,), {"temperature": t}))
+        assert_close(gm(x, t), reference_call(model, gm, (x, t)))
     # a value other than the one traced for fails loudly
     gm = lora_fx.transform(model, rank=2, concrete_args={"temperature": None})
     with pytest.raises(AssertionError, match="temperature"):
@@ -111,6 +115,7 @@ def test_escape_hatch_concrete_args():
 
 
 def test_escape_hatch_leaf_modules():
+    """CASES.md 9: the suggested leaf_modules works."""
     torch.manual_seed(0)
     model = Outer()
     x = torch.randn(2, 6)
@@ -120,3 +125,19 @@ def test_escape_hatch_leaf_modules():
     assert [s.lowering for s in lora_fx.sites(gm)] == ["factored", "merge"]
     randomize_(gm)
     check_matches_reference(model, gm, (x,))
+
+
+def test_root_optional_argument_traced_as_tensor_warns():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x, mask=None):
+            y = self.fc(x)
+            return y * mask if mask is not None else y
+
+    with pytest.warns(LoraFxWarning, match="concrete_args"):
+        lora_fx.transform(M(), rank=2, frontend="fx")
+    gm = lora_fx.transform(M(), rank=2, frontend="fx", concrete_args={"mask": None})
+    assert gm(torch.randn(2, 3)).shape == (2, 3)

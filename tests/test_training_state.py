@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
-from _ref_core import check_matches_reference, randomize_
+from _reference import check_matches_reference, randomize_
 from lora_fx.errors import ConfigError
 
 
@@ -154,3 +154,19 @@ def test_adapter_parameters_lists_only_adapters():
     params = lora_fx.adapter_parameters(gm)
     names = {n for n, p in gm.named_parameters() if any(p is q for q in params)}
     assert names == {n for n in gm.state_dict() if n.endswith((".lora_A", ".lora_B"))}
+
+
+def test_user_parameter_named_like_lora_is_not_an_adapter():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flora_w = nn.Parameter(torch.randn(3, 3))
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) @ self.flora_w
+
+    gm = lora_fx.transform(M(), rank=2, targets=["fc.weight"])
+    lora_fx.mark_only_lora_as_trainable(gm)
+    assert not gm.flora_w.requires_grad
+    assert "flora_w" not in lora_fx.lora_state_dict(gm)

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
-from _ref_core import assert_unchanged, check_matches_reference, randomize_, snapshot
+from _checks import assert_unchanged, snapshot
+from _reference import check_matches_reference, randomize_
 from lora_fx.errors import ConfigError, LoraFxError, TargetError, TraceError, UnsupportedSiteError
+from _tolerance import assert_close
 
 
 class Attn(nn.Module):
@@ -180,7 +182,7 @@ def test_pretrained_checkpoint_loads_non_strict():
     res = gm.load_state_dict(pretrained.state_dict(), strict=False)
     assert not res.unexpected_keys
     assert set(res.missing_keys) == {k for k in gm.state_dict() if ".lora." in k}
-    torch.testing.assert_close(gm(IDX), pretrained(IDX), atol=0, rtol=0)  # B = 0
+    assert_close(gm(IDX), pretrained(IDX), ulps=0)  # B = 0
     randomize_(gm)
     check_matches_reference(pretrained, gm, (IDX,))
 

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
+from _reference import reference_call
+from _tolerance import assert_close
 
 tf = pytest.importorskip("transformers")
 tf.utils.logging.set_verbosity_error()
@@ -75,7 +77,7 @@ def test_zoo_transform_train_fold_export(name):
     model.eval(), gm.eval()
     with torch.no_grad():
         out0, ref0 = logits(gm(*args, **kwargs)), logits(model(*args, **kwargs))
-    torch.testing.assert_close(out0, ref0, rtol=0, atol=1e-6)  # B = 0: the original function
+    assert_close(out0, ref0, ulps=4)  # B = 0: the original function (a few roundings: other kernels)
 
     g = torch.Generator().manual_seed(1)
     target = (torch.randint(0, out0.shape[-1], out0.shape[:-1], generator=g) if kind != "mse"
@@ -95,32 +97,30 @@ def test_zoo_transform_train_fold_export(name):
         after = _loss(logits(gm(*args, **kwargs)), kind, target).item()
     assert after < before
 
-    # after training A and B are non-zero: compare with W + s·B@A through the original model
-    params = dict(model.named_parameters())
-    buffers = dict(gm.named_buffers())  # batch-norm statistics moved during training
-    params.update({k: buffers[k] for k, _ in model.named_buffers() if k in buffers})
-    for site in lora_fx.sites(gm):
-        # tied aliases (GPT-2's wte / lm_head) are one tensor: functional_call takes its first name
-        alias = next(a for a in site.aliases if a in params)
-        params[alias] = params[alias] + site.scaling * (site.lora_B @ site.lora_A).reshape(site.shape)
+    # after training A and B are non-zero: compare with W + s·B@A through the original model (tied
+    # aliases such as GPT-2's wte / lm_head get one tensor), with the buffers training moved
+    buffers = dict(gm.named_buffers())  # batch-norm statistics
+    moved = {k: buffers[k] for k, _ in model.named_buffers() if k in buffers}
     out = logits(gm(*args, **kwargs))
-    ref = logits(torch.func.functional_call(model, params, args, kwargs))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    ref = logits(reference_call(model, gm, args, kwargs, extra=moved))
+    assert_close(out, ref)
     site = lora_fx.sites(gm)[-1]
-    g_out = torch.autograd.grad(out.square().sum(), [site.lora_A, site.lora_B])
-    g_ref = torch.autograd.grad(ref.square().sum(), [site.lora_A, site.lora_B])
+    # a random linear functional of the output: sum(out²) through a final LayerNorm (nn.Transformer)
+    # has an identically zero gradient (Σ x̂² is constant), which would compare rounding noise
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    g_out = torch.autograd.grad((out * gy).sum(), [site.lora_A, site.lora_B])
+    g_ref = torch.autograd.grad((ref * gy).sum(), [site.lora_A, site.lora_B])
     for a, b in zip(g_out, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        assert_close(a, b)
     assert all(not p.requires_grad for n, p in gm.named_parameters() if not _is_lora(n))
 
     # folds a copy, exports, checks parity; dynamic shapes (the default) for GPT-2, static (faster) for the rest
     ep = lora_fx.export_folded(gm, args, example_kwargs=kwargs, dynamic_shapes=None if name == "gpt2" else False)
     assert set(ep.state_dict) <= set(model.state_dict()) and not any(_is_lora(k) for k in ep.state_dict)
     with torch.no_grad():
-        torch.testing.assert_close(logits(ep.module()(*args, **kwargs)), logits(gm(*args, **kwargs)),
-                                   rtol=1e-4, atol=1e-5)
+        assert_close(logits(ep.module()(*args, **kwargs)), logits(gm(*args, **kwargs)))
     assert any(_is_lora(k) for k in gm.state_dict())  # the live model keeps its adapters
     if name == "gpt2":  # captured with batch 2 × 6 tokens; dynamic shapes run 8 × 9
         x8 = torch.randint(0, V, (8, 9))
         with torch.no_grad():
-            torch.testing.assert_close(logits(ep.module()(x8)), logits(gm(x8)), rtol=1e-4, atol=1e-5)
+            assert_close(logits(ep.module()(x8)), logits(gm(x8)))
