@@ -18,7 +18,7 @@ from lora_fx.errors import AdapterMismatchError
 from lora_fx.io._files import atomic_write_bytes, mismatch_error
 from lora_fx.io.state_dict import lora_state_dict
 
-from _ref_core import randomize_
+from _reference import randomize_
 
 
 # --- the example of the "Extending" docs page: a new file format, one module ----------------------

@@ -14,7 +14,7 @@ import lora_fx
 from lora_fx import ops
 from lora_fx.rules import Factored, FunctionRule, ModuleRule
 
-from _ref_core import check_matches_reference, randomize_
+from _reference import check_matches_reference, randomize_
 from _tolerance import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

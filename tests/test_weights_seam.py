@@ -21,7 +21,7 @@ from lora_fx import ops, weights
 from lora_fx.errors import ConfigError
 from lora_fx.rules import Factored, ModuleRule
 
-from _ref_core import check_matches_reference, randomize_
+from _reference import check_matches_reference, randomize_
 from _tolerance import assert_close
 
 
