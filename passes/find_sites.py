@@ -18,7 +18,8 @@ from torch import fx, nn
 from lora_fx import weights
 from lora_fx.ops import MERGE_OPS, module_call
 from lora_fx.graph_module import graph_modules
-from lora_fx.rules import VIEW_OPS, function_rule, module_rule
+from lora_fx.rules import VIEW_OPS, ExpertStack, function_rule, module_rule
+from lora_fx.rules.experts import attr_stack
 from lora_fx.state import is_adapter_path
 
 
@@ -41,6 +42,8 @@ class Consumer:
         factorable: the factored lowering is exact for every use.
         blocks: the op's default fused layout of the weight's output rows,
             ``((block name, rows), ...)`` (MHA ``in_proj_weight``: q, k, v), or ``()``.
+        stack: a 3-D parameter read one expert matrix at a time
+            (:class:`lora_fx.rules.ExpertStack`: its orientation and consumers), or None.
     """
 
     gm_path: str
@@ -53,6 +56,7 @@ class Consumer:
     reason: Optional[str]
     factorable: bool
     blocks: tuple[tuple[str, int], ...] = ()
+    stack: Optional[ExpertStack] = None
 
 
 def _slots(user: fx.Node, node: fx.Node) -> list[tuple[int, str]]:
@@ -118,11 +122,13 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
             continue
         reason = weights.reason(p)
         param = f"{node.target}.{pname}"
+        stack = rule.stack(mod, pname) if reason is None else None
         out.append(Consumer(
             gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
-            op=kind, shape=weights.logical_shape(p), default=reason is None and pname in defaults, reason=reason,
+            op=stack.op if stack else kind, shape=weights.logical_shape(p),
+            default=reason is None and pname in defaults and stack is None, reason=reason,
             factorable=reason is None and rule.factored(node, mod, pname) is not None,
-            blocks=tuple(rule.blocks(mod, pname)) if reason is None else ()))
+            blocks=tuple(rule.blocks(mod, pname)) if reason is None else (), stack=stack))
     return out
 
 
@@ -160,11 +166,18 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
         owner = calls[0].args[0].target
         mod = gm.get_submodule(owner)
         rule = module_rule(mod)
+        pname = attr.target[len(owner) + 1:]
+        stack = rule.stack(mod, pname) if reason is None else None
         return Consumer(
             gm_path=gm_path, node=attr.name, param=attr.target,
-            fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=rule.kind(mod), shape=shape,
-            default=reason is None and attr.target[len(owner) + 1:] in rule.weights(mod), reason=reason,
-            factorable=False)
+            fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=stack.op if stack else rule.kind(mod),
+            shape=shape, default=reason is None and pname in rule.weights(mod) and stack is None, reason=reason,
+            factorable=False, stack=stack)
+    stack = attr_stack(node, shape) if reason is None else None
+    if stack is not None:  # a stack of expert matrices: per-expert adapters, never a default target
+        return Consumer(gm_path=gm_path, node=attr.name, param=attr.target,
+                        fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=stack.op, shape=shape,
+                        default=False, reason=None, factorable=False, stack=stack)
     viewed = any(_is_view(u) for u in direct)
     blocks = next((tuple(b) for u, s in zip(direct, direct_slots) if s is not None
                    for b in [function_rule(u.target).blocks(u, s, shape)] if b), ())

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import fx, nn
 
-from lora_fx import ops, weights
+from lora_fx import ops, ops_experts, weights
 from lora_fx.graph_module import graph_modules
 from lora_fx.errors import ConfigError
 from lora_fx.rules import MERGE, Factored, choose_lowering, function_rule, module_rule
@@ -81,7 +81,14 @@ def _layout(adapter: LoraAdapter) -> tuple:
 
 
 def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapter) -> fx.Node:
-    """Emit ``W' = merge(W, ...)`` per :data:`lora_fx.rules.MERGE` (DoRA: its own merge)."""
+    """Emit ``W' = merge(W, ...)`` per :data:`lora_fx.rules.MERGE` (DoRA: its own merge); for an
+    expert adapter, the lazy ``W' = lora_weight(W, A, B, s, transposed, dropout)`` its consumers
+    compute factored per expert (LoRA dropout on their inputs)."""
+    if getattr(adapter, "experts", None) is not None:
+        drop = _get_attr(graph, f"{path}.dropout") if hasattr(adapter, "dropout") else None
+        return graph.call_function(ops_experts.lora_weight, (
+            weight, _get_attr(graph, f"{path}.lora_A"), _get_attr(graph, f"{path}.lora_B"),
+            _get_attr(graph, f"{path}.scaling"), adapter.transposed, drop))
     a = _get_attr(graph, f"{path}.lora_A")
     if hasattr(adapter, "dropout") and MERGE.dropout_on_A:  # DropConnect on lora_A
         a = graph.call_module(f"{path}.dropout", (a,))
@@ -235,6 +242,8 @@ def insert_lora(
         node = nodes_by_name[gm_path][node_name]
         lower = _lower_module if node.op == "call_module" else _lower_attr
         for (c, how), (_, _, path) in zip(lower(gm, node, items, lowering, recompute_inputs), items):
+            if c.stack is not None:  # a lazy weight: factored per expert where its consumers allow
+                how = "factored" if c.stack.factored else "merge"
             state_of(gm).adapters[path].consumers.append((c.node, c.op, how))
     for gm_path in {k[0] for k in groups}:  # only rewritten graphs need new code
         gms[gm_path].graph.lint()

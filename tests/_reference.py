@@ -85,9 +85,14 @@ def leaf_factors(gm: nn.Module, *, dtype: torch.dtype | None = None) -> dict:
 # ------------------------------------------------------------------------------------------ ΔW
 
 
-def _delta_rows(a: torch.Tensor, b: torch.Tensor, shape, blocks=()) -> torch.Tensor:
+def _delta_rows(a: torch.Tensor, b: torch.Tensor, shape, blocks=(), transposed: bool = False) -> torch.Tensor:
     """``(B @ A).reshape(shape)``; fused ``blocks`` ``((name, rows, enabled), ...)``: enabled block
-    ``i`` gets ``B_i @ A_i``, disabled rows exact zeros."""
+    ``i`` gets ``B_i @ A_i``, disabled rows exact zeros.  Expert adapters (3-D factors
+    ``A (E, r, in)``, ``B (E, out, r)``): ``B[e] @ A[e]`` per expert, transposed to the storage of a
+    ``transposed`` stack ``(E, in, out)``."""
+    if a.dim() == 3:
+        d = b @ a
+        return d.transpose(-2, -1) if transposed else d
     if not blocks:
         return (b @ a).reshape(shape)
     n_on = sum(bool(on) for _, _, on in blocks)
@@ -114,7 +119,12 @@ def lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: floa
 def delta(site, *, dtype: torch.dtype = torch.float32, scaling: float | None = None) -> torch.Tensor:
     """``s · ΔW`` of ``site`` in ``dtype`` (detached), from the documented layout."""
     s = site.scaling if scaling is None else scaling
-    return s * _delta_rows(site.lora_A.detach().to(dtype), site.lora_B.detach().to(dtype), site.shape, site.blocks)
+    return s * _delta_rows(site.lora_A.detach().to(dtype), site.lora_B.detach().to(dtype), site.shape, site.blocks,
+                           _transposed(site))
+
+
+def _transposed(site) -> bool:
+    return bool(getattr(site.module, "transposed", False))
 
 
 def factor_grads(site, grad_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +203,7 @@ def _merged(params, site_list, factors, weights, base, dtype):
         a, b = factors[_key(s)] if factors is not None and _key(s) in factors else (s.lora_A, s.lora_B)
         a, b = a.to(compute), b.to(compute)
         s_base = base_scaling(s)
-        d = _delta_rows(a, b, w.shape, s.blocks)
+        d = _delta_rows(a, b, w.shape, s.blocks, _transposed(s))
         if getattr(s.module, "use_dora", False):  # eq. 5 of DoRA with the adapter's gate
             v = value + s_base * d
             norm = v.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (w.ndim - 1))

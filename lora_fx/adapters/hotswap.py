@@ -164,9 +164,10 @@ def load_adapter_values_(
     ``"layers.0.fc.lora.default.weight.lora_A"``; the adapter-name segment of each key may be
     another name (it is replaced by ``adapter``).  DoRA adapters also need their
     ``lora_magnitude: (fan_out,)``.  For every adapter: ``lora_A: (r', fan_in)``,
-    ``lora_B: (fan_out, r')`` with ``r'`` at most the adapter's capacity ``lora_A.shape[0]``
-    (see :func:`reserve_rank_`); a smaller ``r'`` is zero-padded and the adapter's logical
-    ``rank`` becomes ``r'``.  Values are cast to the factors' dtype and device.
+    ``lora_B: (fan_out, r')`` (expert adapters: ``(E, r', in)`` and ``(E, out, r')``) with ``r'``
+    at most the adapter's capacity ``lora_A.shape[-2]`` (see :func:`reserve_rank_`); a smaller
+    ``r'`` is zero-padded and the adapter's logical ``rank`` becomes ``r'``.  Values are cast to the
+    factors' dtype and device.
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
@@ -205,19 +206,23 @@ def load_adapter_values_(
             problems += [f"missing key {k!r}" for k in (ka, kb) if k not in given]
             continue
         va, vb = given[ka], given[kb]
-        cap, fan_in = a.lora_A.shape
-        fan_out = a.lora_B.shape[0]
-        if va.ndim != 2 or vb.ndim != 2 or va.shape[1] != fan_in or vb.shape[0] != fan_out or va.shape[0] != vb.shape[1]:
+        # the rank is dim -2 of lora_A and dim -1 of lora_B (expert adapters lead with the expert dim)
+        lead, (cap, fan_in) = tuple(a.lora_A.shape[:-2]), a.lora_A.shape[-2:]
+        fan_out = a.lora_B.shape[-2]
+        if va.ndim != a.lora_A.ndim or vb.ndim != a.lora_B.ndim or tuple(va.shape[:-2]) != lead \
+                or tuple(vb.shape[:-2]) != lead or va.shape[-1] != fan_in or vb.shape[-2] != fan_out \
+                or va.shape[-2] != vb.shape[-1]:
+            where = "".join(f"{d}, " for d in lead)
             problems.append(f"{path}: lora_A {tuple(va.shape)} / lora_B {tuple(vb.shape)} do not fit "
-                            f"A (r, {fan_in}) / B ({fan_out}, r)")
+                            f"A ({where}r, {fan_in}) / B ({where}{fan_out}, r)")
             continue
         if getattr(a, "blocks", None) is not None and (va.shape != a.lora_A.shape or vb.shape != a.lora_B.shape):
             problems.append(f"{path}: fused adapter (blocks {a.blocks}) needs lora_A {tuple(a.lora_A.shape)} / "
                             f"lora_B {tuple(a.lora_B.shape)} exactly, got {tuple(va.shape)} / {tuple(vb.shape)}")
             continue
-        if va.shape[0] > cap:
-            problems.append(f"{path}: rank {va.shape[0]} exceeds the adapter's capacity {cap}; call "
-                            f"lora_fx.reserve_rank_(gm, {va.shape[0]}) before compiling (or re-transform "
+        if va.shape[-2] > cap:
+            problems.append(f"{path}: rank {va.shape[-2]} exceeds the adapter's capacity {cap}; call "
+                            f"lora_fx.reserve_rank_(gm, {va.shape[-2]}) before compiling (or re-transform "
                             "with that rank: a shape change recompiles)")
             continue
         plan.append((path, a, va, vb))
@@ -227,11 +232,11 @@ def load_adapter_values_(
         raise mismatch_error(f"cannot load adapter values into '{adapter}' of {type(gm).__name__}", problems)
     with torch.no_grad():
         for path, a, va, vb in plan:
-            r = va.shape[0]
-            a.lora_A[:r].copy_(va)
-            a.lora_A[r:].zero_()
-            a.lora_B[:, :r].copy_(vb)
-            a.lora_B[:, r:].zero_()
+            r = va.shape[-2]
+            a.lora_A[..., :r, :].copy_(va)
+            a.lora_A[..., r:, :].zero_()
+            a.lora_B[..., :r].copy_(vb)
+            a.lora_B[..., r:].zero_()
             if getattr(a, "lora_magnitude", None) is not None:
                 a.lora_magnitude.copy_(given[f"{path}.lora_magnitude"])
             a.rank = int(r)
@@ -275,18 +280,18 @@ def reserve_rank_(gm: nn.Module, max_rank: int, *, adapter: str = "default") -> 
     if fused:
         raise ConfigError(f"reserve_rank_ pads plain adapters only; {fused} are fused (per-block q/k/v factors). "
                           "Transform with fused={'<pattern>': None} for one plain adapter per weight, or exclude them.")
-    small = [f"{p} (capacity {a.lora_A.shape[0]})" for p, a in chosen if a.lora_A.shape[0] > max_rank]
+    small = [f"{p} (capacity {a.lora_A.shape[-2]})" for p, a in chosen if a.lora_A.shape[-2] > max_rank]
     if small:
         raise ConfigError(f"max_rank {max_rank} is below the capacity of: {', '.join(small)}")
     with torch.no_grad():
-        for _, a in chosen:
-            cap = a.lora_A.shape[0]
+        for _, a in chosen:  # the rank is dim -2 of lora_A and dim -1 of lora_B (also for expert adapters)
+            cap = a.lora_A.shape[-2]
             if cap == max_rank:
                 continue
-            A = a.lora_A.new_zeros(max_rank, a.lora_A.shape[1])
-            B = a.lora_B.new_zeros(a.lora_B.shape[0], max_rank)
-            A[:cap] = a.lora_A
-            B[:, :cap] = a.lora_B
+            A = a.lora_A.new_zeros(a.lora_A.shape[:-2] + (max_rank, a.lora_A.shape[-1]))
+            B = a.lora_B.new_zeros(a.lora_B.shape[:-1] + (max_rank,))
+            A[..., :cap, :] = a.lora_A
+            B[..., :cap] = a.lora_B
             a.lora_A = nn.Parameter(A, requires_grad=a.lora_A.requires_grad)
             a.lora_B = nn.Parameter(B, requires_grad=a.lora_B.requires_grad)
     return gm

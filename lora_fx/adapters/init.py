@@ -23,7 +23,7 @@ from ..graph_module import graph_modules
 from ..state import OWNS_WEIGHTS_ATTR, PISSA_BUFFERS
 from .module import LoraAdapter
 
-__all__ = ["new_adapter", "check_pissa", "pissa_init_", "dora_init_"]
+__all__ = ["new_adapter", "check_pissa", "check_stacks", "pissa_init_", "dora_init_"]
 
 
 def new_adapter(site, weight: torch.Tensor, config: LoraConfig) -> LoraAdapter:
@@ -37,20 +37,40 @@ def new_adapter(site, weight: torch.Tensor, config: LoraConfig) -> LoraAdapter:
     shape = weights.logical_shape(weight)
     fan_out, fan_in = shape[0], math.prod(shape[1:])
     r = config.rank_for(site.fqn)
+    stack = getattr(site, "stack", None)
+    if stack is not None:  # one (A, B) pair per expert matrix, in the orientation its op consumes
+        fan_out, fan_in = (shape[2], shape[1]) if stack.transposed else (shape[1], shape[2])
+        blocks = None
+    else:
+        blocks = resolve_blocks(config.fused_for(site.fqn, bool(site.blocks)), fan_out, site.blocks, site.fqn)
     if r > min(fan_out, fan_in):
         warnings.warn(f"rank {r} for '{site.fqn}' exceeds min{(fan_out, fan_in)} of its weight {shape}: the update "
                       "is full-rank already and costs more than full fine-tuning of this weight. Use rank <= "
                       f"{min(fan_out, fan_in)} for it (e.g. rank_pattern={{'{site.fqn}': {min(fan_out, fan_in)}}}) "
                       "or exclude it", LoraFxWarning, stacklevel=6)  # the caller of transform / add_adapter
-    blocks = resolve_blocks(config.fused_for(site.fqn, bool(site.blocks)), fan_out, site.blocks, site.fqn)
     a = LoraAdapter(shape, r, config.alpha_for(site.fqn), dtype=config.dtype_for(weight), device=weight.device,
                     dropout=float(config.dropout), use_rslora=config.use_rslora, init=config.init,
-                    use_dora=config.use_dora, blocks=blocks)
+                    use_dora=config.use_dora, blocks=blocks,
+                    experts=None if stack is None else stack.experts, transposed=bool(stack and stack.transposed))
     if config.init == "pissa":
         pissa_init_(a, weight)
     if config.use_dora:
         dora_init_(a, weight)
     return a
+
+
+def check_stacks(config: LoraConfig, chosen) -> None:
+    """Per-expert adapters on stacks of expert weights are plain LoRA.
+
+    Raises:
+        ConfigError: ``use_dora`` or ``init="pissa"`` with a targeted stack (naming them and the fix).
+    """
+    stacks = [c.fqn for c in chosen if getattr(c, "stack", None) is not None]
+    if stacks and (config.use_dora or config.init == "pissa"):
+        what, option = ("DoRA", "use_dora=True") if config.use_dora else ("PiSSA", "init='pissa'")
+        raise ConfigError(f"{sorted(set(stacks))} are stacks of expert weights: per-expert adapters are plain LoRA, "
+                          f"without {what}. Exclude them (exclude=[...]) or give the expert stacks their own "
+                          f"adapter without {option} (lora_fx.add_adapter).")
 
 
 def check_pissa(root: nn.Module, consumers, chosen) -> None:

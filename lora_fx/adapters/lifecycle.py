@@ -26,7 +26,7 @@ from ..state import (adapter_names, adapter_records, check_adapter_names, forget
                      record_config_, require_adapted, state_of)
 from ..targets import check_adapter_name, check_patterns, select_targets
 from .hotswap import disable_adapters  # one implementation, re-exported here
-from .init import check_pissa, new_adapter
+from .init import check_pissa, check_stacks, new_adapter
 from .module import LoraAdapter
 
 __all__ = [
@@ -57,6 +57,7 @@ def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.Gr
     """
     consumers = find_sites(root)
     chosen = select_targets(consumers, config.targets, config.exclude)
+    check_stacks(config, chosen)
     if config.init == "pissa":
         check_pissa(root, consumers, chosen)
     check_patterns(config, chosen)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, ops_experts
 from ..errors import ConfigError
 from ..state import ADAPTER_ATTR, adapter_path  # noqa: F401  (re-exported: old lora_fx.adapter names)
 
@@ -49,10 +49,17 @@ class LoraAdapter(nn.Module):
             stacked: ``lora_A: (n_enabled·r, fan_in)``, ``lora_B: (Σ enabled rows, r)``; ΔW's rows
             of block ``i`` are ``scaling · B_i @ A_i`` and disabled blocks' rows are exactly zero
             (:func:`lora_fx.ops.delta_weight`).  :meth:`block_factors` gives per-block views.
+        experts: a stack of ``E`` expert matrices ``W (E, d1, d2)`` consumed one expert at a time
+            (MoE experts): one factor pair per expert, ``lora_A (E, rank, in)``,
+            ``lora_B (E, out, rank)``, ``ΔW[e] = scaling · B[e] @ A[e]`` (:mod:`lora_fx.ops_experts`),
+            with ``(out, in) = (d1, d2)``, or ``(d2, d1)`` when ``transposed`` (a stack stored
+            ``(E, in, out)``, read as ``x @ W[e]``).  ``experts`` must equal ``weight_shape[0]``.
+        transposed: see ``experts``.
 
     Raises:
         ConfigError: ``blocks`` whose rows do not add up to ``W.shape[0]`` or that enable nothing;
-            ``blocks`` together with ``use_dora`` or ``init="pissa"``.
+            ``blocks`` together with ``use_dora`` or ``init="pissa"``; ``experts`` with a weight
+            that is not ``(experts, d1, d2)``, or with ``blocks``, ``use_dora`` or ``init="pissa"``.
     """
 
     def __init__(
@@ -68,11 +75,19 @@ class LoraAdapter(nn.Module):
         init: str = "kaiming",
         blocks: Optional[Sequence[tuple[str, int, bool]]] = None,
         use_dora: bool = False,
+        experts: Optional[int] = None,
+        transposed: bool = False,
     ) -> None:
         super().__init__()
-        fan_out = int(weight_shape[0])
-        fan_in = int(math.prod(weight_shape[1:]))
         self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.experts = None if experts is None else int(experts)
+        self.transposed = bool(transposed) and self.experts is not None
+        if self.experts is not None:
+            _check_experts(self.weight_shape, self.experts, blocks, use_dora, init)
+            fan_out, fan_in = self.weight_shape[1:] if not self.transposed else self.weight_shape[:0:-1]
+        else:
+            fan_out = int(weight_shape[0])
+            fan_in = int(math.prod(weight_shape[1:]))
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
@@ -89,8 +104,9 @@ class LoraAdapter(nn.Module):
                 raise ConfigError(f"fused blocks {self.blocks} enable no block; enable at least one")
             a_rows = self.rank * sum(1 for _, _, on in self.blocks if on)
             b_rows = sum(r for _, r, on in self.blocks if on)
-        self.lora_A = nn.Parameter(torch.empty(a_rows, fan_in, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(b_rows, self.rank, dtype=dtype, device=device))
+        lead = () if self.experts is None else (self.experts,)
+        self.lora_A = nn.Parameter(torch.empty(lead + (a_rows, fan_in), dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(lead + (b_rows, self.rank), dtype=dtype, device=device))
         self.use_dora = bool(use_dora)
         if self.blocks is not None and (self.use_dora or init == "pissa"):
             raise ConfigError("fused per-block adapters do not combine with DoRA or PiSSA; give the weight a "
@@ -125,8 +141,8 @@ class LoraAdapter(nn.Module):
         """Re-initialise: A per ``init``, B = 0 (so ``ΔW = 0`` and the model is unchanged)."""
         if self.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / self.rank)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:  # per expert as for one (rank, fan_in) matrix: fan_in is the last dim
+            nn.init.kaiming_uniform_(self.lora_A.view(-1, self.lora_A.shape[-1]), a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     @property
@@ -152,10 +168,24 @@ class LoraAdapter(nn.Module):
         a, b = self.lora_A, self.lora_B
         if dtype is not None:
             a, b = a.to(dtype), b.to(dtype)
+        if self.experts is not None:
+            return ops_experts.expert_delta_weight(a, b, self.scaling.to(a.dtype), self.transposed)
         return ops.delta_weight(a, b, self.scaling.to(a.dtype), self.weight_shape, self.layout)
 
     def extra_repr(self) -> str:
         fused = "" if self.blocks is None else ", blocks=" + ",".join(
             f"{n}:{r}{'' if on else '(off)'}" for n, r, on in self.blocks)
+        experts = "" if self.experts is None else f", experts={self.experts}" + (
+            ", transposed=True" if self.transposed else "")
         return (f"rank={self.rank}, alpha={self.alpha}, scaling={self.effective_scaling:g}, "
-                f"weight_shape={self.weight_shape}{fused}" + (", dora=True" if self.use_dora else ""))
+                f"weight_shape={self.weight_shape}{fused}{experts}" + (", dora=True" if self.use_dora else ""))
+
+
+def _check_experts(shape: tuple, experts: int, blocks, use_dora: bool, init: str) -> None:
+    if len(shape) != 3 or shape[0] != experts:
+        raise ConfigError(f"an expert adapter needs a weight stack of shape ({experts}, d1, d2), got {shape}")
+    if use_dora or blocks is not None or init == "pissa":
+        what = "DoRA" if use_dora else "fused blocks" if blocks is not None else "PiSSA"
+        raise ConfigError(f"{what} is not supported on a stack of expert weights {shape} (per-expert adapters are "
+                          "plain LoRA); exclude the expert stacks from this adapter, or use init='kaiming'/'gaussian' "
+                          "without use_dora")

@@ -19,12 +19,14 @@ entry (:func:`register_module_rule`, :func:`register_function_rule`); the passes
 
 Layout: :mod:`.table` (the records, the registry and the lowering policy), :mod:`.modules`
 (``torch.nn`` leaf modules), :mod:`.functional` (``torch.nn.functional`` / ``torch`` calls and
-their ATen forms).
+their ATen forms), :mod:`.experts` (stacks of expert weights: Hugging Face MoE experts, and 3-D
+parameters read one expert at a time in a graph).
 """
 
 from .table import (MERGE, VIEW_OPS, Factored, FunctionRule, Merged, ModuleRule, choose_lowering, function_rule,
                     module_rule, register_function_rule, register_module_rule)
 from . import functional, modules  # noqa: F401,E402  (the built-in entries register themselves)
+from .experts import ExpertStack, probed_stack  # noqa: E402  (registers the transformers experts rule)
 
 __all__ = [
     "Factored",
@@ -38,4 +40,6 @@ __all__ = [
     "register_function_rule",
     "choose_lowering",
     "VIEW_OPS",
+    "ExpertStack",
+    "probed_stack",
 ]

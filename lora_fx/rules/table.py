@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,10 @@ class ModuleRule:
         blocks: callable ``(module, param name) -> ((block name, rows), ...)``: the default
             fused layout of a weight whose output rows are blocks (MHA ``in_proj_weight``: q, k, v);
             ``()`` for a plain weight (see :mod:`lora_fx.fused`).
+        stack: callable ``(module, param name) -> ExpertStack | None``
+            (:class:`lora_fx.rules.experts.ExpertStack`): the module's own code reads that
+            parameter as a stack of expert matrices; it gets per-expert adapters and sees a lazy
+            ``W + ΔW`` (:func:`lora_fx.ops_experts.lora_weight`).
     """
 
     kind: Callable[[nn.Module], str]
@@ -153,6 +157,7 @@ class ModuleRule:
     merged_call: Optional[Callable[..., fx.Node]] = None
     factored: Callable[..., Optional[Factored]] = lambda node, module, pname: None
     blocks: Callable[[nn.Module, str], tuple[tuple[str, int], ...]] = lambda module, pname: ()
+    stack: Callable[[nn.Module, str], Any] = lambda module, pname: None
 
 
 @dataclass(frozen=True)
@@ -187,8 +192,10 @@ VIEW_OPS = {
 }
 
 
-def register_module_rule(module_type: type, rule: ModuleRule) -> None:
-    """Register (or override) the rule for leaf modules of ``module_type`` and its subclasses.
+def register_module_rule(module_type: Union[type, Callable[[nn.Module], bool]], rule: ModuleRule) -> None:
+    """Register (or override) the rule for leaf modules of ``module_type`` and its subclasses
+    (or, given a predicate ``module -> bool`` instead of a type, for the modules it accepts: a
+    structural match, e.g. every Hugging Face MoE experts class).
 
     The most recently registered matching type wins, so a rule for a subclass registered after its
     base's rule overrides it.  A module whose forward torch.fx would trace through is only a
@@ -222,7 +229,8 @@ def module_rule(module: nn.Module, *, skip: Optional[ModuleRule] = None) -> Modu
     the rule ``skip``), else the generic opaque-leaf rule (merge through
     ``torch.func.functional_call``; no default targets)."""
     for module_type, rule in _MODULE_RULES:
-        if rule is not skip and isinstance(module, module_type):
+        if rule is not skip and (isinstance(module, module_type) if isinstance(module_type, type)
+                                 else module_type(module)):
             return rule
     return _GENERIC_MODULE
 
