@@ -210,3 +210,26 @@ def test_own_files_round_trip(tmp_path):
     again = load_lora_state(lora_fx.transform(block, rank=3, targets=STACKS, leaf_modules=["experts"]), path)
     x = torch.randn(2, 5, H)
     assert_close(again(x), gm(x), ulps=0)
+
+
+def test_compiled_grouped_mm_one_graph_no_recompile_on_hot_swap():
+    """``torch.compile(fullgraph=True)`` on the default grouped_mm experts: one graph, no break;
+    new routings (inputs) and in-place changes of the factors and scaling reuse it and are seen."""
+    import torch._dynamo.testing
+
+    block = MoEBlock(mixtral_experts("grouped_mm"))
+    gm = lora_fx.transform(block, rank=3, targets=STACKS, leaf_modules=["experts"])
+    randomize_(gm, scale=0.3)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm, backend=counter, fullgraph=True, dynamic=False)
+    for seed in range(3):  # three routings of the same shape
+        x = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        out = compiled(x)
+        assert_close(out, gm(x))
+        out.sum().backward()
+    site = lora_fx.sites(gm)[0]
+    with torch.no_grad():
+        site.lora_B.mul_(3.0)
+    lora_fx.set_scale_(gm, 0.5)
+    assert_close(compiled(x), reference_call(block, gm, (x,)))
+    assert counter.frame_count == 1

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,10 @@ from torch import fx, nn
 from ..adapters.lifecycle import adapter_names, add_adapter, named_adapters, set_active_adapters
 from ..api import transform
 from ..config import LoraConfig
-from ..errors import AdapterFileError, AdapterMismatchError, ConfigError, UnsupportedSiteError
+from ..errors import AdapterFileError, AdapterMismatchError, ConfigError, LoraFxWarning, UnsupportedSiteError
 from ..state import FILE_META, PISSA_BUFFERS, check_adapter_names, configs_of, is_adapted, sites
 from ..weights import logical_shape
+from . import peft_experts
 from ._files import atomic_write_bytes, mismatch_error
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_PREFIX"]
@@ -188,6 +190,13 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         owner, _, pname = s.param.rpartition(".")
         module = gm.get_submodule(owner) if owner else gm
         kind = _kind(module)
+        if getattr(s.module, "experts", None) is not None:  # a stack of expert weights: target_parameters
+            if len(s.aliases) > 1:
+                problems.append(f"'{s.param}' is tied to {list(s.aliases[1:])}: PEFT adapts parameters by name")
+            else:
+                entries.append((s.param, "experts", s, s.module.lora_A.detach(), s.module.lora_B.detach(), s.rank,
+                                s.alpha))
+            continue
         if pname != "weight" or kind is None:
             problems.append(f"'{s.param}' ({type(module).__name__}.{pname}, {s.op}): PEFT LoRA adapts the "
                             "weight of Linear, Embedding, ungrouped Conv1d/2d/3d and transformers Conv1D only")
@@ -210,7 +219,14 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         raise mismatch_error(f"adapter {adapter!r} cannot be written in PEFT's format", problems,
                              outcome="nothing was written", error=UnsupportedSiteError)
     tensors: dict[str, torch.Tensor] = {}
+    stacks = [e for e in entries if e[1] == "experts"]
+    prefixes = peft_experts.key_prefixes(gm, [e[0] for e in stacks])
     for owner, kind, s, a, b, _, _ in entries:
+        if kind == "experts":
+            la, lb = peft_experts.to_peft(a, b)
+            tensors[prefixes[owner] + "lora_A.weight"] = la.contiguous().clone()
+            tensors[prefixes[owner] + "lora_B.weight"] = lb.contiguous().clone()
+            continue
         for key, t in _to_peft(kind, a, b, s.shape).items():
             tensors[f"{PEFT_PREFIX}{owner}.{key}"] = t.contiguous().clone()
         if s.module.use_dora:
@@ -228,13 +244,14 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         "inference_mode": True,
         "r": r0,
         "lora_alpha": a0,
-        "target_modules": "^(?:" + "|".join(re.escape(e[0]) for e in entries) + ")$",
+        "target_modules": "^(?:" + "|".join(re.escape(e[0]) for e in entries if e[1] != "experts") + ")$"
+                          if len(stacks) < len(entries) else [],
         "exclude_modules": None,
         "rank_pattern": {_exact(e[0]): e[5] for e in entries if e[5] != r0},
         "alpha_pattern": {_exact(e[0]): e[6] for e in entries if e[6] != a0},
         "use_rslora": bool(first.use_rslora),
         "use_dora": bool(first.use_dora),
-        "lora_dropout": float(getattr(getattr(first, "dropout", None), "p", 0.0)),
+        "lora_dropout": _dropout(first, stacks),
         "fan_in_fan_out": any(e[1] == "conv1d_gpt2" for e in entries),
         "bias": "none",
         "init_lora_weights": True,
@@ -242,6 +259,8 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+    if stacks:
+        config["target_parameters"] = sorted(e[0] for e in stacks)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", FILE_META["adapter"]: adapter}
@@ -250,6 +269,15 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
     atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata=meta))
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return out
+
+
+def _dropout(adapter, stacks) -> float:
+    p = float(getattr(getattr(adapter, "dropout", None), "p", 0.0))
+    if p and stacks:  # PEFT's target_parameters wrapper refuses dropout: the file would not load
+        warnings.warn(f"PEFT's target_parameters adapters take no LoRA dropout; the file records lora_dropout=0.0 "
+                      f"instead of {p} (dropout only acts in training)", LoraFxWarning, stacklevel=3)
+        return 0.0
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,20 +432,24 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
     config, tensors = _read(directory)
     _check_config(config, directory)
     adapted = is_adapted(model)
-    targets, problems = _plan(model, config, tensors)
+    stacks, tensors, problems = peft_experts.plan_experts(model, config, tensors)
+    targets, more = _plan(model, config, tensors) if tensors or not stacks else ([], [])
+    problems += more
     if adapted and adapter_name in adapter_names(model) and not problems:
         have = {s.param: (s.rank, s.alpha, s.module.use_dora) for s in sites(model) if s.adapter == adapter_name}
         want = {f"{t.module}.weight": (t.rank, t.alpha, bool(config.get("use_dora", False))) for t in targets}
+        want.update({t.param: (t.rank, t.alpha, False) for t in stacks})
         if have != want:
             problems.append(f"adapter {adapter_name!r} already exists with (rank, alpha, dora) per target {have}, "
                             f"the file has {want}; pass another adapter_name= or delete_adapter() first")
     if problems:
         raise mismatch_error(f"adapter in '{directory}' does not fit {type(model).__name__}", problems)
+    named = [(f"{t.module}.weight", t.rank, t.alpha) for t in targets] + [(t.param, t.rank, t.alpha) for t in stacks]
     cfg = LoraConfig(
-        rank=targets[0].rank, alpha=targets[0].alpha,
-        targets=tuple(f"{t.module}.weight" for t in targets),
-        rank_pattern={f"{t.module}.weight": t.rank for t in targets},
-        alpha_pattern={f"{t.module}.weight": t.alpha for t in targets},
+        rank=named[0][1], alpha=named[0][2],
+        targets=tuple(n for n, _, _ in named),
+        rank_pattern={n: r for n, r, _ in named},
+        alpha_pattern={n: a for n, _, a in named},
         use_rslora=bool(config.get("use_rslora", False)), use_dora=bool(config.get("use_dora", False)),
         dropout=float(config.get("lora_dropout", 0.0) or 0.0))
     if not adapted:
@@ -435,10 +467,20 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
             mod.lora_B.copy_(b.reshape(mod.lora_B.shape))
             if mod.use_dora:
                 mod.lora_magnitude.copy_(t.tensors["lora_magnitude_vector"].reshape(-1))
+        for t in stacks:
+            mod = by_param.get(t.param)
+            if mod is None or mod.experts is None or tuple(mod.lora_A.shape) != tuple(t.lora_A.shape) \
+                    or tuple(mod.lora_B.shape) != tuple(t.lora_B.shape):
+                raise AdapterMismatchError(
+                    f"adapter in '{directory}': '{t.param}' is not adapted as a stack of expert weights with "
+                    f"lora_A {tuple(t.lora_A.shape)} / lora_B {tuple(t.lora_B.shape)} in {type(gm).__name__}; "
+                    "capture the model so that its experts module is kept (leaf_modules=[...] or the export front-end)")
+            mod.lora_A.copy_(t.lora_A)
+            mod.lora_B.copy_(t.lora_B)
     if activate:
         set_active_adapters(gm, [adapter_name])
     loaded = {name for name, _, _ in named_adapters(gm)}
-    if adapter_name not in loaded or len(by_param) != len(targets):  # never silently load nothing
-        raise AdapterMismatchError(f"adapter in '{directory}': {len(targets)} targets in the file, "
+    if adapter_name not in loaded or len(by_param) != len(targets) + len(stacks):  # never silently load nothing
+        raise AdapterMismatchError(f"adapter in '{directory}': {len(targets) + len(stacks)} targets in the file, "
                                    f"{len(by_param)} adapted sites in the model")
     return gm
