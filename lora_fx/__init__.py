@@ -14,13 +14,14 @@ from .config import LoraConfig
 from .deploy import export_folded, export_onnx
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
                      ExportFileError, ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
-                     TraceError, UnknownAdapterError, UnsupportedSiteError)
+                     RoutingError, TraceError, UnknownAdapterError, UnsupportedSiteError)
 from .fused import FusedSpec
 from .io.loralib import load_loralib_state_dict, loralib_state_dict
 from .io.peft import load_adapter, save_adapter
 from .io.state_dict import lora_state_dict
 from .report import SiteSummary, draw, summary
 from .rules import register_function_rule, register_module_rule
+from .routing import disable_routing_, enable_routing_, route_adapters
 from . import distributed
 from .distributed import gather_lora_state_dict
 # old module paths (thin re-exports), importable as attributes of the package as before
@@ -40,4 +41,5 @@ __all__ = [
     "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",
     "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
     "register_module_rule", "register_function_rule",
+    "route_adapters", "enable_routing_", "disable_routing_", "RoutingError",
 ]

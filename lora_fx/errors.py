@@ -26,6 +26,7 @@ __all__ = [
     "AlreadyAdaptedError",
     "AdapterMismatchError",
     "AdapterFileError",
+    "RoutingError",
     "ExportParityError",
     "ExportFileError",
     "user_frame",
@@ -77,6 +78,12 @@ class AdapterMismatchError(LoraFxError, ValueError):
 
 class AdapterFileError(LoraFxError, OSError):
     """An adapter file is missing, truncated or corrupt."""
+
+
+class RoutingError(ConfigError):
+    """A per-sample adapter routing (:func:`lora_fx.route_adapters`) that cannot be applied: a number
+    of names that does not match the batch, or adapters whose sites cannot be routed (DoRA,
+    merge-lowered sites, expert stacks).  Also a :class:`ConfigError` (a ``ValueError``)."""
 
 
 class ExportParityError(LoraFxError, RuntimeError):

@@ -29,6 +29,11 @@ key                         where, holding                     written by / read
                             (non-persistent buffers)           ``io.peft.save_adapter``
 :data:`FILE_META`           safetensors metadata of adapter    ``io._files``, ``io.peft``
                             files
+:data:`ROUTE_ATTR`          root: its :class:`RouteState`      ``passes.route`` (``route_``,
+                            (routed sites, adapter order)      ``unroute_``); read by ``routing``
+:data:`ROUTE_BUFFER`        every GraphModule with routed      ``passes.route``; refilled by
+                            sites: the shared ``route (b,)``   ``routing.route_adapters``
+                            buffer (non-persistent)
 ==========================  =================================  =======================================
 
 The adapter module's own attributes (``lora_A``, ``lora_B``, ``scaling``, ``lora_magnitude``,
@@ -52,7 +57,7 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
 
 __all__ = [
     "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FOLD_META", "LEAF_ATTR",
-    "PISSA_BUFFERS", "FILE_META",
+    "PISSA_BUFFERS", "FILE_META", "ROUTE_ATTR", "ROUTE_BUFFER", "RouteState",
     "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
     "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
     "adapter_path", "is_adapter_path", "is_lora_key", "is_bias_key", "check_bias", "BIAS_MODES",
@@ -78,6 +83,11 @@ LEAF_ATTR = "_lora_fx_leaf"
 PISSA_BUFFERS = ("init_A", "init_B")
 #: safetensors metadata keys: the file format tag, the adapter name and its config (JSON).
 FILE_META = {"format": "lora_fx", "adapter": "lora_fx_adapter", "config": "lora_fx_config"}
+#: Attribute of the root: its :class:`RouteState` once its sites are routed (per-sample adapters).
+ROUTE_ATTR = "_lora_fx_route"
+#: Non-persistent buffer of every GraphModule holding routed sites, one tensor shared by all: each
+#: sample's adapter index ``(b,)`` (empty outside ``route_adapters``).
+ROUTE_BUFFER = "_lora_fx_route_ids"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +109,24 @@ class AdapterRecord:
     adapter: str
     aliases: list[str] = field(default_factory=list)
     consumers: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RouteState:
+    """Routing record of a root whose factored sites are routed nodes.
+
+    Attributes:
+        names: the adapter order the route indices refer to (the model's adapters when routed).
+        holders: paths of the GraphModules holding routed nodes (and the route buffers).
+        unroutable: ``{adapter name: [reason per site]}``: sites that cannot be routed (merge
+            lowering, DoRA, expert stacks, delta ops without a routed form).
+        active: inside :func:`lora_fx.route_adapters`.
+    """
+
+    names: tuple[str, ...]
+    holders: list[str] = field(default_factory=list)
+    unroutable: dict[str, list[str]] = field(default_factory=dict)
+    active: bool = False
 
 
 @dataclass

@@ -9,15 +9,16 @@
 * :mod:`.insert_lora`: registers adapters and inserts merge / factored nodes.
 * :mod:`.remove_lora`: takes adapters out again (shared by ``delete_adapter`` and fold).
 * :mod:`.fold`: evaluates the deltas once and writes plain weights into a new module.
+* :mod:`.route`: one routed node per factored site (a different adapter per sample), and back.
 
 Passes import the library modules they use (``lora_fx.rules``, ``lora_fx.ops``, ``lora_fx.state``,
 ``lora_fx.weights``, ...), never the package facade or the adapters package.
 """
 
-from . import (capture, find_sites, fold, follow_mode, insert_lora, match_recompute, remove_lora, trace_export,
-               trace_fx)
+from . import (capture, find_sites, fold, follow_mode, insert_lora, match_recompute, remove_lora, route,
+               trace_export, trace_fx)
 # old module paths (thin re-exports), importable as attributes of the package as before
 from . import export, remat, trace  # noqa: F401,E402
 
 __all__ = ["capture", "trace_fx", "trace_export", "follow_mode", "find_sites", "match_recompute", "insert_lora",
-           "remove_lora", "fold"]
+           "remove_lora", "fold", "route"]

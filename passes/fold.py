@@ -20,6 +20,7 @@ from lora_fx.errors import UnsupportedSiteError
 from lora_fx.state import is_adapter_path, state_of
 
 from .remove_lora import remove_lora_
+from .route import unroute_
 
 
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
@@ -75,7 +76,7 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
     name that now holds another tensor: an unadapted alias, or one seeing other adapters).  Aliases
     whose consumers see the same adapters share one new folded parameter (the tie is kept); no
     tensor is written in place, so shared storage is never modified."""
-    new = copy.deepcopy(root)
+    new = unroute_(copy.deepcopy(root))  # routed sites: back to their chains (and no route buffers)
     info = {"folded": [], "untied": []}
     # Collect everything before writing anything: an owner module can be reachable from several
     # GraphModules, and a parameter must be folded exactly once.  Every name of every parameter

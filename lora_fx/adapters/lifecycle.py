@@ -18,6 +18,7 @@ from torch import fx, nn
 from lora_fx.passes.find_sites import find_sites
 from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.remove_lora import remove_lora_
+from lora_fx.passes.route import unroute_
 
 from ..config import UNSET, LoraConfig, config_with
 from ..errors import ConfigError, TargetError
@@ -207,6 +208,7 @@ def add_adapter(
         raise ConfigError(f"add_adapter() got unknown keyword(s) {unknown}; valid: {sorted(keys)}")
     cfg = config_with(config, rank=rank, **options)
     was_training = gm.training
+    unroute_(gm)  # routed sites go back to their chains, which the pass extends (routed again on next use)
     adapt_(gm, cfg, name)
     for _, _, a in iter_adapters(gm, [name]):
         a.enabled = bool(activate)
@@ -228,6 +230,7 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
     """
     require_adapted(gm, "delete_adapter")
     check_adapter_names(gm, [name])
+    unroute_(gm)  # routed sites hold every adapter: back to their chains first
     for _, sub in list(gm.named_modules()):
         st = state_of(sub)
         if st is not None:  # the same removal pass as fold, for this adapter's modules only
