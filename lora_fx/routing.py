@@ -58,9 +58,8 @@ def disable_routing_(model: nn.Module) -> nn.Module:
     return unroute_(model)
 
 
-def _ids(model: nn.Module, names: Sequence[Optional[str]], st: RouteState) -> torch.Tensor:
+def _ids(names: Sequence[Optional[str]], st: RouteState, device) -> torch.Tensor:
     index = {n: i for i, n in enumerate(st.names)}
-    device = next((p.device for _, _, a in iter_adapters(model) for p in a.parameters()), torch.device("cpu"))
     return torch.tensor([-1 if n is None else index[n] for n in names], dtype=torch.long, device=device)
 
 
@@ -77,6 +76,25 @@ def _fill_(model: nn.Module, st: RouteState, ids: torch.Tensor) -> None:
         h._buffers[ROUTE_BUFFER] = ids
 
 
+def _set_(adapter, enabled: bool, mix: float) -> None:
+    if adapter.enabled != enabled or adapter.mix != mix:  # only what changes (a fill per adapter)
+        adapter.enabled, adapter.mix = enabled, mix
+        adapter.refresh_scaling_()
+
+
+def _state(model: nn.Module, names: list) -> RouteState:
+    """The model's current :class:`RouteState` (routing it first if needed), names checked."""
+    st = getattr(model, ROUTE_ATTR, None)
+    if not isinstance(st, RouteState):  # the first routing (add/delete_adapter unroute: a state is current)
+        require_adapted(model, "route_adapters")
+        enable_routing_(model)
+        st = getattr(model, ROUTE_ATTR)
+    known = set(st.names)
+    if any(n is not None and n not in known for n in names):
+        check_adapter_names(model, [n for n in names if n is not None])  # raises, listing the known names
+    return st
+
+
 @contextlib.contextmanager
 def route_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[nn.Module]:
     """Context manager: inside, sample ``i`` of every batch (dim 0 of the inputs) sees only adapter
@@ -87,6 +105,9 @@ def route_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
         with lora_fx.route_adapters(model, ["math", "code", None, "math"]):
             logits = model(input_ids)           # input_ids: (4, seq)
             loss(logits, labels).backward()     # "math" gets gradients from samples 0 and 3 only
+
+    Entering costs a few microseconds per adapter module (a buffer refill), so it can wrap every
+    batch of a serving loop.
 
     Args:
         model: a module from :func:`lora_fx.transform` (its factored sites are routed on first use).
@@ -101,19 +122,15 @@ def route_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
             message names both numbers and the site).
         NotAdaptedError: ``model`` carries no adapters.
     """
-    require_adapted(model, "route_adapters")
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise RoutingError(f"route_adapters() needs one adapter name (or None) per sample, as a list; got {names!r}")
     names = list(names)
     if not names or not all(n is None or isinstance(n, str) for n in names):
         raise RoutingError(f"route_adapters() needs a non-empty list of adapter names or None, got {names!r}")
-    used = list(dict.fromkeys(n for n in names if n is not None))
-    check_adapter_names(model, used)
-    if is_routed(model) and getattr(model, ROUTE_ATTR).active:
+    st = _state(model, names)
+    if st.active:
         raise RoutingError("route_adapters() is already active on this model; leave the outer block first")
-    enable_routing_(model)
-    st: RouteState = getattr(model, ROUTE_ATTR)
-    refused = {n: st.unroutable[n] for n in used if n in st.unroutable}
+    refused = {n: st.unroutable[n] for n in dict.fromkeys(names) if n in st.unroutable}
     if refused:
         lines = [f"  - {n!r}: " + "; ".join(why[:6]) + (f"; ... ({len(why)} in all)" if len(why) > 6 else "")
                  for n, why in refused.items()]
@@ -122,19 +139,18 @@ def route_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
                            "those adapters with lowering='factored' (exact for linear, embedding and ungrouped conv "
                            "sites), exclude the other sites from them, or run them alone with "
                            "lora_fx.set_active_adapters(model, name).")
-    saved = [(a, a.enabled, a.mix) for _, _, a in iter_adapters(model)]
-    for name, _, a in iter_adapters(model):
+    saved = [(a, a.enabled, a.mix) for _, a in st.adapters]
+    for name, a in st.adapters:
         # routed adapters at their base scaling; unroutable ones (not named) add nothing at their
         # merged sites, so every sample sees only its own adapter
-        a.enabled, a.mix = name not in st.unroutable, 1.0
-        a.refresh_scaling_()
-    _fill_(model, st, _ids(model, names, st))
+        _set_(a, name not in st.unroutable, 1.0)
+    device = st.adapters[0][1].lora_A.device if st.adapters else torch.device("cpu")
+    _fill_(model, st, _ids(names, st, device))
     st.active = True
     try:
         yield model
     finally:
         st.active = False
-        _fill_(model, st, _ids(model, [], st))
+        _fill_(model, st, _ids([], st, device))
         for a, enabled, mix in saved:
-            a.enabled, a.mix = enabled, mix
-            a.refresh_scaling_()
+            _set_(a, enabled, mix)

@@ -120,12 +120,15 @@ class RouteState:
         holders: paths of the GraphModules holding routed nodes (and the route buffers).
         unroutable: ``{adapter name: [reason per site]}``: sites that cannot be routed (merge
             lowering, DoRA, expert stacks, delta ops without a routed form).
+        adapters: ``(adapter name, LoraAdapter)`` of every adapter module, each once, in graph
+            order (what a routing switches to its base scaling).
         active: inside :func:`lora_fx.route_adapters`.
     """
 
     names: tuple[str, ...]
     holders: list[str] = field(default_factory=list)
     unroutable: dict[str, list[str]] = field(default_factory=dict)
+    adapters: list = field(default_factory=list)
     active: bool = False
 
 

@@ -109,6 +109,14 @@ def _kind(n: fx.Node) -> str:
     return f"{n.op}:{name}"
 
 
+def _stack(mod: nn.Module, pname: str) -> Optional[ExpertStack]:
+    """The :class:`ExpertStack` of parameter ``pname`` of leaf ``mod``, per the rule of the module
+    that owns it (a leaf MoE block holding an experts module: the experts' rule)."""
+    owner_path, _, leaf = pname.rpartition(".")
+    owner = mod.get_submodule(owner_path) if owner_path else mod
+    return module_rule(owner).stack(owner, leaf)
+
+
 def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[Consumer]:
     mod = gm.get_submodule(node.target)
     if isinstance(mod, fx.GraphModule):  # a traced block: its own sites are found in it
@@ -122,7 +130,7 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
             continue
         reason = weights.reason(p)
         param = f"{node.target}.{pname}"
-        stack = rule.stack(mod, pname) if reason is None else None
+        stack = _stack(mod, pname) if reason is None else None
         out.append(Consumer(
             gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
             op=stack.op if stack else kind, shape=weights.logical_shape(p),
@@ -167,7 +175,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
         mod = gm.get_submodule(owner)
         rule = module_rule(mod)
         pname = attr.target[len(owner) + 1:]
-        stack = rule.stack(mod, pname) if reason is None else None
+        stack = _stack(mod, pname) if reason is None else None
         return Consumer(
             gm_path=gm_path, node=attr.name, param=attr.target,
             fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=stack.op if stack else rule.kind(mod),

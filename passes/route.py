@@ -22,7 +22,7 @@ from torch import fx, nn
 from lora_fx.graph_module import graph_modules
 from lora_fx.ops import DELTA_OPS
 from lora_fx.ops_route import ROUTED_KINDS, choose_algo, routed_delta
-from lora_fx.state import ROUTE_ATTR, ROUTE_BUFFER, ADAPTER_ATTR, RouteState, adapter_names, state_of
+from lora_fx.state import ADAPTER_ATTR, ROUTE_ATTR, ROUTE_BUFFER, RouteState, adapter_names, iter_adapters, state_of
 
 __all__ = ["route_", "unroute_", "is_routed"]
 
@@ -135,6 +135,7 @@ def route_(root: nn.Module) -> RouteState:
             state.holders.append(gm_path)
             gm.graph.lint()
             gm.recompile()
+    state.adapters = [(n, a) for n, _, a in iter_adapters(root)]
     setattr(root, ROUTE_ATTR, state)
     return state
 
