@@ -7,7 +7,7 @@ adapter ``i mod A``.
 Measured, side by side in one run (interleaved rotated rounds, per-round ratios; the method of
 ``bench_train.py``):
   * train step (forward, backward, AdamW step over the adapters in use): the routed step with ``A``
-    adapters vs the step with one adapter on the same batch (target ≤ 1.3×), for the lowering
+    adapters vs the step of the model with one adapter on the same batch (target ≤ 1.3×), for the lowering
     lora_fx picks and each one forced (``masked``: concatenated factors, ``gather``: gathered
     per-sample factors and batched matmuls);
   * inference (``eval``, ``no_grad``): the routed forward vs HF PEFT's mixed-adapter batch
@@ -49,10 +49,11 @@ def names_of(args) -> list[str]:
     return [f"a{i}" for i in range(args.adapters)]
 
 
-def build_lora_fx(base, args, *, ratio=None):
-    """The base model with ``A`` adapters (random non-zero factors, all trainable); ``ratio``
-    forces the routed lowering through :data:`lora_fx.ops_route.MASKED_MAX_RATIO`."""
-    names = names_of(args)
+def build_lora_fx(base, args, *, ratio=None, adapters=None):
+    """The base model with ``adapters`` (default ``A``) adapters (random non-zero factors, all
+    trainable), routed; ``ratio`` forces the routed lowering through
+    :data:`lora_fx.ops_route.MASKED_MAX_RATIO`.  With one adapter: a plain adapted model."""
+    names = names_of(args)[:adapters]
     gm = lora_fx.transform(base, rank=args.rank, targets=TARGETS, adapter_name=names[0])
     for n in names[1:]:
         lora_fx.add_adapter(gm, n, rank=args.rank, targets=TARGETS)
@@ -61,6 +62,8 @@ def build_lora_fx(base, args, *, ratio=None):
         for s in lora_fx.sites(gm):
             s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.02)
             s.module.requires_grad_(True)
+    if len(names) == 1:
+        return gm
     saved = lora_fx.ops_route.MASKED_MAX_RATIO
     if ratio is not None:
         lora_fx.ops_route.MASKED_MAX_RATIO = ratio
@@ -71,11 +74,11 @@ def build_lora_fx(base, args, *, ratio=None):
     return gm
 
 
-def build_peft(base, gm, args):
+def build_peft(base, gm, args, adapters=None):
     """PEFT model with the same adapters and factor values as ``gm``."""
     import peft
 
-    names = names_of(args)
+    names = names_of(args)[:adapters]
     cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(bench_train.GPT_TARGETS))
     pm = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name=names[0])
     for n in names[1:]:
@@ -111,9 +114,7 @@ def train_fns(base, args):
 
         return step
 
-    one = build_lora_fx(base, args)
-    lora_fx.set_active_adapters(one, [names[0]])
-    lora_fx.mark_only_lora_as_trainable(one)
+    one = build_lora_fx(base, args, adapters=1)  # the model with one adapter, not routed
     fns["one adapter"] = step_of(one, None, [p for p in one.parameters() if p.requires_grad])
     for label, ratio in ((f"{args.adapters} routed (auto)", None), (f"{args.adapters} routed (masked)", 1e9),
                          (f"{args.adapters} routed (gather)", 0.0)):
@@ -139,10 +140,8 @@ def infer_fns(base, args):
         with lora_fx.route_adapters(gm, route):
             gm(x)
 
-    one = build_lora_fx(base, args).eval()
-    lora_fx.set_active_adapters(one, [names[0]])
-    pm_one = build_peft(base, one, args)
-    pm_one.set_adapter(names[0])
+    one = build_lora_fx(base, args, adapters=1).eval()
+    pm_one = build_peft(base, one, args, adapters=1)
     return {"lora_fx routed": routed, "peft mixed": lambda: pm(x, adapter_names=route),
             "lora_fx one adapter": lambda: one(x), "peft one adapter": lambda: pm_one(x)}, err
 
