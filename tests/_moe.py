@@ -8,7 +8,8 @@ from torch import nn
 
 E, H, I, K = 4, 32, 48, 2
 TINY = dict(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
+            num_key_value_heads=2, max_position_embeddings=64, use_cache=False, bos_token_id=0, eos_token_id=1,
+            pad_token_id=2)
 
 
 def mixtral_experts(impl: str = "grouped_mm", *, dtype=torch.float32, seed: int = 0) -> nn.Module:
