@@ -195,3 +195,28 @@ def test_expert_stacks_are_refused():
     with pytest.raises(lora_fx.RoutingError, match="experts.gate_up_proj.*stack of expert weights"):
         with lora_fx.route_adapters(gm, ["default"]):
             pass
+
+
+def test_routed_sites_keep_input_recomputation():
+    """A routed linear site whose input is a norm / GELU output still recomputes it in backward
+    (the chain's ``remat`` spec moves to the routed node); gradients equal each adapter alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    gm = lora_fx.transform(model, rank=2)
+    lora_fx.add_adapter(gm, "b", rank=3, alpha=5.0)
+    randomize_(gm, scale=0.4)
+    for s in lora_fx.sites(gm):
+        s.module.requires_grad_(True)
+    lora_fx.enable_routing_(gm)
+    routed = [n for n in gm.graph.nodes if n.target is lora_fx.ops_route.routed_delta]
+    assert len(routed) == 2 and all(n.kwargs.get("remat") for n in routed)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    names = ["b", "default", "b"]
+    gy = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1))
+    want, want_grads = _alone(gm, x.detach(), names, gy)
+    with lora_fx.route_adapters(gm, names):
+        out = gm(x)
+    grads = torch.autograd.grad(out, [p for s in lora_fx.sites(gm) for p in (s.lora_A, s.lora_B)], gy)
+    assert_close(out, want)
+    for g, w in zip(grads, want_grads):
+        assert_close(g, w)
