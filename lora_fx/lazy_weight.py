@@ -241,6 +241,16 @@ def _is_lead_index(idx) -> bool:
 
 
 def _index(w: LoraWeight, idx) -> LoraWeight:
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (isinstance(idx, int) or (isinstance(idx, Tensor) and idx.dim() == 0))):
+        # one expert of a Python loop: views of the factors unbound once per forward, so the backward
+        # stacks one (E, r, ·) gradient per factor instead of one per expert read
+        units = w.__dict__.get("_units")
+        if units is None:
+            units = w.__dict__["_units"] = [(a.unbind(0), b.unbind(0)) for a, b, _, _ in w._f]
+        e = int(idx)
+        return LoraWeight(w._w[idx], tuple((ua[e], ub[e], s, d) for (ua, ub), (_, _, s, d) in zip(units, w._f)),
+                          w._t)
     return LoraWeight(w._w[idx], tuple((a[idx], b[idx], s, d) for a, b, s, d in w._f), w._t)
 
 

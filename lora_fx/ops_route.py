@@ -182,8 +182,10 @@ def _masked_embedding(y, indices, adapters, route, extra, site):
 def _gather(y, x, adapters, route, n_names: int, site):
     As, Bs = _factors(adapters)
     n, R = len(As), max(a.shape[0] for a in As)
-    a_pad = torch.stack([F.pad(a, (0, 0, 0, R - a.shape[0])) for a in As] + [As[0].new_zeros(R, As[0].shape[1])])
-    b_pad = torch.stack([F.pad(b, (0, R - b.shape[1])) for b in Bs] + [Bs[0].new_zeros(Bs[0].shape[0], R)])
+    a_pad = torch.stack([a if a.shape[0] == R else F.pad(a, (0, 0, 0, R - a.shape[0])) for a in As]
+                        + [As[0].new_zeros(R, As[0].shape[1])])
+    b_pad = torch.stack([b if b.shape[1] == R else F.pad(b, (0, R - b.shape[1])) for b in Bs]
+                        + [Bs[0].new_zeros(Bs[0].shape[0], R)])
     ids = [gid for _, _, _, _, gid, _ in adapters]
     lut = [n] * (n_names + 1)  # adapter index (-1: base, the last entry) -> local row; n: the zero row
     for i, gid in enumerate(ids):
