@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 
 from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, KEPT_ATTR, OWNS_WEIGHTS_ATTR, REGION_ATTR,
@@ -67,7 +68,8 @@ class RegionForward(InstanceForward):
 
     The code is looked up from the region on each call and cached while the region's
     ``code_version`` (bumped by every ``recompile``: add or delete an adapter) is unchanged; a
-    stale region (rewritten inside ``deferred_recompile``) is compiled on first use.
+    stale region (rewritten inside ``deferred_recompile``) is compiled on first use.  Under
+    ``torch.compile`` the cache is bypassed (Dynamo would guard on it): the code is traced directly.
     """
 
     def __init__(self, module: nn.Module):
@@ -79,6 +81,8 @@ class RegionForward(InstanceForward):
     def __call__(self, *args, **kwargs):
         module = self.__self__
         gm = module.__dict__[REGION_ATTR]
+        if torch.compiler.is_compiling():  # no cache to guard on: the code itself is traced
+            return self.select(gm)(module, *args, **kwargs)
         if gm is not self._gm or gm.code_version != self._version:
             self._refresh(gm)
         return self._code(module, *args, **kwargs)
