@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import warnings
 from typing import Any, Callable, Optional
 
 from torch import fx, nn
@@ -48,6 +49,11 @@ def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
             "generators held as attributes).") from exc
     compile_stale(copied)  # GraphModules in the model: copied inside transform's deferred_recompile block
     return copied
+
+
+def _show(caught) -> None:
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _short(exc: BaseException) -> str:
@@ -100,14 +106,20 @@ def capture(
         return _regions(make_copy(), trace_kwargs, None)
     copied = make_copy()
     try:
-        return record_frontend_(trace_hierarchy(copied, **trace_kwargs), "fx")
+        with warnings.catch_warnings(record=True) as caught:  # shown only if fx is the front-end used
+            warnings.simplefilter("always")
+            root = trace_hierarchy(copied, **trace_kwargs)
     except TraceError as fx_exc:
         if frontend == "fx":
+            _show(caught)
             raise
         if not has_examples:  # the same copy unless the failed trace replaced blocks in it
             reuse = not any(isinstance(m, fx.GraphModule) for m in copied.modules())
             return _regions(copied if reuse else make_copy(), trace_kwargs, fx_exc)
         fx_error = fx_exc
+    else:
+        _show(caught)
+        return record_frontend_(root, "fx")
     try:
         return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     except TraceError as ex_exc:
