@@ -126,3 +126,22 @@ def test_summary_says_how_each_module_was_captured():
     assert rows["encoder.block.0.layer.1.DenseReluDense.wi.weight"] == "fx (leaves: layer_norm)"
     assert table.not_captured == ()
     assert "T5LayerFF" in str(table) and "encoder.block.* (x2)" in str(table)
+
+
+def test_adapter_files_own_and_peft_on_a_model_that_kept_its_class(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny("llama")
+    gm = randomize_(lora_fx.transform(model, rank=4, targets=targets("llama")), scale=0.3)
+    lora_fx.mark_only_lora_as_trainable(gm)
+    assert {n for n, p in gm.named_parameters() if p.requires_grad} == set(lora_fx.lora_state_dict(gm))
+    kw = inputs("llama")
+    want = _logits(gm(**kw))
+    own = lora_fx.io.save_lora_state(gm, tmp_path / "adapter.safetensors")
+    fresh = lora_fx.transform(model, rank=4, targets=targets("llama"))
+    assert_close(_logits(lora_fx.io.load_lora_state(fresh, own)(**kw)), want, ulps=0)
+    lora_fx.save_adapter(gm, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / "peft").eval()
+    assert_close(_logits(theirs(**kw)), want)
+    back = lora_fx.load_adapter(tiny("llama"), tmp_path / "peft")
+    assert type(back) is type(model) and state.frontend_of(back) == "regions"
+    assert_close(_logits(back(**kw)), want)
