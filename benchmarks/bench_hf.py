@@ -79,30 +79,39 @@ def _full(base, args):
 
 #: name → ``factory(base, args)`` of a model to train (all from the same base weights).
 TRAIN_VARIANTS: dict[str, Callable] = {"full": _full, "peft": _peft, "lora_fx": _lora_fx}
-#: name → ``factory(base, args)`` of a model to generate with.
+#: name → ``factory(base, args)`` of a model to generate with (the adapted ones share one set of
+#: adapter values: lora_fx's, folded, and copied into PEFT's layers).
 GENERATE_VARIANTS: dict[str, Callable] = {
     "base": lambda base, args: copy.deepcopy(base),
-    "lora_fx-folded": lambda base, args: lora_fx.fold(_randomised(_lora_fx(base, args))),
-    "lora_fx": lambda base, args: _randomised(_lora_fx(base, args)),
-    "peft": lambda base, args: _peft_randomised(base, args),
+    "lora_fx-folded": lambda base, args: lora_fx.fold(_adapted(base, args)),
+    "lora_fx": lambda base, args: _adapted(base, args),
+    "peft": lambda base, args: _peft_with(_adapted(base, args), base, args),
 }
+_ADAPTED: dict[int, torch.nn.Module] = {}
 
 
-def _randomised(gm):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for s in lora_fx.sites(gm):
-            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.01)
-    return gm
+def _adapted(base, args):
+    """One adapted copy of ``base`` per run, with small non-zero B (so the adapters change the tokens)."""
+    if id(base) not in _ADAPTED:
+        gm = _lora_fx(base, args)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for s in lora_fx.sites(gm):
+                s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.05)
+        _ADAPTED[id(base)] = gm
+    return _ADAPTED[id(base)]
 
 
-def _peft_randomised(base, args):
+def _peft_with(gm, base, args):
+    """PEFT's model of ``base`` holding ``gm``'s adapter values."""
     pm = _peft(base, args)
-    g = torch.Generator().manual_seed(3)
+    ours = {s.param: s for s in lora_fx.sites(gm)}
     with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        for name, mod in pm.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                s = ours[name.removeprefix("base_model.model.") + ".weight"]
+                mod.lora_A["default"].weight.copy_(s.lora_A)
+                mod.lora_B["default"].weight.copy_(s.lora_B)
     return pm
 
 
