@@ -297,3 +297,19 @@ def test_draw_a_model_that_kept_its_class(tmp_path):
     gm = lora_fx.transform(Net(), rank=2)
     path = lora_fx.draw(gm, tmp_path / "regions.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("options", [dict(lowering="merge"), dict(use_dora=True), dict(init="pissa"),
+                                     dict(dropout=0.1), dict(use_rslora=True, rank_pattern={"head.weight": 3})],
+                         ids=["merge", "dora", "pissa", "dropout", "rslora-rank_pattern"])
+def test_configurations_in_regions(options):
+    torch.manual_seed(0)
+    model = Net()
+    gm = lora_fx.transform(model, rank=2, **options)
+    if options.get("init") != "pissa":
+        randomize_(gm, scale=0.3, magnitude=0.5)
+    gm.eval()
+    out = gm(_idx())
+    base = {n: p for n, p in gm.named_parameters() if ".lora." not in n} if "init" in options else None
+    assert_close(out, reference_call(model, gm, (_idx(),), base=base))
+    assert_close(lora_fx.fold(gm)(_idx()), out)
