@@ -313,3 +313,35 @@ def test_configurations_in_regions(options):
     base = {n: p for n, p in gm.named_parameters() if ".lora." not in n} if "init" in options else None
     assert_close(out, reference_call(model, gm, (_idx(),), base=base))
     assert_close(lora_fx.fold(gm)(_idx()), out)
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):  # torch.fx stores the tensor on the module as `_tensor_constant0`
+        return self.fc(x) * torch.tensor([2.0, 1.0, 1.0, 3.0])
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s = Scale()
+
+    def forward(self, x, flag=None):
+        return self.s(x)
+
+
+def test_a_region_with_a_tensor_constant_copies_pickles_and_folds_clean():
+    torch.manual_seed(0)
+    model = Scaled()
+    gm = randomize_(lora_fx.transform(model, rank=2, frontend="regions"))
+    assert state.capture_of(gm.s) == "fx" and type(gm) is Scaled
+    x = torch.randn(2, 4)
+    want = gm(x)
+    for other in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        assert_close(other(x), want, ulps=0)
+    folded = lora_fx.fold(gm)
+    assert sorted(folded.s.__dict__) == sorted(model.s.__dict__)
+    assert_close(folded(x), want)
