@@ -17,10 +17,9 @@ from torch import fx, nn
 
 from lora_fx import weights
 from lora_fx.ops import MERGE_OPS, module_call
-from lora_fx.graph_module import graph_modules
 from lora_fx.rules import VIEW_OPS, ExpertStack, function_rule, module_rule
 from lora_fx.rules.experts import attr_stack
-from lora_fx.state import is_adapter_path
+from lora_fx.state import STACKS_META, capture_of, is_adapter_path, regions
 
 
 __all__ = ["Consumer", "find_sites"]
@@ -119,8 +118,8 @@ def _stack(mod: nn.Module, pname: str) -> Optional[ExpertStack]:
 
 def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[Consumer]:
     mod = gm.get_submodule(node.target)
-    if isinstance(mod, fx.GraphModule):  # a traced block: its own sites are found in it
-        return []
+    if isinstance(mod, fx.GraphModule) or capture_of(mod) is not None:
+        return []  # a traced block, or a module the regions front-end captured on its own: sites found there
     rule = module_rule(mod)
     defaults = set(rule.weights(mod))
     kind = rule.kind(mod)
@@ -181,7 +180,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
             fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=stack.op if stack else rule.kind(mod),
             shape=shape, default=reason is None and pname in rule.weights(mod) and stack is None, reason=reason,
             factorable=False, stack=stack)
-    stack = attr_stack(node, shape) if reason is None else None
+    stack = (gm.meta.get(STACKS_META, {}).get(attr.target) or attr_stack(node, shape)) if reason is None else None
     if stack is not None:  # a stack of expert matrices: per-expert adapters, never a default target
         return Consumer(gm_path=gm_path, node=attr.name, param=attr.target,
                         fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=stack.op, shape=shape,
@@ -201,7 +200,7 @@ def find_sites(root: nn.Module) -> list[Consumer]:
     """All (parameter, consuming node) pairs in ``root``'s lora_fx ``GraphModule`` hierarchy,
     in graph order, root first.  Adapter parameters are never listed."""
     out: list[Consumer] = []
-    for gm_path, gm in graph_modules(root):
+    for gm_path, gm in regions(root):
         dg = None  # built on the first get_attr node (a graph of leaf calls only needs none)
         for n in gm.graph.nodes:
             if n.op == "call_module":

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from lora_fx.graph_module import graph_modules
 from lora_fx.ops import DELTA_OPS
 from lora_fx.ops_route import ROUTED_KINDS, choose_algo, routed_delta
-from lora_fx.state import ADAPTER_ATTR, ROUTE_ATTR, ROUTE_BUFFER, RouteState, adapter_names, iter_adapters, state_of
+from lora_fx.state import (ADAPTER_ATTR, ROUTE_ATTR, ROUTE_BUFFER, RouteState, adapter_names, iter_adapters, regions,
+                           state_of)
 
 __all__ = ["route_", "unroute_", "is_routed"]
 
@@ -86,7 +86,7 @@ def route_(root: nn.Module) -> RouteState:
     device = next((p.device for _, p in root.named_parameters() if f".{ADAPTER_ATTR}." in f".{_}"), torch.device("cpu"))
     route = torch.empty(0, dtype=torch.long, device=device)
     state = RouteState(names=names, unroutable={})
-    for gm_path, gm in graph_modules(root):
+    for gm_path, gm in regions(root):
         st = state_of(gm)
         if st is None:
             continue
@@ -145,7 +145,7 @@ def unroute_(root: nn.Module) -> nn.Module:
     buffers and the :class:`RouteState`; returns ``root`` (unchanged when not routed)."""
     if not is_routed(root):
         return root
-    for _, gm in graph_modules(root):
+    for _, gm in regions(root):
         graph = gm.graph
         nodes = [n for n in graph.nodes if n.op == "call_function" and n.target is routed_delta]
         if ROUTE_BUFFER in gm._buffers and not nodes:
