@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from ..errors import AdapterMismatchError, ConfigError
 from ..nn import layout
-from ..state import is_adapter_path, is_lora_key, sites
-from ._files import mismatch_error
+from ..state import is_adapter_path, is_lora_key, sites, unwrap
+from ._files import Rollback, dtype_problem, mismatch_error, plain_keys
 from .state_dict import lora_state_dict
 
 __all__ = ["load_loralib_state_dict", "loralib_state_dict"]
@@ -192,7 +192,13 @@ def load_loralib_state_dict(
         AdapterMismatchError: a key names no adapted parameter, its shapes fit no layout, the adapter's
             rank is too small (the message gives the rank needed), or (``strict``) an adapter gets no key.
         ConfigError: no usable ``lora_alpha`` for a key.
+
+    The contract of every loader (:mod:`lora_fx.io._files`): missing, unexpected, wrong-shape and
+    wrong-dtype keys and inf/nan values all in one error, nothing written then; ``gm`` may be
+    compiled or DDP-wrapped, and keys with ``_orig_mod.`` / ``module.`` parts load.
     """
+    gm = unwrap(gm)
+    state_dict = plain_keys(state_dict, gm.state_dict())
     by_name = {}
     for s in sites(gm):
         if s.adapter == adapter_name:
@@ -220,6 +226,11 @@ def load_loralib_state_dict(
             errors.append(f"'{key}': no adapted parameter among {_candidates(prefix, tag) or ['(unknown key form)']} "
                           f"for adapter '{adapter_name}'")
             continue
+        bad = [p for p in (dtype_problem(key, ab["A"], site.lora_A.dtype),
+                           dtype_problem(key[:-1] + "B", ab["B"], site.lora_B.dtype)) if p]
+        if bad:
+            errors += bad
+            continue
         try:
             a, b, r = _to_ours(gm, site, key, tag, ab["A"], ab["B"], enable_lora, fan_in_fan_out)
             s_l = _alpha_for(lora_alpha, prefix, None, key) / r
@@ -242,16 +253,19 @@ def load_loralib_state_dict(
             errors.append(f"'{key}': not a LoRA factor and not an entry of the model's state_dict")
         elif tuple(base_sd[target].shape) != tuple(value.shape):
             errors.append(f"'{key}': shape {tuple(value.shape)} != {tuple(base_sd[target].shape)} of '{target}'")
+        elif dtype_problem(key, value, base_sd[target].dtype):
+            errors.append(dtype_problem(key, value, base_sd[target].dtype))
         else:
             writes.append((base_sd[target], value))
     if strict:
         missing = sorted({s.param for s in by_name.values() if s.path not in covered})
-        if missing:
-            errors.append(f"no checkpoint key for the adapters of {missing} (pass strict=False to keep them)")
+        errors += [f"missing key {_join(p.rpartition('.')[0], 'lora_A')!r} / 'lora_B' (no checkpoint key for the adapter "
+                   f"of '{p}'; pass strict=False to keep it)" for p in missing]
     if errors:
         raise mismatch_error(f"loralib checkpoint does not fit {type(gm).__name__}", errors)
-    for dst, src in writes:
-        dst.copy_(src.to(dst.dtype))
+    with Rollback() as undo:
+        for dst, src in writes:
+            undo.tensor(dst).copy_(src.to(dst.dtype))
     return gm
 
 
@@ -291,6 +305,7 @@ def loralib_state_dict(
     """
     if style not in ("loralib", "loratorch"):
         raise ConfigError(f"style must be 'loralib' or 'loratorch', got {style!r}")
+    gm = unwrap(gm)
     out: dict[str, Tensor] = {}
     errors = []
     conv_owners = set()
