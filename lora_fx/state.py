@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
 __all__ = [
     "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FOLD_META", "LEAF_ATTR",
     "PISSA_BUFFERS", "FILE_META", "TRAINABLE_ATTR", "BUFFERS_ATTR", "WRAPPER_PARTS", "unwrap", "plain_name",
-    "adapter_modules", "trainable_params", "fingerprint", "record_buffers_", "changed_buffers",
+    "adapter_modules", "trainable_params", "record_trainable_", "fingerprint", "record_buffers_", "changed_buffers",
     "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
     "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
     "adapter_path", "is_adapter_path", "is_lora_key", "is_bias_key", "check_bias", "BIAS_MODES",
@@ -336,6 +336,17 @@ def trainable_params(root: nn.Module, adapters: Optional[Iterable[str]] = None) 
         if wanted is None or name in wanted:
             out += [p for p in params if p not in out]
     return out
+
+
+def record_trainable_(root: nn.Module, name: str, params: Sequence[str]) -> nn.Module:
+    """Record (``params`` non-empty) or forget (empty) the fully trained base parameters of adapter
+    ``name`` on ``root``; returns ``root``."""
+    recorded = dict(getattr(root, TRAINABLE_ATTR, {}) or {})
+    recorded.pop(name, None)
+    if params:
+        recorded[name] = list(params)
+    setattr(root, TRAINABLE_ATTR, recorded)
+    return root
 
 
 def fingerprint(t: torch.Tensor) -> Optional[str]:
