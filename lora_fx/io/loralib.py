@@ -218,24 +218,28 @@ def load_loralib_state_dict(
     covered = set()
     for (prefix, tag), ab in pairs.items():
         key = _join(prefix, f"{tag}_lora_A" if tag else "lora_A")
-        if set(ab) != {"A", "B"}:
-            errors.append(f"'{key}': only lora_{''.join(ab)} present; both factors are needed")
-            continue
         site = next((by_name[c] for c in _candidates(prefix, tag) if c in by_name), None)
+        if site is not None:
+            covered.add(site.path)  # a problem with its keys is reported once, not as missing too
+        if set(ab) != {"A", "B"}:
+            have = key if "A" in ab else key[:-1] + "B"
+            errors.append(f"missing key {have[:-1] + ('B' if 'A' in ab else 'A')!r} (its pair {have!r} is present; "
+                          "both factors are needed)")
+            continue
         if site is None:
-            errors.append(f"'{key}': no adapted parameter among {_candidates(prefix, tag) or ['(unknown key form)']} "
-                          f"for adapter '{adapter_name}'")
+            errors.append(f"unexpected key '{key}' (no adapted parameter among "
+                          f"{_candidates(prefix, tag) or ['(unknown key form)']} for adapter '{adapter_name}')")
             continue
         bad = [p for p in (dtype_problem(key, ab["A"], site.lora_A.dtype),
                            dtype_problem(key[:-1] + "B", ab["B"], site.lora_B.dtype)) if p]
-        if bad:
-            errors += bad
-            continue
+        errors += bad
         try:
             a, b, r = _to_ours(gm, site, key, tag, ab["A"], ab["B"], enable_lora, fan_in_fan_out)
             s_l = _alpha_for(lora_alpha, prefix, None, key) / r
         except (AdapterMismatchError, ConfigError) as exc:
             errors.append(str(exc))
+            continue
+        if bad:
             continue
         ad = site.module
         if a.shape[0] > ad.rank:
@@ -245,14 +249,14 @@ def load_loralib_state_dict(
         s_t = ad.base_scaling * ad.mix
         a, b = layout.pad_rank(a.float(), b.float() * (s_l / s_t), ad.rank)
         writes += [(ad.lora_A, a), (ad.lora_B, b)]
-        covered.add(site.path)
     for key, value in others.items():
         alt = key.replace(".conv.", ".") if ".conv." in key else None
         target = key if key in base_sd else alt if alt in base_sd else None
         if target is None:
-            errors.append(f"'{key}': not a LoRA factor and not an entry of the model's state_dict")
+            errors.append(f"unexpected key '{key}' (not a LoRA factor and not an entry of the model's state_dict)")
         elif tuple(base_sd[target].shape) != tuple(value.shape):
-            errors.append(f"'{key}': shape {tuple(value.shape)} != {tuple(base_sd[target].shape)} of '{target}'")
+            errors.append(f"'{key}': file has shape {tuple(value.shape)}, model has {tuple(base_sd[target].shape)} "
+                          f"('{target}')")
         elif dtype_problem(key, value, base_sd[target].dtype):
             errors.append(dtype_problem(key, value, base_sd[target].dtype))
         else:
