@@ -197,7 +197,7 @@ def load_loralib_state_dict(
     wrong-dtype keys and inf/nan values all in one error, nothing written then; ``gm`` may be
     compiled or DDP-wrapped, and keys with ``_orig_mod.`` / ``module.`` parts load.
     """
-    gm = unwrap(gm)
+    given, gm = gm, unwrap(gm)
     state_dict = plain_keys(state_dict, gm.state_dict())
     by_name = {}
     for s in sites(gm):
@@ -270,7 +270,7 @@ def load_loralib_state_dict(
     with Rollback() as undo:
         for dst, src in writes:
             undo.tensor(dst).copy_(src.to(dst.dtype))
-    return gm
+    return given
 
 
 @torch.no_grad()
