@@ -310,7 +310,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
         rank_pattern={p: t.rank for t in plan.targets for p in t.params},
         alpha_pattern={p: t.alpha for t in plan.targets for p in t.params},
         use_rslora=bool(config.get("use_rslora", False)), use_dora=dora,
-        dropout=float(config.get("lora_dropout", 0.0) or 0.0), trainable=tuple(plan.saved) or None)
+        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+        trainable=tuple(m for m in plan.saved if next(target.get_submodule(m).parameters(), None) is not None) or None)
     with torch.no_grad(), Rollback() as undo:
         if not adapted:
             gm = transform(target, config=cfg, adapter_name=adapter_name, **capture)
