@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
+from ..ops import MERGE_OPS, dequantized
 from ..state import PISSA_BUFFERS
 
 __all__ = ["peft_kind", "expected_shapes", "to_peft", "from_peft", "pattern_key", "peft_suffix_match",
@@ -42,17 +43,44 @@ _EXPORTED_KINDS = {"Linear": "linear", "Embedding": "embedding", "Conv1d": "conv
                    "Conv3d": "conv", "Conv1D": "conv1d_gpt2"}
 
 
+#: The op consuming a captured leaf's own ``weight``, and where: ``(PEFT kind, weight argument index)``.
+_LEAF_OPS = {"linear": ("linear", 1), "embedding": ("embedding", 0), "addmm": ("conv1d_gpt2", 2),
+             "conv1d": ("conv", 1), "conv2d": ("conv", 1), "conv3d": ("conv", 1), "convolution": ("conv", 1)}
+
+
+def _weight_attr(node):
+    """The ``get_attr`` node a weight argument reads, through lora_fx's merges (or None)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and (node.target in MERGE_OPS
+                                                                        or node.target is dequantized):
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
 def _exported_kind(module: fx.GraphModule) -> Optional[str]:
-    """Kind of a leaf captured by the torch.export front-end: a GraphModule carrying the original
-    class name, whose graph holds the one ATen op (convolutions: ungrouped only)."""
-    kind = _EXPORTED_KINDS.get(type(module).__name__)
-    if kind == "conv":
-        for node in module.graph.nodes:
-            if node.op == "call_function" and "conv" in str(node.target):
-                groups = node.args[8] if "convolution" in str(node.target) and len(node.args) > 8 else (
-                    node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
-                return "conv" if groups == 1 else None
-    return kind
+    """Kind of a captured leaf: a ``GraphModule`` carrying the class name of an ``nn.Linear`` /
+    ``Embedding`` / ``ConvNd`` / GPT-2 ``Conv1D`` (as the torch.export front-end makes), whose graph
+    agrees: its one weight-consuming op reads the leaf's own ``weight`` (convolutions: ungrouped,
+    not transposed)."""
+    found = []
+    for node in module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", "")
+        if name not in _LEAF_OPS:
+            continue
+        kind, slot = _LEAF_OPS[name]
+        w = _weight_attr(node.args[slot]) if len(node.args) > slot else None
+        if w is None or w.target != "weight":
+            return None
+        if kind == "conv":
+            if name == "convolution":
+                groups, transposed = (node.args[8] if len(node.args) > 8 else 1), (len(node.args) > 6 and node.args[6])
+            else:
+                groups, transposed = (node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)), False
+            if groups != 1 or transposed:
+                return None
+        found.append(kind)
+    return found[0] if len(found) == 1 and _EXPORTED_KINDS.get(type(module).__name__) == found[0] else None
 
 
 def peft_kind(module: nn.Module) -> Optional[str]:
