@@ -192,3 +192,19 @@ def test_peft_modules_to_save_load_into_lora_fx(tmp_path, bert):
     with pytest.raises(lora_fx.AdapterMismatchError, match="would replace base parameters shared by every adapter"):
         lora_fx.load_adapter(target, tmp_path / "p", adapter_name="second")
     assert_unchanged(target, before)
+
+
+def test_gpt2_default_targets_save_a_file_peft_loads(tmp_path, gpt2):
+    """Whatever the default targets are (tied embeddings included or not), the file loads in PEFT."""
+    model, gm, ids = gpt2
+    lora_fx.add_adapter(gm, "defaults", rank=2, activate=True)
+    lora_fx.set_active_adapters(gm, "defaults")
+    _randomise(gm, seed=9, adapter="defaults")
+    try:
+        lora_fx.save_adapter(gm, tmp_path / "d", adapter="defaults")
+        with torch.no_grad():
+            pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "d").eval()
+            assert_close(_logits(pm(ids)), _logits(gm(ids)))
+    finally:
+        lora_fx.delete_adapter(gm, "defaults")
+        lora_fx.set_active_adapters(gm, "default")

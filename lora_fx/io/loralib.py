@@ -148,12 +148,12 @@ def _to_ours(gm, site, key, tag, a, b, enable_lora, fan_in_fan_out):
                                f"of '{site.param}' {tuple(shape)} (op {site.op})")
 
 
-def _refuse_fused(site) -> None:
+def _fused_problem(site) -> Optional[str]:
     if site.blocks:
-        raise AdapterMismatchError(
-            f"'{site.param}' has a fused per-block adapter ({', '.join(b[0] for b in site.blocks)}); loralib / "
-            "LoRA-Torch layouts hold one rank-r pair per weight. Transform with "
-            f"fused={{'{site.param}': None}} (or fused={{'*.in_proj_weight': None}} for attention) to use them.")
+        return (f"'{site.param}' has a fused per-block adapter ({', '.join(b[0] for b in site.blocks)}); loralib / "
+                "LoRA-Torch layouts hold one rank-r pair per weight. Transform with "
+                f"fused={{'{site.param}': None}} (or fused={{'*.in_proj_weight': None}} for attention) to use them.")
+    return None
 
 
 @torch.no_grad()
@@ -199,14 +199,17 @@ def load_loralib_state_dict(
     """
     given, gm = gm, unwrap(gm)
     state_dict = plain_keys(state_dict, gm.state_dict())
-    by_name = {}
+    by_name, errors = {}, []
     for s in sites(gm):
         if s.adapter == adapter_name:
-            _refuse_fused(s)
+            fused = _fused_problem(s)
+            if fused:
+                errors.append(fused)
+                continue
             for n in s.aliases or (s.param,):
                 by_name[n] = s
     pairs: dict[tuple[str, str], dict[str, Tensor]] = {}
-    others, errors = {}, []
+    others = {}
     for key, value in state_dict.items():
         parts = _split_key(key)
         if parts is None:
@@ -316,7 +319,10 @@ def loralib_state_dict(
     for site in sites(gm):
         if site.adapter != adapter_name:
             continue
-        _refuse_fused(site)
+        fused = _fused_problem(site)
+        if fused:
+            errors.append(fused)
+            continue
         owner_path, _, pname = site.param.rpartition(".")
         owner = _owner(gm, site.param)
         parent_path, _, last = owner_path.rpartition(".")

@@ -35,6 +35,11 @@ from ._peft_plan import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, check_peft_confi
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_PREFIX"]
 
 
+#: The op kinds (``Site.ops``) of a module's own call, per PEFT layer family.
+_OWN_OPS = {"linear": ("linear",), "embedding": ("embedding",), "conv": ("conv1d", "conv2d", "conv3d"),
+            "conv1d_gpt2": ("addmm",)}
+
+
 def _exact(name: str) -> str:
     return "^" + re.escape(name)
 
@@ -63,6 +68,11 @@ def _owners(model: nn.Module, s) -> tuple[list[tuple[str, str]], Optional[str]]:
             return [], (f"'{alias}' ({type(module).__name__}.{pname}, {s.op}): PEFT LoRA adapts the weight of Linear, "
                         "Embedding, ungrouped Conv1d/2d/3d and transformers Conv1D modules only")
         owners.append((owner, kind))
+    ops = {k for _, kind in owners for k in _OWN_OPS[kind]}
+    if any(op not in ops for op in s.ops):
+        return [], (f"'{s.param}' is consumed by {sorted(set(s.ops) - ops)} (its parent module's own computation, e.g. "
+                    "MultiheadAttention reading out_proj.weight), not by its module's call, which is what PEFT adapts: "
+                    f"the file would compute something else. Leave it out with exclude=['{s.param}'] to save the rest")
     for prefix, _, rec, a in adapter_records(model):
         if a is not s.module or rec.adapter != s.adapter:
             continue
