@@ -142,7 +142,9 @@ def bert():
     assert sorted(n for n, p in gm.named_parameters() if p.requires_grad and "lora_" not in n) == \
         ["classifier.bias", "classifier.weight"]
     labels = torch.tensor([0, 1, 2, 1])
-    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.5)
+    params = lora_fx.adapter_parameters(gm)  # the optimizer's list holds the head too
+    assert {id(p) for p in params} == {id(p) for p in gm.parameters() if p.requires_grad}
+    opt = torch.optim.SGD(params, lr=0.5)
     gm.train()
     for _ in range(3):
         torch.nn.functional.cross_entropy(_logits(gm(ids)), labels).backward()

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..state import adapter_owners, check_bias, is_bias_key, is_lora_key, is_lora_layer, iter_adapters, trainable_params
+from ..state import (adapter_owners, check_bias, is_bias_key, is_lora_key, is_lora_layer, iter_adapters,
+                     trainable_params, unwrap)
 from .module import LoraAdapter
 
 __all__ = ["mark_only_lora_as_trainable", "adapter_parameters", "train_adapters_only_",
@@ -15,8 +16,9 @@ __all__ = ["mark_only_lora_as_trainable", "adapter_parameters", "train_adapters_
 
 def _full(model: nn.Module, *, active_only: bool) -> set[int]:
     """Ids of the base parameters trained in full (``trainable=``) with the (enabled) adapters."""
-    names = None if not active_only else {n for n, _, a in iter_adapters(model) if a.enabled}
-    return {id(model.get_parameter(n)) for n in trainable_params(model, names)}
+    inner = unwrap(model)
+    names = None if not active_only else {n for n, _, a in iter_adapters(inner) if a.enabled}
+    return {id(inner.get_parameter(n)) for n in trainable_params(inner, names)}
 
 
 def train_adapters_only_(root: nn.Module) -> nn.Module:
@@ -33,14 +35,17 @@ def train_adapters_only_(root: nn.Module) -> nn.Module:
 
 def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn.Parameter]:
     """Adapter parameters of ``model`` (lora_fx adapters, plus any parameter whose name contains
-    ``lora_`` as in loralib-style layers); with ``active_only``, disabled adapters are left out."""
+    ``lora_`` as in loralib-style layers), and the base parameters trained in full with an adapter
+    (``transform(..., trainable=[...])``); with ``active_only``, those of disabled adapters are
+    left out.  What an optimizer needs: ``torch.optim.AdamW(adapter_parameters(gm))``."""
     out, seen = [], set()
     disabled = set()
     for m in model.modules():
         if isinstance(m, LoraAdapter) and active_only and not m.enabled:
             disabled.update(id(p) for p in m.parameters())
+    full = _full(model, active_only=active_only)
     for name, p in model.named_parameters():
-        if is_lora_key(name) and id(p) not in disabled and id(p) not in seen:
+        if (is_lora_key(name) or id(p) in full) and id(p) not in disabled and id(p) not in seen:
             seen.add(id(p))
             out.append(p)
     return out
