@@ -56,9 +56,10 @@ def _inside_owner(node) -> bool:
     return inner is not None and inner == node.target.rpartition(".")[0]
 
 
-def _owners(model: nn.Module, s) -> tuple[list[tuple[str, str]], Optional[str]]:
+def _owners(model: nn.Module, s, names_of: dict) -> tuple[list[tuple[str, str]], Optional[str]]:
     """``[(module, PEFT kind)]`` of the modules whose calls consume site ``s`` (one per targeted
-    alias of a tied weight), or ``([], why)`` when PEFT, which adapts module calls, cannot express it."""
+    alias of a tied weight), or ``([], why)`` when PEFT, which adapts module calls, cannot express it.
+    ``names_of``: ``{id(module): [every name it is registered under]}``."""
     owners = []
     for alias in s.aliases:
         owner, _, pname = alias.rpartition(".")
@@ -67,6 +68,11 @@ def _owners(model: nn.Module, s) -> tuple[list[tuple[str, str]], Optional[str]]:
         if pname != "weight" or kind is None or not owner:
             return [], (f"'{alias}' ({type(module).__name__}.{pname}, {s.op}): PEFT LoRA adapts the weight of Linear, "
                         "Embedding, ungrouped Conv1d/2d/3d and transformers Conv1D modules only")
+        others = [n for n in names_of.get(id(module), []) if n != owner]
+        if others:
+            return [], (f"'{alias}': its module '{owner}' is also registered as {others} (one module called under "
+                        "several names); PEFT wraps it under one name only, so the other calls would not see the "
+                        f"adapter. Leave it out with exclude=['{s.param}'] to save the rest")
         owners.append((owner, kind))
     ops = {k for _, kind in owners for k in _OWN_OPS[kind]}
     if any(op not in ops for op in s.ops):
@@ -165,8 +171,12 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
             "module, and DoRA's normalisation does not let it be re-expressed on the original W. Save "
             "lora_fx.fold(gm) as a full model instead.")
     problems, entries = [], []
+    names_of: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if not is_adapter_path(n):
+            names_of.setdefault(id(m), []).append(n)
     for s in chosen:
-        owners, why = _owners(model, s)
+        owners, why = _owners(model, s, names_of)
         m = s.module
         if why:
             problems.append(why)
