@@ -29,7 +29,8 @@ from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with
 from .deploy import fold
 from .errors import AlreadyAdaptedError, ConfigError
 from .graph_module import deferred_recompile
-from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, Site, is_adapted, record_buffers_, sites, trainable_params
+from .buffers import record_buffers_
+from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, Site, is_adapted, sites, trainable_params
 from .targets import check_adapter_name
 
 __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]

@@ -49,7 +49,6 @@ The adapter module's own attributes (``lora_A``, ``lora_B``, ``scaling``, ``lora
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
@@ -65,7 +64,7 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
 __all__ = [
     "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FOLD_META", "LEAF_ATTR",
     "PISSA_BUFFERS", "FILE_META", "TRAINABLE_ATTR", "BUFFERS_ATTR", "WRAPPER_PARTS", "unwrap", "plain_name",
-    "adapter_modules", "trainable_params", "record_trainable_", "fingerprint", "record_buffers_", "changed_buffers",
+    "adapter_modules", "trainable_params", "record_trainable_",
     "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
     "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
     "adapter_path", "is_adapter_path", "is_lora_key", "is_bias_key", "check_bias", "BIAS_MODES",
@@ -323,7 +322,7 @@ def is_lora_layer(m: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# what else an adapter carries: fully trained base parameters, buffers training changed
+# what else an adapter carries: fully trained base parameters
 
 
 def trainable_params(root: nn.Module, adapters: Optional[Iterable[str]] = None) -> list[str]:
@@ -347,44 +346,6 @@ def record_trainable_(root: nn.Module, name: str, params: Sequence[str]) -> nn.M
         recorded[name] = list(params)
     setattr(root, TRAINABLE_ATTR, recorded)
     return root
-
-
-def fingerprint(t: torch.Tensor) -> Optional[str]:
-    """A short digest of ``t``'s dtype, shape and bytes (sha256, 32 hex digits), or None for a tensor
-    whose bytes cannot be read here (meta, a distributed tensor)."""
-    if t.device.type == "meta" or type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer):
-        return None
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    if flat.numel():
-        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.dtype != torch.uint8 else flat.numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def _buffer_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of ``module``'s persistent buffers."""
-    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    return [k for k in module.state_dict(keep_vars=True) if k not in params]
-
-
-def record_buffers_(root: nn.Module, source: nn.Module) -> nn.Module:
-    """Record on ``root`` the :func:`fingerprint` of every persistent buffer of ``source`` (the
-    user's model, whose keys ``root``'s state dict repeats) that ``root`` has; returns ``root``."""
-    sd = source.state_dict(keep_vars=True)
-    own = set(_buffer_keys(root))
-    prints = {k: fingerprint(sd[k]) for k in _buffer_keys(source) if k in own}
-    setattr(root, BUFFERS_ATTR, {k: v for k, v in prints.items() if v is not None})
-    return root
-
-
-def changed_buffers(root: nn.Module) -> list[str]:
-    """State-dict keys of the persistent buffers whose values differ from those :func:`record_buffers_`
-    saw at transform time (e.g. BatchNorm running statistics after training), in state-dict order."""
-    root = unwrap(root)
-    recorded = getattr(root, BUFFERS_ATTR, None) or {}
-    sd = root.state_dict(keep_vars=True)
-    return [plain_name(k) for k in _buffer_keys(root)
-            if plain_name(k) in recorded and fingerprint(sd[k]) not in (None, recorded[plain_name(k)])]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 import lora_fx
 from lora_fx.errors import LoraFxWarning
 from lora_fx.io import load_lora_state, save_lora_state
-from lora_fx.state import changed_buffers
+from lora_fx.buffers import changed_buffers
 
 peft = pytest.importorskip("peft")
 

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, LoraFxWarning, NotAdaptedError
-from ..state import (FILE_META, adapter_modules, changed_buffers, configs_of, is_bias_key, is_lora_key,
-                     plain_name, trainable_params, unwrap)
+from ..buffers import changed_buffers
+from ..state import (FILE_META, adapter_modules, configs_of, is_bias_key, is_lora_key, plain_name, trainable_params,
+                     unwrap)
 from ._files import (ADAPTER_STATE, Entry, Rollback, adapter_state, atomic_write_bytes, entry_problems,
                      mismatch_error, plain_keys, read_safetensors, safetensors_bytes, set_adapter_state_)
 from .state_dict import lora_state_dict

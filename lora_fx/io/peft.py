@@ -25,8 +25,9 @@ from ..adapters.lifecycle import add_adapter, delete_adapter, named_adapters, se
 from ..api import transform
 from ..config import LoraConfig
 from ..errors import AdapterMismatchError, ConfigError, LoraFxWarning, UnsupportedSiteError
-from ..state import (FILE_META, PISSA_BUFFERS, adapter_names, adapter_records, changed_buffers, check_adapter_names,
-                     configs_of, is_adapted, is_adapter_path, is_lora_key, sites, trainable_params, unwrap)
+from ..buffers import changed_buffers
+from ..state import (FILE_META, PISSA_BUFFERS, adapter_names, adapter_records, check_adapter_names, configs_of,
+                     is_adapted, is_adapter_path, is_lora_key, sites, trainable_params, unwrap)
 from ._files import ADAPTER_STATE, Rollback, atomic_write_bytes, mismatch_error, safetensors_bytes
 from ._peft_layout import expected_shapes, from_peft, peft_factors, peft_kind, to_peft
 from ._peft_layout import from_peft as _from_peft, to_peft as _to_peft  # noqa: F401  (old private names)
