@@ -24,7 +24,7 @@ from lora_fx.passes.trace_export import export_error, normalize_example_inputs, 
 
 from .errors import ExportFileError, ExportParityError
 from .io._files import atomic_write
-from .state import CONFIG_ATTR, FOLD_META, require_adapted
+from .state import BUFFERS_ATTR, CONFIG_ATTR, FOLD_META, TRAINABLE_ATTR, require_adapted
 
 __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
@@ -50,8 +50,9 @@ def fold(gm: nn.Module) -> nn.Module:
     if not isinstance(gm, fx.GraphModule):  # a model that kept its class: the plain model back
         return fold_regions(gm)[0]
     folded, info = fold_graph_modules(gm)
-    if hasattr(folded, CONFIG_ATTR):
-        delattr(folded, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, TRAINABLE_ATTR, BUFFERS_ATTR):  # parameters trained in full stay, as trained
+        if hasattr(folded, attr):
+            delattr(folded, attr)
     folded.meta[FOLD_META] = info
     return folded
 

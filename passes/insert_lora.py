@@ -102,8 +102,9 @@ def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapte
         a = graph.call_module(f"{path}.dropout", (a,))
     b, s = _get_attr(graph, f"{path}.lora_B"), _get_attr(graph, f"{path}.scaling")
     if getattr(adapter, "use_dora", False):
+        # alpha / rank as a buffer, not a constant: a hot-swap of rank or alpha reaches the graph
         return graph.call_function(MERGE.dora_fn, (weight, a, b, s, _get_attr(graph, f"{path}.lora_magnitude"),
-                                                   adapter.base_scaling))
+                                                   _get_attr(graph, f"{path}.base_scale")))
     return graph.call_function(MERGE.fn, (weight, a, b, s) + _layout(adapter))
 
 
