@@ -29,7 +29,7 @@ from .state import CONFIG_ATTR, FOLD_META, require_adapted
 __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
 
-def fold(gm: nn.Module) -> fx.GraphModule:
+def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> fx.GraphModule:
     """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
     float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
 
@@ -38,11 +38,29 @@ def fold(gm: nn.Module) -> fx.GraphModule:
     (:data:`lora_fx.state.FOLD_META`) holds ``{"folded": [names], "untied": [names]}``: a weight
     tied to an unadapted alias gets its own folded tensor and is listed under ``"untied"``.
 
+    A quantized base weight (torchao, bitsandbytes) folds by default into a plain float weight
+    ``dequantize(W_q) + ΔW`` of its compute dtype (fp32 accumulation, one rounding): the folded
+    layer computes the adapted function exactly, in float.  bitsandbytes linears holding such a
+    weight become ``nn.Linear`` s (bias in the weight's dtype); torchao weights stay in their
+    ``nn.Linear``.  Layers that were not adapted keep their quantized weights.
+
+    Args:
+        gm: a module from :func:`lora_fx.transform`.
+        requantize: quantize each folded quantized weight again, in the scheme of the base (same
+            block size, data type, statistics layout; bitsandbytes modules stay bitsandbytes
+            modules).  As lossy as quantizing afresh: the entry :data:`lora_fx.state.REQUANT_ERROR`
+            of ``result.meta["lora_fx"]`` records, per weight, the largest and mean absolute
+            difference ``{"max", "mean"}`` between the requantized weight and the float fold.
+        dtype: the dtype of the float weights folded from quantized ones (default: each weight's
+            compute dtype; bitsandbytes 8-bit weights keep no record of theirs and default to
+            float16).  Plain weights always keep their dtype.
+
     Raises:
         NotAdaptedError: ``gm`` was not produced by :func:`lora_fx.transform` (or is already folded).
+        ValueError: a folded weight is not finite (a diverged adapter).
     """
     require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
-    folded, info = fold_graph_modules(gm)
+    folded, info = fold_graph_modules(gm, requantize=bool(requantize), dtype=dtype)
     if hasattr(folded, CONFIG_ATTR):
         delattr(folded, CONFIG_ATTR)
     folded.meta[FOLD_META] = info

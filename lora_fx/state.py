@@ -23,6 +23,8 @@ key                         where, holding                     written by / read
                             ``"export"``                       ``passes.trace_export``; read by users
 :data:`FOLD_META`           folded root ``.meta``:             ``deploy.fold``; read by users
                             ``{"folded": [...], "untied": []}``
+                            (+ :data:`REQUANT_ERROR` with
+                            ``fold(requantize=True)``)
 :data:`LEAF_ATTR`           class attribute: keep instances    ``lora_fx.nn.layers``; read by
                             as opaque leaves when tracing      ``passes.trace_fx``
 :data:`PISSA_BUFFERS`       adapter: PiSSA's initial factors   ``adapters.init.pissa_init_``; read by
@@ -51,7 +53,8 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
     from .adapters.module import LoraAdapter
 
 __all__ = [
-    "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FOLD_META", "LEAF_ATTR",
+    "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FOLD_META", "REQUANT_ERROR",
+    "LEAF_ATTR",
     "PISSA_BUFFERS", "FILE_META",
     "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
     "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
@@ -72,6 +75,10 @@ ADAPTER_ATTR = "lora"
 FRONTEND_META = "lora_fx_frontend"
 #: Key of ``folded.meta``: ``{"folded": [names], "untied": [names]}`` (see :func:`lora_fx.fold`).
 FOLD_META = "lora_fx"
+#: Key of ``folded.meta[FOLD_META]`` after ``fold(..., requantize=True)``: ``{name: {"max": float,
+#: "mean": float}}``, the absolute difference between each requantized weight (dequantized) and the
+#: float fold it was quantized from, largest and mean over the weight's elements.
+REQUANT_ERROR = "requantization_error"
 #: Class attribute: instances are kept as opaque leaves by the torch.fx front-end.
 LEAF_ATTR = "_lora_fx_leaf"
 #: Non-persistent buffers of a PiSSA adapter: its initial factors ``(A0, B0)``.
