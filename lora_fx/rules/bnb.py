@@ -17,7 +17,8 @@ model is never touched):
   the first call in eval mode without gradients (an evaluation pass, ``generate()``) repacks the
   weight *in place* into an inference layout whose kernel has no backward: training afterwards
   raises, or, inside a model, runs with silently wrong gradients.  A weight the user's model had
-  repacked already is converted back (a warning says so).  ``compute_dtype`` is fixed (None
+  repacked already is converted back on the copy, with the bfloat16-rounded scales the repack left
+  (a warning says so).  ``compute_dtype`` is fixed (None
   becomes the dtype the weight was quantized from, which bitsandbytes would adopt from the first
   input) and the bias is stored in it, so no forward casts a parameter in place (which would also
   break ``torch.compile`` graphs).
@@ -66,10 +67,11 @@ def _prepare_4bit(m: Linear4bit, path: str) -> None:
         w.data, w.quant_state = unpacked_4bit(w)
         warnings.warn(
             f"'{path}' ({type(m).__name__}): bitsandbytes had repacked this weight in place for CPU inference (a "
-            "forward in eval mode without gradients, before transform); lora_fx converted its copy back to the "
-            "training layout (exact unless the layer computes in bfloat16, where bitsandbytes rounded its scales "
-            "to bfloat16). Adapt the model before evaluating it, or set support_avx512bf16_for_cpu = False on its "
-            "Linear4bit modules.", LoraFxWarning, stacklevel=2)
+            "forward in eval mode without gradients, before transform), rounding its block scales to bfloat16 on "
+            "the way; lora_fx converted its copy back to the training layout, with those rounded scales (the "
+            "repacked module computes with them too, about 1e-3 from the weight as first quantized). Adapt the "
+            "model before evaluating it, or set support_avx512bf16_for_cpu = False on its Linear4bit modules.",
+            LoraFxWarning, stacklevel=5)  # the caller of transform / add_adapter
     m.support_avx512bf16_for_cpu = False
     w.module = m  # a deep copy's weight still points at the user's module
     m.quant_state = w.quant_state
