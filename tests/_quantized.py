@@ -162,42 +162,45 @@ def kind(name: str) -> QKind:
     return KINDS[name]
 
 
-def dequantize_reference(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.dtype]]:
-    """``(W, compute dtype)`` of a quantized linear, by the library's own API (not lora_fx's);
-    compute dtype None: the input's dtype."""
+def dequantize_reference(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.dtype], bool]:
+    """``(W, compute dtype, bitsandbytes)`` of a quantized linear, by the library's own API (not
+    lora_fx's); compute dtype None: the input's dtype."""
     w = module.weight
     cls = type(w).__name__
     if cls == "NF4Tensor":
-        return w.get_original_weight(), None
+        return w.get_original_weight(), None, False
     if cls == "Int4OpaqueTensor":  # no dequantize in torchao: its kernel applied to the identity
-        return F.linear(torch.eye(w.shape[1], dtype=w.dtype), w).t().contiguous(), None
+        return F.linear(torch.eye(w.shape[1], dtype=w.dtype), w).t().contiguous(), None, False
     if hasattr(w, "dequantize") and cls not in ("Params4bit", "Int8Params"):
-        return w.dequantize(), None
+        return w.dequantize(), None, False
     import bitsandbytes.functional as bF
 
     if cls == "Params4bit":
-        return bF.dequantize_4bit(w.data, w.quant_state).to(w.quant_state.dtype), module.compute_dtype
+        return bF.dequantize_4bit(w.data, w.quant_state).to(w.quant_state.dtype), module.compute_dtype, True
     if cls == "Int8Params":
         scb = w.SCB if w.SCB is not None else module.state.SCB
-        return bF.int8_vectorwise_dequant(w.data, scb), None
-    return w.detach(), None
+        return bF.int8_vectorwise_dequant(w.data, scb), None, True
+    return w.detach(), None, False
 
 
 class DequantLinear(nn.Linear):
-    """``F.linear(x, W, b)`` in ``compute_dtype`` (None: ``x``'s), the result in ``x``'s dtype: what
-    a quantized linear computes, on a float ``W``."""
+    """What a quantized linear computes, on a float ``W``: torchao's, ``F.linear(x, W.to(x.dtype),
+    b)``; bitsandbytes' (``bnb=True``), the same in ``compute_dtype`` (None: ``x``'s) and the result
+    cast back to ``x``'s dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], compute_dtype: Optional[torch.dtype]):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], compute_dtype: Optional[torch.dtype],
+                 bnb: bool = False):
         super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.bnb = compute_dtype, bnb
 
     def forward(self, x):
         cd = self.compute_dtype or x.dtype
         b = None if self.bias is None else self.bias.to(cd)
-        return F.linear(x.to(cd), self.weight.to(cd), b).to(x.dtype)
+        out = F.linear(x.to(cd), self.weight.to(cd), b)
+        return out.to(x.dtype) if self.bnb else out
 
 
 def float_twin(model: nn.Module) -> nn.Module:
@@ -206,9 +209,9 @@ def float_twin(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model)
     for name, mod in list(twin.named_modules()):
         if isinstance(mod, nn.Linear) and type(mod.weight) not in (torch.Tensor, nn.Parameter):
-            w, cd = dequantize_reference(mod)
+            w, cd, is_bnb = dequantize_reference(mod)
             parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent) if parent else twin, child, DequantLinear(w, mod.bias, cd))
+            setattr(twin.get_submodule(parent) if parent else twin, child, DequantLinear(w, mod.bias, cd, is_bnb))
     return twin
 
 
