@@ -119,7 +119,7 @@ def _bnb8(dtype):
     m = mlp(dtype)
     for i in (0, 2):
         lin = m[i]
-        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False)
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False).to(dtype)
         q.load_state_dict(lin.state_dict())
         m[i] = q.to("cpu")  # quantizes (from float16)
     return m

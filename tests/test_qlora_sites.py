@@ -211,3 +211,11 @@ def test_kinds_report_logical_shape_dtype_and_bytes():
         assert weights.reason(w) is None and not weights.writable(w) and not weights.is_plain(w)
         assert weights.nbytes(w) < 0.6 * 256 * 128 * 2, (name, weights.nbytes(w))  # int8 ≈ 0.5, 4-bit ≈ 0.27
         assert weights.kind_of(w).name.startswith(name.split("-")[0]), name
+
+
+@pytest.mark.parametrize("name", ["torchao-nf4", "bnb-nf4-dq"])
+def test_the_export_front_end_refuses_quantized_weights_with_the_fix(name):
+    model = kind(name).build(torch.float32)
+    with pytest.raises(lora_fx.TraceError, match=r"cannot capture quantized weights \(2: 0\.weight \((torchao-nf4|bnb-4bit)\)"
+                                                  r".*frontend='fx'"):
+        lora_fx.transform(model, rank=4, frontend="export", example_inputs=(_x(torch.float32),))
