@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from lora_fx.passes.fold import fold_graph_modules
+from lora_fx.passes.fold import fold_graph_modules, fold_regions
 from lora_fx.passes.trace_export import export_error, normalize_example_inputs, resolve_dynamic_shapes
 
 from .errors import ExportFileError, ExportParityError
@@ -29,9 +29,14 @@ from .state import CONFIG_ATTR, FOLD_META, require_adapted
 __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
 
-def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> fx.GraphModule:
+def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
     float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
+
+    A model that kept its class (the regions front-end: a Hugging Face model, say) folds into an
+    instance of that class made of its own plain modules (no region, no instance ``forward``, no
+    ``lora`` submodule), whose ``save_pretrained`` / ``from_pretrained`` round-trips; it carries no
+    ``meta`` record.
 
     ``fold(gm).state_dict()`` has the original model's keys, so it loads with ``strict=True`` into
     a fresh instance of the original class.  ``gm`` is not modified.  ``result.meta["lora_fx"]``
@@ -60,6 +65,8 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
         ValueError: a folded weight is not finite (a diverged adapter).
     """
     require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
+    if not isinstance(gm, fx.GraphModule):  # a model that kept its class: the plain model back
+        return fold_regions(gm, requantize=bool(requantize), dtype=dtype)[0]
     folded, info = fold_graph_modules(gm, requantize=bool(requantize), dtype=dtype)
     if hasattr(folded, CONFIG_ATTR):
         delattr(folded, CONFIG_ATTR)

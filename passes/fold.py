@@ -20,10 +20,10 @@ import torch
 from torch import fx, nn
 
 from lora_fx import ops, weights
-from lora_fx.graph_module import graph_modules
 from lora_fx.errors import UnsupportedSiteError
+from lora_fx.regions import strip_regions_
 from lora_fx.rules import module_rule
-from lora_fx.state import REQUANT_ERROR, is_adapter_path, state_of
+from lora_fx.state import REQUANT_ERROR, is_adapter_path, regions, state_of
 
 from .remove_lora import remove_lora_
 from .route_quantized import unroute_quantized_
@@ -32,7 +32,7 @@ from .route_quantized import unroute_quantized_
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
     from lora_fx.adapters.module import LoraAdapter
 
-__all__ = ["fold_graph_modules", "folded_weight"]
+__all__ = ["fold_graph_modules", "fold_regions", "folded_weight"]
 
 
 def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -121,9 +121,37 @@ def fold_graph_modules(root: nn.Module, *, requantize: bool = False,
     quantized again in its own scheme and ``info[REQUANT_ERROR]`` records the error per name.
     Linears routed through the frozen-base op are module calls again."""
     new = copy.deepcopy(root)
-    info = {"folded": [], "untied": []}
+    info, plans, owners = _fold_weights_(new, requantize, dtype)
+    for gm, _, _ in plans:  # the same removal pass as delete_adapter, for every adapter
+        remove_lora_(gm)
+    for _, gm in regions(new):
+        unroute_quantized_(gm)
+    _replace_folded_modules_(new, owners)
+    return new, info
+
+
+def fold_regions(root: nn.Module, *, requantize: bool = False,
+                 dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, dict]:
+    """:func:`fold_graph_modules` for a model that kept its class: the copy's weights are folded
+    as there, then every adapter, region, instance ``forward`` and lora_fx attribute is removed
+    (:func:`lora_fx.regions.strip_regions_`), so the result is the model's own classes running
+    their own code, with folded weights (a bitsandbytes linear holding a float weight becomes an
+    ``nn.Linear``)."""
+    new = copy.deepcopy(root)
+    info, _, owners = _fold_weights_(new, requantize, dtype)
+    for path, gm in regions(new):  # the graphs go away: modules and records only
+        remove_lora_(gm, module=new.get_submodule(path) if path else new, rewrite=False)
+    strip_regions_(new)
+    _replace_folded_modules_(new, owners)
+    return new, info
+
+
+def _fold_weights_(new: nn.Module, requantize: bool, dtype: Optional[torch.dtype]) -> tuple[dict, list, dict]:
+    """Write the folded weights into ``new`` (a copy the caller owns); returns ``(info, plans,
+    owners)``, ``owners`` the modules owning a folded quantized weight (by id)."""
+    info: dict = {"folded": [], "untied": []}
     errors: dict[str, dict] = {}
-    owners: dict[int, nn.Module] = {}  # modules owning a folded quantized weight
+    owners: dict[int, nn.Module] = {}
     # Collect everything before writing anything: an owner module can be reachable from several
     # GraphModules, and a parameter must be folded exactly once.  Every name of every parameter
     # object is taken before anything is replaced, so ties across blocks are seen too.
@@ -132,7 +160,7 @@ def fold_graph_modules(root: nn.Module, *, requantize: bool = False,
         if not is_adapter_path(name):
             names.setdefault(id(p), []).append(name)
     plans = []
-    for gm_path, gm in graph_modules(new):
+    for gm_path, gm in regions(new):
         st = state_of(gm)
         if st is None:
             continue
@@ -167,7 +195,7 @@ def fold_graph_modules(root: nn.Module, *, requantize: bool = False,
             owner._parameters[pname] = memo[key]
             info["folded"].append(prefix + alias)
             assigned.setdefault(id(w), {})[prefix + alias] = key
-    gms = dict(graph_modules(new))
+    gms = dict(regions(new))
 
     def read_by_any_graph(name: str) -> bool:
         return any(name.startswith(f"{p}." if p else "") and _read_by_graph(g, name[len(p) + 1 if p else 0:])
@@ -192,11 +220,6 @@ def fold_graph_modules(root: nn.Module, *, requantize: bool = False,
         held = {id(new.get_parameter(n)) for n in names.get(wid, [])}
         if len(held) > 1:  # the parameter's names no longer all hold one tensor: untied
             info["untied"].extend(n for n in done if n not in info["untied"])
-    for gm, _, _ in plans:  # the same removal pass as delete_adapter, for every adapter
-        remove_lora_(gm)
-    for _, gm in graph_modules(new):
-        unroute_quantized_(gm)
-    _replace_folded_modules_(new, owners)
     if requantize:
         info[REQUANT_ERROR] = errors
-    return new, info
+    return info, plans, owners

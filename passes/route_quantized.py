@@ -23,9 +23,9 @@ from torch import fx, nn
 
 from lora_fx import weights
 from lora_fx.errors import LoraFxWarning
-from lora_fx.graph_module import graph_modules
 from lora_fx.ops_quantized import bnb_linear, quantized_linear
 from lora_fx.rules import module_rule
+from lora_fx.state import regions
 
 __all__ = ["prepare_quantized_", "unroute_quantized_"]
 
@@ -92,7 +92,7 @@ def prepare_quantized_(root: nn.Module) -> nn.Module:
         if hook is not None:
             hook(mod, path)
     straight: list[str] = []
-    for path, gm in graph_modules(root):
+    for path, gm in regions(root):
         if _route(gm, f"{path}." if path else "", straight):
             gm.graph.lint()
             gm.recompile()

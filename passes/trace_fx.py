@@ -27,10 +27,10 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
 from lora_fx.errors import LoraFxWarning, TraceError, user_frame
-from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, graph_modules, value_key
+from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, value_key
 from lora_fx.ops import LORA_OPS
 from lora_fx.rules import module_rule
-from lora_fx.state import LEAF_ATTR
+from lora_fx.state import LEAF_ATTR, graph_modules
 
 __all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
 
@@ -120,7 +120,7 @@ def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceEr
     frame = user_frame(exc, also_skip=(_HERE,))
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
     name = module_path or "<root>"
-    return TraceError(
+    err = TraceError(
         f"torch.fx could not trace module '{name}' ({type(module).__name__}){where}: "
         f"{type(exc).__name__}: {exc}\n"
         "How to fix: (1) pass concrete_args={'arg': value} for arguments the code branches on; "
@@ -128,6 +128,12 @@ def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceEr
         "adapted by merging, through torch.func.functional_call); or (3) use the torch.export "
         "front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which specialises "
         "Python control flow on shapes and arguments to the example inputs (not on tensor values).")
+    # for the regions front-end: the innermost module and a one-line reason
+    err.module_path = module_path
+    first = (str(exc).strip().splitlines() or [""])[0]
+    at = f"{os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`: " if frame else ""
+    err.reason = f"{at}{type(exc).__name__}: {first}"
+    return err
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",

@@ -22,8 +22,7 @@ from lora_fx.passes.route_quantized import prepare_quantized_
 
 from ..config import UNSET, LoraConfig, config_with
 from ..errors import ConfigError, TargetError
-from ..graph_module import graph_modules
-from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters,
+from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters, regions,
                      record_config_, require_adapted, state_of)
 from ..targets import check_adapter_name, check_patterns, select_targets
 from .hotswap import disable_adapters  # one implementation, re-exported here
@@ -43,9 +42,10 @@ __all__ = [
 ]
 
 
-def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.GraphModule:
-    """The pipeline after capture, on a ``GraphModule`` hierarchy the caller owns (the copy
-    :func:`lora_fx.transform` captured, or the module :func:`add_adapter` extends); returns ``root``.
+def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    """The pipeline after capture, on a captured model the caller owns (a ``GraphModule``
+    hierarchy or a model with regions: the copy :func:`lora_fx.transform` captured, or the module
+    :func:`add_adapter` extends); returns ``root``.
 
     prepare quantized modules (:mod:`lora_fx.passes.route_quantized`) → find sites
     (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
@@ -63,7 +63,7 @@ def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.Gr
     if config.init == "pissa":
         check_pissa(root, consumers, chosen)
     check_patterns(config, chosen)
-    gms = dict(graph_modules(root))  # once: per-adapter lookups stay O(1)
+    gms = dict(regions(root))  # once: per-adapter lookups stay O(1)
     insert_lora(root, chosen, lambda c: new_adapter(c, gms[c.gm_path].get_parameter(c.param), config),
                 adapter_name=adapter_name, lowering=config.lowering, recompute_inputs=config.recompute_inputs)
     return record_config_(root, adapter_name, config)
@@ -230,9 +230,10 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
     """
     require_adapted(gm, "delete_adapter")
     check_adapter_names(gm, [name])
-    for _, sub in list(gm.named_modules()):
+    for path, sub in regions(gm):
         st = state_of(sub)
         if st is not None:  # the same removal pass as fold, for this adapter's modules only
-            remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name])
+            remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name],
+                         module=gm.get_submodule(path) if path else gm)
     forget_config_(gm, name)
     return gm
