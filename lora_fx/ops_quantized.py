@@ -84,9 +84,21 @@ def quantized_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, n
 
 @graph_op
 def bnb_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], compute_dtype: Optional[torch.dtype]) -> Tensor:
-    """``Linear4bit`` / ``Linear8bitLt``'s function on a float ``weight`` ``(out, in)``: ``x`` and the
-    bias cast to ``compute_dtype`` (None: ``x``'s dtype), ``F.linear``, the result cast back to
-    ``x``'s dtype.  Unlike the modules, nothing is cast in place."""
+    """What bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` compute, without their state: ``x`` and
+    the bias cast to ``compute_dtype`` (None: ``x``'s dtype), the linear, the result cast back to
+    ``x``'s dtype; nothing is cast or repacked in place.
+
+    ``weight`` (logical shape ``(out, in)``) is the module's own quantized weight (the kind's kernel
+    runs: ``bitsandbytes.matmul_4bit``; 8-bit through :func:`quantized_linear`) or, merged, a float
+    ``dequantize(W) + ΔW``.  Returns ``(..., out)`` in ``x``'s dtype.
+    """
     dtype = compute_dtype or x.dtype
-    out = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    b = None if bias is None else bias.to(dtype)
+    kind = weights.kind_of(weight)
+    if kind is weights.TENSOR:
+        out = F.linear(x.to(dtype), weight.to(dtype), b)
+    elif kind.frozen_linear:
+        out = quantized_linear(x.to(dtype), weight, b)
+    else:
+        out = kind.linear(x.to(dtype), weight, b)
     return out.to(x.dtype)

@@ -190,8 +190,10 @@ def _fold_weights_(new: nn.Module, requantize: bool, dtype: Optional[torch.dtype
                 memo[key] = _parameter(value, w.requires_grad)
             owner_path, _, pname = alias.rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm
-            if quantized:
-                owners[id(owner)] = owner
+            if quantized:  # the module itself (a region's own weight: the module it runs as)
+                full = (prefix + owner_path).rstrip(".")
+                module = new.get_submodule(full) if full else new
+                owners[id(module)] = module
             owner._parameters[pname] = memo[key]
             info["folded"].append(prefix + alias)
             assigned.setdefault(id(w), {})[prefix + alias] = key

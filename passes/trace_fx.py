@@ -94,6 +94,10 @@ class LoraTracer(fx.Tracer):
         self.branched: set[str] = set()
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
+        own_graph = module_rule(root).own_graph  # a module whose rule gives its forward as a graph
+        if own_graph is not None:
+            self.root = root
+            return own_graph(root)
         compile_stale(root)  # a GraphModule built or copied in a deferred_recompile block: fx traces its forward
         saved = [(m, m.training) for m in root.modules()]
         for name, m in root.named_modules():

@@ -8,7 +8,10 @@ so an adapter is factored after the module call, ``module(x) + s·(x Aᵀ) Bᵀ`
 kernel runs on the packed weight and nothing weight-sized is kept.  Merged (DoRA,
 ``lowering="merge"``) they become :func:`lora_fx.ops_quantized.bnb_linear` on
 ``dequantize(W) + ΔW``.  Their forward branches on the input (``x.device.type == "cpu"``), so the
-torch.fx front-end keeps them as leaves.
+torch.fx front-end keeps them as leaves; a module captured on its own (the regions front-end
+visits the projections of a Hugging Face attention layer one by one) is the graph
+``bnb_linear(x, self.weight, self.bias, self.compute_dtype)`` (``ModuleRule.own_graph``), where
+the adapter is a factored ``linear`` site as on ``F.linear``.
 
 lora_fx's own copy of each module is prepared before adapting (``ModuleRule.prepare``; the user's
 model is never touched):
@@ -39,7 +42,7 @@ from typing import Optional
 
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt, Params4bit
-from torch import nn
+from torch import fx, nn
 
 from ..errors import LoraFxWarning
 from ..ops_quantized import bnb_linear
@@ -91,6 +94,17 @@ def _prepare_8bit(m: Linear8bitLt, path: str = "") -> None:
     w.CB, w.SCB = None, scb  # the forward then never moves them again
 
 
+def _own_graph(m: nn.Linear) -> fx.Graph:
+    """The module's forward over its own attributes: ``bnb_linear(x, weight, bias, compute_dtype)``
+    (the compute dtype read at run time), for when the module is captured on its own."""
+    graph = fx.Graph()
+    x = graph.placeholder("input")
+    bias = graph.get_attr("bias") if m.bias is not None else None
+    compute = graph.get_attr("compute_dtype") if isinstance(m, Linear4bit) else None
+    graph.output(graph.call_function(bnb_linear, (x, graph.get_attr("weight"), bias, compute)))
+    return graph
+
+
 def _plain_linear(m: nn.Linear) -> nn.Linear:
     w = m.weight
     lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=w.dtype)
@@ -120,4 +134,4 @@ for _cls, _prepare, _after in ((Linear4bit, _prepare_4bit, _after_fold_4bit),
                                (Linear8bitLt, _prepare_8bit, _after_fold_8bit)):
     register_module_rule(_cls, ModuleRule(
         kind=lambda m: "linear", weights=lambda m: ("weight",), merged_call=_merged, factored=_factored, leaf=True,
-        prepare=_prepare, after_fold=_after))
+        prepare=_prepare, after_fold=_after, own_graph=_own_graph))

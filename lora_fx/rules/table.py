@@ -156,6 +156,10 @@ class ModuleRule:
         after_fold: callable ``module -> module | None`` called by :func:`lora_fx.fold` on each
             module whose weight was folded: a module to put in its place (a ``Linear4bit``
             holding a float weight becomes an ``nn.Linear``), or None to keep it.
+        own_graph: callable ``module -> torch.fx.Graph``: the module's forward as a graph over its
+            own attributes, used when the module itself is captured (the root of a trace, e.g. a
+            module the regions front-end captures on its own) instead of tracing a forward
+            torch.fx cannot follow.  None: trace the forward.
     """
 
     kind: Callable[[nn.Module], str]
@@ -166,6 +170,7 @@ class ModuleRule:
     leaf: bool = False
     prepare: Optional[Callable[[nn.Module, str], None]] = None
     after_fold: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None
+    own_graph: Optional[Callable[[nn.Module], fx.Graph]] = None
 
 
 @dataclass(frozen=True)

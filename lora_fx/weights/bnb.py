@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import copy
 
+from typing import Optional
+
+import bitsandbytes
 import bitsandbytes.functional as bnb_functional
 import torch
+import torch.nn.functional as F
 from bitsandbytes.nn import Int8Params, Params4bit
 from torch import Tensor
 
@@ -59,6 +63,13 @@ class Bnb4bitKind(WeightKind):
         data, qs = unpacked_4bit(w)
         return bnb_functional.dequantize_4bit(data, qs).to(qs.dtype)
 
+    def linear(self, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+        # the module's kernel (its autograd keeps only the packed weight), x already in the compute dtype
+        data, qs = unpacked_4bit(w)
+        if data is not w.data:  # the user's module repacked this very weight: use the standard layout
+            return F.linear(x, bnb_functional.dequantize_4bit(data, qs).to(x.dtype), bias)
+        return bitsandbytes.matmul_4bit(x, w, bias=bias, quant_state=qs)
+
     def writable(self, w: Tensor) -> bool:
         return False
 
@@ -92,6 +103,11 @@ class Bnb8bitKind(WeightKind):
 
     name = "bnb-int8"
     native_ops = frozenset({"linear"})
+    frozen_linear = True  # its function form (lora_fx.ops_quantized.bnb_linear) keeps no float copy either
+
+    def linear(self, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+        # bitsandbytes' training path (MatMul8bitFp): dequantize in the input's dtype, then F.linear
+        return F.linear(x, self.dequantize(w).to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def dtype(self, w: Tensor) -> torch.dtype:
         return torch.float16 if w.dtype == torch.int8 else w.dtype
