@@ -35,6 +35,8 @@ key                         where, holding                     written by / read
                             ``{"folded": [...], "untied": []}``
                             (+ :data:`REQUANT_ERROR` with
                             ``fold(requantize=True)``)
+:data:`FOLD_ATTR`           folded root that kept its class:   ``deploy.fold``; read by users
+                            the same record
 :data:`LEAF_ATTR`           class attribute: keep instances    ``lora_fx.nn.layers``; read by
                             as opaque leaves when tracing      ``passes.trace_fx``
 :data:`PISSA_BUFFERS`       adapter: PiSSA's initial factors   ``adapters.init.pissa_init_``; read by
@@ -64,7 +66,7 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
 
 __all__ = [
     "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FRONTEND_ATTR",
-    "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "REQUANT_ERROR", "LEAF_ATTR", "PISSA_BUFFERS",
+    "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "FOLD_ATTR", "REQUANT_ERROR", "LEAF_ATTR", "PISSA_BUFFERS",
     "FILE_META",
     "regions", "graph_modules", "region_of", "capture_of", "frontend_of", "record_frontend_", "is_root",
     "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
@@ -97,6 +99,9 @@ KEPT_ATTR = "_lora_fx_kept"
 CAPTURE_META = "lora_fx_leaves"
 #: Key of ``folded.meta``: ``{"folded": [names], "untied": [names]}`` (see :func:`lora_fx.fold`).
 FOLD_META = "lora_fx"
+#: Attribute of a folded model that kept its class (no ``.meta``): the same record as
+#: ``folded.meta[FOLD_META]`` of a folded ``GraphModule``.
+FOLD_ATTR = "lora_fx_fold"
 #: Key of ``folded.meta[FOLD_META]`` after ``fold(..., requantize=True)``: ``{name: {"max": float,
 #: "mean": float}}``, the absolute difference between each requantized weight (dequantized) and the
 #: float fold it was quantized from, largest and mean over the weight's elements.
