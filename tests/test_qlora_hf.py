@@ -144,9 +144,9 @@ def test_checkpointing_generate_fold_and_save_pretrained(checkpoint, tmp_path):
 
     gm.train()
     plain = grads()
-    gm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert_close(grads(), plain, **EXACT)
-    gm.gradient_checkpointing_disable()
+    gm.activation_checkpointing_disable()
     gm.eval()
     folded = lora_fx.fold(gm)
     assert type(folded) is transformers.LlamaForCausalLM
