@@ -1,4 +1,6 @@
-"""The code on the "Quantized bases (QLoRA)" docs page runs as written and prints what the page says."""
+"""The runnable code on the "Quantized bases (QLoRA)" docs page (blocks marked ``<!-- qlora-example -->``;
+the Hugging Face block is examples/qlora_llama.py, tested in test_examples.py) runs as written and
+prints what the page says."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ def test_qlora_page_examples_run_and_print_what_they_say(tmp_path, monkeypatch):
     quiet_import("torchao")
     monkeypatch.chdir(tmp_path)
     with open(PAGE) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+        blocks = re.findall(r"<!-- qlora-example -->\n```python\n(.*?)```", f.read(), flags=re.S)
     assert blocks
     namespace = {"__name__": "docs_qlora"}
     for block in blocks:

@@ -170,3 +170,16 @@ def test_checkpointing_generate_fold_and_save_pretrained(checkpoint, tmp_path):
     assert len(errors) == 14 and all(0 < e["mean"] < e["max"] for e in errors.values())
     with torch.no_grad():
         requantized.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+
+
+def test_an_adapter_made_on_the_4bit_model_loads_on_the_float_model(checkpoint, tmp_path):
+    gm = randomize_(lora_fx.transform(_load(checkpoint, "bnb-nf4"), rank=4, alpha=8, targets=TARGETS), scale=0.05)
+    lora_fx.save_adapter(gm, tmp_path)
+    with quiet_transformers():
+        float_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    gf = lora_fx.load_adapter(float_model, tmp_path)
+    assert_close(lora_fx.lora_state_dict(gf), lora_fx.lora_state_dict(gm), **EXACT)
+    ids = _ids()
+    with torch.no_grad():
+        assert_close(gf(input_ids=ids).logits, reference_call(float_model, gf, (), {"input_ids": ids}).logits,
+                     dtype=torch.bfloat16)
