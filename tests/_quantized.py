@@ -215,13 +215,17 @@ def float_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def saved_float_bytes(fn, min_bytes: int) -> list[tuple[str, tuple, torch.dtype]]:
+def saved_float_bytes(fn, min_bytes: int, model: Optional[nn.Module] = None) -> list[tuple[str, tuple, torch.dtype]]:
     """Run ``fn()`` and list the plain floating tensors of at least ``min_bytes`` that autograd saves
-    for backward (a weight-sized dequantized copy would show here)."""
+    for backward (a weight-sized dequantized copy would show here); with ``model``, views of its own
+    parameters (a float layer's weight, saved as it is) are not listed."""
     found = []
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()
+           if type(p) in (torch.Tensor, nn.Parameter)} if model is not None else set()
 
     def pack(t):
-        if type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point() and t.numel() * t.element_size() >= min_bytes:
+        if (type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point()
+                and t.numel() * t.element_size() >= min_bytes and t.untyped_storage().data_ptr() not in own):
             found.append((type(t).__name__, tuple(t.shape), t.dtype))
         return t
 

@@ -12,7 +12,7 @@ import torch
 
 import lora_fx
 
-from _quantized import float_twin, quiet_import
+from _quantized import float_twin, quiet_import, saved_float_bytes
 from _reference import randomize_, reference_call
 from _tolerance import EXACT, assert_close
 
@@ -92,6 +92,16 @@ def test_kept_class_exact_against_the_dequantized_reference(checkpoint, how):
     want = torch.autograd.grad(ref.float().square().mean(), [p for s in sites for p in leaves[(s.param, s.adapter)]])
     for g, w in zip(got, want):
         assert_close(g, w, dtype=torch.bfloat16, ulps=16)
+
+
+@pytest.mark.parametrize("how", ["bnb-nf4", "torchao-nf4"])
+def test_no_weight_sized_float_copy_is_saved_for_backward(checkpoint, how):
+    gm = lora_fx.transform(_load(checkpoint, how), rank=4, targets=TARGETS).train()
+    ids = _ids(batch=1)  # logits (8, 256) fp32: smaller than half a weight
+    losses = []
+    found = saved_float_bytes(lambda: losses.append(gm(input_ids=ids, labels=ids).loss), 128 * 128 * 2 // 2, gm)
+    assert found == [], found  # (the activations of this batch are far smaller than a weight)
+    losses[0].backward()
 
 
 def test_a_peft_adapter_trained_on_the_4bit_base_gives_peft_outputs_and_tokens(checkpoint, tmp_path):

@@ -65,10 +65,10 @@ class Bnb4bitKind(WeightKind):
 
     def linear(self, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
         # the module's kernel (its autograd keeps only the packed weight), x already in the compute dtype
-        data, qs = unpacked_4bit(w)
-        if data is not w.data:  # the user's module repacked this very weight: use the standard layout
+        if getattr(w.quant_state, "packing_format_for_cpu", False):  # repacked in place by the user's module
+            data, qs = unpacked_4bit(w)
             return F.linear(x, bnb_functional.dequantize_4bit(data, qs).to(x.dtype), bias)
-        return bitsandbytes.matmul_4bit(x, w, bias=bias, quant_state=qs)
+        return bitsandbytes.matmul_4bit(x, w, bias=bias, quant_state=w.quant_state)
 
     def writable(self, w: Tensor) -> bool:
         return False
