@@ -82,7 +82,7 @@ PEFT_TARGETS = {
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], "t5": ["q", "k", "v", "o", "wi", "wo"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "whisper": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "bert": ["query", "key", "value", "dense"], "vit": ["query", "key", "value", "dense"],
+    "bert": ["query", "key", "value", "dense"], "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
 }
 
 
