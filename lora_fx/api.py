@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-from torch import fx, nn
+from torch import nn
 
 from lora_fx.passes.capture import capture, private_copy
 

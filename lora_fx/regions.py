@@ -127,13 +127,16 @@ def set_unregistered_holder_(owner: nn.Module, holder: nn.ModuleDict | None) -> 
 
 
 def strip_regions_(root: nn.Module) -> nn.Module:
-    """Give every module under ``root`` back its class forward: drop regions, instance
-    ``forward`` s, kept-module notes, unregistered adapter references and the root's lora_fx
-    attributes.  Adapters must have been removed from the records' owners first (their registered
+    """Give every module under ``root`` back its class forward: drop regions (and the tensor
+    constants torch.fx stored on their modules), instance ``forward`` s, kept-module notes,
+    unregistered adapter references and the root's lora_fx attributes.  Adapters must have been removed from the records' owners first (their registered
     holders are the records' business).  Returns ``root``."""
     for m in root.modules():
         d = m.__dict__
-        d.pop(REGION_ATTR, None)
+        gm = d.pop(REGION_ATTR, None)
+        for name in list(getattr(gm, "__dict__", ())):  # constants torch.fx set on the module while tracing
+            if name.startswith("_tensor_constant") and d.get(name) is gm.__dict__[name]:
+                del d[name]
         d.pop(KEPT_ATTR, None)
         if isinstance(d.get(_FORWARD), InstanceForward):
             del d[_FORWARD]

@@ -10,6 +10,8 @@ from typing import Optional, Union
 
 from torch import fx, nn
 
+from lora_fx.passes.trace_regions import CONTAINER
+
 from . import weights
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
@@ -20,7 +22,6 @@ __all__ = ["summary", "SiteSummary", "draw"]
 
 _COLUMNS = ("site", "adapter", "op", "weight shape", "rank", "lowering", "active", "trainable params", "share")
 _CAPTURE_COLUMNS = ("module", "class", "captured")
-_CONTAINER = "a container without forward"  # the reason passes.trace_regions gives (not shown)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _grouped(captured) -> list[list[str]]:
     """Rows of the capture section with layer indices folded (``layers.0`` … ``layers.23`` → ``layers.*``)."""
     groups: dict[tuple, int] = {}
     for r in captured:
-        if r["captured"] == f"kept: {_CONTAINER}":
+        if r["captured"] == f"kept: {CONTAINER}":  # containers: not shown
             continue
         how = r["captured"] if len(r["captured"]) <= 72 else r["captured"][:70].rstrip(", ") + " …"
         key = (re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", r["module"]) or "<root>", r["class"], how)

@@ -39,9 +39,11 @@ from lora_fx.state import CAPTURE_META, KEPT_ATTR
 
 from .trace_fx import LoraTracer, _block_names, _copy_graph, _reuse_key, _trace
 
-__all__ = ["capture_regions", "signature_reason"]
+__all__ = ["capture_regions", "signature_reason", "CONTAINER"]
 
 _TABLES = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+#: Why a container (``nn.ModuleList``, ``nn.ModuleDict``: no ``forward``) is kept.
+CONTAINER = "a container without forward"
 
 
 def signature_reason(module: nn.Module) -> Optional[str]:
@@ -50,7 +52,7 @@ def signature_reason(module: nn.Module) -> Optional[str]:
         return "its forward is an instance attribute"
     fwd = type(module).forward
     if fwd is nn.Module.forward:
-        return "a container without forward"
+        return CONTAINER
     try:
         params = list(inspect.signature(fwd).parameters.values())[1:]
     except (TypeError, ValueError):

@@ -297,3 +297,51 @@ def test_draw_a_model_that_kept_its_class(tmp_path):
     gm = lora_fx.transform(Net(), rank=2)
     path = lora_fx.draw(gm, tmp_path / "regions.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("options", [dict(lowering="merge"), dict(use_dora=True), dict(init="pissa"),
+                                     dict(dropout=0.1), dict(use_rslora=True, rank_pattern={"head.weight": 3})],
+                         ids=["merge", "dora", "pissa", "dropout", "rslora-rank_pattern"])
+def test_configurations_in_regions(options):
+    torch.manual_seed(0)
+    model = Net()
+    gm = lora_fx.transform(model, rank=2, **options)
+    if options.get("init") != "pissa":
+        randomize_(gm, scale=0.3, magnitude=0.5)
+    gm.eval()
+    out = gm(_idx())
+    base = {n: p for n, p in gm.named_parameters() if ".lora." not in n} if "init" in options else None
+    assert_close(out, reference_call(model, gm, (_idx(),), base=base))
+    assert_close(lora_fx.fold(gm)(_idx()), out)
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):  # torch.fx stores the tensor on the module as `_tensor_constant0`
+        return self.fc(x) * torch.tensor([2.0, 1.0, 1.0, 3.0])
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s = Scale()
+
+    def forward(self, x, flag=None):
+        return self.s(x)
+
+
+def test_a_region_with_a_tensor_constant_copies_pickles_and_folds_clean():
+    torch.manual_seed(0)
+    model = Scaled()
+    gm = randomize_(lora_fx.transform(model, rank=2, frontend="regions"))
+    assert state.capture_of(gm.s) == "fx" and type(gm) is Scaled
+    x = torch.randn(2, 4)
+    want = gm(x)
+    for other in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        assert_close(other(x), want, ulps=0)
+    folded = lora_fx.fold(gm)
+    assert sorted(folded.s.__dict__) == sorted(model.s.__dict__)
+    assert_close(folded(x), want)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence, Union
 
-from torch import fx, nn
+from torch import nn
 
 from lora_fx.passes.find_sites import find_sites
 from lora_fx.passes.insert_lora import insert_lora
