@@ -28,18 +28,24 @@ def fingerprint(t: torch.Tensor) -> Optional[str]:
     return h.hexdigest()[:32]
 
 
-def _buffer_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of ``module``'s persistent buffers."""
-    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    return [k for k in module.state_dict(keep_vars=True) if k not in params]
+def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``{state-dict key: tensor}`` of ``module``'s persistent buffers, read from the modules
+    themselves: ``state_dict()`` is not called, because some modules convert their weights in
+    place when saved (bitsandbytes' CPU-repacked 4-bit layers) and add non-buffer entries."""
+    out: dict[str, torch.Tensor] = {}
+    for path, mod in module.named_modules(remove_duplicate=False):
+        skip = mod._non_persistent_buffers_set
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in skip:
+                out.setdefault(f"{path}.{name}" if path else name, buf)
+    return out
 
 
 def record_buffers_(root: nn.Module, source: nn.Module) -> nn.Module:
     """Record on ``root`` the :func:`fingerprint` of every persistent buffer of ``source`` (the
     user's model, whose keys ``root``'s state dict repeats) that ``root`` has; returns ``root``."""
-    sd = source.state_dict(keep_vars=True)
-    own = set(_buffer_keys(root))
-    prints = {k: fingerprint(sd[k]) for k in _buffer_keys(source) if k in own}
+    own = _persistent_buffers(root)
+    prints = {k: fingerprint(t) for k, t in _persistent_buffers(source).items() if k in own}
     setattr(root, BUFFERS_ATTR, {k: v for k, v in prints.items() if v is not None})
     return root
 
@@ -49,6 +55,5 @@ def changed_buffers(root: nn.Module) -> list[str]:
     saw at transform time (e.g. BatchNorm running statistics after training), in state-dict order."""
     root = unwrap(root)
     recorded = getattr(root, BUFFERS_ATTR, None) or {}
-    sd = root.state_dict(keep_vars=True)
-    return [plain_name(k) for k in _buffer_keys(root)
-            if plain_name(k) in recorded and fingerprint(sd[k]) not in (None, recorded[plain_name(k)])]
+    return [plain_name(k) for k, t in _persistent_buffers(root).items()
+            if plain_name(k) in recorded and fingerprint(t) not in (None, recorded[plain_name(k)])]

@@ -33,6 +33,10 @@ key                         where, holding                     written by / read
                             kept as leaves of its graph        :func:`capture_of`
 :data:`FOLD_META`           folded root ``.meta``:             ``deploy.fold``; read by users
                             ``{"folded": [...], "untied": []}``
+                            (+ :data:`REQUANT_ERROR` with
+                            ``fold(requantize=True)``)
+:data:`FOLD_ATTR`           folded root that kept its class:   ``deploy.fold``; read by users
+                            the same record
 :data:`LEAF_ATTR`           class attribute: keep instances    ``lora_fx.nn.layers``; read by
                             as opaque leaves when tracing      ``passes.trace_fx``
 :data:`PISSA_BUFFERS`       adapter: PiSSA's initial factors   ``adapters.init.pissa_init_``; read by
@@ -73,8 +77,8 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
 
 __all__ = [
     "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FRONTEND_ATTR",
-    "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "LEAF_ATTR", "PISSA_BUFFERS", "FILE_META",
-    "TRAINABLE_ATTR", "BUFFERS_ATTR", "WRAPPER_PARTS", "unwrap", "plain_name",
+    "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "FOLD_ATTR", "REQUANT_ERROR", "LEAF_ATTR",
+    "PISSA_BUFFERS", "FILE_META", "TRAINABLE_ATTR", "BUFFERS_ATTR", "WRAPPER_PARTS", "unwrap", "plain_name",
     "adapter_modules", "trainable_params", "record_trainable_",
     "regions", "graph_modules", "region_of", "capture_of", "frontend_of", "record_frontend_", "is_root",
     "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
@@ -107,6 +111,13 @@ KEPT_ATTR = "_lora_fx_kept"
 CAPTURE_META = "lora_fx_leaves"
 #: Key of ``folded.meta``: ``{"folded": [names], "untied": [names]}`` (see :func:`lora_fx.fold`).
 FOLD_META = "lora_fx"
+#: Attribute of a folded model that kept its class (no ``.meta``): the same record as
+#: ``folded.meta[FOLD_META]`` of a folded ``GraphModule``.
+FOLD_ATTR = "lora_fx_fold"
+#: Key of ``folded.meta[FOLD_META]`` after ``fold(..., requantize=True)``: ``{name: {"max": float,
+#: "mean": float}}``, the absolute difference between each requantized weight (dequantized) and the
+#: float fold it was quantized from, largest and mean over the weight's elements.
+REQUANT_ERROR = "requantization_error"
 #: Class attribute: instances are kept as opaque leaves by the torch.fx front-end.
 LEAF_ATTR = "_lora_fx_leaf"
 #: Non-persistent buffers of a PiSSA adapter: its initial factors ``(A0, B0)``.

@@ -18,6 +18,7 @@ from torch import nn
 from lora_fx.passes.find_sites import find_sites
 from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.remove_lora import remove_lora_
+from lora_fx.passes.route_quantized import prepare_quantized_
 
 from ..config import UNSET, LoraConfig, config_with
 from ..errors import ConfigError, TargetError
@@ -46,7 +47,8 @@ def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     hierarchy or a model with regions: the copy :func:`lora_fx.transform` captured, or the module
     :func:`add_adapter` extends); returns ``root``.
 
-    find sites (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
+    prepare quantized modules (:mod:`lora_fx.passes.route_quantized`) → find sites
+    (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
     (:mod:`lora_fx.targets`) → make one adapter per targeted weight (:func:`.init.new_adapter`) and
     insert its merge / factored nodes (:mod:`lora_fx.passes.insert_lora`) → record the config
     (:mod:`lora_fx.state`).  ``requires_grad`` is left to the caller.
@@ -55,6 +57,7 @@ def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
         TargetError, UnsupportedSiteError: as :func:`lora_fx.transform`.
         ConfigError: ``init="pissa"`` where it cannot write the weight.
     """
+    prepare_quantized_(root)  # quantized bases: modules' prepare hooks, linears on the frozen-base op
     consumers = find_sites(root)
     chosen = select_targets(consumers, config.targets, config.exclude)
     trainable = select_trainable(root, config.trainable)
