@@ -38,7 +38,8 @@ class Consumer:
         shape: the parameter's logical shape (:func:`lora_fx.weights.logical_shape`).
         default: adapted when ``targets`` is None (a weight of a known weight-consuming op).
         reason: why the site cannot be adapted, or None.
-        factorable: the factored lowering is exact for every use.
+        factorable: the factored lowering is exact for every use (and, for a quantized weight,
+            its type computes the op itself: :func:`lora_fx.weights.runs`).
         blocks: the op's default fused layout of the weight's output rows,
             ``((block name, rows), ...)`` (MHA ``in_proj_weight``: q, k, v), or ``()``.
         stack: a 3-D parameter read one expert matrix at a time
@@ -134,7 +135,7 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
             gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
             op=stack.op if stack else kind, shape=weights.logical_shape(p),
             default=reason is None and pname in defaults and stack is None, reason=reason,
-            factorable=reason is None and rule.factored(node, mod, pname) is not None,
+            factorable=reason is None and rule.factored(node, mod, pname) is not None and weights.runs(p, kind),
             blocks=tuple(rule.blocks(mod, pname)) if reason is None else (), stack=stack))
     return out
 
@@ -167,6 +168,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
     direct_slots = [_weight_slot(u, node) for u in direct]
     factorable = reason is None and all(
         s is not None and function_rule(u.target).factored(u, s, shape) is not None
+        and weights.runs(p, function_rule(u.target).kind)  # a quantized weight: only where its type computes the op
         for u, s in zip(direct, direct_slots))
     calls = [u for u in direct if u.op == "call_function" and u.target is module_call]
     if node is not attr and calls and len(calls) == len(direct):  # an opaque leaf lowered earlier

@@ -23,6 +23,7 @@ PEFT's wrapper refuses LoRA dropout, DoRA and trained biases.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -31,7 +32,26 @@ from torch import nn
 
 from ..state import is_adapter_path
 
-__all__ = ["to_peft", "from_peft", "key_prefixes", "resolve_target_parameters", "ExpertTarget", "plan_experts"]
+__all__ = ["expert_factors", "to_peft", "from_peft", "key_prefixes", "resolve_target_parameters", "ExpertTarget", "plan_experts"]
+
+
+def expert_factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """``(A (E, r, in), B (E, out, r), r, lora_alpha)`` of an expert adapter such that PEFT's
+    ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) times ``B[e] @ A[e]`` is its update at its mixing
+    weight, exactly: zero padding beyond the logical rank (:func:`lora_fx.reserve_rank_`, a
+    lower-rank load) is dropped (non-zero padding is kept, ``r`` the capacity and ``lora_alpha``
+    rescaled), the mixing weight is folded into ``lora_alpha`` (a negative one into the sign of ``B``)."""
+    a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
+    rank, alpha, mix = int(adapter.rank), float(adapter.alpha), float(adapter.mix)
+    if a.shape[-2] > rank and bool((a[:, rank:] == 0).all()) and bool((b[..., rank:] == 0).all()):
+        a, b = a[:, :rank], b[..., :rank]
+    if mix < 0:
+        b, mix = -b, -mix
+    r = int(a.shape[-2])
+    if r == rank:
+        return a, b, r, alpha * mix
+    s = adapter.base_scaling * mix
+    return a, b, r, s * (math.sqrt(r) if adapter.use_rslora else r)
 
 
 def to_peft(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

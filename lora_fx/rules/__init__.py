@@ -19,13 +19,15 @@ entry (:func:`register_module_rule`, :func:`register_function_rule`); the passes
 
 Layout: :mod:`.table` (the records, the registry and the lowering policy), :mod:`.modules`
 (``torch.nn`` leaf modules), :mod:`.functional` (``torch.nn.functional`` / ``torch`` calls and
-their ATen forms), :mod:`.experts` (stacks of expert weights: Hugging Face MoE experts, and 3-D
-parameters read one expert at a time in a graph).
+their ATen forms), :mod:`.quantized` (the ops of quantized bases), :mod:`.experts` (stacks of expert
+weights: Hugging Face MoE experts, and 3-D parameters read one expert at a time in a graph) and, loaded
+the first time a module of that library is seen (:data:`RULE_BACKENDS`), :mod:`.bnb` (bitsandbytes'
+linears).
 """
 
-from .table import (MERGE, VIEW_OPS, Factored, FunctionRule, Merged, ModuleRule, choose_lowering, function_rule,
-                    module_rule, register_function_rule, register_module_rule)
-from . import functional, modules  # noqa: F401,E402  (the built-in entries register themselves)
+from .table import (MERGE, RULE_BACKENDS, VIEW_OPS, Factored, FunctionRule, Merged, ModuleRule, choose_lowering,
+                    function_rule, module_rule, register_function_rule, register_module_rule)
+from . import functional, modules, quantized  # noqa: F401,E402  (the built-in entries register themselves)
 from .experts import ExpertStack, probed_stack  # noqa: E402  (registers the transformers experts rule)
 
 __all__ = [
@@ -42,4 +44,5 @@ __all__ = [
     "VIEW_OPS",
     "ExpertStack",
     "probed_stack",
+    "RULE_BACKENDS",
 ]
