@@ -16,7 +16,9 @@ from . import weights
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
-from .state import KEPT_ATTR, capture_of, frontend_of, is_adapted, is_adapter_path, iter_adapters, regions, sites
+from .rules.experts import STACK_REASON
+from .state import (KEPT_ATTR, STACKS_META, capture_of, frontend_of, is_adapted, is_adapter_path, iter_adapters,
+                    region_of, regions, sites)
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
@@ -41,8 +43,9 @@ class SiteSummary:
         captured: a model that kept its class (the regions front-end): one dict per module the
             front-end visited, ``module`` (path), ``class`` and ``captured`` (``"fx"``,
             ``"fx (leaves: a, b)"`` or ``"kept: <reason>"``), in module order; else ``()``.
-        not_captured: adaptable weights no graph reads (their module is kept as its own Python:
-            MoE expert tensors, say), as dicts ``param``, ``weight shape``, ``reason``.
+        not_captured: adaptable weights no adapter reads: those no graph reads (their module is
+            kept as its own Python), and stacks of expert weights no ``targets`` entry named, as
+            dicts ``param``, ``weight shape``, ``reason``.
     """
 
     rows: tuple[dict, ...]
@@ -64,7 +67,7 @@ class SiteSummary:
                         "(containers left out, repeated layers shown once with their index as *)"]
             out += ["  " + line for line in _table(_CAPTURE_COLUMNS, _grouped(self.captured))]
         if self.not_captured:
-            out += ["", "weights no graph reads (not adaptable here):"]
+            out += ["", "weights left out (not read by any graph, or expert stacks not targeted):"]
             out += [f"  {r['param']} {_fmt('weight shape', r['weight shape'])}: {r['reason']}"
                     for r in self.not_captured]
         return "\n".join(out)
@@ -117,16 +120,24 @@ def _capture_rows(gm: nn.Module) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
     if isinstance(gm, fx.GraphModule):
         return (), ()
     captured, missing = [], []
+    adapted = {a for s in sites(gm) for a in s.aliases}
     for path, m in gm.named_modules():
         how = capture_of(m)
         if how is None:
             continue
         captured.append({"module": path, "class": type(m).__name__, "captured": how})
         if KEPT_ATTR in m.__dict__:  # its own parameters are read by its Python only
+            stacks = (region_of(m).meta.get(STACKS_META, {}) if region_of(m) is not None else {})
             for name, p in m.named_parameters(recurse=False):
-                if not is_adapter_path(name) and weights.reason(p) is None:
-                    missing.append({"param": f"{path}.{name}" if path else name,
-                                    "weight shape": tuple(weights.logical_shape(p)), "reason": how})
+                if is_adapter_path(name) or weights.reason(p) is not None:
+                    continue
+                fqn = f"{path}.{name}" if path else name
+                if name in stacks:  # read through its weights region: left out unless targeted
+                    if fqn not in adapted:
+                        missing.append({"param": fqn, "weight shape": tuple(weights.logical_shape(p)),
+                                        "reason": STACK_REASON})
+                    continue
+                missing.append({"param": fqn, "weight shape": tuple(weights.logical_shape(p)), "reason": how})
     return tuple(captured), tuple(missing)
 
 

@@ -239,9 +239,12 @@ graph_modules = regions
 def capture_of(module: nn.Module) -> Optional[str]:
     """How the regions front-end captured ``module``: ``"fx"``, ``"fx (leaves: a, b)"`` (children
     kept as opaque calls of its graph, each captured on its own), ``"kept: <reason>"`` (run as its
-    own Python, its children visited); None for a module it did not visit (inside a region, or
+    own Python, its children visited; ``"kept: <reason> (expert stacks: a, b)"`` when its own
+    stacks of expert weights are read through a weights region); None for a module it did not visit (inside a region, or
     without weights) and for the ``GraphModule`` s of the other front-ends."""
     gm = module.__dict__.get(REGION_ATTR)
+    if gm is not None and STACKS_META in gm.meta:  # kept, its own expert stacks read through a weights region
+        return f"kept: {module.__dict__.get(KEPT_ATTR)} (expert stacks: {', '.join(gm.meta[STACKS_META])})"
     if gm is not None:
         leaves = gm.meta.get(CAPTURE_META) or ()
         return f"fx (leaves: {', '.join(leaves)})" if leaves else "fx"

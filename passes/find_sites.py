@@ -18,7 +18,7 @@ from torch import fx, nn
 from lora_fx import weights
 from lora_fx.ops import MERGE_OPS, module_call
 from lora_fx.rules import VIEW_OPS, ExpertStack, function_rule, module_rule
-from lora_fx.rules.experts import attr_stack
+from lora_fx.rules.experts import STACK_REASON, attr_stack
 from lora_fx.state import STACKS_META, capture_of, is_adapter_path, regions
 
 
@@ -44,6 +44,8 @@ class Consumer:
             ``((block name, rows), ...)`` (MHA ``in_proj_weight``: q, k, v), or ``()``.
         stack: a 3-D parameter read one expert matrix at a time
             (:class:`lora_fx.rules.ExpertStack`: its orientation and consumers), or None.
+        left_out: why the default targets leave it out when it can be adapted (a stack:
+            :data:`lora_fx.rules.experts.STACK_REASON`), or None.
     """
 
     gm_path: str
@@ -57,6 +59,7 @@ class Consumer:
     factorable: bool
     blocks: tuple[tuple[str, int], ...] = ()
     stack: Optional[ExpertStack] = None
+    left_out: Optional[str] = None
 
 
 def _slots(user: fx.Node, node: fx.Node) -> list[tuple[int, str]]:
@@ -136,7 +139,8 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
             op=stack.op if stack else kind, shape=weights.logical_shape(p),
             default=reason is None and pname in defaults and stack is None, reason=reason,
             factorable=reason is None and rule.factored(node, mod, pname) is not None and weights.runs(p, kind),
-            blocks=tuple(rule.blocks(mod, pname)) if reason is None else (), stack=stack))
+            blocks=tuple(rule.blocks(mod, pname)) if reason is None else (), stack=stack,
+            left_out=STACK_REASON if stack is not None and reason is None else None))
     return out
 
 
@@ -181,12 +185,12 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
             gm_path=gm_path, node=attr.name, param=attr.target,
             fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=stack.op if stack else rule.kind(mod),
             shape=shape, default=reason is None and pname in rule.weights(mod) and stack is None, reason=reason,
-            factorable=False, stack=stack)
+            factorable=False, stack=stack, left_out=STACK_REASON if stack is not None and reason is None else None)
     stack = (gm.meta.get(STACKS_META, {}).get(attr.target) or attr_stack(node, shape)) if reason is None else None
     if stack is not None:  # a stack of expert matrices: per-expert adapters, never a default target
         return Consumer(gm_path=gm_path, node=attr.name, param=attr.target,
                         fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=stack.op, shape=shape,
-                        default=False, reason=None, factorable=False, stack=stack)
+                        default=False, reason=None, factorable=False, stack=stack, left_out=STACK_REASON)
     viewed = any(_is_view(u) for u in direct)
     blocks = next((tuple(b) for u, s in zip(direct, direct_slots) if s is not None
                    for b in [function_rule(u.target).blocks(u, s, shape)] if b), ())
