@@ -1,7 +1,8 @@
 """Per-expert LoRA on a tiny Mixtral (transformers, random config, no download): fine-tune its experts.
 
 1. Build ``MixtralForCausalLM`` from a small config (top-2 of E experts; transformers' default
-   ``grouped_mm`` experts) and capture it (torch.export, with example inputs).
+   ``grouped_mm`` experts) and transform it: it keeps its classes, and the kept ``MixtralExperts``
+   modules run transformers' own experts code on the adapted stacks.
 2. Target the expert stacks by name (``*.experts.gate_up_proj``, ``*.experts.down_proj``): each
    stack ``(E, out, in)`` gets one adapter pair per expert, ``A (E, r, in)``, ``B (E, out, r)``,
    computed factored per expert (no ``(E, out, in)`` delta in any forward).
@@ -72,8 +73,8 @@ def main(argv=None) -> dict:
     base = MixtralForCausalLM(cfg).eval()
     held_out = synthetic_batch(64, args.seq, args.vocab, 3, g)
 
-    gm = lora_fx.transform(base, rank=args.rank, targets=TARGETS, example_inputs=(held_out[:2],),
-                           example_kwargs={"use_cache": False})
+    gm = lora_fx.transform(base, rank=args.rank, targets=TARGETS)  # the model keeps its classes
+    assert type(gm) is MixtralForCausalLM and type(gm.model.layers[0].mlp.experts) is type(base.model.layers[0].mlp.experts)
     sites = lora_fx.sites(gm)
     print(f"{len(sites)} expert stacks adapted, e.g. {sites[0].param} {sites[0].shape}: {sites[0].op}, "
           f"{sites[0].lowering}, lora_A {tuple(sites[0].lora_A.shape)}, lora_B {tuple(sites[0].lora_B.shape)}")
