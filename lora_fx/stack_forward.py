@@ -36,9 +36,9 @@ class StackForward(RegionForward):
             if gm is not self._gm or gm.code_version != self._version:
                 self._refresh(gm)
             overrides = self._code(module)
-        params = module._parameters
-        if all(v is params.get(k) for k, v in overrides.items()):  # no stack adapted (or all deleted)
-            return type(module).forward(module, *args, **kwargs)
+            params = module._parameters
+            if all(v is params.get(k) for k, v in overrides.items()):  # no stack adapted (or all deleted)
+                return type(module).forward(module, *args, **kwargs)
         # torch.func.functional_call's swap, without calling the module again (which would re-enter here)
         with _reparametrize_module(module, overrides, tie_weights=False, strict=False):
             return type(module).forward(module, *args, **kwargs)
