@@ -61,7 +61,10 @@ class Layer(nn.Module):
 
 
 def build(variant: str, experts: int, impl: str, args) -> tuple[nn.Module, list]:
-    """``(model, trainable parameters)`` for ``"peft"``, ``"lora_fx"`` or ``"frozen"`` (no adapter)."""
+    """``(model, trainable parameters)`` for ``"peft"``, ``"lora_fx"`` (torch.fx keeps the MoE block as
+    a leaf), ``"lora_fx-kept"`` (the regions front-end: the layer keeps its classes, the kept
+    ``MixtralExperts`` runs its class forward on the lazy stacks, as in a transformers model) or
+    ``"frozen"`` (no adapter)."""
     torch.manual_seed(0)
     m = Layer(experts, impl, args.hidden, args.inter)
     with torch.no_grad():
@@ -72,10 +75,11 @@ def build(variant: str, experts: int, impl: str, args) -> tuple[nn.Module, list]
 
         m = peft.get_peft_model(m, peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=[],
                                                    target_parameters=[t.split(".", 1)[1] for t in TARGETS]))
-    elif variant == "lora_fx":
+    elif variant in ("lora_fx", "lora_fx-kept"):
+        kw = {"frontend": "regions"} if variant == "lora_fx-kept" else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", lora_fx.LoraFxWarning)  # the MoE block is kept as a leaf
-            m = lora_fx.transform(m, rank=args.rank, targets=TARGETS)
+            m = lora_fx.transform(m, rank=args.rank, targets=TARGETS, **kw)
         assert {s.lowering for s in lora_fx.sites(m)} == {"factored"}
     else:
         m.requires_grad_(False)
@@ -171,21 +175,25 @@ def main(argv=None) -> dict:
     for impl in args.impls.split(","):
         for experts in (int(e) for e in args.experts.split(",")):
             x = inputs(args)
-            fns = {v: step_fn(*build(v, experts, impl, args), x) for v in ("peft", "lora_fx", "frozen")}
+            fns = {v: step_fn(*build(v, experts, impl, args), x) for v in ("peft", "lora_fx", "lora_fx-kept", "frozen")}
             for fn in fns.values():  # warm-up (optimizer state)
                 fn()
                 fn()
             r = bench_train.run_rounds(fns, args.rounds, 1, args.clock)
             ratio, spread = bench_train.paired_ratio(r, "lora_fx", "peft")
             best = min(r["lora_fx"]["rounds_ms"]) / min(r["peft"]["rounds_ms"])
-            mem = {} if args.no_memory else {v: memory(v, experts, impl, args) for v in ("peft", "lora_fx")}
+            kept, kept_spread = bench_train.paired_ratio(r, "lora_fx-kept", "peft")
+            mem = {} if args.no_memory else {v: memory(v, experts, impl, args) for v in ("peft", "lora_fx", "lora_fx-kept")}
             run = {"step_ms": {k: v["median_ms"] for k, v in r.items()}, "step_ratio": ratio,
                    "step_ratio_spread": spread, "step_ratio_best": best, "memory_mib": mem,
-                   "memory_ratio": mem["lora_fx"] / mem["peft"] if mem else None}
+                   "memory_ratio": mem["lora_fx"] / mem["peft"] if mem else None,
+                   "kept_step_ratio": kept, "kept_step_ratio_spread": kept_spread,
+                   "kept_memory_ratio": mem["lora_fx-kept"] / mem["peft"] if mem else None}
             res["runs"][f"{impl}/E{experts}"] = run
             print(f"{impl:<11}{experts:>4}{r['peft']['median_ms']:>10.1f}{r['lora_fx']['median_ms']:>12.1f}"
                   f"{ratio:>12.2f}{spread / 2:>7.2f}{best:>7.2f}"
-                  + (f"{mem['peft']:>10.1f}{mem['lora_fx']:>13.1f}{run['memory_ratio']:>11.2f}" if mem else ""),
+                  + (f"{mem['peft']:>10.1f}{mem['lora_fx']:>13.1f}{run['memory_ratio']:>11.2f}" if mem else "")
+                  + f"   kept classes: step {kept:.2f}" + (f", mem {run['kept_memory_ratio']:.2f}" if mem else ""),
                   flush=True)
     res["seconds"] = time.perf_counter() - t0
     print(f"(frozen base step for reference; ratios lora_fx / PEFT, per-round median; total {res['seconds']:.0f} s)")
