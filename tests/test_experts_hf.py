@@ -190,3 +190,27 @@ def test_hf_moe_routing_on_kept_model():
     with pytest.raises(lora_fx.RoutingError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj"):
         with lora_fx.route_adapters(gm, ["experts", "a"]):
             gm(ids)
+
+
+def test_hf_gpt_oss_transposed_stacks():
+    """GPT-OSS stores its stacks ``(E, in, out)`` with per-expert biases: the probe finds them
+    transposed, and the kept model equals the reference with ``W[e] + ΔW[e]ᵀ``."""
+    import transformers as tf
+
+    from _moe import TINY
+
+    cfg = tf.GptOssConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                          layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM(cfg).eval()
+    ids = _ids()
+    gm = lora_fx.transform(model, rank=3, targets=TARGETS)
+    sites = lora_fx.sites(gm)
+    assert len(sites) == 4 and all(s.module.transposed for s in sites)
+    gate_up = next(s for s in sites if s.param.endswith("gate_up_proj"))
+    assert tuple(gate_up.lora_A.shape) == (4, 3, 32) and tuple(gate_up.lora_B.shape) == (4, 96, 3)
+    randomize_(gm, scale=0.3)
+    out = gm(ids).logits
+    ref = reference_call(model, gm, (ids,)).logits
+    assert_close(out, ref)
+    _grads(out, ref, [p for s in sites for p in (s.lora_A, s.lora_B)])
