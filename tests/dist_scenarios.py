@@ -403,17 +403,17 @@ def hf_adapted(*, seed: int = 7) -> nn.Module:
     return gm.train()
 
 
-def hf_batch(step: int, world: int = 2) -> torch.Tensor:
+def hf_batch(step: int, world: int = 2, vocab: int = 128) -> torch.Tensor:
     """Token ids ``(world·PER_RANK, HF_SEQ)`` of ``step`` (labels are the ids: causal LM loss)."""
-    return torch.randint(3, 128, (world * PER_RANK, HF_SEQ), generator=torch.Generator().manual_seed(200 + step))
+    return torch.randint(3, vocab, (world * PER_RANK, HF_SEQ), generator=torch.Generator().manual_seed(200 + step))
 
 
-def hf_training(gm: nn.Module, rank: int | None, world: int = 2) -> dict:
+def hf_training(gm: nn.Module, rank: int | None, world: int = 2, vocab: int = 128) -> dict:
     """``HF_STEPS`` SGD steps; ``rank`` None trains on the whole batch in one process."""
     opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
     losses, grads0 = [], {}
     for step in range(HF_STEPS):
-        ids = hf_batch(step, world)
+        ids = hf_batch(step, world, vocab)
         ids = ids if rank is None else shard(ids, rank)
         loss = gm(input_ids=ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
@@ -454,7 +454,42 @@ def scenario_fsdp_hf(rank: int, world: int, outdir: Path) -> dict:
     return out
 
 
-SCENARIOS = {"fsdp_hf": scenario_fsdp_hf, "flat_trace": scenario_flat_trace, "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac, "fsdp_bf16": scenario_fsdp_bf16,
+# a tiny Mixtral with per-expert adapters on its expert stacks (kept MixtralExperts), per decoder layer
+
+MOE_TARGETS = ["*.experts.gate_up_proj", "*.experts.down_proj", "*.q_proj.weight"]
+
+
+def moe_adapted(*, seed: int = 7) -> nn.Module:
+    """Tiny MixtralForCausalLM (4 experts), its expert stacks and q projections adapted with
+    non-zero seeded factors."""
+    from _moe import hf_moe_model  # transformers only where this scenario runs
+
+    gm = lora_fx.transform(hf_moe_model("mixtral"), rank=RANK, alpha=ALPHA, targets=MOE_TARGETS)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in lora_fx.sites(gm):
+            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.2)
+            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.2)
+    return gm.train()
+
+
+def moe_reference() -> dict:
+    """:func:`hf_training` of :func:`moe_adapted` in one process on the concatenated batches."""
+    gm = moe_adapted()
+    out = hf_training(gm, None, vocab=96)
+    out["lora"] = {k: v.detach().clone() for k, v in lora_fx.lora_state_dict(gm).items()}
+    return out
+
+
+def scenario_fsdp_moe(rank: int, world: int, outdir: Path) -> dict:
+    gm = moe_adapted()
+    lora_fx.distributed.fully_shard_blocks_(gm)
+    out = hf_training(gm, rank, world, vocab=96)
+    out["lora"] = lora_fx.distributed.gather_lora_state_dict(gm)
+    return out
+
+
+SCENARIOS = {"fsdp_moe": scenario_fsdp_moe, "fsdp_hf": scenario_fsdp_hf, "flat_trace": scenario_flat_trace, "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac, "fsdp_bf16": scenario_fsdp_bf16,
              "fsdp_nested": scenario_fsdp_nested,
              "fsdp_checkpoint": scenario_fsdp_checkpoint}
 

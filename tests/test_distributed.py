@@ -54,6 +54,7 @@ def results(tmp_path_factory):
     from torch.nn.parallel import DistributedDataParallel  # noqa: F401
     try:  # the Hugging Face scenario's model classes
         import transformers.models.llama.modeling_llama  # noqa: F401
+        import transformers.models.mixtral.modeling_mixtral  # noqa: F401
     except ImportError:
         pass
 
@@ -174,6 +175,19 @@ def test_fsdp2_per_decoder_layer_of_a_hf_llama_equals_single_process(results):
         _assert_close_dicts(res["grads0"], want["grads0"], what="step-0 gradients")
         _assert_close_dicts(res["lora"], want["lora"], what="trained adapters")
     _assert_close_dicts(_scenario(results, "fsdp_hf")[0]["folded"], want["folded"], what="folded weights")
+
+
+@pytest.mark.distributed
+def test_fsdp2_per_decoder_layer_of_a_hf_mixtral_with_expert_adapters(results):
+    """Per-expert adapters on the kept MixtralExperts train under FSDP2 (one unit per decoder
+    layer) as in one process: losses, step-0 gradients (3-D factors included) and final factors."""
+    pytest.importorskip("transformers")
+    want = ds.moe_reference()
+    for res in _scenario(results, "fsdp_moe"):
+        assert any(".experts.lora." in k and v.dim() == 3 for k, v in res["grads0"].items())
+        assert_close(res["losses"], want["losses"])
+        _assert_close_dicts(res["grads0"], want["grads0"], what="step-0 gradients")
+        _assert_close_dicts(res["lora"], want["lora"], what="trained adapters")
 
 
 @pytest.mark.distributed
