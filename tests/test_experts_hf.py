@@ -214,3 +214,21 @@ def test_hf_gpt_oss_transposed_stacks():
     ref = reference_call(model, gm, (ids,)).logits
     assert_close(out, ref)
     _grads(out, ref, [p for s in sites for p in (s.lora_A, s.lora_B)])
+
+
+def test_hf_moe_gradient_checkpointing():
+    """transformers' activation checkpointing around decoder layers that hold kept experts:
+    the same loss and per-expert gradients."""
+    model = hf_moe_model("qwen3_moe")
+    ids = _ids()
+    gm = lora_fx.transform(model, rank=3, targets=TARGETS).train()
+    randomize_(gm, scale=0.3)
+    factors = [p for s in lora_fx.sites(gm) for p in (s.lora_A, s.lora_B)]
+    plain = gm(input_ids=ids, labels=ids).loss
+    want = torch.autograd.grad(plain, factors)
+    gm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert gm.model.gradient_checkpointing
+    loss = gm(input_ids=ids, labels=ids).loss
+    assert_close(loss, plain)
+    for a, b in zip(torch.autograd.grad(loss, factors), want):
+        assert_close(a, b)
