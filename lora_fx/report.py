@@ -16,7 +16,8 @@ from .state import is_adapted, is_adapter_path, iter_adapters, sites
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
-_COLUMNS = ("site", "adapter", "op", "weight shape", "rank", "lowering", "active", "trainable params", "share")
+_COLUMNS = ("site", "adapter", "op", "weight shape", "rank", "lowering", "active", "enabled", "trainable params",
+            "share")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class SiteSummary:
 
     Attributes:
         rows: one dict per (adapted parameter, adapter) with the keys ``site``, ``adapter``, ``op``,
-            ``weight shape``, ``rank``, ``lowering``, ``active``, ``trainable params`` (the
+            ``weight shape``, ``rank``, ``lowering``, ``active`` (in the active set), ``enabled``
+            (its on/off switch), ``trainable params`` (the
             adapter's parameter count: ``rank·(fan_in + fan_out)``, plus ``fan_out`` for DoRA) and
             ``share`` (that count over all of the module's parameters).
         total_params: every parameter of the module (base + adapters), each tensor once.
@@ -58,7 +60,7 @@ def _fmt(key: str, value) -> str:
         return f"{100 * value:.2f}%"
     if key == "trainable params":
         return f"{value:,}"
-    if key == "active":
+    if key in ("active", "enabled"):
         return "yes" if value else "no"
     return str(value)
 
@@ -83,7 +85,8 @@ def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     for s in found:
         n = sum(p.numel() for p in s.module.parameters())
         rows.append({"site": s.param, "adapter": s.adapter, "op": s.op, "weight shape": tuple(s.shape),
-                     "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.enabled),
+                     "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.active),
+                     "enabled": bool(s.module.enabled),
                      "trainable params": n, "share": n / max(total, 1)})
     result = SiteSummary(rows=tuple(rows), total_params=total,
                          adapter_params=sum(p.numel() for _, _, m in iter_adapters(gm) for p in m.parameters()),

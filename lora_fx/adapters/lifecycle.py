@@ -1,7 +1,7 @@
 """Several named adapters on one adapted module: add, activate, mix, disable, delete.
 
-Every switch here only writes adapter attributes (``enabled``, ``mix``) and refills each adapter's
-``scaling`` buffer in place (:meth:`LoraAdapter.refresh_scaling_`): the graph is never re-traced
+Every switch here only writes adapter attributes and refills each adapter's ``scaling`` buffer in
+place (:meth:`LoraAdapter.refresh_scaling_`): the graph is never re-traced
 and a ``torch.compile`` d module does not recompile.  Adding or deleting an adapter edits the
 graph (new or removed nodes), so a compiled module recompiles once after those.
 
@@ -73,8 +73,9 @@ def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
 
 
 def active_adapters(gm: nn.Module) -> list[str]:
-    """Names of the adapters that are enabled (on at least one site)."""
-    on = {n for n, _, a in named_adapters(gm) if a.enabled}
+    """Names of the adapters in the active set (as PEFT's ``active_adapters``), in the order they
+    were added; the on/off switch (:func:`lora_fx.enable_adapters_`) does not change it."""
+    on = {n for n, _, a in named_adapters(gm) if a.active}
     return [n for n in adapter_names(gm) if n in on]
 
 
@@ -88,21 +89,25 @@ def _as_names(names: Union[str, Sequence[str]]) -> list[str]:
 
 
 def _apply(gm: nn.Module, mixes: Mapping[str, float]) -> None:
-    """Enable exactly the adapters in ``mixes`` with those mixing weights; the rest are disabled.
-    Only values change (``scaling`` buffers refilled in place): ``requires_grad`` is left alone,
+    """Make the adapters in ``mixes`` the active set, with those mixing weights; the others leave
+    it (their mixing weights are kept).  The on/off switch (``enabled``) is not touched.  Only
+    values change (``scaling`` buffers refilled in place): ``requires_grad`` is left alone,
     since flipping it makes ``torch.compile`` recompile; :func:`lora_fx.mark_only_lora_as_trainable`
     freezes inactive adapters when training."""
     for name, _, a in iter_adapters(gm):
-        a.enabled = name in mixes
-        a.mix = float(mixes.get(name, 1.0))
+        a.active = name in mixes
+        if name in mixes:
+            a.mix = float(mixes[name])
         a.refresh_scaling_()
 
 
 def set_active_adapters(gm: nn.Module, names: Union[str, Sequence[str]]) -> nn.Module:
-    """Activate exactly ``names`` (one name, several, or ``[]`` to disable all); returns ``gm``.
+    """Make exactly ``names`` the active set (one name, several, or ``[]`` for none); returns ``gm``.
 
-    Each active adapter contributes its full ``ΔW`` (mixing weight reset to 1); the op sees
-    ``W + Σ_active ΔW``.  No re-tracing; compiled graphs keep running without recompiling (only
+    Each active adapter contributes its full ``ΔW`` (its mixing weight is set to 1); the op sees
+    ``W + Σ_active ΔW``.  The on/off switch of :func:`lora_fx.enable_adapters_` /
+    :func:`lora_fx.disable_adapters` is separate state and is not touched: switched-off adapters
+    stay off until switched on.  No re-tracing; compiled graphs keep running without recompiling (only
     the adapters' ``scaling`` buffers change value).  ``requires_grad`` is not touched: call
     :func:`lora_fx.mark_only_lora_as_trainable` after switching to train exactly the active
     adapters (inactive ones then get no gradient, as DDP with ``find_unused_parameters=False``
@@ -126,7 +131,8 @@ def _targets(gm: nn.Module, name: str) -> set[str]:
 def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_targets: bool = True) -> nn.Module:
     """Weighted linear combination of adapters: every targeted op sees
     ``W + Σ_name weights[name] · ΔW_name`` (PEFT's ``add_weighted_adapter(combination_type="linear")``
-    without building a new adapter; ranks may differ).  Adapters not in ``weights`` are disabled.
+    without building a new adapter; ranks may differ).  ``weights`` becomes the active set; adapters
+    not in it leave the active set.  The on/off switch is not touched.
 
     Args:
         gm: an adapted module.
@@ -185,9 +191,10 @@ def add_adapter(
         rank, config, options: as :func:`lora_fx.transform`'s ``rank``, ``config`` and config
             keywords (``alpha``, ``targets``, ``exclude``, ``rank_pattern``, ``alpha_pattern``,
             ``use_rslora``, ``use_dora``, ``init``, ``dropout``, ``lowering``, ``adapter_dtype``).
-        activate: enable the new adapter alongside the active ones.  Default False, as HF PEFT's
-            ``add_adapter``: the new adapter is added disabled with ``requires_grad=False``; call
-            :func:`set_active_adapters` to use or train it.
+        activate: add the new adapter to the active set (mixing weight 1) alongside the active
+            ones.  Default False, as HF PEFT's ``add_adapter``: the new adapter is added outside
+            the active set with ``requires_grad=False``; call :func:`set_active_adapters` to use
+            or train it.  Its on/off switch starts on.
 
     Raises:
         NotAdaptedError: ``gm`` is not an adapted module.
@@ -208,7 +215,7 @@ def add_adapter(
     was_training = gm.training
     adapt_(gm, cfg, name)
     for _, _, a in iter_adapters(gm, [name]):
-        a.enabled = bool(activate)
+        a.active = bool(activate)
         a.refresh_scaling_()
         for p in a.parameters():
             p.requires_grad_(bool(activate))

@@ -25,11 +25,12 @@ def train_adapters_only_(root: nn.Module) -> nn.Module:
 
 def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn.Parameter]:
     """Adapter parameters of ``model`` (lora_fx adapters, plus any parameter whose name contains
-    ``lora_`` as in loralib-style layers); with ``active_only``, disabled adapters are left out."""
+    ``lora_`` as in loralib-style layers); with ``active_only``, adapters that do not contribute now
+    (outside the active set, or switched off) are left out."""
     out, seen = [], set()
     disabled = set()
     for m in model.modules():
-        if isinstance(m, LoraAdapter) and active_only and not m.enabled:
+        if isinstance(m, LoraAdapter) and active_only and not m.contributes:
             disabled.update(id(p) for p in m.parameters())
     for name, p in model.named_parameters():
         if is_lora_key(name) and id(p) not in disabled and id(p) not in seen:
@@ -39,7 +40,8 @@ def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Set ``requires_grad`` so that only (enabled) adapter parameters train; returns ``model``.
+    """Set ``requires_grad`` so that only the adapters that contribute now (in the active set and
+    switched on) train; returns ``model``.
 
     Args:
         model: a module from :func:`lora_fx.transform` (or with loralib-style ``lora_`` layers).
