@@ -21,6 +21,7 @@ from .io.peft import load_adapter, save_adapter
 from .io.state_dict import lora_state_dict
 from .report import SiteSummary, draw, summary
 from .rules import register_function_rule, register_module_rule
+from .state import LeftOut, left_out
 from . import distributed
 from .distributed import gather_lora_state_dict
 # old module paths (thin re-exports), importable as attributes of the package as before
@@ -37,7 +38,8 @@ __all__ = [
     "NotAdaptedError", "UnknownAdapterError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
-    "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",
+    "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "left_out",
+    "LeftOut", "draw",
     "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
     "register_module_rule", "register_function_rule",
 ]

@@ -24,7 +24,7 @@ from lora_fx.passes.trace_export import export_error, normalize_example_inputs, 
 
 from .errors import ExportFileError, ExportParityError
 from .io._files import atomic_write
-from .state import CONFIG_ATTR, FOLD_META, require_adapted
+from .state import CONFIG_ATTR, FOLD_META, LEFT_OUT_ATTR, require_adapted
 
 __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
@@ -43,8 +43,9 @@ def fold(gm: nn.Module) -> fx.GraphModule:
     """
     require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
     folded, info = fold_graph_modules(gm)
-    if hasattr(folded, CONFIG_ATTR):
-        delattr(folded, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, LEFT_OUT_ATTR):
+        if hasattr(folded, attr):
+            delattr(folded, attr)
     folded.meta[FOLD_META] = info
     return folded
 

@@ -12,7 +12,7 @@ from torch import fx, nn
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
-from .state import is_adapted, is_adapter_path, iter_adapters, sites
+from .state import adapter_names, is_adapted, is_adapter_path, iter_adapters, left_out, sites
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
@@ -33,12 +33,16 @@ class SiteSummary:
         total_params: every parameter of the module (base + adapters), each tensor once.
         adapter_params: parameters of all adapters.
         trainable_params: parameters with ``requires_grad`` now.
+        left_out: one dict per (weight-like parameter, adapter) the adapter leaves out
+            (:func:`lora_fx.left_out`), with the keys ``param``, ``adapter``, ``shape``, ``op``,
+            ``reason`` and ``by_user`` (left out by the user's own ``targets`` / ``exclude``).
     """
 
     rows: tuple[dict, ...]
     total_params: int
     adapter_params: int
     trainable_params: int
+    left_out: tuple[dict, ...] = ()
 
     def __str__(self) -> str:
         cells = [[_fmt(k, r[k]) for k in _COLUMNS] for r in self.rows]
@@ -50,6 +54,10 @@ class SiteSummary:
         out.append(f"{len(self.rows)} site(s); adapter params {self.adapter_params:,} of {self.total_params:,} "
                    f"({100 * self.adapter_params / max(self.total_params, 1):.2f}%); trainable now "
                    f"{self.trainable_params:,}")
+        if self.left_out:
+            out.append(f"left out ({len(self.left_out)}):")
+            out += [f"  {e['param']} ({'x'.join(str(d) for d in e['shape'])}, adapter {e['adapter']!r}): {e['reason']}"
+                    for e in self.left_out]
         return "\n".join(out)
 
 
@@ -67,7 +75,9 @@ def _fmt(key: str, value) -> str:
 
 def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     """Table of every adapted site of ``gm``: site (base parameter), adapter, op, weight shape, rank,
-    lowering, whether the adapter is active, its parameter count and its share of the model.
+    lowering, whether the adapter is in the active set and switched on, its parameter count and its
+    share of the model; then one line per weight-like parameter an adapter leaves out, with the
+    reason (:func:`lora_fx.left_out`).
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
@@ -88,9 +98,12 @@ def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
                      "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.active),
                      "enabled": bool(s.module.enabled),
                      "trainable params": n, "share": n / max(total, 1)})
+    skipped = tuple({"param": e.param, "adapter": name, "shape": tuple(e.shape), "op": e.op, "reason": e.reason,
+                     "by_user": e.by_user} for name in adapter_names(gm) for e in left_out(gm, name))
     result = SiteSummary(rows=tuple(rows), total_params=total,
                          adapter_params=sum(p.numel() for _, _, m in iter_adapters(gm) for p in m.parameters()),
-                         trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad))
+                         trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad),
+                         left_out=skipped)
     if show:
         print(result)
     return result

@@ -7,6 +7,7 @@ import collections
 import copy
 from typing import Any, Callable, Optional
 
+import torch
 from torch import fx, nn
 
 from lora_fx.errors import ConfigError, TraceError
@@ -34,6 +35,11 @@ def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
         for v in m.__dict__.values():
             if (type(v) is collections.OrderedDict and not v and not v.__dict__) or (type(v) is set and not v):
                 memo[id(v)] = type(v)()
+            elif isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                # a tensor attribute computed with autograd (the weight the deprecated
+                # torch.nn.utils.weight_norm hook recomputes before every forward): deepcopy refuses
+                # non-leaf tensors, so the copy holds its detached value
+                memo[id(v)] = v.detach().clone()
     if not copy_weights:
         for p in model.parameters():  # each Parameter object once; ties map to one copy
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)

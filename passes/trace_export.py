@@ -138,7 +138,8 @@ def _rebuild(module: nn.Module, path: str, original: nn.Module) -> nn.Module:
         orig = original.get_submodule(path) if path else original
     except AttributeError:
         orig = module
-    if isinstance(orig, (nn.ModuleList, nn.ModuleDict)):  # containers stay containers (never called)
+    if isinstance(orig, (nn.ModuleList, nn.ModuleDict)) and type(orig).forward is nn.Module.forward:
+        # containers stay containers (never called; a ParametrizationList is a ModuleList that is called)
         container = type(orig)()
         for name, child in module._modules.items():
             container._modules[name] = child

@@ -11,6 +11,7 @@ Names and semantics follow HF PEFT where it has them (``add_adapter``, ``set_ada
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Optional, Sequence, Union
 
 from torch import fx, nn
@@ -20,11 +21,11 @@ from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.remove_lora import remove_lora_
 
 from ..config import UNSET, LoraConfig, config_with
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError, LoraFxWarning, TargetError
 from ..graph_module import graph_modules
-from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters,
-                     record_config_, require_adapted, state_of)
-from ..targets import check_adapter_name, check_patterns, select_targets
+from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters, policy_of,
+                     record_config_, record_left_out_, require_adapted, state_of)
+from ..targets import apply_policy, check_adapter_name, check_patterns, find_left_out, select_targets
 from .hotswap import disable_adapters  # one implementation, re-exported here
 from .init import check_pissa, new_adapter
 from .module import LoraAdapter
@@ -46,24 +47,44 @@ def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.Gr
     """The pipeline after capture, on a ``GraphModule`` hierarchy the caller owns (the copy
     :func:`lora_fx.transform` captured, or the module :func:`add_adapter` extends); returns ``root``.
 
-    find sites (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
-    (:mod:`lora_fx.targets`) → make one adapter per targeted weight (:func:`.init.new_adapter`) and
-    insert its merge / factored nodes (:mod:`lora_fx.passes.insert_lora`) → record the config
+    find sites (:mod:`lora_fx.passes.find_sites`, pure analysis) and apply the default-target
+    policy recorded at capture → select targets (:mod:`lora_fx.targets`) → make one adapter per
+    targeted weight (:func:`.init.new_adapter`) and insert its merge / factored nodes
+    (:mod:`lora_fx.passes.insert_lora`) → record the config and the weights left out
     (:mod:`lora_fx.state`).  ``requires_grad`` is left to the caller.
+
+    Warns:
+        LoraFxWarning: once, listing every weight-like parameter (floating point, at least 2-D)
+            left out other than by the user's ``targets`` / ``exclude``, each with the reason
+            (also in :func:`lora_fx.left_out` and :func:`lora_fx.summary`).
 
     Raises:
         TargetError, UnsupportedSiteError: as :func:`lora_fx.transform`.
         ConfigError: ``init="pissa"`` where it cannot write the weight.
     """
-    consumers = find_sites(root)
-    chosen = select_targets(consumers, config.targets, config.exclude)
+    policy = policy_of(root)
+    consumers = apply_policy(find_sites(root), policy)
+    chosen = select_targets(consumers, config.targets, config.exclude, policy=policy)
     if config.init == "pissa":
         check_pissa(root, consumers, chosen)
     check_patterns(config, chosen)
     gms = dict(graph_modules(root))  # once: per-adapter lookups stay O(1)
     insert_lora(root, chosen, lambda c: new_adapter(c, gms[c.gm_path].get_parameter(c.param), config),
                 adapter_name=adapter_name, lowering=config.lowering, recompute_inputs=config.recompute_inputs)
+    skipped = find_left_out(root, consumers, chosen, targets=config.targets, exclude=config.exclude)
+    record_left_out_(root, adapter_name, skipped)
+    _warn_left_out(adapter_name, [e for e in skipped if not e.by_user])
     return record_config_(root, adapter_name, config)
+
+
+def _warn_left_out(adapter_name: str, entries: Sequence) -> None:
+    if not entries:
+        return
+    lines = [f"{e.param} {tuple(e.shape)}: {e.reason}" for e in entries[:20]]
+    more = f"\n  ... and {len(entries) - 20} more" if len(entries) > 20 else ""
+    warnings.warn(f"adapter {adapter_name!r} leaves out {len(entries)} weight(s) (floating point, at least 2-D); "
+                  "lora_fx.left_out(model) lists them and lora_fx.summary(model) shows them:\n  - "
+                  + "\n  - ".join(lines) + more, LoraFxWarning, stacklevel=4)
 
 
 def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
