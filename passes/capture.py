@@ -15,7 +15,7 @@ from lora_fx.graph_module import compile_stale
 from lora_fx.state import FRONTEND_META
 
 from .trace_export import export_hierarchy, normalize_example_inputs
-from .trace_fx import trace_hierarchy
+from .trace_fx import trace_model
 
 __all__ = ["FRONTENDS", "capture", "private_copy"]
 
@@ -74,7 +74,8 @@ def capture(
     ``"fx"``: :func:`~lora_fx.passes.trace_fx.trace_hierarchy`; ``"export"``:
     :func:`export_hierarchy`; ``"auto"``: fx, and when fx fails, torch.export if example inputs
     were given.  ``model`` itself is only inspected (its ``forward`` signature); ``make_copy()``
-    returns a fresh private copy each call (a failed fx trace may have replaced blocks of its copy).
+    returns a fresh private copy each call (a failed fx trace may have replaced blocks of its copy,
+    and a forward that writes buffers in place is traced again from a fresh copy).
 
     Raises:
         ConfigError: unknown ``frontend``, ``frontend="export"`` without example inputs, or
@@ -95,7 +96,7 @@ def capture(
     if frontend == "export":
         return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     try:
-        root = trace_hierarchy(make_copy(), **trace_kwargs)
+        root = trace_model(make_copy, **trace_kwargs)
         root.meta[FRONTEND_META] = "fx"
         return root
     except TraceError as fx_exc:

@@ -34,10 +34,12 @@ from torch.export.unflatten import InterpreterModule, InterpreterModuleDispatche
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
-from lora_fx.errors import ConfigError, TraceError, user_frame
+from lora_fx.errors import ConfigError, LoraFxWarning, TraceError, user_frame
 from lora_fx.state import FRONTEND_META
 
 from .follow_mode import follow_mode_
+from .state_writes import (assignment_error, record_state_writes, restoring_tensor_attributes, rewritten_warning,
+                           split_writes, tensor_versions)
 from .trace_fx import LoraTracer, build_graph_module
 
 __all__ = [
@@ -203,7 +205,10 @@ def export_hierarchy(
     modes = {name: m.training for name, m in model.named_modules()}
     model.train()
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        # torch.export keeps in-place writes and assignments of registered buffers as graph ops, and
+        # drops assignments of other tensors (plain attributes): those are refused
+        with record_state_writes(model, alias=lambda value: value) as writes, restoring_tensor_attributes(model):
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except ConfigError:
         raise
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
@@ -211,6 +216,12 @@ def export_hierarchy(
     finally:
         for name, m in model.named_modules():
             m.training = modes.get(name, m.training)
+    dropped = [w for w in writes if w.kind != "buffer"]
+    if dropped:  # a plain attribute whose old value the program reads is lifted as a constant
+        carried, rewritten = split_writes(dropped, set(), {id(v) for v in ep.constants.values()})
+        if carried:
+            raise assignment_error(carried, "export", model)
+        warnings.warn(rewritten_warning(rewritten, "export"), LoraFxWarning, stacklevel=4)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
         unflat = torch.export.unflatten(ep)
@@ -230,15 +241,23 @@ def _leaves(out) -> list[torch.Tensor]:
 
 
 def _check_eval(root: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run ``model`` and ``root`` once in eval mode on the example inputs and compare outputs and the
+    module state each forward wrote; every buffer and tensor attribute of both is put back to its
+    value from before the check (the adapted model starts from the model's state, not one step on)."""
     saved = [(m, m.training) for m in list(model.modules()) + list(root.modules())]
+    state = {id(t): (t, t.detach().clone()) for m in (model, root) for t, _ in tensor_versions(m).values()}
     try:
         model.eval()
         root.eval()
         with torch.no_grad():
             want, got = _leaves(model(*args, **kwargs)), _leaves(root(*args, **kwargs))
+            written = _state_differences(model, root)
     finally:
         for m, t in saved:
             m.training = t
+        with torch.no_grad():
+            for t, value in state.values():
+                t.copy_(value)
     diffs = [(w - g).abs().max().item() if w.shape == g.shape and w.numel() else (0.0 if w.shape == g.shape else float("inf"))
              for w, g in zip(want, got) if w.is_floating_point()]
     scale = max([w.abs().max().item() for w in want if w.is_floating_point() and w.numel()] + [1.0])
@@ -248,3 +267,27 @@ def _check_eval(root: nn.Module, model: nn.Module, args: tuple, kwargs: dict) ->
             f"eval mode (max abs difference {max(diffs, default=float('inf')):.3g} on the example inputs): its forward "
             "branches on self.training in Python beyond dropout, attention dropout and batch norm, which lora_fx makes "
             "follow .train()/.eval(). Use frontend='fx' if the model traces, or remove the branch.")
+    if written:
+        raise TraceError(
+            f"the graph torch.export captured from {type(model).__name__} in train mode writes module state "
+            f"differently from the model in eval mode: {written[:8]}. Its forward branches on self.training in "
+            "Python around an in-place update or assignment (only batch norm's is made to follow .train()/.eval()). "
+            "Use frontend='fx' if the model traces (the module is then kept as a leaf that follows the mode), or "
+            "write the update without the branch.")
+
+
+def _state_differences(model: nn.Module, root: nn.Module) -> list[str]:
+    """Names of the buffers and tensor attributes whose values differ between ``model`` and ``root``."""
+    mine = {n: t for n, (t, _) in tensor_versions(model).items()}
+    out = []
+    for name, (t, _) in tensor_versions(root).items():
+        w = mine.get(name)
+        if w is None or w is t or w.shape != t.shape or w.dtype != t.dtype:
+            continue
+        if w.is_floating_point():
+            same = torch.allclose(w, t, rtol=1e-4, atol=1e-6, equal_nan=True)
+        else:
+            same = torch.equal(w, t)
+        if not same:
+            out.append(name)
+    return sorted(out)

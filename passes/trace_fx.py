@@ -10,6 +10,13 @@ A block built exactly like one traced before (same classes, submodule/parameter 
 attributes, constant arguments, no forward hooks inside: see ``_reuse_key``) is not traced again:
 it gets a copy of that graph, which names everything relative to the block, so it runs on the
 block's own weights.  The model's blocks typically cost one trace in all.
+
+Writes to module state (:mod:`.state_writes`): torch.fx hands a forward its buffers as real
+tensors, so an in-place write such as ``self.steps.add_(1)`` would run once at trace time and leave
+no node.  Each trace watches the buffers' and tensor attributes' version counters; when one moved,
+:func:`trace_model` traces a fresh copy again with those tensors as graph values (``get_attr``
+nodes), so the writes become graph ops on the adapted copy's own buffers.  Assignments
+(``self.count = self.count + 1``) cannot be kept: they raise :class:`~lora_fx.errors.TraceError`.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import copy
 import fnmatch
 import inspect
 import math
+import operator
 import os
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import fx, nn
@@ -31,7 +39,10 @@ from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, gra
 from lora_fx.ops import LORA_OPS
 from lora_fx.state import LEAF_ATTR
 
-__all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
+from .state_writes import (as_buffers_, assignment_error, is_inplace, record_state_writes, rewritten_warning,
+                           split_writes, tensor_versions, written_attr, written_in_place)
+
+__all__ = ["LoraTracer", "assert_is_none", "trace_model", "trace_hierarchy", "build_graph_module", "graph_modules"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,19 +77,68 @@ class _TrainingFlag(int):
         return repr(bool(int(self)))
 
 
+def _inplace_dunder(method: str):
+    def dunder(self, other):
+        return self.tracer.create_proxy("call_method", method, (self, other), {})
+    return dunder
+
+
+class _StateProxy(fx.Proxy):
+    """The graph value of a buffer the forward writes (``LoraTracer.state``): ``buf += x`` and
+    ``buf[i] = v`` are recorded as in-place ops on the buffer, as they run in eager mode (a plain
+    ``Proxy`` would record ``buf + x`` and refuse item assignment)."""
+
+    __iadd__ = _inplace_dunder("add_")
+    __isub__ = _inplace_dunder("sub_")
+    __imul__ = _inplace_dunder("mul_")
+    __itruediv__ = _inplace_dunder("div_")
+    __ipow__ = _inplace_dunder("pow_")
+    __iand__ = _inplace_dunder("bitwise_and_")
+    __ior__ = _inplace_dunder("bitwise_or_")
+    __ixor__ = _inplace_dunder("bitwise_xor_")
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
 class LoraTracer(fx.Tracer):
     """``torch.fx.Tracer`` that treats lora_fx ops as leaves (so a pickled adapted module
     re-traces to the same graph), extra leaf modules by name or type, and tracks the module being
     traced for error messages."""
 
     def __init__(self, autowrap_modules=(math,), autowrap_functions=(), param_shapes_constant=False, *,
-                 leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = ()):
+                 leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = (), state: Iterable[str] = ()):
         super().__init__(autowrap_modules=autowrap_modules,
                          autowrap_functions=tuple(autowrap_functions) + tuple(LORA_OPS) + (assert_is_none,),
                          param_shapes_constant=param_shapes_constant)
         self.leaf_names = frozenset(leaf_names)
         self.leaf_types = tuple(leaf_types)
+        self.state = frozenset(state)  # buffers handed to the forward as graph values (written in place)
+        self._state_ids: dict[int, str] = {}
         self._lora_scope: list[str] = []
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
+        """fx's attribute access, and a ``get_attr`` proxy for the buffers named in ``state``."""
+        name = self._state_ids.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {},
+                                                            proxy_factory_fn=lambda node: _StateProxy(node, self))
+        return parameter_proxy_cache[name]
+
+    def aliased_state(self, value: Any) -> Any:
+        """The module tensor a traced value is (its in-place ops' target), or None: lets
+        ``self.buf += x`` (an in-place write, then a rebinding to the same object) stand."""
+        node = written_attr(value.node) if isinstance(value, fx.Proxy) else None
+        if node is None:
+            return None
+        owner, _, name = str(node.target).rpartition(".")
+        try:
+            mod = self.root.get_submodule(owner) if owner else self.root
+        except AttributeError:
+            return None
+        return mod._buffers.get(name) if name in mod._buffers else vars(mod).get(name)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -94,6 +154,7 @@ class LoraTracer(fx.Tracer):
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         compile_stale(root)  # a GraphModule built or copied in a deferred_recompile block: fx traces its forward
+        self._state_ids = {id(root.get_buffer(n)): n for n in self.state}
         saved = [(m, m.training) for m in root.modules()]
         for name, m in root.named_modules():
             object.__setattr__(m, "training", _TrainingFlag(m.training, name, self.branched))
@@ -316,6 +377,7 @@ def trace_hierarchy(
     prefix: str = "",
     memo: Optional[dict[int, fx.GraphModule]] = None,
     templates: Optional[dict[tuple, fx.Graph]] = None,
+    state: frozenset = frozenset(),
 ) -> fx.GraphModule:
     """Trace ``module`` (which the caller owns: blocks inside it are replaced in place) into a
     ``GraphModule`` whose blocks are themselves traced ``GraphModule`` s.
@@ -327,9 +389,14 @@ def trace_hierarchy(
         leaf_modules: patterns of modules to keep opaque (called, not traced through).
         leaf_types: module types to keep opaque.
         concrete_args: as ``torch.fx.symbolic_trace``'s, for the root only.
+        state: names (relative to the model) of buffers to hand the forward as graph values,
+            because it writes them in place (:func:`trace_model` finds them).
 
     Raises:
-        TraceError: naming the module, the source line and the escape hatches.
+        TraceError: naming the module, the source line and the escape hatches; or naming the
+            module state a forward assigns.
+        StateWrittenAtTrace: a forward wrote buffers in place while being traced (not named in
+            ``state``): :func:`trace_model` traces a fresh copy again.
     """
     memo = {} if memo is None else memo
     templates = {} if templates is None else templates
@@ -350,7 +417,7 @@ def trace_hierarchy(
         graph = _copy_graph(template)
     else:
         graph, auto_leaves = _trace(module, block_names=block_names, leaf_names=leaf_names, leaf_types=leaf_types,
-                                    concrete_args=concrete_args, prefix=prefix)
+                                    concrete_args=concrete_args, prefix=prefix, state=state)
         weighty = sorted(prefix + n for n in auto_leaves
                          if any(True for _ in module.get_submodule(n).parameters()))
         if weighty:
@@ -372,23 +439,66 @@ def trace_hierarchy(
             memo[id(block)] = trace_hierarchy(
                 block, blocks=blocks, leaf_modules=leaf_modules, leaf_types=leaf_types,
                 concrete_args=_concrete_args_from_calls(block, nodes) or None,
-                prefix=f"{prefix}{target}.", memo=memo, templates=templates)
+                prefix=f"{prefix}{target}.", memo=memo, templates=templates, state=state)
         parent_name, _, child_name = target.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         parent._modules[child_name] = memo[id(block)]
     return build_graph_module(module, graph)
 
 
-def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], leaf_types: tuple[type, ...],
-           concrete_args: Optional[dict[str, Any]], prefix: str) -> tuple[fx.Graph, set[str]]:
-    """Trace ``module`` with blocks and leaves opaque; modules whose forward branches on
-    ``self.training`` become leaves too (returned as the second item)."""
-    auto_leaves: set[str] = set()
-    while True:
-        tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
+class StateWrittenAtTrace(Exception):
+    """A forward wrote buffers or tensor attributes in place while torch.fx traced it (so the write
+    ran once, at trace time, instead of becoming a graph op); ``names`` are relative to the model."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+        super().__init__(f"written in place during the trace: {sorted(self.names)}")
+
+
+def trace_model(make_copy: Callable[[], nn.Module], *, max_traces: int = 4, **kwargs) -> fx.GraphModule:
+    """:func:`trace_hierarchy` of ``make_copy()``; when a forward writes buffers or tensor attributes
+    in place (which torch.fx would run once, at trace time), a fresh copy is traced again with those
+    tensors as graph values (plain tensor attributes become non-persistent buffers), so the writes
+    are graph ops on the copy's own state.
+
+    Raises:
+        TraceError: as :func:`trace_hierarchy`, or the writes still run at trace time after
+            ``max_traces`` traces (names them).
+    """
+    state: frozenset = frozenset()
+    for _ in range(max_traces):
+        module = as_buffers_(make_copy(), state)
         try:
-            graph = tracer.trace(module, concrete_args=concrete_args)
+            return trace_hierarchy(module, state=state, **kwargs)
+        except StateWrittenAtTrace as again:
+            if again.names <= state:
+                break
+            state = state | again.names
+    raise TraceError(f"the forward of the model writes {sorted(state)} in place in a way torch.fx cannot record as "
+                     "graph ops (the write runs while tracing). Use frontend='export' with example_inputs, or keep "
+                     "the module that writes them as a leaf (leaf_modules=[...]), whose forward then runs as is.")
+
+
+def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], leaf_types: tuple[type, ...],
+           concrete_args: Optional[dict[str, Any]], prefix: str,
+           state: frozenset = frozenset()) -> tuple[fx.Graph, set[str]]:
+    """Trace ``module`` with blocks and leaves opaque; modules whose forward branches on
+    ``self.training`` become leaves too (returned as the second item).  Buffers named in ``state``
+    (relative to the model) are graph values; a trace that writes module state raises
+    (:class:`StateWrittenAtTrace` for in-place writes, :class:`TraceError` for assignments)."""
+    auto_leaves: set[str] = set()
+    own_state = {n[len(prefix):] for n in state if n.startswith(prefix)}
+    own_state = {n for n in own_state if _has_buffer(module, n)}
+    while True:
+        tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types, state=own_state)
+        versions = tensor_versions(module)
+        try:
+            with record_state_writes(module, alias=tracer.aliased_state,
+                                     traced=lambda v: isinstance(v, fx.Proxy)) as writes:
+                graph = tracer.trace(module, concrete_args=concrete_args)
         except Exception as exc:  # fx raises many types; report one, with where and how to fix
+            if writes:  # e.g. a Proxy assigned to a buffer: torch refuses it
+                raise assignment_error([_prefixed(w, prefix) for w in writes], "fx", module) from exc
             retry = tracer.branched - leaf_names - block_names - {""}
             if retry:  # the failure came after a branch on self.training: keep those modules opaque, retry
                 leaf_names, auto_leaves = leaf_names | retry, auto_leaves | retry
@@ -397,6 +507,14 @@ def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], le
             culprit = (module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1]
                        else module)
             raise _trace_error(exc, inner, culprit) from exc
+        # written at trace time (in place, or assigned a value computed once): trace again with those
+        # tensors as graph values, so the writes and the reads around them become graph ops
+        eager = [w.name if not w.path else f"{w.path}.{w.name}" for w in writes if not w.traced]
+        moved = written_in_place(versions) + [n for n in eager + _graph_writes(module, graph) if n not in own_state]
+        if moved:
+            raise StateWrittenAtTrace(prefix + n for n in moved)
+        if writes:
+            _check_assignments(module, graph, [_prefixed(w, prefix) for w in writes], prefix)
         new_leaves = tracer.branched - leaf_names - block_names
         if not new_leaves:
             break
@@ -408,3 +526,58 @@ def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], le
                 "example_inputs (which checks both modes).")
         leaf_names, auto_leaves = leaf_names | new_leaves, auto_leaves | new_leaves
     return graph, auto_leaves
+
+
+def _graph_writes(module: nn.Module, graph: fx.Graph) -> list[str]:
+    """Buffers and tensor attributes of ``module`` that in-place ops of ``graph`` write: every read
+    of them must be a graph value too (an eager read at trace time would be a stale constant)."""
+    attrs = {id(t): n for n, (t, _) in tensor_versions(module).items()}
+    out = []
+    for n in graph.nodes:
+        target = written_attr(n) if is_inplace(n) else None
+        if target is None:
+            continue
+        owner, _, name = str(target.target).rpartition(".")
+        try:
+            holder = module.get_submodule(owner) if owner else module
+        except AttributeError:
+            continue
+        value = holder._buffers.get(name) if name in holder._buffers else vars(holder).get(name)
+        if isinstance(value, torch.Tensor) and id(value) in attrs:
+            out.append(attrs[id(value)])
+    return out
+
+
+def _check_assignments(module: nn.Module, graph: fx.Graph, writes: list, prefix: str) -> None:
+    """Refuse assignments whose previous value the graph reads (state carried across calls); warn
+    about the others (recomputed before use in every call, so no output changes)."""
+    names, ids = set(), set()
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            names.add(prefix + str(n.target))
+            owner, _, attr = str(n.target).rpartition(".")
+            try:
+                holder = module.get_submodule(owner) if owner else module
+            except AttributeError:
+                continue
+            value = vars(holder).get(attr, holder._buffers.get(attr, holder._parameters.get(attr)))
+            if value is not None:
+                ids.add(id(value))
+    carried, rewritten = split_writes(writes, names, ids)
+    if carried:
+        raise assignment_error(carried, "fx", module)
+    warnings.warn(rewritten_warning(rewritten, "fx"), LoraFxWarning, stacklevel=6)
+
+
+def _has_buffer(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_buffer(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _prefixed(w, prefix: str):
+    """``w`` with its path relative to the model (blocks are traced on their own)."""
+    path = f"{prefix}{w.path}" if w.path else prefix.rstrip(".")
+    return type(w)(path, w.module, w.name, w.kind, w.previous, w.traced)
