@@ -13,8 +13,8 @@ from .api import Site, fold, sites, transform
 from .config import LoraConfig
 from .deploy import export_folded, export_onnx
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
-                     ExportFileError, ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
-                     TraceError, UnknownAdapterError, UnsupportedSiteError)
+                     ExportFileError, ExportParityError, InputGuardError, LoraFxError, LoraFxWarning, NotAdaptedError,
+                     TargetError, TraceError, UnknownAdapterError, UnsupportedSiteError)
 from .fused import FusedSpec
 from .io.loralib import load_loralib_state_dict, loralib_state_dict
 from .io.peft import load_adapter, save_adapter
@@ -34,7 +34,8 @@ __all__ = [
     "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters", "register_model_param_after_backward",
     "load_loralib_state_dict", "loralib_state_dict",
     "distributed", "gather_lora_state_dict",
-    "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
+    "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "InputGuardError",
+    "UnsupportedSiteError",
     "NotAdaptedError", "UnknownAdapterError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
     "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",

@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "TargetError",
     "TraceError",
+    "InputGuardError",
     "UnsupportedSiteError",
     "NotAdaptedError",
     "UnknownAdapterError",
@@ -50,6 +51,13 @@ class TargetError(LoraFxError, ValueError):
 
 class TraceError(LoraFxError, RuntimeError):
     """The model could not be captured as a graph by the chosen front-end."""
+
+
+class InputGuardError(LoraFxError, RuntimeError):
+    """A call of a model captured by the export front-end with an input outside what the capture
+    specialised on (a size outside its range, another value of a baked-in argument): the graph
+    holds one branch of the forward's Python, taken for the example inputs (as torch.export's own
+    program raises "Guard failed")."""
 
 
 class UnsupportedSiteError(LoraFxError, NotImplementedError):

@@ -17,7 +17,10 @@ would stay baked in train form, so :func:`export_hierarchy` checks the result ag
 eval mode on the example inputs and raises if they differ.
 
 Dynamic shapes: by default every dimension of every example tensor is ``Dim.AUTO`` (sizes seen
-as 0 or 1 specialise), so a model captured with a batch of 2 runs with a batch of 8.
+as 0 or 1 specialise), so a model captured with a batch of 2 runs with a batch of 8.  What the
+capture specialised on (a size range after a branch on a shape, a fixed size, a baked-in
+non-tensor argument) is checked on every call (:mod:`.guards`): an input outside it raises
+:class:`~lora_fx.errors.InputGuardError` instead of running the branch taken at capture.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from lora_fx.errors import ConfigError, LoraFxWarning, TraceError, user_frame
 from lora_fx.state import FRONTEND_META
 
 from .follow_mode import follow_mode_
+from .guards import guard_inputs_, input_guards
 from .state_writes import (assignment_error, record_state_writes, restoring_tensor_attributes, rewritten_warning,
                            split_writes, tensor_versions)
 from .trace_fx import LoraTracer, build_graph_module
@@ -226,6 +230,7 @@ def export_hierarchy(
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
         unflat = torch.export.unflatten(ep)
     root = _rebuild(unflat, "", model)
+    guard_inputs_(root, input_guards(root.graph, ep.range_constraints))  # the program's guards, checked on each call
     root.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, ep.call_spec.in_spec, ep.call_spec.out_spec))
     root.recompile()
     root.meta[FRONTEND_META] = "export"

@@ -39,6 +39,7 @@ from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, gra
 from lora_fx.ops import LORA_OPS
 from lora_fx.state import LEAF_ATTR
 
+from .guards import check_input_guards
 from .state_writes import (as_buffers_, assignment_error, is_inplace, record_state_writes, rewritten_warning,
                            split_writes, tensor_versions, written_attr, written_in_place)
 
@@ -109,7 +110,8 @@ class LoraTracer(fx.Tracer):
     def __init__(self, autowrap_modules=(math,), autowrap_functions=(), param_shapes_constant=False, *,
                  leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = (), state: Iterable[str] = ()):
         super().__init__(autowrap_modules=autowrap_modules,
-                         autowrap_functions=tuple(autowrap_functions) + tuple(LORA_OPS) + (assert_is_none,),
+                         autowrap_functions=tuple(autowrap_functions) + tuple(LORA_OPS) + (assert_is_none,
+                                                                                           check_input_guards),
                          param_shapes_constant=param_shapes_constant)
         self.leaf_names = frozenset(leaf_names)
         self.leaf_types = tuple(leaf_types)
