@@ -13,7 +13,7 @@ from .api import Site, fold, sites, transform
 from .config import LoraConfig
 from .deploy import export_folded, export_onnx
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
-                     ExportFileError, ExportParityError, InputGuardError, LoraFxError, LoraFxWarning, NotAdaptedError,
+                     ExportFileError, ExportParityError, InputGuardError, LoraFxError, NonFiniteError, LoraFxWarning, NotAdaptedError,
                      TargetError, TraceError, UnknownAdapterError, UnsupportedSiteError)
 from .fused import FusedSpec
 from .io.loralib import load_loralib_state_dict, loralib_state_dict
@@ -37,7 +37,7 @@ __all__ = [
     "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "InputGuardError",
     "UnsupportedSiteError",
     "NotAdaptedError", "UnknownAdapterError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
-    "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
+    "ExportParityError", "ExportFileError", "NonFiniteError", "export_folded", "export_onnx", "__version__",
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
     "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "left_out",
     "LeftOut", "draw",

@@ -51,6 +51,11 @@ def fold(gm: nn.Module) -> fx.GraphModule:
 
 
 
+_PARITY_FIX = ("The model's forward depends on something export bakes in (Python state, a global, randomness, a "
+               "shape-dependent branch): make it a tensor input or buffer, or export with example inputs like the "
+               "ones you check with.")
+
+
 def _tolerance(t: torch.Tensor) -> tuple[float, float]:
     if t.dtype in (torch.float16, torch.bfloat16):
         return 2e-2, 2e-2
@@ -71,15 +76,17 @@ def parity_report(want: Any, got: Any, *, what: str, rtol: Optional[float] = Non
     w_leaves = [x for x in pytree.tree_leaves(want) if isinstance(x, torch.Tensor)]
     g_leaves = [torch.as_tensor(x) for x in pytree.tree_leaves(got) if isinstance(x, (torch.Tensor,)) or hasattr(x, "shape")]
     if len(w_leaves) != len(g_leaves):
-        raise ExportParityError(f"{what}: {len(g_leaves)} output tensors, the eager adapted model returns {len(w_leaves)}")
+        raise ExportParityError(f"{what}: {len(g_leaves)} output tensors, the eager adapted model returns {len(w_leaves)}. "
+                                f"{_PARITY_FIX}")
     worst = 0.0
     for i, (w, g) in enumerate(zip(w_leaves, g_leaves)):
         g = g.to(w.device)
         if tuple(w.shape) != tuple(g.shape):
-            raise ExportParityError(f"{what}: output {i} has shape {tuple(g.shape)}, eager has {tuple(w.shape)}")
+            raise ExportParityError(f"{what}: output {i} has shape {tuple(g.shape)}, eager has {tuple(w.shape)}. "
+                                    f"{_PARITY_FIX}")
         if not w.is_floating_point():
             if not torch.equal(w, g.to(w.dtype)):
-                raise ExportParityError(f"{what}: integer output {i} differs from eager")
+                raise ExportParityError(f"{what}: integer output {i} differs from eager. {_PARITY_FIX}")
             continue
         r, a = _tolerance(w)
         r, a = rtol if rtol is not None else r, atol if atol is not None else a

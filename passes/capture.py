@@ -46,12 +46,32 @@ def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
     try:
         copied = copy.deepcopy(model, memo)
     except Exception as exc:
+        culprit = _uncopyable(model)
+        where = (f": module '{culprit[0] or '<root>'}' ({culprit[1]}) holds {culprit[2]!r}, a {culprit[3]} that "
+                 f"cannot be copied ({culprit[4]})" if culprit else f": {type(exc).__name__}: {exc}")
         raise ConfigError(
             f"could not copy {type(model).__name__} (lora_fx never modifies your model, so it works on a "
-            f"copy): {type(exc).__name__}: {exc}. Make the model deep-copyable (drop open files, locks or "
-            "generators held as attributes).") from exc
+            f"copy){where}. Make it deep-copyable: delete that attribute before transform (or set it again on the "
+            "result), or give its type a __deepcopy__.") from exc
     compile_stale(copied)  # GraphModules in the model: copied inside transform's deferred_recompile block
     return copied
+
+
+def _uncopyable(model: nn.Module):
+    """``(module path, class, attribute, type, error)`` of the first module attribute (or hook) of
+    ``model`` that ``copy.deepcopy`` refuses, or None."""
+    for path, m in model.named_modules():
+        for key, value in vars(m).items():
+            if key == "_modules":
+                continue
+            items = value.items() if isinstance(value, dict) and key.startswith("_") else [(key, value)]
+            for name, v in items:
+                try:
+                    copy.deepcopy(v)
+                except Exception as exc:
+                    label = name if name == key else f"{key}[{name!r}]"
+                    return path, type(m).__name__, label, type(v).__name__, f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _short(exc: BaseException) -> str:
@@ -114,6 +134,16 @@ def capture(
         raise TraceError(
             f"neither front-end could capture {type(model).__name__} (shortest failure first):\n"
             + "\n".join(f"[{which}] {text}" for which, text in both)
-            + "\nHow to fix: for torch.fx, pass concrete_args / leaf_modules for the failing module; for "
-              "torch.export, make the failing line independent of tensor values (torch.where / torch.cond) and "
-              "check example_inputs; or keep the failing code in a leaf module (leaf_modules=[...]).") from ex_exc
+            + "\nHow to fix: " + _combined_fix(fx_error, ex_exc)) from ex_exc
+
+
+def _combined_fix(fx_error: TraceError, export_error: TraceError) -> str:
+    """The fix when both front-ends failed: the torch.export failure's own fix, and a leaf for the
+    module torch.fx failed in (a child; the root cannot be a leaf of its own trace)."""
+    path = getattr(fx_error, "module_path", "")
+    fx_fix = (f"for torch.fx, keep '{path}' opaque with leaf_modules=['{path}'] (or pass concrete_args for the "
+              "arguments it branches on)" if path else
+              "for torch.fx, pass concrete_args for the arguments the root's forward branches on, or move the "
+              "failing lines into a submodule and keep it opaque with leaf_modules=['<its name>']")
+    ex_fix = str(export_error).split("How to fix: ")[-1].strip().rstrip(".")
+    return f"{fx_fix}; for torch.export: {ex_fix}."

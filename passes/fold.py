@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from lora_fx import ops, weights
 from lora_fx.graph_module import graph_modules
-from lora_fx.errors import UnsupportedSiteError
+from lora_fx.errors import NonFiniteError, UnsupportedSiteError
 from lora_fx.state import is_adapter_path, state_of
 
 from .remove_lora import remove_lora_
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # annotations only: passes never import the adapters package
 __all__ = ["fold_graph_modules", "folded_weight"]
 
 
-def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Tensor:
+def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], *, name: str = "weight") -> torch.Tensor:
     """``W + Σ ΔW`` computed in at least float32 and rounded once (:func:`lora_fx.weights.fold_into`:
     a plain weight gets ``W``'s dtype; another weight kind decides what it returns).
 
@@ -38,8 +38,10 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
             first, in chain order, then factored ones); their current ``scaling`` is used and
             disabled ones add 0.  DoRA adapters apply :func:`lora_fx.ops.dora_merge`.
 
+        name: the weight's name, for the error.
+
     Raises:
-        ValueError: if the result is not finite (a diverged adapter), naming nothing silently.
+        NonFiniteError: the result is not finite (a diverged adapter), naming the weight.
     """
 
     def update(out: torch.Tensor) -> torch.Tensor:  # out: dequantized W, float32 or wider
@@ -52,7 +54,13 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
                     continue
                 out = out + a.delta_weight(dtype=compute).detach()  # fused: exact zeros on disabled rows
         if not torch.isfinite(out).all():
-            raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
+            bad = [f"lora_A/lora_B of rank {a.rank}" for a in adapters
+                   if not all(bool(torch.isfinite(p).all()) for p in a.parameters())]
+            raise NonFiniteError(
+                f"fold: the folded '{name}' is not finite ({'; '.join(bad) or 'W + ΔW overflows'} hold inf/NaN "
+                "values): its adapter diverged in training. Reload a finite adapter (load_lora_state / "
+                "load_adapter_values_), or retrain with a lower learning rate or gradient clipping; the adapted "
+                "model is unchanged.")
         return out
 
     return weights.fold_into(weight, update)
@@ -108,7 +116,7 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         for alias, (w, adapters) in by_alias.items():
             key = (id(w),) + tuple(sorted(id(a) for a in adapters))
             if key not in memo:
-                memo[key] = nn.Parameter(folded_weight(w, adapters), requires_grad=w.requires_grad)
+                memo[key] = nn.Parameter(folded_weight(w, adapters, name=alias), requires_grad=w.requires_grad)
             owner_path, _, pname = alias.rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm
             owner._parameters[pname] = memo[key]

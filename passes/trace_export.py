@@ -163,14 +163,26 @@ def _rebuild(module: nn.Module, path: str, original: nn.Module) -> nn.Module:
 
 def export_error(exc: BaseException, model: nn.Module) -> TraceError:
     """The :class:`~lora_fx.errors.TraceError` for a failed ``torch.export`` of ``model``: the user's
-    line and the fix."""
+    line and the fix for that kind of failure."""
     frame = user_frame(exc, also_skip=(os.path.dirname(os.path.abspath(__file__)),), skip_synthetic=True)
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
-    summary = (str(exc).strip().split("\n") or [""])[0][:400]
-    return TraceError(
-        f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {summary}\n"
-        "How to fix: make the failing line independent of tensor values (use torch.where / torch.cond "
-        "instead of `if tensor:`), or check that example_inputs are what forward expects.")
+    text = str(exc).strip()
+    summary = (text.split("\n") or [""])[0][:400]
+    kind = type(exc).__name__
+    if "in output, which is not a known type" in text or "register a pytree" in text or "pytree" in kind.lower():
+        cache = "cache" in text.lower()
+        fix = ("the forward returns (or takes) an object torch.export cannot flatten into tensors"
+               + (": a transformers model's KV cache; build the model with use_cache=False (config.use_cache=False)"
+                  if cache else "; return tensors (or tuples, lists, dicts and dataclasses of them), or register the "
+                  "type with torch.utils._pytree.register_pytree_node"))
+    elif "data-dependent" in text.lower() or "DataDependent" in kind or "Could not guard on" in text:
+        fix = ("Python control flow depends on tensor values: write the failing line with torch.where / torch.cond "
+               "instead of `if tensor:` (or .item())")
+    else:
+        fix = ("check that example_inputs / example_kwargs are what forward expects (shapes, dtypes, which "
+               "arguments), or use frontend='fx' with leaf_modules=[...] for the module that fails")
+    return TraceError(f"torch.export could not capture {type(model).__name__}{where}: {kind}: {summary}\n"
+                      f"How to fix: {fix}.")
 
 
 def export_hierarchy(

@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
-from lora_fx.errors import LoraFxWarning, TraceError, user_frame
+from lora_fx.errors import InputGuardError, LoraFxWarning, TraceError, user_frame
 from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, graph_modules, value_key
 from lora_fx.ops import LORA_OPS
 from lora_fx.state import LEAF_ATTR
@@ -54,10 +54,13 @@ def assert_is_none(value: Any, msg: str) -> None:
     breaks every later trace in the process once such a module is unpickled).
 
     Raises:
-        AssertionError: ``value`` is not None (``msg`` names the argument).
+        InputGuardError: ``value`` is not None (``msg`` names the argument; an ``AssertionError``
+            as fx's own guard).
     """
     if value is not None:
-        raise AssertionError(msg)
+        raise InputGuardError(f"{msg}: the graph was traced with it fixed to None (concrete_args, or a constant "
+                              "every call site passed). Call it without that argument, or transform again without "
+                              "fixing it (then the graph takes it as an input).")
 
 
 class _TrainingFlag(int):
@@ -179,17 +182,28 @@ class LoraTracer(fx.Tracer):
 
 
 def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceError:
+    """The error for a failed trace of ``module`` (at ``module_path``; ``""``: the root), with fixes
+    that work for it: a child can be kept as an opaque leaf, the root cannot (a leaf root is not
+    traced at all, so it would fail the same way)."""
     frame = user_frame(exc, also_skip=(_HERE,))
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
     name = module_path or "<root>"
-    return TraceError(
+    export = ("use the torch.export front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which "
+              "specialises Python control flow on shapes and arguments to the example inputs (not on tensor values)")
+    if module_path:
+        fixes = (f"(1) pass concrete_args={{'arg': value}} for arguments the code branches on; (2) mark the module as "
+                 f"an opaque leaf with leaf_modules=['{name}'] (its own weights are then adapted by merging, through "
+                 f"torch.func.functional_call, when named in targets); or (3) {export}")
+    else:
+        fixes = (f"(1) pass concrete_args={{'arg': value}} for arguments of forward the code branches on; (2) {export}; "
+                 "or (3) move the failing lines into a submodule and keep that submodule opaque with "
+                 "leaf_modules=['<its name>']")
+    err = TraceError(
         f"torch.fx could not trace module '{name}' ({type(module).__name__}){where}: "
         f"{type(exc).__name__}: {exc}\n"
-        "How to fix: (1) pass concrete_args={'arg': value} for arguments the code branches on; "
-        f"(2) mark the module as an opaque leaf with leaf_modules=['{name}'] (its own weights are then "
-        "adapted by merging, through torch.func.functional_call); or (3) use the torch.export "
-        "front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which specialises "
-        "Python control flow on shapes and arguments to the example inputs (not on tensor values).")
+        f"How to fix: {fixes}.")
+    err.module_path = module_path  # "" for the root: capture's combined advice depends on it
+    return err
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",

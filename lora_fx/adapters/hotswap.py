@@ -286,7 +286,9 @@ def reserve_rank_(gm: nn.Module, max_rank: int, *, adapter: str = "default") -> 
                           "Transform with fused={'<pattern>': None} for one plain adapter per weight, or exclude them.")
     small = [f"{p} (capacity {a.lora_A.shape[0]})" for p, a in chosen if a.lora_A.shape[0] > max_rank]
     if small:
-        raise ConfigError(f"max_rank {max_rank} is below the capacity of: {', '.join(small)}")
+        need = max(a.lora_A.shape[0] for _, a in chosen)
+        raise ConfigError(f"max_rank {max_rank} is below the capacity of: {', '.join(small)}; pass max_rank >= {need} "
+                          "(reserve_rank_ only pads)")
     with torch.no_grad():
         for _, a in chosen:
             cap = a.lora_A.shape[0]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, NotAdaptedError
-from ._files import atomic_write_bytes, mismatch_error, safetensors_bytes
+from ._files import atomic_write_bytes, file_source, file_target, mismatch_error, safetensors_bytes
 from ..state import is_lora_key
 from .state_dict import lora_state_dict
 
@@ -27,8 +27,10 @@ def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: st
 
     Raises:
         NotAdaptedError: ``model`` holds no adapter parameters (nothing would be saved).
+        AdapterFileError: ``path`` is an existing directory, or below a file.
         OSError: the file cannot be written; any previous file at ``path`` is left intact.
     """
+    file_target(path, what="save_lora_state", other="lora_fx.save_adapter(model, directory)")
     sd = {k: v.detach().contiguous().clone() for k, v in lora_state_dict(model, bias=bias).items()}
     if not any(is_lora_key(k) for k in sd):
         raise NotAdaptedError(f"save_lora_state(): {type(model).__name__} holds no adapter parameters, so the file "
@@ -44,11 +46,12 @@ def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
     at once and nothing is loaded if any.
 
     Raises:
-        AdapterFileError: missing, truncated or corrupt file.
+        AdapterFileError: missing, truncated or corrupt file, or a directory.
         AdapterMismatchError: unexpected keys, missing adapter keys or shape mismatches.
     """
     from safetensors.torch import load
 
+    file_source(path, what="load_lora_state", other="lora_fx.load_adapter(model, directory)")
     try:
         data = Path(path).read_bytes()
         sd = load(data)

@@ -42,7 +42,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterMismatchError, ConfigError, UnsupportedSiteError
 from ..state import FILE_META, PISSA_BUFFERS, check_adapter_names, configs_of, is_adapted, sites
 from ..weights import logical_shape
-from ._files import atomic_write_bytes, mismatch_error
+from ._files import atomic_write_bytes, dir_source, dir_target, mismatch_error
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_PREFIX"]
 
@@ -171,9 +171,11 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         UnsupportedSiteError: a site PEFT's LoRA cannot express (a parameter other than a module's
             ``weight``; a module type other than Linear, Embedding, ungrouped ConvNd, GPT-2 Conv1D;
             DoRA on Embedding / Conv1D, whose PEFT norm axis differs; a tied weight) — all listed.
+        AdapterFileError: ``directory`` is an existing file, or below a file.
     """
     from safetensors.torch import save
 
+    out = dir_target(directory, what="save_adapter", other="lora_fx.io.save_lora_state(model, path)")
     check_adapter_names(gm, [adapter])
     cfg = configs_of(gm).get(adapter)
     chosen = [s for s in sites(gm) if s.adapter == adapter]
@@ -242,7 +244,6 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", FILE_META["adapter"]: adapter}
     if cfg is not None:
@@ -272,6 +273,7 @@ _SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embeddi
 def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load
 
+    dir_source(directory, what="load_adapter", other="lora_fx.io.load_lora_state(model, path)")
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for p in (cfg_path, w_path):
         if not p.is_file():
@@ -393,7 +395,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
             for Hugging Face models, which need the export front-end.
 
     Raises:
-        AdapterFileError: a file is missing, corrupt, or only a pickled ``adapter_model.bin`` exists.
+        AdapterFileError: a file is missing, corrupt, or only a pickled ``adapter_model.bin`` exists;
+            ``directory`` is a file or does not exist.
         ConfigError: not a LoRA adapter, or PEFT options lora_fx does not load (trained biases,
             ``modules_to_save``, ...).
         AdapterMismatchError: one error listing every target module that is missing from the model,
