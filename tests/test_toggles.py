@@ -206,7 +206,7 @@ def pristine():
     return _adapted()
 
 
-@settings(max_examples=60)
+@settings(max_examples=max(60, settings().max_examples // 4))
 @given(ops=st.lists(_OPS, min_size=1, max_size=8))
 def test_random_toggle_sequences(pristine, ops):
     model, gm0 = pristine
