@@ -30,7 +30,8 @@ __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
 
 def fold(gm: nn.Module) -> fx.GraphModule:
-    """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
+    """A new module with every adapter folded into its weight as it contributes now (in the active
+    set and switched on, at its mixing weight; others add nothing): ``W ← W + ΔW`` computed in
     float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
 
     ``fold(gm).state_dict()`` has the original model's keys, so it loads with ``strict=True`` into
