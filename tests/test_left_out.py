@@ -272,16 +272,19 @@ def test_transformers_embeddings_and_head_are_not_default_targets():
 
 
 def test_transformers_moe_router_is_not_a_default_target():
+    """The router is found by structure (a 2-D weight with one row per expert next to the stacked
+    expert weights); the policy is read from the model before capture."""
+    from lora_fx.targets import target_policy
+
     torch.manual_seed(0)
     model = _mixtral()
-    ids = torch.randint(0, V, (2, 5))
-    gm, warned = _transform(model, rank=2, example_inputs=(ids,))
-    out = {e.param: e for e in lora_fx.left_out(gm)}
+    policy = target_policy(model)
     router = "model.layers.0.mlp.gate.weight"
-    assert router in out and "router" in out[router].reason and "4 experts" in out[router].reason
-    assert router not in {s.param for s in lora_fx.sites(gm)}
-    named, _ = _transform(model, rank=2, targets=[router], example_inputs=(ids,))
-    assert [s.param for s in lora_fx.sites(named)] == [router]
+    assert router in policy.not_default
+    assert "router" in policy.not_default[router] and "4 experts" in policy.not_default[router]
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(policy.not_default)
+    assert not any("experts" in n or "proj" in n for n in policy.not_default)  # the experts and projections stay
+    assert target_policy(model.model.layers[0]).not_default == {}  # a plain module: every site is a default target
 
 
 def test_other_models_keep_every_site():
