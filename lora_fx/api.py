@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-from torch import fx, nn
+from torch import nn
 
 from lora_fx.passes.capture import capture, private_copy
 
@@ -67,9 +67,9 @@ def transform(
     example_kwargs: Optional[dict[str, Any]] = None,
     dynamic_shapes: Any = None,
     **unknown: Any,
-) -> fx.GraphModule:
-    """Trace ``model`` and return a new ``GraphModule`` in which every targeted weight ``W`` is
-    seen by its op as ``W + ΔW``, ``ΔW = scaling · (lora_B @ lora_A).reshape(W.shape)``
+) -> nn.Module:
+    """Capture a copy of ``model`` and return it with every targeted weight ``W`` seen by its op as
+    ``W + ΔW``, ``ΔW = scaling · (lora_B @ lora_A).reshape(W.shape)``
     (Hu et al., 2022, eq. 3), ``scaling = alpha / rank``.
 
     ``lora_A: (rank, W[0].numel())`` starts kaiming-uniform, ``lora_B: (W.shape[0], rank)`` starts
@@ -78,9 +78,10 @@ def transform(
     storage instead, to save memory).  ``model`` is never modified.
 
     Args:
-        model: any ``nn.Module`` torch.fx can trace (blocks in ``nn.ModuleList`` s are traced
-            one by one and stay called submodules), or, given example inputs, that
-            ``torch.export`` can capture (see ``frontend``).
+        model: any ``nn.Module``: one torch.fx traces whole (blocks in ``nn.ModuleList`` s are
+            traced one by one and stay called submodules) becomes a ``GraphModule``; any other
+            (a Hugging Face model, with its cache logic and ``**kwargs`` forwards) keeps its class,
+            its capturable modules becoming regions (see ``frontend``).
         rank: ``r > 0`` (default 16).  A rank above ``min(fan_out, fan_in)`` of a targeted weight
             is allowed (the update is then full-rank) and warns with :class:`LoraFxWarning`.
         alpha: ``> 0``; default ``rank`` (scaling 1.0).
@@ -102,8 +103,12 @@ def transform(
         concrete_args: as in ``torch.fx.symbolic_trace``.
         copy_weights: copy base weights (default) or share their storage with ``model``
             (``init="pissa"`` needs the copy: it writes its residual into the module's own ``W``).
-        frontend: ``"auto"`` (torch.fx symbolic tracing; when it fails and example inputs are
-            given, ``torch.export``), ``"fx"`` or ``"export"`` (see :mod:`lora_fx.passes.capture`).
+        frontend: ``"auto"`` (torch.fx symbolic tracing of the whole model; when it fails,
+            ``torch.export`` if example inputs are given, else ``"regions"``), ``"fx"``,
+            ``"export"`` or ``"regions"``: the model keeps its class and every module torch.fx can
+            capture on its own (a forward of required positional arguments) becomes a region
+            rewritten like a graph, the rest running as the model's own Python
+            (:mod:`lora_fx.passes.trace_regions`; see :mod:`lora_fx.passes.capture`).
         example_inputs: tuple of positional example arguments for the export front-end (a single
             tensor is wrapped); sizes are dynamic unless ``dynamic_shapes`` says otherwise.
         example_kwargs: keyword example arguments for the export front-end.
@@ -111,8 +116,10 @@ def transform(
             ``False``: static, the result then only runs on the example sizes).
 
     Returns:
-        ``torch.fx.GraphModule`` whose ``state_dict()`` has ``model``'s keys and values plus
-        ``*.lora.<adapter_name>.<param>.lora_A`` / ``.lora_B``.
+        a ``torch.fx.GraphModule`` (fx, export), or an instance of ``model``'s own class
+        (regions), whose ``state_dict()`` has ``model``'s keys and values plus
+        ``*.lora.<adapter_name>.<param>.lora_A`` / ``.lora_B``; :func:`lora_fx.state.frontend_of`
+        says which front-end captured it.
 
     Raises:
         ConfigError: invalid rank, alpha, dropout, lowering, ... or an unknown keyword.

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from lora_fx.passes.fold import fold_graph_modules
+from lora_fx.passes.fold import fold_graph_modules, fold_regions
 from lora_fx.passes.trace_export import export_error, normalize_example_inputs, resolve_dynamic_shapes
 
 from .errors import ExportFileError, ExportParityError
@@ -29,10 +29,15 @@ from .state import CONFIG_ATTR, FOLD_META, LEFT_OUT_ATTR, require_adapted
 __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
 
-def fold(gm: nn.Module) -> fx.GraphModule:
+def fold(gm: nn.Module) -> nn.Module:
     """A new module with every adapter folded into its weight as it contributes now (in the active
     set and switched on, at its mixing weight; others add nothing): ``W ← W + ΔW`` computed in
     float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
+
+    A model that kept its class (the regions front-end: a Hugging Face model, say) folds into an
+    instance of that class made of its own plain modules (no region, no instance ``forward``, no
+    ``lora`` submodule), whose ``save_pretrained`` / ``from_pretrained`` round-trips; it carries no
+    ``meta`` record.
 
     ``fold(gm).state_dict()`` has the original model's keys, so it loads with ``strict=True`` into
     a fresh instance of the original class.  ``gm`` is not modified.  ``result.meta["lora_fx"]``
@@ -43,6 +48,8 @@ def fold(gm: nn.Module) -> fx.GraphModule:
         NotAdaptedError: ``gm`` was not produced by :func:`lora_fx.transform` (or is already folded).
     """
     require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
+    if not isinstance(gm, fx.GraphModule):  # a model that kept its class: the plain model back
+        return fold_regions(gm)[0]
     folded, info = fold_graph_modules(gm)
     for attr in (CONFIG_ATTR, LEFT_OUT_ATTR):
         if hasattr(folded, attr):

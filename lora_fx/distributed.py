@@ -44,12 +44,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, fx.GraphModule]]:
-    """The block ``GraphModule`` s of an adapted model, as ``(fully qualified name, module)``.
+def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, nn.Module]]:
+    """The blocks of an adapted model, as ``(fully qualified name, module)``.
 
     Blocks are what ``transform`` traced separately and the parent graph calls: children of every
-    ``nn.ModuleList`` and modules named by ``transform(..., blocks=[...])``.  These are the units
-    to pass to ``fully_shard`` or to activation checkpointing.
+    ``nn.ModuleList`` and modules named by ``transform(..., blocks=[...])``.  In a model that kept
+    its class (a Hugging Face model, say) they are the children of its ``nn.ModuleList`` s (the
+    decoder layers), kept modules or regions.  These are the units to pass to ``fully_shard`` or
+    to activation checkpointing.
 
     Args:
         gm: a module returned by :func:`lora_fx.transform` (or wrapped in DDP).
@@ -65,7 +67,11 @@ def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, fx.GraphMo
     """
     root = unwrap(gm)
     require_adapted(root, "blocks", root=True)
-    found = [(name, m) for name, m in root.named_modules() if name and isinstance(m, fx.GraphModule)]
+    if isinstance(root, fx.GraphModule):
+        found = [(name, m) for name, m in root.named_modules() if name and isinstance(m, fx.GraphModule)]
+    else:
+        found = [(name, m) for parent, lst in root.named_modules() if isinstance(lst, nn.ModuleList)
+                 for name, m in ((f"{parent}.{k}" if parent else k, c) for k, c in lst.named_children())]
     if not found:
         raise ConfigError(
             f"{type(root).__name__} has no blocks: lora_fx keeps children of nn.ModuleList as called "
@@ -110,6 +116,10 @@ def checkpoint_blocks_(gm: nn.Module) -> nn.Module:
     ``torch.distributed._composable.checkpoint`` (non-reentrant; hook-based, so module structure
     and state-dict keys do not change); returns ``gm``.  Apply before :func:`fully_shard_blocks_`.
 
+    A Hugging Face model that kept its class checkpoints its own way instead:
+    ``gm.activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before
+    transformers 5), non-reentrant, on its decoder layers, as the model's own training code expects.
+
     Block outputs are kept; activations inside each block are recomputed in backward, which gives
     the same gradients as without checkpointing.
 
@@ -118,6 +128,15 @@ def checkpoint_blocks_(gm: nn.Module) -> nn.Module:
     """
     from torch.distributed._composable import checkpoint
 
+    root = unwrap(gm)
+    if not isinstance(root, fx.GraphModule) and getattr(root, "supports_gradient_checkpointing", False):
+        require_adapted(root, "checkpoint_blocks_", root=True)
+        enable = getattr(root, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return gm
     for _, block in blocks(gm):
         checkpoint(block)
     return gm

@@ -22,16 +22,11 @@ from torch.fx.graph_module import _deserialize_graph_module, _format_import_bloc
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.package import sys_importer
 
-__all__ = ["LoraGraphModule", "graph_modules", "deferred_recompile", "compile_stale", "value_key", "NotKeyable"]
+__all__ = ["LoraGraphModule", "deferred_recompile", "compile_stale", "value_key", "NotKeyable"]
 
 _GM_OWN = {"_graph", "_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec", "meta",
            "_tracer_cls", "_tracer_extras", "_replace_hooks", "_create_node_hooks", "_erase_node_hooks",
            "_deepcopy_hooks", "_graphmodule_cls_name"}
-
-
-def graph_modules(root: torch.nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """Every ``GraphModule`` in ``root`` (root first), each once, with its path."""
-    return [(name, m) for name, m in root.named_modules() if isinstance(m, fx.GraphModule)]
 
 
 def _restore(gm: fx.GraphModule, state: dict[str, Any]) -> fx.GraphModule:
@@ -167,13 +162,21 @@ class LoraGraphModule(fx.GraphModule):
 
     def recompile(self) -> Optional[Any]:
         """``GraphModule.recompile``; inside :func:`deferred_recompile` it only marks the module
-        stale and returns None (the code is generated when the block ends, or on first use)."""
+        stale and returns None (the code is generated when the block ends, or on first use).
+        Either way :attr:`code_version` moves on."""
+        self.__dict__["_lora_fx_code_version"] = self.code_version + 1
         pending = getattr(_local, "pending", None)
         if pending is None:
             return super().recompile()
         pending[id(self)] = self
         type(self).forward = _lazy_forward  # each GraphModule instance has its own class
         return None
+
+    @property
+    def code_version(self) -> int:
+        """A counter bumped by every :meth:`recompile`: code cached from this module (a region's
+        ``forward``, a variant built from its graph) is current while the counter is unchanged."""
+        return self.__dict__.get("_lora_fx_code_version", 0)
 
     def _lora_fx_stale(self) -> bool:
         return type(self).forward is _lazy_forward

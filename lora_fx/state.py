@@ -20,7 +20,17 @@ key                         where, holding                     written by / read
                             ``ModuleDict[adapter][param]``     ``passes.remove_lora``; paths from
                             of ``LoraAdapter`` s               :func:`adapter_path`
 :data:`FRONTEND_META`       root ``.meta``: ``"fx"`` or        ``passes.capture``,
-                            ``"export"``                       ``passes.trace_export``; read by users
+                            ``"export"``                       ``passes.trace_export``; read through
+                                                               :func:`frontend_of`
+:data:`FRONTEND_ATTR`       a root that kept its class: the    ``passes.capture``; read through
+                            front-end (``"regions"``)          :func:`frontend_of`
+:data:`REGION_ATTR`         ``__dict__`` of a module that      ``passes.trace_regions``; read
+                            kept its class: its region         through :func:`regions`; removed by
+                            ``GraphModule``                    ``lora_fx.regions.strip_regions_``
+:data:`KEPT_ATTR`           ``__dict__`` of a module kept as   ``passes.trace_regions``; read by
+                            its own Python: why                :func:`capture_of`
+:data:`CAPTURE_META`        region ``.meta``: the children     ``passes.trace_regions``; read by
+                            kept as leaves of its graph        :func:`capture_of`
 :data:`FOLD_META`           folded root ``.meta``:             ``deploy.fold``; read by users
                             ``{"folded": [...], "untied": []}``
 :data:`LEAF_ATTR`           class attribute: keep instances    ``lora_fx.nn.layers``; read by
@@ -32,7 +42,7 @@ key                         where, holding                     written by / read
 :data:`POLICY_ATTR`         root: the default-target policy    ``api.transform`` (from the user's
                             read from the user's model         model, ``targets.target_policy``);
                                                                read by ``adapters.lifecycle.adapt_``
-:data:`LEFT_OUT_ATTR`       root: ``{adapter: (LeftOut, ...)}``  :func:`record_left_out_` (from
+:data:`LEFT_OUT_ATTR`       root: ``{adapter: (LeftOut,)}``    :func:`record_left_out_` (from
                             weights an adapter leaves out      ``adapt_``), :func:`forget_config_`;
                                                                read by :func:`left_out`, ``report``
 ==========================  =================================  =======================================
@@ -57,9 +67,12 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
     from .adapters.module import LoraAdapter
 
 __all__ = [
-    "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FOLD_META", "LEAF_ATTR",
-    "PISSA_BUFFERS", "FILE_META", "POLICY_ATTR", "LEFT_OUT_ATTR",
-    "AdapterRecord", "GraphState", "LeftOut", "left_out", "record_left_out_", "policy_of", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
+    "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FRONTEND_ATTR",
+    "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "LEAF_ATTR", "PISSA_BUFFERS", "FILE_META",
+    "POLICY_ATTR", "LEFT_OUT_ATTR",
+    "regions", "graph_modules", "region_of", "capture_of", "frontend_of", "record_frontend_", "is_root",
+    "AdapterRecord", "GraphState", "LeftOut", "left_out", "record_left_out_", "policy_of", "state_of", "is_adapted",
+    "require_adapted", "adapter_records", "iter_adapters",
     "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
     "adapter_path", "is_adapter_path", "is_lora_key", "is_bias_key", "check_bias", "BIAS_MODES",
     "adapter_owners", "is_lora_layer", "Site", "sites",
@@ -72,10 +85,21 @@ CONFIG_ATTR = "_lora_fx_configs"
 #: Attribute of the root ``GraphModule``: True when its base weights are its own copies (PiSSA may
 #: write residuals into them), False when they share storage with the user's model.
 OWNS_WEIGHTS_ATTR = "_lora_fx_owns_weights"
-#: Submodule under which an owner module holds its adapters: ``owner.lora[adapter_name][param_name]``.
+#: Submodule under which an owner module holds its adapters: ``owner.lora[adapter_name][param_name]``
+#: (in a model that kept its class, the second owner of a tied weight holds the first owner's
+#: adapter through an unregistered ``__dict__`` entry of this name: one copy in ``state_dict``).
 ADAPTER_ATTR = "lora"
 #: Key of ``root.meta``: the front-end that captured the model (``"fx"`` or ``"export"``).
 FRONTEND_META = "lora_fx_frontend"
+#: Attribute of a root that kept its class (not a ``GraphModule``): the front-end, ``"regions"``.
+FRONTEND_ATTR = "_lora_fx_frontend"
+#: Key in a module's ``__dict__`` (outside ``_modules``): the region ``GraphModule`` whose code runs
+#: as the module's ``forward`` (:class:`lora_fx.regions.RegionForward`).
+REGION_ATTR = "_lora_fx_region"
+#: Key in the ``__dict__`` of a module the regions front-end kept as its own Python: why (one line).
+KEPT_ATTR = "_lora_fx_kept"
+#: Key of a region's ``.meta``: the paths (relative to the region) of children kept as leaves.
+CAPTURE_META = "lora_fx_leaves"
 #: Key of ``folded.meta``: ``{"folded": [names], "untied": [names]}`` (see :func:`lora_fx.fold`).
 FOLD_META = "lora_fx"
 #: Class attribute: instances are kept as opaque leaves by the torch.fx front-end.
@@ -173,15 +197,91 @@ def policy_of(root: nn.Module):
     return getattr(root, POLICY_ATTR, None)
 
 
+# ---------------------------------------------------------------------------------------------
+# the regions seam: every captured graph of a model, whichever front-end made it
+
+
+def region_of(module: nn.Module) -> Optional[fx.GraphModule]:
+    """The region ``GraphModule`` of a module that kept its class (its code is the module's
+    ``forward``), else None."""
+    return module.__dict__.get(REGION_ATTR)
+
+
+def regions(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """Every captured graph under ``root``, each once, with the path of the module it runs as, in
+    ``named_modules`` order (root first): the ``GraphModule`` s of a traced hierarchy, and the
+    region ``GraphModule`` of every module that kept its class.
+
+    A region's parameter, buffer and submodule tables are the module's own (the same dicts), so
+    ``gm.get_parameter`` / ``gm.get_submodule`` on it read the live model; its graph names them
+    relative to the module.  Every reader of the graphs (sites, adapters, fold, report,
+    distributed) goes through this one function."""
+    out = []
+    for name, m in root.named_modules():
+        if isinstance(m, fx.GraphModule):
+            out.append((name, m))
+        else:
+            gm = m.__dict__.get(REGION_ATTR)
+            if gm is not None:
+                out.append((name, gm))
+    return out
+
+
+#: The older name of :func:`regions`.
+graph_modules = regions
+
+
+def capture_of(module: nn.Module) -> Optional[str]:
+    """How the regions front-end captured ``module``: ``"fx"``, ``"fx (leaves: a, b)"`` (children
+    kept as opaque calls of its graph, each captured on its own), ``"kept: <reason>"`` (run as its
+    own Python, its children visited); None for a module it did not visit (inside a region, or
+    without weights) and for the ``GraphModule`` s of the other front-ends."""
+    gm = module.__dict__.get(REGION_ATTR)
+    if gm is not None:
+        leaves = gm.meta.get(CAPTURE_META) or ()
+        return f"fx (leaves: {', '.join(leaves)})" if leaves else "fx"
+    reason = module.__dict__.get(KEPT_ATTR)
+    return None if reason is None else f"kept: {reason}"
+
+
+def frontend_of(root: nn.Module) -> Optional[str]:
+    """The front-end that captured ``root``: ``"fx"``, ``"export"`` (a ``GraphModule`` root) or
+    ``"regions"`` (a root that kept its class); None for a module :func:`lora_fx.transform` did not
+    return."""
+    if isinstance(root, fx.GraphModule):
+        return root.meta.get(FRONTEND_META)
+    return root.__dict__.get(FRONTEND_ATTR)
+
+
+def record_frontend_(root: nn.Module, name: str) -> nn.Module:
+    """Record the front-end on ``root`` (``meta`` of a ``GraphModule``, else an attribute); returns ``root``."""
+    if isinstance(root, fx.GraphModule):
+        root.meta[FRONTEND_META] = name
+    else:
+        root.__dict__[FRONTEND_ATTR] = name
+    return root
+
+
+def is_root(module: nn.Module) -> bool:
+    """Whether ``module`` can be the model :func:`lora_fx.transform` returned: a ``GraphModule``, or
+    a module that kept its class and carries the front-end record."""
+    return isinstance(module, fx.GraphModule) or FRONTEND_ATTR in module.__dict__
+
+
 def state_of(module: nn.Module) -> GraphState | None:
-    """The :class:`GraphState` of ``module`` if it is a lora_fx GraphModule, else None."""
-    st = getattr(module, STATE_ATTR, None) if isinstance(module, fx.GraphModule) else None
+    """The :class:`GraphState` of a lora_fx ``GraphModule``, or of the region of a module that kept
+    its class; else None."""
+    if not isinstance(module, fx.GraphModule):
+        module = module.__dict__.get(REGION_ATTR)
+        if module is None:
+            return None
+    st = getattr(module, STATE_ATTR, None)
     return st if isinstance(st, GraphState) else None
 
 
 def is_adapted(module: nn.Module) -> bool:
     """True when ``module`` or any submodule carries lora_fx adapters."""
-    return any(state_of(m) is not None and state_of(m).adapters for m in module.modules())
+    return any(state_of(gm) is not None and state_of(gm).adapters for _, gm in regions(module))
 
 
 def require_adapted(module: nn.Module, what: str, *, detail: str = "", root: bool = False) -> None:
@@ -200,16 +300,16 @@ def require_adapted(module: nn.Module, what: str, *, detail: str = "", root: boo
     if not is_adapted(module):
         raise NotAdaptedError(f"{what}() needs a module produced by lora_fx.transform; {type(module).__name__} "
                               f"carries no lora_fx adapters{detail}.")
-    if root and not isinstance(module, fx.GraphModule):
+    if root and not is_root(module):
         raise NotAdaptedError(f"{what}() needs the root module returned by lora_fx.transform, got "
                               f"{type(module).__name__}")
 
 
 def adapter_records(root: nn.Module) -> Iterator[tuple[str, str, AdapterRecord, "LoraAdapter"]]:
     """Yield ``(prefix, adapter module path in root, record, adapter module)`` for every record of
-    every lora_fx GraphModule under ``root`` (root first, graph order).  One adapter reached from
+    every graph under ``root`` (:func:`regions`: root first, graph order).  One adapter reached from
     several GraphModules (a weight shared by two blocks) is yielded once per GraphModule."""
-    for gm_path, sub in root.named_modules():
+    for gm_path, sub in regions(root):
         st = state_of(sub)
         if st is None:
             continue
@@ -323,7 +423,8 @@ def adapter_owners(model: nn.Module) -> list[nn.Module]:
     """Modules holding adapters: lora_fx's (an :data:`ADAPTER_ATTR` ``ModuleDict``) or their own
     ``lora_A`` (hand-built layers)."""
     return [m for m in model.modules()
-            if isinstance(m._modules.get(ADAPTER_ATTR), nn.ModuleDict) or hasattr(m, "lora_A")]
+            if isinstance(m._modules.get(ADAPTER_ATTR, m.__dict__.get(ADAPTER_ATTR)), nn.ModuleDict)
+            or hasattr(m, "lora_A")]
 
 
 def is_lora_layer(m: nn.Module) -> bool:

@@ -30,7 +30,7 @@ from torch import nn
 from . import weights
 from .config import LoraConfig
 from .errors import ConfigError, TargetError, UnsupportedSiteError
-from .state import LeftOut, is_adapter_path, policy_of
+from .state import KEPT_ATTR, REGION_ATTR, LeftOut, is_adapter_path, policy_of
 
 __all__ = ["select_targets", "check_patterns", "check_adapter_name", "TargetPolicy", "target_policy",
            "apply_policy", "find_left_out"]
@@ -290,13 +290,35 @@ def find_left_out(root: nn.Module, consumers: Sequence, chosen: Sequence, *, tar
         used = [c for n in names for c in by_fqn.get(n, [])]
         if any((c.gm_path, c.param) in adapted for c in used):
             continue
-        reason, by_user = _why(names, used, targets, exclude)
+        reason, by_user = _why(names, used, targets, exclude, _kept_by(root, names[0]))
         out.append(LeftOut(param=names[0], aliases=tuple(names), shape=tuple(weights.logical_shape(p)),
                            op="+".join(sorted({c.op for c in used})) or "unused", reason=reason, by_user=by_user))
     return tuple(out)
 
 
-def _why(names: Sequence[str], used: Sequence, targets, exclude) -> tuple[str, bool]:
+def _kept_by(root: nn.Module, name: str) -> Optional[str]:
+    """Why no graph reads parameter ``name``, when the module holding it kept its own Python (the
+    regions front-end: the nearest visited module above it is kept, not a region), else None."""
+    path = name.rpartition(".")[0]
+    while True:
+        try:
+            m = root.get_submodule(path)
+        except AttributeError:
+            return None
+        if REGION_ATTR in m.__dict__:
+            return None
+        kept = m.__dict__.get(KEPT_ATTR)
+        if kept is not None:
+            return (f"read only by the Python of '{path or '<root>'}' ({type(m).__name__}), which the regions "
+                    f"front-end keeps as is ({kept}), so no graph reads it and it cannot be adapted there "
+                    "(frontend='export' with example_inputs captures the whole forward, where torch.export can "
+                    "trace it)")
+        if not path:
+            return None
+        path = path.rpartition(".")[0]
+
+
+def _why(names: Sequence[str], used: Sequence, targets, exclude, kept: Optional[str] = None) -> tuple[str, bool]:
     def named(patterns):
         return next((p for p in patterns or () for n in names if fnmatch.fnmatchcase(n, p)), None)
 
@@ -305,6 +327,8 @@ def _why(names: Sequence[str], used: Sequence, targets, exclude) -> tuple[str, b
     hit = named(exclude)
     if hit is not None:
         return f"excluded by exclude pattern {hit!r}", True
+    if not used and kept is not None:
+        return kept, False
     if not used:
         return "not used by the forward (no op of the captured graph reads it)", False
     cannot = next((c.reason for c in used if c.reason is not None), None)

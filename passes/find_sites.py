@@ -21,9 +21,8 @@ from torch import fx, nn
 
 from lora_fx import weights
 from lora_fx.ops import MERGE_OPS, module_call
-from lora_fx.graph_module import graph_modules
 from lora_fx.rules import VIEW_OPS, function_rule, module_rule
-from lora_fx.state import is_adapter_path
+from lora_fx.state import capture_of, is_adapter_path, regions
 
 
 __all__ = ["Consumer", "find_sites", "consuming_users", "is_metadata_read"]
@@ -135,8 +134,8 @@ def _kind(n: fx.Node) -> str:
 
 def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[Consumer]:
     mod = gm.get_submodule(node.target)
-    if isinstance(mod, fx.GraphModule):  # a traced block: its own sites are found in it
-        return []
+    if isinstance(mod, fx.GraphModule) or capture_of(mod) is not None:
+        return []  # a traced block, or a module the regions front-end captured on its own: sites found there
     rule = module_rule(mod)
     defaults = set(rule.weights(mod))
     kind = rule.kind(mod)
@@ -238,7 +237,7 @@ def find_sites(root: nn.Module) -> list[Consumer]:
     """All (parameter, consuming node) pairs in ``root``'s lora_fx ``GraphModule`` hierarchy,
     in graph order, root first.  Adapter parameters are never listed."""
     out: list[Consumer] = []
-    for gm_path, gm in graph_modules(root):
+    for gm_path, gm in regions(root):
         dg = None  # built on the first get_attr node (a graph of leaf calls only needs none)
         for n in gm.graph.nodes:
             if n.op == "call_module":

@@ -15,9 +15,9 @@ import torch
 from torch import fx, nn
 
 from lora_fx import ops, weights
-from lora_fx.graph_module import graph_modules
 from lora_fx.errors import NonFiniteError, UnsupportedSiteError
-from lora_fx.state import is_adapter_path, state_of
+from lora_fx.regions import strip_regions_
+from lora_fx.state import is_adapter_path, regions, state_of
 
 from .remove_lora import remove_lora_
 
@@ -25,7 +25,7 @@ from .remove_lora import remove_lora_
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
     from lora_fx.adapters.module import LoraAdapter
 
-__all__ = ["fold_graph_modules", "folded_weight"]
+__all__ = ["fold_graph_modules", "fold_regions", "folded_weight"]
 
 
 def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], *, name: str = "weight") -> torch.Tensor:
@@ -84,7 +84,28 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
     whose consumers see the same adapters share one new folded parameter (the tie is kept); no
     tensor is written in place, so shared storage is never modified."""
     new = copy.deepcopy(root)
-    info = {"folded": [], "untied": []}
+    info, plans = _fold_weights_(new)
+    for gm, _, _ in plans:  # the same removal pass as delete_adapter, for every adapter
+        remove_lora_(gm)
+    return new, info
+
+
+def fold_regions(root: nn.Module) -> tuple[nn.Module, dict]:
+    """:func:`fold_graph_modules` for a model that kept its class: the copy's weights are folded
+    as there, then every adapter, region, instance ``forward`` and lora_fx attribute is removed
+    (:func:`lora_fx.regions.strip_regions_`), so the result is the model's own classes running
+    their own code, with folded weights."""
+    new = copy.deepcopy(root)
+    info, _ = _fold_weights_(new)
+    for path, gm in regions(new):  # the graphs go away: modules and records only
+        remove_lora_(gm, module=new.get_submodule(path) if path else new, rewrite=False)
+    strip_regions_(new)
+    return new, info
+
+
+def _fold_weights_(new: nn.Module) -> tuple[dict, list]:
+    """Write the folded weights into ``new`` (a copy the caller owns); returns ``(info, plans)``."""
+    info: dict[str, list] = {"folded": [], "untied": []}
     # Collect everything before writing anything: an owner module can be reachable from several
     # GraphModules, and a parameter must be folded exactly once.  Every name of every parameter
     # object is taken before anything is replaced, so ties across blocks are seen too.
@@ -93,7 +114,7 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         if not is_adapter_path(name):
             names.setdefault(id(p), []).append(name)
     plans = []
-    for gm_path, gm in graph_modules(new):
+    for gm_path, gm in regions(new):
         st = state_of(gm)
         if st is None:
             continue
@@ -122,7 +143,7 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
             owner._parameters[pname] = memo[key]
             info["folded"].append(prefix + alias)
             assigned.setdefault(id(w), {})[prefix + alias] = key
-    gms = dict(graph_modules(new))
+    gms = dict(regions(new))
 
     def read_by_any_graph(name: str) -> bool:
         return any(name.startswith(f"{p}." if p else "") and _read_by_graph(g, name[len(p) + 1 if p else 0:])
@@ -147,6 +168,4 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         held = {id(new.get_parameter(n)) for n in names.get(wid, [])}
         if len(held) > 1:  # the parameter's names no longer all hold one tensor: untied
             info["untied"].extend(n for n in done if n not in info["untied"])
-    for gm, _, _ in plans:  # the same removal pass as delete_adapter, for every adapter
-        remove_lora_(gm)
-    return new, info
+    return info, plans

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Callable
 from torch import fx, nn
 
 from lora_fx import ops, weights
-from lora_fx.graph_module import graph_modules
 from lora_fx.errors import ConfigError
 from lora_fx.rules import MERGE, Factored, choose_lowering, function_rule, module_rule
-from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, state_of
+from lora_fx.regions import set_unregistered_holder_, unregistered_holder
+from lora_fx.state import (ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, region_of, regions,
+                           state_of)
 
 from .find_sites import Consumer, _weight_slot, consuming_users
 from .match_recompute import remat_spec
@@ -34,11 +35,22 @@ __all__ = ["insert_lora", "LOWERINGS"]
 LOWERINGS = ("auto", "factored", "merge")
 
 
-def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAdapter) -> str:
+def _register(gm: fx.GraphModule, module: nn.Module, param: str, adapter_name: str, adapter: LoraAdapter, *,
+              shared: bool = False) -> str:
+    """Register ``adapter`` under the module owning ``param`` (``<owner>.lora.<name>.<param>``),
+    ``module`` being the module ``gm`` runs as (``gm`` itself, or the module of a region, which
+    shares its tables).  ``shared``: the adapter is registered under another owner already (a tied
+    weight in a model that kept its class): this owner holds its holder unregistered, so
+    ``state_dict`` has one copy (an owner that holds adapters of its own too registers it: both)."""
     path = adapter_path(param, adapter_name)
     owner_path, _, pname = param.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner = module.get_submodule(owner_path) if owner_path else module
     holder = owner._modules.get(ADAPTER_ATTR)
+    if holder is None:
+        holder = unregistered_holder(owner)
+        if holder is not None and not shared:  # an own adapter joins: the holder must be registered
+            set_unregistered_holder_(owner, None)
+            owner.add_module(ADAPTER_ATTR, holder)
     if holder is None:
         if hasattr(owner, ADAPTER_ATTR):
             raise ConfigError(
@@ -46,7 +58,10 @@ def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAd
                 f"'{ADAPTER_ATTR}', where lora_fx keeps adapters; rename that attribute or exclude "
                 f"'{param}' with exclude=[...]")
         holder = nn.ModuleDict()
-        owner.add_module(ADAPTER_ATTR, holder)
+        if shared:
+            set_unregistered_holder_(owner, holder)
+        else:
+            owner.add_module(ADAPTER_ATTR, holder)
     if adapter_name not in holder:
         holder[adapter_name] = nn.ModuleDict()
     holder[adapter_name][pname] = adapter
@@ -210,8 +225,10 @@ def insert_lora(
         ``root``.  Aliases of one parameter object that are all targeted share one adapter;
         consumers of untargeted aliases are left alone.
     """
-    gms = dict(graph_modules(root))
+    gms = dict(regions(root))
+    modules = {p: root.get_submodule(p) if p else root for p in gms}  # what each graph runs as
     by_param: dict[int, LoraAdapter] = {}
+    first: dict[int, str] = {}  # id(adapter) -> path of the graph it was registered in first
     paths: dict[tuple[str, int], str] = {}  # (gm path, id(adapter)) -> registered module path
     groups: dict[tuple[str, str], list] = {}
     for c in selected:
@@ -226,7 +243,10 @@ def insert_lora(
             setattr(gm, STATE_ATTR, st)
         path = paths.get((c.gm_path, id(adapter)))
         if path is None:
-            path = paths[(c.gm_path, id(adapter))] = _register(gm, c.param, adapter_name, adapter)
+            module = modules[c.gm_path]
+            shared = first.setdefault(id(adapter), c.gm_path) != c.gm_path and region_of(module) is gm
+            path = paths[(c.gm_path, id(adapter))] = _register(gm, module, c.param, adapter_name, adapter,
+                                                                shared=shared)
             st.adapters[path] = AdapterRecord(param=c.param, adapter=adapter_name)
         if c.param not in st.adapters[path].aliases:
             st.adapters[path].aliases.append(c.param)

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import fx, nn
 
-from lora_fx.errors import TraceError
+from lora_fx.errors import LoraFxWarning, TraceError
 
-__all__ = ["StateWrite", "record_state_writes", "tensor_versions", "written_in_place", "assignment_error", "is_inplace",
-           "written_attr", "split_writes", "rewritten_warning", "restoring_tensor_attributes",
+__all__ = ["StateWrite", "StateProxy", "StateSnapshot", "snapshot_state", "restore_state_", "record_state_writes",
+           "tensor_versions", "written_in_place", "assignment_error", "is_inplace", "written_attr", "split_writes",
+           "rewritten_warning", "restoring_tensor_attributes", "graph_writes", "check_assignments", "prefixed",
            "as_buffers_"]
 
 
@@ -202,3 +204,144 @@ def assignment_error(writes: list[StateWrite], frontend: str, model: nn.Module) 
     return TraceError(
         f"the forward of {type(model).__name__} assigns module state that the {frontend} capture would not keep: "
         f"{', '.join(shown)}; the adapted model would silently stop updating it. How to fix: {fix}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.fx: snapshots around each trace, graph values for written tensors
+
+
+def _inplace_dunder(method: str):
+    def dunder(self, other):
+        return self.tracer.create_proxy("call_method", method, (self, other), {})
+    return dunder
+
+
+class StateProxy(fx.Proxy):
+    """The graph value of a buffer the forward writes: ``buf += x`` and ``buf[i] = v`` are
+    recorded as in-place ops on the buffer, as they run in eager mode (a plain ``Proxy`` records
+    ``buf + x`` and refuses item assignment)."""
+
+    __iadd__ = _inplace_dunder("add_")
+    __isub__ = _inplace_dunder("sub_")
+    __imul__ = _inplace_dunder("mul_")
+    __itruediv__ = _inplace_dunder("div_")
+    __ipow__ = _inplace_dunder("pow_")
+    __iand__ = _inplace_dunder("bitwise_and_")
+    __ior__ = _inplace_dunder("bitwise_or_")
+    __ixor__ = _inplace_dunder("bitwise_xor_")
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+@dataclass
+class StateSnapshot:
+    """The buffers and plain tensor attributes of a module tree before a trace (see
+    :func:`snapshot_state`): ``entries`` holds ``(owner, name, is_buffer, tensor, version, value)``
+    with ``name`` relative to the traced module in ``names``."""
+
+    entries: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+    owners: dict = field(default_factory=dict)  # id(owner) -> (owner, set of its tensor attribute names)
+
+    def written(self) -> list[str]:
+        """Names of the tensors written in place since the snapshot."""
+        return [n for n, (_, _, _, t, v, _) in zip(self.names, self.entries) if t._version != v]
+
+
+def snapshot_state(module: nn.Module, *, skip: Iterable[str] = ()) -> StateSnapshot:
+    """Copies of the buffers and plain tensor attributes of ``module`` and of the submodules a
+    trace runs (not those under the paths in ``skip``: leaves and blocks are called, not run)."""
+    skip = tuple(skip)
+    snap = StateSnapshot()
+    for path, m in module.named_modules():
+        if any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        prefix = f"{path}." if path else ""
+        attrs = {k for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+        snap.owners[id(m)] = (m, attrs)
+        for name, t in m._buffers.items():
+            if t is not None:
+                snap.entries.append((m, name, True, t, t._version, t.detach().clone()))
+                snap.names.append(prefix + name)
+        for name in attrs:
+            t = vars(m)[name]
+            if not isinstance(t, nn.Parameter):
+                snap.entries.append((m, name, False, t, t._version, t.detach().clone()))
+                snap.names.append(prefix + name)
+    return snap
+
+
+def restore_state_(snap: StateSnapshot) -> StateSnapshot:
+    """Put every tensor of ``snap`` back (the same objects, their old values) and drop tensor
+    attributes a trace added (but the ``_tensor_constant*`` that torch.fx stores); returns ``snap``."""
+    with torch.no_grad():
+        for owner, name, is_buffer, t, version, value in snap.entries:
+            if is_buffer and name in owner._buffers:
+                owner._buffers[name] = t
+            elif is_buffer:  # made a plain attribute again? put the buffer back where it was
+                owner.__dict__.pop(name, None)
+                owner._buffers[name] = t
+            elif name in owner._buffers:  # a plain attribute turned buffer since: keep the buffer, same object
+                owner._buffers[name] = t
+            else:
+                owner.__dict__[name] = t
+            if t._version != version:
+                t.copy_(value)
+    for owner, attrs in snap.owners.values():
+        for name in [k for k, v in vars(owner).items() if isinstance(v, (torch.Tensor, fx.Proxy))
+                     and k not in attrs and not k.startswith("_tensor_constant")]:
+            del owner.__dict__[name]
+    return snap
+
+
+def graph_writes(module: nn.Module, graph: fx.Graph) -> list[str]:
+    """Buffers and tensor attributes of ``module`` that in-place ops of ``graph`` write (names
+    relative to ``module``): every read of them must be a graph value too (an eager read at trace
+    time would be a stale constant)."""
+    attrs = {id(t): n for n, (t, _) in tensor_versions(module).items()}
+    out = []
+    for n in graph.nodes:
+        target = written_attr(n) if is_inplace(n) else None
+        if target is None:
+            continue
+        owner, _, name = str(target.target).rpartition(".")
+        try:
+            holder = module.get_submodule(owner) if owner else module
+        except AttributeError:
+            continue
+        value = holder._buffers.get(name) if name in holder._buffers else vars(holder).get(name)
+        if isinstance(value, torch.Tensor) and id(value) in attrs:
+            out.append(attrs[id(value)])
+    return out
+
+
+def check_assignments(module: nn.Module, graph: fx.Graph, writes: list[StateWrite], prefix: str) -> None:
+    """Refuse the assignments whose previous value ``graph`` reads (state carried across calls);
+    warn about the others (computed anew in every call, so no output changes).
+
+    Raises:
+        TraceError: :func:`assignment_error` of the carried ones.
+    """
+    names, ids = set(), set()
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            names.add(prefix + str(n.target))
+            owner, _, attr = str(n.target).rpartition(".")
+            try:
+                holder = module.get_submodule(owner) if owner else module
+            except AttributeError:
+                continue
+            value = vars(holder).get(attr, holder._buffers.get(attr, holder._parameters.get(attr)))
+            if value is not None:
+                ids.add(id(value))
+    carried, rewritten = split_writes(writes, names, ids)
+    if carried:
+        raise assignment_error(carried, "fx", module)
+    warnings.warn(rewritten_warning(rewritten, "fx"), LoraFxWarning, stacklevel=6)
+
+
+def prefixed(w: StateWrite, prefix: str) -> StateWrite:
+    """``w`` with its path relative to the model (``prefix``: the traced module's path plus ``.``)."""
+    path = f"{prefix}{w.path}" if w.path else prefix.rstrip(".")
+    return StateWrite(path, w.module, w.name, w.kind, w.previous, w.traced)

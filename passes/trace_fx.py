@@ -13,10 +13,11 @@ block's own weights.  The model's blocks typically cost one trace in all.
 
 Writes to module state (:mod:`.state_writes`): torch.fx hands a forward its buffers as real
 tensors, so an in-place write such as ``self.steps.add_(1)`` would run once at trace time and leave
-no node.  Each trace watches the buffers' and tensor attributes' version counters; when one moved,
-:func:`trace_model` traces a fresh copy again with those tensors as graph values (``get_attr``
-nodes), so the writes become graph ops on the adapted copy's own buffers.  Assignments
-(``self.count = self.count + 1``) cannot be kept: they raise :class:`~lora_fx.errors.TraceError`.
+no node.  Each trace watches the buffers' and tensor attributes' version counters and puts their
+values back afterwards; when one moved, it traces again with those tensors as graph values
+(``get_attr`` nodes), so the writes become graph ops on the module's own buffers.  Assignments
+whose previous value the graph reads (``self.count = self.count + 1``) cannot be kept: they raise
+:class:`~lora_fx.errors.TraceError`.
 """
 
 from __future__ import annotations
@@ -25,25 +26,24 @@ import copy
 import fnmatch
 import inspect
 import math
-import operator
 import os
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
 from lora_fx.errors import InputGuardError, LoraFxWarning, TraceError, user_frame
-from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, graph_modules, value_key
+from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, value_key
 from lora_fx.ops import LORA_OPS
-from lora_fx.state import LEAF_ATTR
+from lora_fx.state import LEAF_ATTR, graph_modules
 
 from .guards import check_input_guards
-from .state_writes import (as_buffers_, assignment_error, is_inplace, record_state_writes, rewritten_warning,
-                           split_writes, tensor_versions, written_attr, written_in_place)
+from .state_writes import (StateProxy, as_buffers_, assignment_error, check_assignments, graph_writes, prefixed,
+                           record_state_writes, restore_state_, snapshot_state, written_attr)
 
-__all__ = ["LoraTracer", "assert_is_none", "trace_model", "trace_hierarchy", "build_graph_module", "graph_modules"]
+__all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,30 +81,6 @@ class _TrainingFlag(int):
         return repr(bool(int(self)))
 
 
-def _inplace_dunder(method: str):
-    def dunder(self, other):
-        return self.tracer.create_proxy("call_method", method, (self, other), {})
-    return dunder
-
-
-class _StateProxy(fx.Proxy):
-    """The graph value of a buffer the forward writes (``LoraTracer.state``): ``buf += x`` and
-    ``buf[i] = v`` are recorded as in-place ops on the buffer, as they run in eager mode (a plain
-    ``Proxy`` would record ``buf + x`` and refuse item assignment)."""
-
-    __iadd__ = _inplace_dunder("add_")
-    __isub__ = _inplace_dunder("sub_")
-    __imul__ = _inplace_dunder("mul_")
-    __itruediv__ = _inplace_dunder("div_")
-    __ipow__ = _inplace_dunder("pow_")
-    __iand__ = _inplace_dunder("bitwise_and_")
-    __ior__ = _inplace_dunder("bitwise_or_")
-    __ixor__ = _inplace_dunder("bitwise_xor_")
-
-    def __setitem__(self, key, value):
-        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
-
-
 class LoraTracer(fx.Tracer):
     """``torch.fx.Tracer`` that treats lora_fx ops as leaves (so a pickled adapted module
     re-traces to the same graph), extra leaf modules by name or type, and tracks the module being
@@ -129,7 +105,7 @@ class LoraTracer(fx.Tracer):
             return super().getattr(attr, attr_val, parameter_proxy_cache)
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {},
-                                                            proxy_factory_fn=lambda node: _StateProxy(node, self))
+                                                            proxy_factory_fn=lambda node: StateProxy(node, self))
         return parameter_proxy_cache[name]
 
     def aliased_state(self, value: Any) -> Any:
@@ -195,14 +171,19 @@ def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceEr
                  f"an opaque leaf with leaf_modules=['{name}'] (its own weights are then adapted by merging, through "
                  f"torch.func.functional_call, when named in targets); or (3) {export}")
     else:
-        fixes = (f"(1) pass concrete_args={{'arg': value}} for arguments of forward the code branches on; (2) {export}; "
-                 "or (3) move the failing lines into a submodule and keep that submodule opaque with "
+        fixes = (f"(1) pass concrete_args={{'arg': value}} for arguments of forward the code branches on; (2) "
+                 "frontend='regions', which keeps the root's own Python and captures its submodules; (3) "
+                 f"{export}; or (4) move the failing lines into a submodule and keep that submodule opaque with "
                  "leaf_modules=['<its name>']")
     err = TraceError(
         f"torch.fx could not trace module '{name}' ({type(module).__name__}){where}: "
         f"{type(exc).__name__}: {exc}\n"
         f"How to fix: {fixes}.")
-    err.module_path = module_path  # "" for the root: capture's combined advice depends on it
+    # capture's combined advice and the regions front-end: the innermost module and a one-line reason
+    err.module_path = module_path
+    first = (str(exc).strip().splitlines() or [""])[0]
+    at = f"{os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`: " if frame else ""
+    err.reason = f"{at}{type(exc).__name__}: {first}"
     return err
 
 
@@ -393,7 +374,6 @@ def trace_hierarchy(
     prefix: str = "",
     memo: Optional[dict[int, fx.GraphModule]] = None,
     templates: Optional[dict[tuple, fx.Graph]] = None,
-    state: frozenset = frozenset(),
 ) -> fx.GraphModule:
     """Trace ``module`` (which the caller owns: blocks inside it are replaced in place) into a
     ``GraphModule`` whose blocks are themselves traced ``GraphModule`` s.
@@ -405,14 +385,10 @@ def trace_hierarchy(
         leaf_modules: patterns of modules to keep opaque (called, not traced through).
         leaf_types: module types to keep opaque.
         concrete_args: as ``torch.fx.symbolic_trace``'s, for the root only.
-        state: names (relative to the model) of buffers to hand the forward as graph values,
-            because it writes them in place (:func:`trace_model` finds them).
 
     Raises:
         TraceError: naming the module, the source line and the escape hatches; or naming the
             module state a forward assigns.
-        StateWrittenAtTrace: a forward wrote buffers in place while being traced (not named in
-            ``state``): :func:`trace_model` traces a fresh copy again.
     """
     memo = {} if memo is None else memo
     templates = {} if templates is None else templates
@@ -433,7 +409,7 @@ def trace_hierarchy(
         graph = _copy_graph(template)
     else:
         graph, auto_leaves = _trace(module, block_names=block_names, leaf_names=leaf_names, leaf_types=leaf_types,
-                                    concrete_args=concrete_args, prefix=prefix, state=state)
+                                    concrete_args=concrete_args, prefix=prefix)
         weighty = sorted(prefix + n for n in auto_leaves
                          if any(True for _ in module.get_submodule(n).parameters()))
         if weighty:
@@ -455,66 +431,37 @@ def trace_hierarchy(
             memo[id(block)] = trace_hierarchy(
                 block, blocks=blocks, leaf_modules=leaf_modules, leaf_types=leaf_types,
                 concrete_args=_concrete_args_from_calls(block, nodes) or None,
-                prefix=f"{prefix}{target}.", memo=memo, templates=templates, state=state)
+                prefix=f"{prefix}{target}.", memo=memo, templates=templates)
         parent_name, _, child_name = target.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         parent._modules[child_name] = memo[id(block)]
     return build_graph_module(module, graph)
 
 
-class StateWrittenAtTrace(Exception):
-    """A forward wrote buffers or tensor attributes in place while torch.fx traced it (so the write
-    ran once, at trace time, instead of becoming a graph op); ``names`` are relative to the model."""
-
-    def __init__(self, names):
-        self.names = frozenset(names)
-        super().__init__(f"written in place during the trace: {sorted(self.names)}")
-
-
-def trace_model(make_copy: Callable[[], nn.Module], *, max_traces: int = 4, **kwargs) -> fx.GraphModule:
-    """:func:`trace_hierarchy` of ``make_copy()``; when a forward writes buffers or tensor attributes
-    in place (which torch.fx would run once, at trace time), a fresh copy is traced again with those
-    tensors as graph values (plain tensor attributes become non-persistent buffers), so the writes
-    are graph ops on the copy's own state.
-
-    Raises:
-        TraceError: as :func:`trace_hierarchy`, or the writes still run at trace time after
-            ``max_traces`` traces (names them).
-    """
-    state: frozenset = frozenset()
-    for _ in range(max_traces):
-        module = as_buffers_(make_copy(), state)
-        try:
-            return trace_hierarchy(module, state=state, **kwargs)
-        except StateWrittenAtTrace as again:
-            if again.names <= state:
-                break
-            state = state | again.names
-    raise TraceError(f"the forward of the model writes {sorted(state)} in place in a way torch.fx cannot record as "
-                     "graph ops (the write runs while tracing). Use frontend='export' with example_inputs, or keep "
-                     "the module that writes them as a leaf (leaf_modules=[...]), whose forward then runs as is.")
-
-
 def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], leaf_types: tuple[type, ...],
-           concrete_args: Optional[dict[str, Any]], prefix: str,
-           state: frozenset = frozenset()) -> tuple[fx.Graph, set[str]]:
+           concrete_args: Optional[dict[str, Any]], prefix: str) -> tuple[fx.Graph, set[str]]:
     """Trace ``module`` with blocks and leaves opaque; modules whose forward branches on
-    ``self.training`` become leaves too (returned as the second item).  Buffers named in ``state``
-    (relative to the model) are graph values; a trace that writes module state raises
-    (:class:`StateWrittenAtTrace` for in-place writes, :class:`TraceError` for assignments)."""
+    ``self.training`` become leaves too (returned as the second item).
+
+    Module state the forward writes (:mod:`.state_writes`): every trace runs on a snapshot of the
+    buffers and tensor attributes it can reach, put back afterwards; a write that ran at trace time
+    (in place with no traced argument, an assignment of a value computed once, or a tensor that
+    graph ops write but the forward also read eagerly) makes it trace again with those tensors as
+    graph values, so the writes and the reads around them become graph ops on the module's own
+    state.  An assignment whose previous value the graph reads raises a :class:`TraceError`."""
     auto_leaves: set[str] = set()
-    own_state = {n[len(prefix):] for n in state if n.startswith(prefix)}
-    own_state = {n for n in own_state if _has_buffer(module, n)}
-    while True:
-        tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types, state=own_state)
-        versions = tensor_versions(module)
+    state: set[str] = set()  # buffers handed to the forward as graph values
+    for _ in range(len(list(module.modules())) + 8):  # each round adds a leaf or a state tensor: it ends
+        tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types, state=state)
+        snap = snapshot_state(module, skip=block_names | leaf_names)
         try:
             with record_state_writes(module, alias=tracer.aliased_state,
                                      traced=lambda v: isinstance(v, fx.Proxy)) as writes:
                 graph = tracer.trace(module, concrete_args=concrete_args)
         except Exception as exc:  # fx raises many types; report one, with where and how to fix
+            restore_state_(snap)
             if writes:  # e.g. a Proxy assigned to a buffer: torch refuses it
-                raise assignment_error([_prefixed(w, prefix) for w in writes], "fx", module) from exc
+                raise assignment_error([prefixed(w, prefix) for w in writes], "fx", module) from exc
             retry = tracer.branched - leaf_names - block_names - {""}
             if retry:  # the failure came after a branch on self.training: keep those modules opaque, retry
                 leaf_names, auto_leaves = leaf_names | retry, auto_leaves | retry
@@ -523,17 +470,20 @@ def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], le
             culprit = (module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1]
                        else module)
             raise _trace_error(exc, inner, culprit) from exc
-        # written at trace time (in place, or assigned a value computed once): trace again with those
-        # tensors as graph values, so the writes and the reads around them become graph ops
-        eager = [w.name if not w.path else f"{w.path}.{w.name}" for w in writes if not w.traced]
-        moved = written_in_place(versions) + [n for n in eager + _graph_writes(module, graph) if n not in own_state]
-        if moved:
-            raise StateWrittenAtTrace(prefix + n for n in moved)
-        if writes:
-            _check_assignments(module, graph, [_prefixed(w, prefix) for w in writes], prefix)
+        eager = [w.fqn for w in writes if not w.traced]
+        moved = sorted(set(snap.written() + eager + graph_writes(module, graph)) - state)
+        try:
+            if not moved and writes:  # refuse (or warn about) assignments while the graph still names them
+                check_assignments(module, graph, [prefixed(w, prefix) for w in writes], prefix)
+        finally:
+            restore_state_(snap)  # the trace leaves the module's state as it found it
+        if moved:  # written at trace time: trace again with those tensors as graph values
+            as_buffers_(module, moved)
+            state |= set(moved)
+            continue
         new_leaves = tracer.branched - leaf_names - block_names
         if not new_leaves:
-            break
+            return graph, auto_leaves
         if "" in new_leaves:
             raise TraceError(
                 f"module '{prefix.rstrip('.') or '<root>'}' ({type(module).__name__}) branches on self.training in "
@@ -541,59 +491,7 @@ def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], le
                 "lora_fx then keeps as a leaf that follows train()/eval()), or use frontend='export' with "
                 "example_inputs (which checks both modes).")
         leaf_names, auto_leaves = leaf_names | new_leaves, auto_leaves | new_leaves
-    return graph, auto_leaves
-
-
-def _graph_writes(module: nn.Module, graph: fx.Graph) -> list[str]:
-    """Buffers and tensor attributes of ``module`` that in-place ops of ``graph`` write: every read
-    of them must be a graph value too (an eager read at trace time would be a stale constant)."""
-    attrs = {id(t): n for n, (t, _) in tensor_versions(module).items()}
-    out = []
-    for n in graph.nodes:
-        target = written_attr(n) if is_inplace(n) else None
-        if target is None:
-            continue
-        owner, _, name = str(target.target).rpartition(".")
-        try:
-            holder = module.get_submodule(owner) if owner else module
-        except AttributeError:
-            continue
-        value = holder._buffers.get(name) if name in holder._buffers else vars(holder).get(name)
-        if isinstance(value, torch.Tensor) and id(value) in attrs:
-            out.append(attrs[id(value)])
-    return out
-
-
-def _check_assignments(module: nn.Module, graph: fx.Graph, writes: list, prefix: str) -> None:
-    """Refuse assignments whose previous value the graph reads (state carried across calls); warn
-    about the others (recomputed before use in every call, so no output changes)."""
-    names, ids = set(), set()
-    for n in graph.nodes:
-        if n.op == "get_attr":
-            names.add(prefix + str(n.target))
-            owner, _, attr = str(n.target).rpartition(".")
-            try:
-                holder = module.get_submodule(owner) if owner else module
-            except AttributeError:
-                continue
-            value = vars(holder).get(attr, holder._buffers.get(attr, holder._parameters.get(attr)))
-            if value is not None:
-                ids.add(id(value))
-    carried, rewritten = split_writes(writes, names, ids)
-    if carried:
-        raise assignment_error(carried, "fx", module)
-    warnings.warn(rewritten_warning(rewritten, "fx"), LoraFxWarning, stacklevel=6)
-
-
-def _has_buffer(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_buffer(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def _prefixed(w, prefix: str):
-    """``w`` with its path relative to the model (blocks are traced on their own)."""
-    path = f"{prefix}{w.path}" if w.path else prefix.rstrip(".")
-    return type(w)(path, w.module, w.name, w.kind, w.previous, w.traced)
+    raise TraceError(f"the forward of module '{prefix.rstrip('.') or '<root>'}' ({type(module).__name__}) writes "
+                     f"{sorted(state)} in a way torch.fx cannot record as graph ops (the write runs while tracing). "
+                     "Use frontend='export' with example_inputs, or keep the module that writes them as a leaf "
+                     "(leaf_modules=[...]), whose forward then runs as is.")

@@ -53,3 +53,16 @@ def test_attention_qv_small(capsys):
     assert res["k_rows_untouched"] and res["out_proj_trained"]
     assert 0 < res["trainable_fraction"] < 0.5
     assert res["lora_accuracy"] > res["base_accuracy"]
+
+
+def test_finetune_hf_causal_lm_small(tmp_path, capsys):
+    mod = _load("finetune_hf_causal_lm")
+    res = mod.main(["--hidden", "32", "--layers", "1", "--seq", "24", "--batch", "8", "--steps", "12",
+                    "--new-tokens", "6", "--out", str(tmp_path), "--no-progress"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(res))
+    assert res["model_class"] == "LlamaForCausalLM" and res["frontend"] == "regions"
+    assert res["loss_after"] < res["loss_before"] and res["generate_matches_folded"]
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "merged" / "config.json").exists()

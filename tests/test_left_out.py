@@ -300,3 +300,26 @@ def test_other_models_keep_every_site():
 
     gm, warned = _transform(LM(), rank=2)
     assert {s.param for s in lora_fx.sites(gm)} == {"embed_tokens.weight", "lm_head.weight"} and not warned
+
+
+def test_transformers_policy_on_the_regions_front_end():
+    """Without example inputs (the model keeps its class): the same policy, and the weights read
+    only by a kept module's own Python (a mixture-of-experts block's stacked expert tensors) are
+    reported with that reason, not as unused."""
+    torch.manual_seed(0)
+    model = _mixtral()
+    gm, warned = _transform(model, rank=2)
+    assert lora_fx.state.frontend_of(gm) == "regions"
+    params = {s.param for s in lora_fx.sites(gm)}
+    router = "model.layers.0.mlp.gate.weight"
+    assert not params & {"model.embed_tokens.weight", "lm_head.weight", router}
+    out = {e.param: e for e in lora_fx.left_out(gm)}
+    assert {"model.embed_tokens.weight", "lm_head.weight", router} <= set(out) and len(warned) == 1
+    assert "router" in out[router].reason and "target it by name" in out[router].reason
+    experts = [e for n, e in out.items() if ".experts." in n]
+    assert experts and all("regions front-end keeps" in e.reason and "not used" not in e.reason for e in experts)
+    assert all(n in warned[0] for n in out)
+    ids = torch.randint(0, V, (2, 5))
+    randomize_(gm, seed=3)
+    with torch.no_grad():
+        assert_close(gm(ids).logits, lora_fx.fold(gm)(ids).logits)

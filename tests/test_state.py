@@ -28,6 +28,7 @@ class MLP(nn.Module):
 
 def test_keys_are_spelled_only_in_the_state_module():
     keys = [state.STATE_ATTR, state.CONFIG_ATTR, state.OWNS_WEIGHTS_ATTR, state.FRONTEND_META, state.LEAF_ATTR,
+            state.FRONTEND_ATTR, state.REGION_ATTR, state.KEPT_ATTR, state.CAPTURE_META,
             *state.PISSA_BUFFERS, state.FILE_META["adapter"], state.FILE_META["config"]]
     pattern = re.compile("|".join(rf"""["']{re.escape(k)}["']""" for k in keys))
     offenders = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import Mapping, Optional, Sequence, Union
 
-from torch import fx, nn
+from torch import nn
 
 from lora_fx.passes.find_sites import find_sites
 from lora_fx.passes.insert_lora import insert_lora
@@ -22,9 +22,8 @@ from lora_fx.passes.remove_lora import remove_lora_
 
 from ..config import UNSET, LoraConfig, config_with
 from ..errors import ConfigError, LoraFxWarning, TargetError
-from ..graph_module import graph_modules
 from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters, policy_of,
-                     record_config_, record_left_out_, require_adapted, state_of)
+                     record_config_, record_left_out_, regions, require_adapted, state_of)
 from ..targets import apply_policy, check_adapter_name, check_patterns, find_left_out, select_targets
 from .hotswap import disable_adapters  # one implementation, re-exported here
 from .init import check_pissa, new_adapter
@@ -43,9 +42,10 @@ __all__ = [
 ]
 
 
-def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.GraphModule:
-    """The pipeline after capture, on a ``GraphModule`` hierarchy the caller owns (the copy
-    :func:`lora_fx.transform` captured, or the module :func:`add_adapter` extends); returns ``root``.
+def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    """The pipeline after capture, on a captured model the caller owns (a ``GraphModule``
+    hierarchy or a model with regions: the copy :func:`lora_fx.transform` captured, or the module
+    :func:`add_adapter` extends); returns ``root``.
 
     find sites (:mod:`lora_fx.passes.find_sites`, pure analysis) and apply the default-target
     policy recorded at capture → select targets (:mod:`lora_fx.targets`) → make one adapter per
@@ -68,7 +68,7 @@ def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.Gr
     if config.init == "pissa":
         check_pissa(root, consumers, chosen)
     check_patterns(config, chosen)
-    gms = dict(graph_modules(root))  # once: per-adapter lookups stay O(1)
+    gms = dict(regions(root))  # once: per-adapter lookups stay O(1)
     insert_lora(root, chosen, lambda c: new_adapter(c, gms[c.gm_path].get_parameter(c.param), config),
                 adapter_name=adapter_name, lowering=config.lowering, recompute_inputs=config.recompute_inputs)
     skipped = find_left_out(root, consumers, chosen, targets=config.targets, exclude=config.exclude)
@@ -255,9 +255,10 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
     """
     require_adapted(gm, "delete_adapter")
     check_adapter_names(gm, [name])
-    for _, sub in list(gm.named_modules()):
+    for path, sub in regions(gm):
         st = state_of(sub)
         if st is not None:  # the same removal pass as fold, for this adapter's modules only
-            remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name])
+            remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name],
+                         module=gm.get_submodule(path) if path else gm)
     forget_config_(gm, name)
     return gm
