@@ -29,7 +29,8 @@ from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with
 from .deploy import fold
 from .errors import AlreadyAdaptedError, ConfigError
 from .graph_module import deferred_recompile
-from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, Site, is_adapted, sites
+from .buffers import record_buffers_
+from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, Site, is_adapted, sites, trainable_params
 from .targets import check_adapter_name, target_policy
 
 __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]
@@ -56,6 +57,7 @@ def transform(
     recompute_inputs: bool = UNSET,
     adapter_dtype: Optional[str] = UNSET,
     fused: Optional[dict] = UNSET,
+    trainable: Union[None, str, Sequence[str]] = UNSET,
     config: Optional[LoraConfig] = None,
     adapter_name: str = "default",
     blocks: Union[None, str, Sequence[str]] = None,
@@ -95,6 +97,10 @@ def transform(
         fused: ``{pattern: spec}``: per-block adapters on weights whose output rows are blocks,
             e.g. ``{"*.qkv.weight": {"blocks": {"q": 64, "k": 16, "v": 16}, "enable": ("q", "v")}}``
             (see :mod:`lora_fx.fused`; MHA ``in_proj_weight`` is q, k, v blocks by default).
+        trainable: patterns over module or parameter names (``"score"``, ``"classifier.*"``)
+            whose base parameters train in full with the adapter (PEFT's ``modules_to_save``):
+            unfrozen in the copy (with ``copy_weights=False`` they get their own copy, so your
+            model never changes), no adapter on them, saved with the adapter, kept by ``fold``.
         config: a :class:`~lora_fx.config.LoraConfig`.
         adapter_name: name of the adapter (``"default"``); add more with
             :func:`lora_fx.adapters.add_adapter`.
@@ -139,7 +145,7 @@ def transform(
     cfg = config_with(config, rank=rank, alpha=alpha, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, use_rslora=use_rslora, use_dora=use_dora, init=init,
                       dropout=dropout, lowering=lowering, recompute_inputs=recompute_inputs,
-                      adapter_dtype=adapter_dtype, fused=fused)
+                      adapter_dtype=adapter_dtype, fused=fused, trainable=trainable)
     if is_adapted(model):
         raise AlreadyAdaptedError(
             f"{type(model).__name__} already carries lora_fx adapters; transforming it again would stack a "
@@ -154,7 +160,12 @@ def transform(
                                          concrete_args=concrete_args))
         setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
         setattr(root, POLICY_ATTR, target_policy(model))  # what only the user's model shows (targets.py)
+        record_buffers_(root, model)  # to tell later which buffers training changed (io)
         # 3. find sites → select targets → make adapters → insert_lora → record state (adapters/lifecycle.adapt_)
         adapt_(root, cfg, adapter_name)
-        # 4. only the adapters train (adapters/trainable.py)
+        if not copy_weights:  # trained in full: the copy's own storage, never the user's
+            for name in trainable_params(root):
+                p = root.get_parameter(name)
+                p.data = p.detach().clone()
+        # 4. only the adapters (and trainable= parameters) train (adapters/trainable.py)
         return train_adapters_only_(root)

@@ -220,11 +220,13 @@ class LoraGraphModule(fx.GraphModule):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "LoraGraphModule":
         res = super().__deepcopy__(memo)
+        type(res).__name__ = type(self).__name__  # the captured module's class name (each instance has its own class)
         return _restore(res, {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in _GM_OWN})
 
     def __reduce__(self):
         python_code = self._lora_fx_compile()
         body = self.__dict__.copy()
+        body["_graphmodule_cls_name"] = type(self).__name__  # restored by _deserialize_graph_module
         import_block = _format_import_block(python_code.globals, sys_importer)
         del body["_graph"]
         return (_reduce_lora_graph_module, (body, import_block))

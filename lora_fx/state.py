@@ -33,12 +33,22 @@ key                         where, holding                     written by / read
                             kept as leaves of its graph        :func:`capture_of`
 :data:`FOLD_META`           folded root ``.meta``:             ``deploy.fold``; read by users
                             ``{"folded": [...], "untied": []}``
+                            (+ :data:`REQUANT_ERROR` with
+                            ``fold(requantize=True)``)
+:data:`FOLD_ATTR`           folded root that kept its class:   ``deploy.fold``; read by users
+                            the same record
 :data:`LEAF_ATTR`           class attribute: keep instances    ``lora_fx.nn.layers``; read by
                             as opaque leaves when tracing      ``passes.trace_fx``
 :data:`PISSA_BUFFERS`       adapter: PiSSA's initial factors   ``adapters.init.pissa_init_``; read by
                             (non-persistent buffers)           ``io.peft.save_adapter``
-:data:`FILE_META`           safetensors metadata of adapter    ``io._files``, ``io.peft``
-                            files
+:data:`FILE_META`           safetensors metadata of adapter    ``io._files``, ``io.native``,
+                            files                              ``io.peft``
+:data:`TRAINABLE_ATTR`      root: ``{adapter: [parameter]}``:  ``api.transform``, ``add_adapter``;
+                            base parameters trained in full    read by :func:`trainable_params`
+                            (``LoraConfig.trainable``)
+:data:`BUFFERS_ATTR`        root: ``{buffer key: fingerprint}``  ``api.transform``; read by
+                            of the model's persistent buffers  :func:`changed_buffers` (``io``)
+                            at transform time
 :data:`POLICY_ATTR`         root: the default-target policy    ``api.transform`` (from the user's
                             read from the user's model         model, ``targets.target_policy``);
                                                                read by ``adapters.lifecycle.adapt_``
@@ -46,6 +56,10 @@ key                         where, holding                     written by / read
                             weights an adapter leaves out      ``adapt_``), :func:`forget_config_`;
                                                                read by :func:`left_out`, ``report``
 ==========================  =================================  =======================================
+
+:data:`WRAPPER_PARTS` are the module names PyTorch's wrappers insert (``torch.compile``,
+FSDP1, activation checkpointing); :func:`unwrap` and :func:`plain_name` remove them, so keys and
+names are the same whether the model is wrapped or not.
 
 The adapter module's own attributes (``lora_A``, ``lora_B``, ``scaling``, ``lora_magnitude``,
 ``dropout``, ``rank``, ``alpha``, ``mix``, ``enabled``, ``blocks``) are defined by
@@ -60,6 +74,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import fx, nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .errors import ConfigError, NotAdaptedError, UnknownAdapterError
 
@@ -68,8 +83,9 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
 
 __all__ = [
     "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FRONTEND_ATTR",
-    "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "LEAF_ATTR", "PISSA_BUFFERS", "FILE_META",
-    "POLICY_ATTR", "LEFT_OUT_ATTR",
+    "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "FOLD_ATTR", "REQUANT_ERROR", "LEAF_ATTR",
+    "PISSA_BUFFERS", "FILE_META", "TRAINABLE_ATTR", "BUFFERS_ATTR", "WRAPPER_PARTS", "unwrap", "plain_name",
+    "adapter_modules", "trainable_params", "record_trainable_", "POLICY_ATTR", "LEFT_OUT_ATTR",
     "regions", "graph_modules", "region_of", "capture_of", "frontend_of", "record_frontend_", "is_root",
     "AdapterRecord", "GraphState", "LeftOut", "left_out", "record_left_out_", "policy_of", "state_of", "is_adapted",
     "require_adapted", "adapter_records", "iter_adapters",
@@ -102,12 +118,31 @@ KEPT_ATTR = "_lora_fx_kept"
 CAPTURE_META = "lora_fx_leaves"
 #: Key of ``folded.meta``: ``{"folded": [names], "untied": [names]}`` (see :func:`lora_fx.fold`).
 FOLD_META = "lora_fx"
+#: Attribute of a folded model that kept its class (no ``.meta``): the same record as
+#: ``folded.meta[FOLD_META]`` of a folded ``GraphModule``.
+FOLD_ATTR = "lora_fx_fold"
+#: Key of ``folded.meta[FOLD_META]`` after ``fold(..., requantize=True)``: ``{name: {"max": float,
+#: "mean": float}}``, the absolute difference between each requantized weight (dequantized) and the
+#: float fold it was quantized from, largest and mean over the weight's elements.
+REQUANT_ERROR = "requantization_error"
 #: Class attribute: instances are kept as opaque leaves by the torch.fx front-end.
 LEAF_ATTR = "_lora_fx_leaf"
 #: Non-persistent buffers of a PiSSA adapter: its initial factors ``(A0, B0)``.
 PISSA_BUFFERS = ("init_A", "init_B")
-#: safetensors metadata keys: the file format tag, the adapter name and its config (JSON).
-FILE_META = {"format": "lora_fx", "adapter": "lora_fx_adapter", "config": "lora_fx_config"}
+#: safetensors metadata keys: the file format tag, the adapter name and its config (JSON), the
+#: state of every adapter and what else the file carries (JSON, :mod:`lora_fx.io.native`) and the
+#: per-tensor checksums (JSON ``{key: sha256 hex}``, :mod:`lora_fx.io._files`).
+FILE_META = {"format": "lora_fx", "adapter": "lora_fx_adapter", "config": "lora_fx_config",
+             "state": "lora_fx_state", "checksums": "lora_fx_sha256"}
+#: Attribute of the root: ``{adapter name: [fully qualified base parameter names]}`` trained in full
+#: with that adapter (``LoraConfig.trainable``; PEFT's ``modules_to_save``).
+TRAINABLE_ATTR = "_lora_fx_trainable"
+#: Attribute of the root: ``{state-dict key: fingerprint}`` of the model's persistent buffers when
+#: it was transformed, to tell which buffers training changed (BatchNorm statistics, EMAs).
+BUFFERS_ATTR = "_lora_fx_buffers"
+#: Module names inserted by PyTorch's wrappers: ``torch.compile`` (``OptimizedModule._orig_mod``),
+#: FSDP1 (``_fsdp_wrapped_module``), ``checkpoint_wrapper`` (``_checkpoint_wrapped_module``).
+WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 #: Attribute of the root: the :class:`lora_fx.targets.TargetPolicy` read from the user's model at
 #: capture (what the graph does not show: a transformers model's embeddings, parametrized weights).
 POLICY_ATTR = "_lora_fx_target_policy"
@@ -403,6 +438,39 @@ def is_lora_key(name: str) -> bool:
     return any(part.startswith("lora_") or "_lora_" in part for part in name.split("."))
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` (``OptimizedModule``), ``DistributedDataParallel`` and
+    ``DataParallel`` wrappers (any nesting), else ``model`` itself (FSDP2 and composable
+    checkpointing do not wrap)."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(model._modules.get("_orig_mod"), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._modules["_orig_mod"]
+        else:
+            return model
+
+
+def plain_name(name: str) -> str:
+    """``name`` (a parameter, buffer, module path or state-dict key) without the parts PyTorch's
+    wrappers insert (:data:`WRAPPER_PARTS`): ``"_orig_mod.fc.weight"`` → ``"fc.weight"``."""
+    if not any(w in name for w in WRAPPER_PARTS):
+        return name
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_PARTS)
+
+
+def adapter_modules(root: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """``{module path: (adapter name, adapter module)}`` of every path under which an adapter
+    module is registered (a tied weight's adapter under each of its owners), plain names
+    (:func:`plain_name`), in registration order."""
+    out: dict[str, tuple[str, nn.Module]] = {}
+    for name, m in unwrap(root).named_modules(remove_duplicate=False):
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3] == ADAPTER_ATTR and not is_adapter_path(".".join(parts[:-3])):
+            out.setdefault(plain_name(name), (parts[-2], m))
+    return out
+
+
 #: ``bias`` modes of :func:`lora_fx.mark_only_lora_as_trainable` and :func:`lora_fx.lora_state_dict`.
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -431,6 +499,33 @@ def is_lora_layer(m: nn.Module) -> bool:
     """A hand-built LoRA layer: ``lora_fx.nn``'s, loralib's or LoRA-Torch's (all derive from a class
     named ``LoRALayer``), whatever its rank."""
     return any(c.__name__ == "LoRALayer" for c in type(m).__mro__)
+
+
+# ---------------------------------------------------------------------------------------------
+# what else an adapter carries: fully trained base parameters
+
+
+def trainable_params(root: nn.Module, adapters: Optional[Iterable[str]] = None) -> list[str]:
+    """Fully qualified names of the base parameters trained in full with the adapters ``adapters``
+    (all when None), each once, in the order recorded (:data:`TRAINABLE_ATTR`)."""
+    recorded = getattr(unwrap(root), TRAINABLE_ATTR, {}) or {}
+    wanted = None if adapters is None else set(adapters)
+    out: list[str] = []
+    for name, params in recorded.items():
+        if wanted is None or name in wanted:
+            out += [p for p in params if p not in out]
+    return out
+
+
+def record_trainable_(root: nn.Module, name: str, params: Sequence[str]) -> nn.Module:
+    """Record (``params`` non-empty) or forget (empty) the fully trained base parameters of adapter
+    ``name`` on ``root``; returns ``root``."""
+    recorded = dict(getattr(root, TRAINABLE_ATTR, {}) or {})
+    recorded.pop(name, None)
+    if params:
+        recorded[name] = list(params)
+    setattr(root, TRAINABLE_ATTR, recorded)
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,10 +602,12 @@ def sites(gm: nn.Module) -> list[Site]:
         NotAdaptedError: ``gm`` carries no lora_fx adapters.
     """
     require_adapted(gm, "sites")
+    gm = unwrap(gm)  # names as in the plain module, compiled or wrapped in DDP
     # one adapter may be reached from several GraphModules (a weight shared by two blocks):
     # one Site with every alias and consumer
     found: dict[tuple[int, str], list] = {}
     for prefix, path, rec, a in adapter_records(gm):
+        prefix, path = plain_name(prefix), plain_name(path)
         entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, path, rec.adapter, a, [], []])
         entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
         entry[5].extend(rec.consumers)

@@ -32,8 +32,8 @@ from .config import LoraConfig
 from .errors import ConfigError, TargetError, UnsupportedSiteError
 from .state import KEPT_ATTR, REGION_ATTR, LeftOut, is_adapter_path, policy_of
 
-__all__ = ["select_targets", "check_patterns", "check_adapter_name", "TargetPolicy", "target_policy",
-           "apply_policy", "find_left_out"]
+__all__ = ["select_targets", "select_trainable", "check_patterns", "check_adapter_name", "TargetPolicy",
+           "target_policy", "apply_policy", "find_left_out"]
 
 _NOT_DEFAULT = "target it by name to adapt it"
 
@@ -267,12 +267,14 @@ def select_targets(consumers: Sequence, targets: Optional[Sequence[str]], exclud
 
 
 def find_left_out(root: nn.Module, consumers: Sequence, chosen: Sequence, *, targets: Optional[Sequence[str]],
-             exclude: Optional[Sequence[str]]) -> tuple[LeftOut, ...]:
+                  exclude: Optional[Sequence[str]], trainable: Sequence[str] = ()) -> tuple[LeftOut, ...]:
     """Every weight-like parameter of ``root`` (floating point, at least 2-D, not an adapter's)
     that ``chosen`` does not adapt, once per parameter object (all its names), with the reason:
-    the consumer's ``left_out`` reason, the user's ``targets`` / ``exclude``, or "not used by the
-    forward".  ``LeftOut.by_user`` marks what the user's own patterns left out."""
+    the consumer's ``left_out`` reason, the user's ``targets`` / ``exclude`` / ``trainable``
+    (trained in full), or "not used by the forward".  ``LeftOut.by_user`` marks what the user's own
+    choices left out."""
     adapted = {(c.gm_path, c.param) for c in chosen}
+    trained = set(trainable)
     by_fqn: dict[str, list] = {}
     for c in consumers:
         by_fqn.setdefault(c.fqn, []).append(c)
@@ -290,7 +292,10 @@ def find_left_out(root: nn.Module, consumers: Sequence, chosen: Sequence, *, tar
         used = [c for n in names for c in by_fqn.get(n, [])]
         if any((c.gm_path, c.param) in adapted for c in used):
             continue
-        reason, by_user = _why(names, used, targets, exclude, _kept_by(root, names[0]))
+        if trained & set(names):
+            reason, by_user = "trained in full (trainable=), no adapter on it", True
+        else:
+            reason, by_user = _why(names, used, targets, exclude, _kept_by(root, names[0]))
         out.append(LeftOut(param=names[0], aliases=tuple(names), shape=tuple(weights.logical_shape(p)),
                            op="+".join(sorted({c.op for c in used})) or "unused", reason=reason, by_user=by_user))
     return tuple(out)
@@ -335,6 +340,38 @@ def _why(names: Sequence[str], used: Sequence, targets, exclude, kept: Optional[
     if cannot is not None:
         return f"cannot be adapted: {cannot}", False
     return next((c.left_out for c in used if c.left_out), "not a default target"), False
+
+
+def select_trainable(root: nn.Module, patterns: Optional[Sequence[str]]) -> list[str]:
+    """Names of the base parameters of ``root`` that ``patterns`` (``LoraConfig.trainable``) select:
+    a parameter is selected when its name, or the name of a module holding it, matches a pattern
+    (fnmatch); every name of a tied parameter is checked, each selected name listed once.
+
+    Raises:
+        TargetError: a pattern matches no module or parameter (the message lists candidates).
+        UnsupportedSiteError: a selected parameter is not floating point (it cannot train).
+    """
+    if not patterns:
+        return []
+    names = [(n, p) for n, p in root.named_parameters(remove_duplicate=False) if not is_adapter_path(n)]
+
+    def owners(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts))] + [name]
+
+    out = []
+    for pat in patterns:
+        hit = [n for n, _ in names if any(fnmatch.fnmatchcase(o, pat) for o in owners(n))]
+        if not hit:
+            mods = sorted({o for n, _ in names for o in owners(n)[:-1]})
+            raise TargetError(f"trainable pattern {pat!r} matches no module or parameter of the model. Modules: "
+                              f"{', '.join(mods[:40])}{' ...' if len(mods) > 40 else ''}")
+        out += [n for n in hit if n not in out]
+    bad = [n for n, p in names if n in out and not p.is_floating_point()]
+    if bad:
+        raise UnsupportedSiteError(f"trainable selects parameters that are not floating point and cannot train: {bad}; "
+                                   "narrow the trainable patterns")
+    return out
 
 
 def check_patterns(config: LoraConfig, chosen: Sequence) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx, nn
 
+from lora_fx import weights
 from lora_fx.errors import ConfigError, TraceError
 from lora_fx.graph_module import compile_stale
 from lora_fx.state import KEPT_ATTR, record_frontend_
@@ -45,7 +46,7 @@ def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
                 memo[id(v)] = v.detach().clone()
     if not copy_weights:
         for p in model.parameters():  # each Parameter object once; ties map to one copy
-            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+            memo[id(p)] = weights.share(p)  # the same storage (a quantized kind keeps its type)
     try:
         copied = copy.deepcopy(model, memo)
     except Exception as exc:

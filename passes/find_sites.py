@@ -50,7 +50,8 @@ class Consumer:
         reason: why the site cannot be adapted, or None.
         left_out: why the default targets leave it out (``reason`` when it cannot be adapted;
             None exactly when ``default``).
-        factorable: the factored lowering is exact for every use.
+        factorable: the factored lowering is exact for every use (and, for a quantized weight,
+            its type computes the op itself: :func:`lora_fx.weights.runs`).
         blocks: the op's default fused layout of the weight's output rows,
             ``((block name, rows), ...)`` (MHA ``in_proj_weight``: q, k, v), or ``()``.
     """
@@ -149,7 +150,7 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
         out.append(Consumer(
             gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
             op=kind, shape=weights.logical_shape(p), default=default, reason=reason,
-            factorable=reason is None and rule.factored(node, mod, pname) is not None,
+            factorable=reason is None and rule.factored(node, mod, pname) is not None and weights.runs(p, kind),
             blocks=tuple(rule.blocks(mod, pname)) if reason is None else (),
             left_out=None if default else reason or _leaf_reason(node.target, mod, pname, defaults)))
     return out
@@ -193,6 +194,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
     direct_slots = [_weight_slot(u, node) for u in direct]
     factorable = reason is None and all(
         s is not None and function_rule(u.target).factored(u, s, shape) is not None
+        and weights.runs(p, function_rule(u.target).kind)  # a quantized weight: only where its type computes the op
         for u, s in zip(direct, direct_slots))
     calls = [u for u in direct if u.op == "call_function" and u.target is module_call]
     if node is not attr and calls and len(calls) == len(direct):  # an opaque leaf lowered earlier

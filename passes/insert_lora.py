@@ -13,12 +13,14 @@ of the module owning the base parameter (``<owner>.lora.<adapter>.<param>``).
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import TYPE_CHECKING, Callable
 
 from torch import fx, nn
 
 from lora_fx import ops, weights
-from lora_fx.errors import ConfigError
+from lora_fx.errors import ConfigError, LoraFxWarning
 from lora_fx.rules import MERGE, Factored, choose_lowering, function_rule, module_rule
 from lora_fx.regions import set_unregistered_holder_, unregistered_holder
 from lora_fx.state import (ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, region_of, regions,
@@ -102,16 +104,27 @@ def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapte
         a = graph.call_module(f"{path}.dropout", (a,))
     b, s = _get_attr(graph, f"{path}.lora_B"), _get_attr(graph, f"{path}.scaling")
     if getattr(adapter, "use_dora", False):
+        # alpha / rank as a buffer, not a constant: a hot-swap of rank or alpha reaches the graph
         return graph.call_function(MERGE.dora_fn, (weight, a, b, s, _get_attr(graph, f"{path}.lora_magnitude"),
-                                                   adapter.base_scaling))
+                                                   _get_attr(graph, f"{path}.base_scale")))
     return graph.call_function(MERGE.fn, (weight, a, b, s) + _layout(adapter))
 
 
-def _readable(gm: fx.GraphModule, attr: fx.Node) -> fx.Node:
+def _readable(gm: fx.GraphModule, attr: fx.Node, site: Consumer) -> fx.Node:
     """``attr`` (a ``get_attr`` of a base weight) as the float tensor a merge reads: the node itself
-    for a plain weight, else ``dequantized(W)`` (:mod:`lora_fx.weights`)."""
-    if weights.is_plain(gm.get_parameter(attr.target)):
+    for a plain weight, else ``dequantized(W)`` (:mod:`lora_fx.weights`), with a warning: the merge
+    materialises a float copy of the weight every forward."""
+    w = gm.get_parameter(attr.target)
+    if weights.is_plain(w):
         return attr
+    shape, dtype = weights.logical_shape(w), weights.compute_dtype(w)
+    mib = math.prod(shape) * dtype.itemsize / 2**20
+    warnings.warn(
+        f"'{site.fqn}' is a {weights.kind_of(w).name} weight used by {site.op}, which is lowered by merging "
+        f"(the op is not linear in the weight, its quantized type does not compute it, or lowering='merge' / DoRA): "
+        f"every forward dequantizes it and feeds the op a {dtype} {tuple(shape)} copy ({mib:.2f} MiB), kept until "
+        "backward. Exclude it (exclude=[...]) to keep the layer quantized only.", LoraFxWarning,
+        stacklevel=6)  # the caller of transform / add_adapter
     return gm.graph.call_function(ops.dequantized, (attr,))
 
 
@@ -160,7 +173,7 @@ def _lower_module(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str
         merged: dict[str, fx.Node] = {}
         for c, adapter, path in items:
             pname = c.param[len(node.target) + 1:]
-            w = merged[pname] if pname in merged else _readable(gm, _get_attr(graph, c.param))
+            w = merged[pname] if pname in merged else _readable(gm, _get_attr(graph, c.param), c)
             merged[pname] = _merge_node(graph, w, path, adapter)
         # a rule's own merged call covers the weights it names; any other parameter goes through functional_call
         own = rule.merged_call is not None and not hooked and set(merged) <= set(rule.weights(mod))
@@ -195,7 +208,7 @@ def _lower_attr(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str]]
         return [(c, "factored") for c, _, _ in items]
     anchor = weight.next
     with graph.inserting_before(anchor):
-        w = _readable(gm, weight) if weight is node else weight  # a chain's first adapter: read W
+        w = _readable(gm, weight, items[0][0]) if weight is node else weight  # a chain's first adapter: read W
         for _, adapter, path in items:
             w = _merge_node(graph, w, path, adapter)
     _rewire(weight, w, _inserted(weight, anchor))

@@ -37,6 +37,7 @@ from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 from lora_fx.errors import InputGuardError, LoraFxWarning, TraceError, user_frame
 from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, value_key
 from lora_fx.ops import LORA_OPS
+from lora_fx.rules import module_rule
 from lora_fx.state import LEAF_ATTR, graph_modules
 
 from .guards import check_input_guards
@@ -124,7 +125,7 @@ class LoraTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if getattr(type(m), LEAF_ATTR, False):  # e.g. lora_fx.nn layers: opaque, op-table rule applies
+        if getattr(type(m), LEAF_ATTR, False) or module_rule(m).leaf:  # lora_fx.nn layers, bitsandbytes linears
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -134,6 +135,10 @@ class LoraTracer(fx.Tracer):
         self.branched: set[str] = set()
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
+        own_graph = module_rule(root).own_graph  # a module whose rule gives its forward as a graph
+        if own_graph is not None:
+            self.root = root
+            return own_graph(root)
         compile_stale(root)  # a GraphModule built or copied in a deferred_recompile block: fx traces its forward
         self._state_ids = {id(root.get_buffer(n)): n for n in self.state}
         saved = [(m, m.training) for m in root.modules()]
@@ -243,7 +248,8 @@ def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf
         parent = by_name[parent_name]
         is_block = isinstance(parent, nn.ModuleList) or any(fnmatch.fnmatchcase(prefix + name, p) for p in patterns)
         is_leaf = any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_patterns)
-        if is_block and not is_leaf and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
+        if (is_block and not is_leaf and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types)
+                and not module_rule(child).leaf):
             found.add(name)
             inside.add(name)
     return found

@@ -323,3 +323,13 @@ def test_transformers_policy_on_the_regions_front_end():
     randomize_(gm, seed=3)
     with torch.no_grad():
         assert_close(gm(ids).logits, lora_fx.fold(gm)(ids).logits)
+
+
+def test_weights_trained_in_full_are_listed_as_the_users_choice():
+    """``trainable=`` takes a weight off the default targets: listed with that reason, not warned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    gm, warned = _transform(model, rank=2, trainable=["2"])
+    assert {s.param for s in lora_fx.sites(gm)} == {"0.weight"} and not warned
+    (entry,) = lora_fx.left_out(gm)
+    assert entry.param == "2.weight" and entry.by_user and "trained in full" in entry.reason

@@ -224,3 +224,36 @@ def test_random_toggle_sequences(pristine, ops):
             a, _, m = state[n]
             state[n] = (a, e, m)
         _check(model, gm, state)
+
+
+def test_adapter_files_restore_the_active_set_and_the_switch(tmp_path):
+    """A file written by ``save_lora_state`` carries each adapter's active-set membership and
+    on/off switch apart: the loaded model computes what the saved one did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def make():
+        gm = lora_fx.transform(model, rank=2)
+        lora_fx.add_adapter(gm, "b", rank=2)
+        return gm
+
+    gm = make()
+    for i, p in enumerate(lora_fx.adapter_parameters(gm, active_only=False)):
+        torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(i))
+    lora_fx.set_active_adapters(gm, ["b"])
+    lora_fx.enable_adapters_(gm, False, adapter="default")  # off, and outside the active set: two facts
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(9))
+    lora_fx.io.save_lora_state(gm, tmp_path / "a.safetensors")
+    loaded = lora_fx.io.load_lora_state(make(), tmp_path / "a.safetensors")
+    assert lora_fx.active_adapters(loaded) == ["b"]
+    with torch.no_grad():
+        assert_close(loaded(x), gm(x))
+    lora_fx.set_active_adapters(loaded, ["default", "b"])
+    lora_fx.set_active_adapters(gm, ["default", "b"])  # 'default' joins the set, still switched off
+    with torch.no_grad():
+        assert_close(loaded(x), gm(x))
+        lora_fx.enable_adapters_(gm, True)
+        lora_fx.enable_adapters_(loaded, True)
+        assert_close(loaded(x), gm(x))
+        lora_fx.set_active_adapters(gm, ["b"])
+        assert not torch.allclose(loaded(x), gm(x))  # 'default' contributes in one of them only

@@ -19,12 +19,14 @@ from torch import nn
 from lora_fx.passes.find_sites import find_sites
 from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.remove_lora import remove_lora_
+from lora_fx.passes.route_quantized import prepare_quantized_
 
 from ..config import UNSET, LoraConfig, config_with
 from ..errors import ConfigError, LoraFxWarning, TargetError
 from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters, policy_of,
-                     record_config_, record_left_out_, regions, require_adapted, state_of)
-from ..targets import apply_policy, check_adapter_name, check_patterns, find_left_out, select_targets
+                     record_config_, record_left_out_, record_trainable_, regions, require_adapted, state_of,
+                     trainable_params)
+from ..targets import apply_policy, check_adapter_name, check_patterns, find_left_out, select_targets, select_trainable
 from .hotswap import disable_adapters  # one implementation, re-exported here
 from .init import check_pissa, new_adapter
 from .module import LoraAdapter
@@ -47,10 +49,12 @@ def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     hierarchy or a model with regions: the copy :func:`lora_fx.transform` captured, or the module
     :func:`add_adapter` extends); returns ``root``.
 
-    find sites (:mod:`lora_fx.passes.find_sites`, pure analysis) and apply the default-target
-    policy recorded at capture → select targets (:mod:`lora_fx.targets`) → make one adapter per
-    targeted weight (:func:`.init.new_adapter`) and insert its merge / factored nodes
-    (:mod:`lora_fx.passes.insert_lora`) → record the config and the weights left out
+    prepare quantized modules (:mod:`lora_fx.passes.route_quantized`) → find sites
+    (:mod:`lora_fx.passes.find_sites`, pure analysis) and apply the default-target policy recorded
+    at capture → select targets (:mod:`lora_fx.targets`) → make one adapter per targeted weight
+    (:func:`.init.new_adapter`) and insert its merge / factored nodes
+    (:mod:`lora_fx.passes.insert_lora`) → record the config, the weights trained in full and the
+    weights left out
     (:mod:`lora_fx.state`).  ``requires_grad`` is left to the caller.
 
     Warns:
@@ -62,16 +66,30 @@ def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
         TargetError, UnsupportedSiteError: as :func:`lora_fx.transform`.
         ConfigError: ``init="pissa"`` where it cannot write the weight.
     """
+    prepare_quantized_(root)  # quantized bases: modules' prepare hooks, linears on the frozen-base op
     policy = policy_of(root)
     consumers = apply_policy(find_sites(root), policy)
     chosen = select_targets(consumers, config.targets, config.exclude, policy=policy)
+    trainable = select_trainable(root, config.trainable)
+    gms = dict(regions(root))  # once: per-adapter lookups stay O(1)
+    if trainable:  # trained in full: no adapter on them (explicitly targeted: a conflict)
+        full = {id(root.get_parameter(n)) for n in trainable}
+        both = sorted({c.fqn for c in chosen if id(gms[c.gm_path].get_parameter(c.param)) in full})
+        if both and config.targets is not None:
+            raise ConfigError(f"{both} are both LoRA targets and trainable (trained in full); a weight is one or the "
+                              "other: remove them from targets or from trainable")
+        chosen = [c for c in chosen if c.fqn not in both]
+        if not chosen:
+            raise TargetError(f"trainable={list(config.trainable)} covers every default target, so no adapter is left; "
+                              "name the weights to adapt with targets=[...]")
     if config.init == "pissa":
         check_pissa(root, consumers, chosen)
     check_patterns(config, chosen)
-    gms = dict(regions(root))  # once: per-adapter lookups stay O(1)
     insert_lora(root, chosen, lambda c: new_adapter(c, gms[c.gm_path].get_parameter(c.param), config),
                 adapter_name=adapter_name, lowering=config.lowering, recompute_inputs=config.recompute_inputs)
-    skipped = find_left_out(root, consumers, chosen, targets=config.targets, exclude=config.exclude)
+    record_trainable_(root, adapter_name, trainable)
+    skipped = find_left_out(root, consumers, chosen, targets=config.targets, exclude=config.exclude,
+                            trainable=trainable)
     record_left_out_(root, adapter_name, skipped)
     _warn_left_out(adapter_name, [e for e in skipped if not e.by_user])
     return record_config_(root, adapter_name, config)
@@ -240,6 +258,9 @@ def add_adapter(
         a.refresh_scaling_()
         for p in a.parameters():
             p.requires_grad_(bool(activate))
+    if activate:
+        for n in trainable_params(gm, [name]):
+            gm.get_parameter(n).requires_grad_(True)
     gm.train(was_training)
     return gm
 
@@ -260,5 +281,6 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
         if st is not None:  # the same removal pass as fold, for this adapter's modules only
             remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name],
                          module=gm.get_submodule(path) if path else gm)
+    record_trainable_(gm, name, [])
     forget_config_(gm, name)
     return gm
