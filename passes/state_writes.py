@@ -6,10 +6,12 @@ A captured graph must write the adapted copy's state exactly as the model's forw
 or the capture must fail.  torch.fx hands a forward its *buffers as real tensors*, so an in-place op
 whose arguments are all real runs once at trace time and leaves no node (the adapted model would
 never count another step), and an assignment ``self.x = ...`` is not recorded at all.
-:mod:`.trace_fx` therefore watches each trace: an in-place write at trace time (a tensor's
-``_version`` moved) makes it trace again from a fresh copy with those tensors as graph values, so
-the writes become graph ops on the live buffer; an assignment is refused with a
-:class:`~lora_fx.errors.TraceError`.  torch.export keeps in-place writes and buffer assignments as
+:mod:`.trace_fx` therefore runs each trace on a snapshot of the state it can reach
+(:func:`snapshot_state`, put back by :func:`restore_state_`): an in-place write at trace time (a
+tensor's ``_version`` moved) makes it trace again with those tensors as graph values, so the
+writes become graph ops on the live buffer; an assignment whose previous value the graph reads is
+refused with a :class:`~lora_fx.errors.TraceError`.  The same holds for every module the regions
+front-end traces (they are traced in place, on lora_fx's copy).  torch.export keeps in-place writes and buffer assignments as
 graph ops; :mod:`.trace_export` refuses assignments of anything that is not a registered buffer,
 which it would drop.
 """

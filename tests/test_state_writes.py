@@ -114,7 +114,7 @@ def _state(m: nn.Module) -> dict:
     return out
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export", "regions"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_in_place_writes_track_the_model(name, frontend):
     torch.manual_seed(0)
@@ -122,7 +122,9 @@ def test_in_place_writes_track_the_model(name, frontend):
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(3, 4, generator=g) for _ in range(6)]
     before = _state(model)
-    gm = lora_fx.transform(model, rank=2, frontend=frontend, example_inputs=(xs[0],))
+    inputs = {} if frontend == "regions" else {"example_inputs": (xs[0],)}  # regions: the model keeps its class
+    gm = lora_fx.transform(model, rank=2, frontend=frontend, **inputs)
+    assert lora_fx.state.frontend_of(gm) == frontend
     assert _state(model).keys() == before.keys() and all(torch.equal(_state(model)[k], v) for k, v in before.items())
     got = _state(gm)
     for k, v in before.items():  # the capture (and its checks) wrote nothing
@@ -199,6 +201,22 @@ def test_assignments_that_would_be_dropped_are_refused(model, frontend, names):
         lora_fx.transform(model(), rank=2, frontend=frontend, example_inputs=(X,))
     for needle in names + ("in place" if frontend == "fx" else "buffer",):
         assert needle in str(ei.value), str(ei.value)
+
+
+def test_regions_keep_a_module_that_assigns_state_as_its_own_python():
+    """The regions front-end keeps the assigning module's Python (the reason names the attribute)
+    and captures its children: the assignment runs as in the model, call after call."""
+    torch.manual_seed(0)
+    model = Reassign()
+    gm = lora_fx.transform(model, rank=2, frontend="regions")
+    kept = {r["module"]: r["captured"] for r in lora_fx.summary(gm, show=False).captured}
+    assert kept[""].startswith("kept") and "'count'" in kept[""] and kept["lin"] == "fx"
+    randomize_(gm, seed=2)
+    ref = reference_model(model, gm)
+    for _ in range(3):
+        with torch.no_grad():
+            assert_close(gm(X), ref(X))
+    assert float(gm.count) == float(ref.count) == 3.0 and float(model.count) == 0.0
 
 
 def test_buffer_assignment_falls_back_to_export_and_tracks():
