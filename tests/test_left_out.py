@@ -71,11 +71,12 @@ def _gemma_embedding():
 
 
 @pytest.mark.parametrize("make", [lambda: ScaledEmbedding(10, 6), _gemma_embedding], ids=["own", "gemma3"])
-@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export", "regions"])
 def test_module_reading_weight_metadata_is_adapted(make, frontend):
     torch.manual_seed(0)
     model = EmbedNet(make())
-    gm, warned = _transform(model, rank=2, frontend=frontend, example_inputs=(IDS,))
+    inputs = {} if frontend == "regions" else {"example_inputs": (IDS,)}
+    gm, warned = _transform(model, rank=2, frontend=frontend, **inputs)
     assert {s.param for s in lora_fx.sites(gm)} == {"emb.weight", "fc.weight"}
     assert not warned and lora_fx.left_out(gm) == []
     randomize_(gm, seed=3)
@@ -115,16 +116,17 @@ STORED = {"weight_norm": ["2.parametrizations.weight.original0", "2.parametrizat
           "old_spectral_norm": ["2.weight_orig"]}
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export", "regions"])
 @pytest.mark.parametrize("kind", list(STORED))
 def test_parametrized_weights_are_reported_and_refused_by_name(kind, frontend):
     x = torch.randn(2, 3)
     model = _parametrized(kind)
+    inputs = {} if frontend == "regions" else {"example_inputs": (x,)}
     if frontend == "export" and kind == "old_spectral_norm":  # its hook branches on self.training in Python
         with pytest.raises(lora_fx.TraceError, match="self.training"):
-            lora_fx.transform(model, rank=2, frontend=frontend, example_inputs=(x,))
+            lora_fx.transform(model, rank=2, frontend=frontend, **inputs)
         return
-    gm, warned = _transform(model, rank=2, frontend=frontend, example_inputs=(x,))
+    gm, warned = _transform(model, rank=2, frontend=frontend, **inputs)
     assert [s.param for s in lora_fx.sites(gm)] == ["0.weight"]
     assert len(warned) == 1 and "2.weight" in warned[0] and "remove" in warned[0]
     weight_like = [n for n in STORED[kind] if model.get_parameter(n).ndim >= 2]
@@ -137,7 +139,7 @@ def test_parametrized_weights_are_reported_and_refused_by_name(kind, frontend):
         assert_close(gm(x), model(x))
     for name in STORED[kind] + ["2.weight", "2.*"]:  # the stored tensors and the computed one
         with pytest.raises(lora_fx.LoraFxError) as ei:
-            lora_fx.transform(model, rank=2, targets=[name], frontend=frontend, example_inputs=(x,))
+            lora_fx.transform(model, rank=2, targets=[name], frontend=frontend, **inputs)
         assert not isinstance(ei.value, KeyError)
         assert "2.weight" in str(ei.value) and "remove" in str(ei.value), str(ei.value)
 
