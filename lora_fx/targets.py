@@ -314,8 +314,8 @@ def _kept_by(root: nn.Module, name: str) -> Optional[str]:
             return None
         kept = m.__dict__.get(KEPT_ATTR)
         if kept is not None:
-            return (f"read only by the Python of '{path or '<root>'}' ({type(m).__name__}), which the regions "
-                    f"front-end keeps as is ({kept}), so no graph reads it and it cannot be adapted there "
+            return (f"no graph reads it: its module '{path or '<root>'}' ({type(m).__name__}) is kept as its own "
+                    f"Python by the regions front-end ({kept}), so it cannot be adapted there "
                     "(frontend='export' with example_inputs captures the whole forward, where torch.export can "
                     "trace it)")
         if not path:
