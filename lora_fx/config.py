@@ -132,7 +132,9 @@ class LoraConfig:
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
             raise ConfigError(f"adapter_dtype must be one of {sorted(_DTYPES)} or None, got {self.adapter_dtype!r}")
         if self.version != CONFIG_VERSION:
-            raise ConfigError(f"config version {self.version} is not supported (this lora_fx writes {CONFIG_VERSION})")
+            raise ConfigError(f"config version {self.version} is not supported (this lora_fx reads and writes version "
+                              f"{CONFIG_VERSION}); build the config again with this lora_fx, LoraConfig(...), "
+                              "or load the file with the lora_fx version that wrote it")
 
     # -- resolution -------------------------------------------------------------------------
     def rank_for(self, name: str) -> int:

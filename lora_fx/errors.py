@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "TargetError",
     "TraceError",
+    "InputGuardError",
     "UnsupportedSiteError",
     "NotAdaptedError",
     "UnknownAdapterError",
@@ -27,6 +28,7 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterFileError",
     "RoutingError",
+    "NonFiniteError",
     "ExportParityError",
     "ExportFileError",
     "user_frame",
@@ -51,6 +53,14 @@ class TargetError(LoraFxError, ValueError):
 
 class TraceError(LoraFxError, RuntimeError):
     """The model could not be captured as a graph by the chosen front-end."""
+
+
+class InputGuardError(LoraFxError, AssertionError):
+    """A call of a model captured by the export front-end with an input outside what the capture
+    specialised on (a size outside its range, another value of a baked-in argument): the graph
+    holds one branch of the forward's Python, taken for the example inputs.  An ``AssertionError``,
+    as torch.export's own program raises ("Guard failed") and torch.fx's guard of a ``concrete_args``
+    value."""
 
 
 class UnsupportedSiteError(LoraFxError, NotImplementedError):
@@ -84,6 +94,11 @@ class RoutingError(ConfigError):
     """A per-sample adapter routing (:func:`lora_fx.route_adapters`) that cannot be applied: a number
     of names that does not match the batch, or adapters whose sites cannot be routed (DoRA,
     merge-lowered sites, expert stacks).  Also a :class:`ConfigError` (a ``ValueError``)."""
+
+
+class NonFiniteError(LoraFxError, ValueError):
+    """An adapter holds inf / NaN values where lora_fx must write a finite result (``fold``): a
+    diverged training run, typically."""
 
 
 class ExportParityError(LoraFxError, RuntimeError):

@@ -16,13 +16,13 @@ from . import weights
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
-from .rules.experts import STACK_REASON
-from .state import (KEPT_ATTR, STACKS_META, capture_of, frontend_of, is_adapted, is_adapter_path, iter_adapters,
-                    region_of, regions, sites)
+from .state import (KEPT_ATTR, STACKS_META, adapter_names, capture_of, frontend_of, is_adapted, is_adapter_path,
+                    iter_adapters, left_out, region_of, regions, sites)
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
-_COLUMNS = ("site", "adapter", "op", "weight shape", "rank", "lowering", "active", "trainable params", "share")
+_COLUMNS = ("site", "adapter", "op", "weight shape", "rank", "lowering", "active", "enabled", "trainable params",
+            "share")
 _CAPTURE_COLUMNS = ("module", "class", "captured")
 
 
@@ -32,20 +32,24 @@ class SiteSummary:
 
     Attributes:
         rows: one dict per (adapted parameter, adapter) with the keys ``site``, ``adapter``, ``op``,
-            ``weight shape``, ``rank``, ``lowering``, ``active``, ``trainable params`` (the
-            adapter's parameter count: ``rank·(fan_in + fan_out)``, plus ``fan_out`` for DoRA),
-            ``share`` (that count over all of the module's parameters) and ``captured`` (how the
-            graph holding the site was captured: ``"fx"``, ``"export"``, or for a model that kept
-            its class the region's ``"fx"`` / ``"fx (leaves: ...)"``).
+            ``weight shape``, ``rank``, ``lowering``, ``active`` (in the active set), ``enabled``
+            (its on/off switch), ``trainable params`` (the adapter's parameter count:
+            ``rank·(fan_in + fan_out)``, plus ``fan_out`` for DoRA), ``share`` (that count over all
+            of the module's parameters) and ``captured`` (how the graph holding the site was
+            captured: ``"fx"``, ``"export"``, or for a model that kept its class the region's
+            ``"fx"`` / ``"fx (leaves: ...)"``).
         total_params: every parameter of the module (base + adapters), each tensor once.
         adapter_params: parameters of all adapters.
         trainable_params: parameters with ``requires_grad`` now.
         captured: a model that kept its class (the regions front-end): one dict per module the
             front-end visited, ``module`` (path), ``class`` and ``captured`` (``"fx"``,
             ``"fx (leaves: a, b)"`` or ``"kept: <reason>"``), in module order; else ``()``.
-        not_captured: adaptable weights no adapter reads: those no graph reads (their module is
-            kept as its own Python), and stacks of expert weights no ``targets`` entry named, as
-            dicts ``param``, ``weight shape``, ``reason``.
+        not_captured: adaptable weights no graph reads (their module is kept as its own Python:
+            MoE expert tensors, say), as dicts ``param``, ``weight shape``, ``reason``.
+        left_out: one dict per (weight-like parameter, adapter) the adapter leaves out
+            (:func:`lora_fx.left_out`), with the keys ``param``, ``adapter``, ``shape``, ``op``,
+            ``reason`` and ``by_user`` (left out by the user's own ``targets`` / ``exclude``);
+            those in ``not_captured`` are printed there only.
     """
 
     rows: tuple[dict, ...]
@@ -54,6 +58,7 @@ class SiteSummary:
     trainable_params: int
     captured: tuple[dict, ...] = ()
     not_captured: tuple[dict, ...] = ()
+    left_out: tuple[dict, ...] = ()
 
     def __str__(self) -> str:
         out = _table(_COLUMNS, [[_fmt(k, r[k]) for k in _COLUMNS] for r in self.rows], right_from=4)
@@ -67,9 +72,15 @@ class SiteSummary:
                         "(containers left out, repeated layers shown once with their index as *)"]
             out += ["  " + line for line in _table(_CAPTURE_COLUMNS, _grouped(self.captured))]
         if self.not_captured:
-            out += ["", "weights left out (not read by any graph, or expert stacks not targeted):"]
+            out += ["", "weights no graph reads (not adaptable here):"]
             out += [f"  {r['param']} {_fmt('weight shape', r['weight shape'])}: {r['reason']}"
                     for r in self.not_captured]
+        shown = {r["param"] for r in self.not_captured}
+        rest = [e for e in self.left_out if e["param"] not in shown]
+        if rest:
+            out += ["", f"left out ({len(rest)}):"]
+            out += [f"  {e['param']} ({'x'.join(str(d) for d in e['shape'])}, adapter {e['adapter']!r}): {e['reason']}"
+                    for e in rest]
         return "\n".join(out)
 
 
@@ -100,7 +111,7 @@ def _fmt(key: str, value) -> str:
         return f"{100 * value:.2f}%"
     if key == "trainable params":
         return f"{value:,}"
-    if key == "active":
+    if key in ("active", "enabled"):
         return "yes" if value else "no"
     return str(value)
 
@@ -120,31 +131,27 @@ def _capture_rows(gm: nn.Module) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
     if isinstance(gm, fx.GraphModule):
         return (), ()
     captured, missing = [], []
-    adapted = {a for s in sites(gm) for a in s.aliases}
     for path, m in gm.named_modules():
         how = capture_of(m)
         if how is None:
             continue
         captured.append({"module": path, "class": type(m).__name__, "captured": how})
         if KEPT_ATTR in m.__dict__:  # its own parameters are read by its Python only
-            stacks = (region_of(m).meta.get(STACKS_META, {}) if region_of(m) is not None else {})
+            stacks = region_of(m).meta.get(STACKS_META, {}) if region_of(m) is not None else {}
             for name, p in m.named_parameters(recurse=False):
-                if is_adapter_path(name) or weights.reason(p) is not None:
-                    continue
-                fqn = f"{path}.{name}" if path else name
-                if name in stacks:  # read through its weights region: left out unless targeted
-                    if fqn not in adapted:
-                        missing.append({"param": fqn, "weight shape": tuple(weights.logical_shape(p)),
-                                        "reason": STACK_REASON})
-                    continue
-                missing.append({"param": fqn, "weight shape": tuple(weights.logical_shape(p)), "reason": how})
+                if is_adapter_path(name) or weights.reason(p) is not None or name in stacks:
+                    continue  # stacks its weights region reads: adapted, or in left_out with the reason
+                missing.append({"param": f"{path}.{name}" if path else name,
+                                "weight shape": tuple(weights.logical_shape(p)), "reason": how})
     return tuple(captured), tuple(missing)
 
 
 def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     """Table of every adapted site of ``gm``: site (base parameter), adapter, op, weight shape, rank,
-    lowering, whether the adapter is active, its parameter count and its share of the model; for a
-    model that kept its class, also how each module was captured and which weights no graph reads.
+    lowering, whether the adapter is in the active set and switched on, its parameter count and its
+    share of the model; for a model that kept its class, also how each module was captured and which
+    weights no graph reads; then one line per weight-like parameter an adapter leaves out, with the
+    reason (:func:`lora_fx.left_out`).
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
@@ -162,13 +169,16 @@ def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     for s in found:
         n = sum(p.numel() for p in s.module.parameters())
         rows.append({"site": s.param, "adapter": s.adapter, "op": s.op, "weight shape": tuple(s.shape),
-                     "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.enabled),
-                     "trainable params": n, "share": n / max(total, 1), "captured": _capture_of_site(gm, s.param)})
+                     "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.active),
+                     "enabled": bool(s.module.enabled), "trainable params": n, "share": n / max(total, 1),
+                     "captured": _capture_of_site(gm, s.param)})
     captured, missing = _capture_rows(gm)
+    skipped = tuple({"param": e.param, "adapter": name, "shape": tuple(e.shape), "op": e.op, "reason": e.reason,
+                     "by_user": e.by_user} for name in adapter_names(gm) for e in left_out(gm, name))
     result = SiteSummary(rows=tuple(rows), total_params=total,
                          adapter_params=sum(p.numel() for _, _, m in iter_adapters(gm) for p in m.parameters()),
                          trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad),
-                         captured=captured, not_captured=missing)
+                         captured=captured, not_captured=missing, left_out=skipped)
     if show:
         print(result)
     return result

@@ -14,8 +14,8 @@ size compiles once (as any new input shape).  Outside the block the model comput
 before (the active adapters, their mixing weights).
 
 Semantics (PEFT's ``adapter_names``): inside the block every routed adapter contributes its full
-update at ``scaling = alpha / rank``, whatever its mixing weight or enabled flag; those are restored
-on exit.  Adapters that no sample uses get exact-zero gradients (not ``None``): an optimizer's weight
+update at ``scaling = alpha / rank``, whatever its mixing weight, active-set membership or on/off
+switch; those are restored on exit.  Adapters that no sample uses get exact-zero gradients (not ``None``): an optimizer's weight
 decay and momentum still move them, so give it the adapters in use
 (:func:`lora_fx.mark_only_lora_as_trainable` after :func:`lora_fx.set_active_adapters`, or
 parameter groups).
@@ -76,9 +76,11 @@ def _fill_(model: nn.Module, st: RouteState, ids: torch.Tensor) -> None:
         h._buffers[ROUTE_BUFFER] = ids
 
 
-def _set_(adapter, enabled: bool, mix: float) -> None:
-    if adapter.enabled != enabled or adapter.mix != mix:  # only what changes (a fill per adapter)
-        adapter.enabled, adapter.mix = enabled, mix
+def _set_(adapter, active: bool, enabled: bool, mix: float) -> None:
+    """Set an adapter's switch state (in the active set, on/off, mixing weight) and refresh its
+    scaling, only when something changes (a fill per adapter)."""
+    if adapter.active != active or adapter.enabled != enabled or adapter.mix != mix:
+        adapter.active, adapter.enabled, adapter.mix = active, enabled, mix
         adapter.refresh_scaling_()
 
 
@@ -139,11 +141,12 @@ def route_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
                            "those adapters with lowering='factored' (exact for linear, embedding and ungrouped conv "
                            "sites), exclude the other sites from them, or run them alone with "
                            "lora_fx.set_active_adapters(model, name).")
-    saved = [(a, a.enabled, a.mix) for _, a in st.adapters]
+    saved = [(a, a.active, a.enabled, a.mix) for _, a in st.adapters]
     for name, a in st.adapters:
         # routed adapters at their base scaling; unroutable ones (not named) add nothing at their
         # merged sites, so every sample sees only its own adapter
-        _set_(a, name not in st.unroutable, 1.0)
+        routed = name not in st.unroutable
+        _set_(a, routed, routed, 1.0)
     device = st.adapters[0][1].lora_A.device if st.adapters else torch.device("cpu")
     _fill_(model, st, _ids(names, st, device))
     st.active = True
@@ -152,5 +155,5 @@ def route_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
     finally:
         st.active = False
         _fill_(model, st, _ids([], st, device))
-        for a, enabled, mix in saved:
-            _set_(a, enabled, mix)
+        for a, active, enabled, mix in saved:
+            _set_(a, active, enabled, mix)
