@@ -95,6 +95,12 @@ def _gm():
     return lora_fx.transform(MLP(), rank=2)
 
 
+def _misrouted():
+    gm = _gm()
+    with lora_fx.route_adapters(gm, ["default", None]):  # 2 names, a batch of 5
+        gm(X)
+
+
 def _file(tmp):
     path = tmp / "plain.txt"
     path.write_text("not an adapter")
@@ -195,6 +201,8 @@ CASES = {
     "file: below a file": (lora_fx.AdapterFileError,
                            lambda t: save_lora_state(_gm(), _file(t) / "a.safetensors"),
                            ("plain.txt", "is a file, not a directory")),
+    "routing: names and batch differ": (lora_fx.RoutingError, lambda t: _misrouted(),
+                                         ("2 adapter names", "'fc1.weight'", "5 rows", "one name per sample")),
     "non-finite fold": (lora_fx.NonFiniteError, lambda t: _diverged(), ("'fc1.weight'", "inf/NaN", "learning rate")),
     "export parity": (lora_fx.ExportParityError, lambda t: _export_parity(),
                       ("differs from the eager adapted model", "buffer")),

@@ -305,9 +305,9 @@ def test_other_models_keep_every_site():
 
 
 def test_transformers_policy_on_the_regions_front_end():
-    """Without example inputs (the model keeps its class): the same policy, and the weights read
-    only by a kept module's own Python (a mixture-of-experts block's stacked expert tensors) are
-    reported with that reason, not as unused."""
+    """Without example inputs (the model keeps its class): the same policy, and the stacked expert
+    tensors a kept experts module reads are reported as stacks adapted only when targeted by name,
+    not as unused."""
     torch.manual_seed(0)
     model = _mixtral()
     gm, warned = _transform(model, rank=2)
@@ -319,7 +319,7 @@ def test_transformers_policy_on_the_regions_front_end():
     assert {"model.embed_tokens.weight", "lm_head.weight", router} <= set(out) and len(warned) == 1
     assert "router" in out[router].reason and "target it by name" in out[router].reason
     experts = [e for n, e in out.items() if ".experts." in n]
-    assert experts and all("kept as its own Python by the regions front-end" in e.reason for e in experts)
+    assert experts and all("stack of expert weights" in e.reason and "targets=" in e.reason for e in experts)
     assert all(n in warned[0] for n in out)
     ids = torch.randint(0, V, (2, 5))
     randomize_(gm, seed=3)
