@@ -106,11 +106,15 @@ def _to(x: Tensor, like: Tensor) -> Tensor:
     return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _linear_input(x: Tensor, lora_A: Tensor) -> Tensor:
     """``x`` as ``F.linear(·, lora_A)`` reads it: in ``lora_A``'s dtype, or as it is under autocast
     (which casts both operands itself: a cast to ``lora_A``'s dtype first would change no value,
     and under ``torch.compile`` it would hide the cast that :func:`recompute_point` makes)."""
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):  # autocast leaves float64 alone
+    if x.dtype != torch.float64 and _autocast_on(x.device.type):  # autocast leaves float64 alone
         return x
     return _to(x, lora_A)
 
@@ -226,7 +230,7 @@ def _point_is_free(target, args: tuple, kwargs: dict) -> bool:
 def _autocast_dtype(x: Tensor):
     """The dtype autocast's ``F.linear`` casts ``x`` to, or None where it reads ``x`` as it is."""
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev) or not x.is_floating_point() or x.dtype == torch.float64:
+    if not _autocast_on(dev) or not x.is_floating_point() or x.dtype == torch.float64:
         return None
     dtype = torch.get_autocast_dtype(dev)
     return None if x.dtype == dtype else dtype
