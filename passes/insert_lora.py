@@ -192,7 +192,8 @@ def _lower_attr(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str]]
 def _check_inplace(graph: fx.Graph) -> None:
     """``inplace=True`` only on delta nodes that are the one user of their ``y``."""
     for n in graph.nodes:
-        if n.op == "call_function" and n.kwargs.get("inplace") and len(n.args[0].users) != 1:
+        if (n.op == "call_function" and n.target in ops.DELTA_OPS and n.kwargs.get("inplace")
+                and len(n.args[0].users) != 1):
             n.kwargs = {k: v for k, v in n.kwargs.items() if k != "inplace"}
 
 

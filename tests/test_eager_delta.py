@@ -71,6 +71,18 @@ def test_sites_get_inplace_where_the_base_is_a_plain_linear():
     assert kw["fc"]["inplace"] and kw["linear"]["inplace"] and kw["out"]["inplace"], kw
     assert "remat" in kw["fc"] and "remat" in kw["out"] and "remat" not in kw["linear"]
 
+    class Relu(nn.Module):  # the user's own in-place flags are left alone
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            u = x * 2
+            return self.fc(F.relu(u, inplace=True)) + u
+
+    gm = lora_fx.transform(Relu(), rank=2)
+    assert [n.kwargs for n in gm.graph.nodes if n.target is F.relu] == [{"inplace": True}]
+
 
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
