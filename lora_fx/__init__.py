@@ -1,7 +1,9 @@
 """lora_fx: LoRA as a compiler pass over torch.fx graphs.
 
-``gm = lora_fx.transform(model, rank=16)`` returns a new ``GraphModule`` in which every targeted
-weight is seen by its op as ``W + scaling · B @ A`` (Hu et al., ICLR 2022); only the adapters train.
+``gm = lora_fx.transform(model, rank=16)`` returns a new ``GraphModule`` (or, for a model torch.fx
+cannot trace whole, a copy of the model of its own class, its capturable modules rewritten as
+regions) in which every targeted weight is seen by its op as ``W + scaling · B @ A`` (Hu et al.,
+ICLR 2022); only the adapters train.
 """
 
 from .adapters.module import LoraAdapter

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-from torch import fx, nn
+from torch import nn
 
 from lora_fx.passes.capture import capture, private_copy
 
@@ -29,7 +29,8 @@ from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with
 from .deploy import fold
 from .errors import AlreadyAdaptedError, ConfigError
 from .graph_module import deferred_recompile
-from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, Site, is_adapted, sites
+from .buffers import record_buffers_
+from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, Site, is_adapted, sites, trainable_params
 from .targets import check_adapter_name
 
 __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]
@@ -56,6 +57,7 @@ def transform(
     recompute_inputs: bool = UNSET,
     adapter_dtype: Optional[str] = UNSET,
     fused: Optional[dict] = UNSET,
+    trainable: Union[None, str, Sequence[str]] = UNSET,
     config: Optional[LoraConfig] = None,
     adapter_name: str = "default",
     blocks: Union[None, str, Sequence[str]] = None,
@@ -67,9 +69,9 @@ def transform(
     example_kwargs: Optional[dict[str, Any]] = None,
     dynamic_shapes: Any = None,
     **unknown: Any,
-) -> fx.GraphModule:
-    """Trace ``model`` and return a new ``GraphModule`` in which every targeted weight ``W`` is
-    seen by its op as ``W + ΔW``, ``ΔW = scaling · (lora_B @ lora_A).reshape(W.shape)``
+) -> nn.Module:
+    """Capture a copy of ``model`` and return it with every targeted weight ``W`` seen by its op as
+    ``W + ΔW``, ``ΔW = scaling · (lora_B @ lora_A).reshape(W.shape)``
     (Hu et al., 2022, eq. 3), ``scaling = alpha / rank``.
 
     ``lora_A: (rank, W[0].numel())`` starts kaiming-uniform, ``lora_B: (W.shape[0], rank)`` starts
@@ -78,9 +80,10 @@ def transform(
     storage instead, to save memory).  ``model`` is never modified.
 
     Args:
-        model: any ``nn.Module`` torch.fx can trace (blocks in ``nn.ModuleList`` s are traced
-            one by one and stay called submodules), or, given example inputs, that
-            ``torch.export`` can capture (see ``frontend``).
+        model: any ``nn.Module``: one torch.fx traces whole (blocks in ``nn.ModuleList`` s are
+            traced one by one and stay called submodules) becomes a ``GraphModule``; any other
+            (a Hugging Face model, with its cache logic and ``**kwargs`` forwards) keeps its class,
+            its capturable modules becoming regions (see ``frontend``).
         rank: ``r > 0`` (default 16).  A rank above ``min(fan_out, fan_in)`` of a targeted weight
             is allowed (the update is then full-rank) and warns with :class:`LoraFxWarning`.
         alpha: ``> 0``; default ``rank`` (scaling 1.0).
@@ -94,6 +97,10 @@ def transform(
         fused: ``{pattern: spec}``: per-block adapters on weights whose output rows are blocks,
             e.g. ``{"*.qkv.weight": {"blocks": {"q": 64, "k": 16, "v": 16}, "enable": ("q", "v")}}``
             (see :mod:`lora_fx.fused`; MHA ``in_proj_weight`` is q, k, v blocks by default).
+        trainable: patterns over module or parameter names (``"score"``, ``"classifier.*"``)
+            whose base parameters train in full with the adapter (PEFT's ``modules_to_save``):
+            unfrozen in the copy (with ``copy_weights=False`` they get their own copy, so your
+            model never changes), no adapter on them, saved with the adapter, kept by ``fold``.
         config: a :class:`~lora_fx.config.LoraConfig`.
         adapter_name: name of the adapter (``"default"``); add more with
             :func:`lora_fx.adapters.add_adapter`.
@@ -102,8 +109,12 @@ def transform(
         concrete_args: as in ``torch.fx.symbolic_trace``.
         copy_weights: copy base weights (default) or share their storage with ``model``
             (``init="pissa"`` needs the copy: it writes its residual into the module's own ``W``).
-        frontend: ``"auto"`` (torch.fx symbolic tracing; when it fails and example inputs are
-            given, ``torch.export``), ``"fx"`` or ``"export"`` (see :mod:`lora_fx.passes.capture`).
+        frontend: ``"auto"`` (torch.fx symbolic tracing of the whole model; when it fails,
+            ``torch.export`` if example inputs are given, else ``"regions"``), ``"fx"``,
+            ``"export"`` or ``"regions"``: the model keeps its class and every module torch.fx can
+            capture on its own (a forward of required positional arguments) becomes a region
+            rewritten like a graph, the rest running as the model's own Python
+            (:mod:`lora_fx.passes.trace_regions`; see :mod:`lora_fx.passes.capture`).
         example_inputs: tuple of positional example arguments for the export front-end (a single
             tensor is wrapped); sizes are dynamic unless ``dynamic_shapes`` says otherwise.
         example_kwargs: keyword example arguments for the export front-end.
@@ -111,8 +122,10 @@ def transform(
             ``False``: static, the result then only runs on the example sizes).
 
     Returns:
-        ``torch.fx.GraphModule`` whose ``state_dict()`` has ``model``'s keys and values plus
-        ``*.lora.<adapter_name>.<param>.lora_A`` / ``.lora_B``.
+        a ``torch.fx.GraphModule`` (fx, export), or an instance of ``model``'s own class
+        (regions), whose ``state_dict()`` has ``model``'s keys and values plus
+        ``*.lora.<adapter_name>.<param>.lora_A`` / ``.lora_B``; :func:`lora_fx.state.frontend_of`
+        says which front-end captured it.
 
     Raises:
         ConfigError: invalid rank, alpha, dropout, lowering, ... or an unknown keyword.
@@ -132,7 +145,7 @@ def transform(
     cfg = config_with(config, rank=rank, alpha=alpha, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, use_rslora=use_rslora, use_dora=use_dora, init=init,
                       dropout=dropout, lowering=lowering, recompute_inputs=recompute_inputs,
-                      adapter_dtype=adapter_dtype, fused=fused)
+                      adapter_dtype=adapter_dtype, fused=fused, trainable=trainable)
     if is_adapted(model):
         raise AlreadyAdaptedError(
             f"{type(model).__name__} already carries lora_fx adapters; transforming it again would stack a "
@@ -146,7 +159,12 @@ def transform(
                                          leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
                                          concrete_args=concrete_args))
         setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
+        record_buffers_(root, model)  # to tell later which buffers training changed (io)
         # 3. find sites → select targets → make adapters → insert_lora → record state (adapters/lifecycle.adapt_)
         adapt_(root, cfg, adapter_name)
-        # 4. only the adapters train (adapters/trainable.py)
+        if not copy_weights:  # trained in full: the copy's own storage, never the user's
+            for name in trainable_params(root):
+                p = root.get_parameter(name)
+                p.data = p.detach().clone()
+        # 4. only the adapters (and trainable= parameters) train (adapters/trainable.py)
         return train_adapters_only_(root)

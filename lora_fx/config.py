@@ -75,6 +75,11 @@ class LoraConfig:
         fused: ``{pattern: FusedSpec | shortcut | None}``: per-block adapters on weights whose
             output rows are blocks (see :mod:`lora_fx.fused`); the first matching pattern wins;
             ``None`` asks for a plain adapter (MHA ``in_proj_weight`` is fused into q, k, v by default).
+        trainable: fnmatch patterns over base module or parameter names (``"score"``,
+            ``"score.*"``, ``"*.norm.weight"``) whose parameters train in full with this adapter
+            (PEFT's ``modules_to_save``): they are unfrozen in the adapted copy (never in your
+            model), get no adapter, are saved with the adapter (own files; PEFT files as
+            ``modules_to_save``) and kept by ``fold``; ``None``: none.
         version: config schema version.
     """
 
@@ -92,11 +97,13 @@ class LoraConfig:
     recompute_inputs: bool = True
     adapter_dtype: Optional[str] = None
     fused: dict[str, Any] = field(default_factory=dict)
+    trainable: Optional[tuple[str, ...]] = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", as_patterns(self.targets, "targets"))
         object.__setattr__(self, "exclude", as_patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "trainable", as_patterns(self.trainable, "trainable"))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         if not isinstance(self.fused or {}, dict):
@@ -157,7 +164,7 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (tuples become lists)."""
         d = dataclasses.asdict(self)
-        for k in ("targets", "exclude"):
+        for k in ("targets", "exclude", "trainable"):
             d[k] = list(d[k]) if d[k] is not None else None
         return d
 

@@ -19,35 +19,87 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from lora_fx.passes.fold import fold_graph_modules
+from lora_fx.passes.fold import fold_graph_modules, fold_regions
 from lora_fx.passes.trace_export import export_error, normalize_example_inputs, resolve_dynamic_shapes
 
+from . import weights
 from .errors import ExportFileError, ExportParityError
 from .io._files import atomic_write
-from .state import CONFIG_ATTR, FOLD_META, require_adapted
+from .state import BUFFERS_ATTR, CONFIG_ATTR, FOLD_ATTR, FOLD_META, TRAINABLE_ATTR, require_adapted
 
 __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
 
-def fold(gm: nn.Module) -> fx.GraphModule:
+def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
     float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
+
+    A model that kept its class (the regions front-end: a Hugging Face model, say) folds into an
+    instance of that class made of its own plain modules (no region, no instance ``forward``, no
+    ``lora`` submodule), whose ``save_pretrained`` / ``from_pretrained`` round-trips; it carries no
+    ``meta`` record.
 
     ``fold(gm).state_dict()`` has the original model's keys, so it loads with ``strict=True`` into
     a fresh instance of the original class.  ``gm`` is not modified.  ``result.meta["lora_fx"]``
     (:data:`lora_fx.state.FOLD_META`) holds ``{"folded": [names], "untied": [names]}``: a weight
     tied to an unadapted alias gets its own folded tensor and is listed under ``"untied"``.
 
+    A quantized base weight (torchao, bitsandbytes) folds by default into a plain float weight
+    ``dequantize(W_q) + ΔW`` of its compute dtype (fp32 accumulation, one rounding): the folded
+    layer computes the adapted function exactly, in float.  bitsandbytes linears holding such a
+    weight become ``nn.Linear`` s (bias in the weight's dtype); torchao weights stay in their
+    ``nn.Linear``.  Layers that were not adapted keep their quantized weights.  A Hugging Face
+    model with no quantized weight left loses transformers' quantization record
+    (``config.quantization_config``, ``hf_quantizer``), so its ``save_pretrained`` is a float checkpoint.
+
+    Args:
+        gm: a module from :func:`lora_fx.transform`.
+        requantize: quantize each folded quantized weight again, in the scheme of the base (same
+            block size, data type, statistics layout; bitsandbytes modules stay bitsandbytes
+            modules).  As lossy as quantizing afresh: the entry :data:`lora_fx.state.REQUANT_ERROR`
+            of ``result.meta["lora_fx"]`` (of ``result.lora_fx_fold`` for a model that kept its
+            class, :data:`lora_fx.state.FOLD_ATTR`) records, per weight, the largest and mean
+            absolute difference ``{"max", "mean"}`` between the requantized weight and the float fold.
+        dtype: the dtype of the float weights folded from quantized ones (default: each weight's
+            compute dtype; bitsandbytes 8-bit weights keep no record of theirs and default to
+            float16).  Plain weights always keep their dtype.
+
     Raises:
         NotAdaptedError: ``gm`` was not produced by :func:`lora_fx.transform` (or is already folded).
+        ValueError: a folded weight is not finite (a diverged adapter).
     """
     require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
-    folded, info = fold_graph_modules(gm)
-    if hasattr(folded, CONFIG_ATTR):
-        delattr(folded, CONFIG_ATTR)
+    if not isinstance(gm, fx.GraphModule):  # a model that kept its class: the plain model back
+        folded, info = fold_regions(gm, requantize=bool(requantize), dtype=dtype)
+        folded.__dict__[FOLD_ATTR] = info  # no .meta on a plain module: one attribute
+        return _forget_quantization_(folded)
+    folded, info = fold_graph_modules(gm, requantize=bool(requantize), dtype=dtype)
+    for attr in (CONFIG_ATTR, TRAINABLE_ATTR, BUFFERS_ATTR):  # parameters trained in full stay, as trained
+        if hasattr(folded, attr):
+            delattr(folded, attr)
     folded.meta[FOLD_META] = info
     return folded
 
+
+
+#: What transformers records on a model it quantized while loading (``from_pretrained(...,
+#: quantization_config=...)``); ``save_pretrained`` writes a quantized checkpoint while it is there.
+_HF_QUANTIZATION_ATTRS = ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit",
+                          "is_loaded_in_8bit")
+
+
+def _forget_quantization_(folded: nn.Module) -> nn.Module:
+    """A folded transformers model with no quantized weight left is a float model: drop the
+    quantization record transformers keeps on it (``config.quantization_config`` and the attributes
+    above), so ``save_pretrained`` writes, and ``from_pretrained`` reads, a float checkpoint."""
+    if any(not weights.is_plain(p) for p in folded.parameters()):
+        return folded  # still quantized somewhere (requantize=True, or layers that were not adapted)
+    config = getattr(folded, "config", None)
+    if config is not None and "quantization_config" in getattr(config, "__dict__", {}):
+        del config.__dict__["quantization_config"]
+    for attr in _HF_QUANTIZATION_ATTRS:
+        folded.__dict__.pop(attr, None)
+    return folded
 
 
 def _tolerance(t: torch.Tensor) -> tuple[float, float]:

@@ -26,8 +26,9 @@ import torch
 from torch import fx, nn
 
 from .errors import ConfigError
-from .state import require_adapted
-from .io._files import atomic_write_bytes, mismatch_error, safetensors_bytes
+from .state import plain_name, require_adapted, unwrap as unwrap_model
+from .io._files import Entry, Rollback, atomic_write_bytes, entry_problems, mismatch_error, plain_keys, safetensors_bytes
+from .io.native import own_file
 from .io.state_dict import lora_state_dict
 
 __all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gather_lora_state_dict",
@@ -35,21 +36,20 @@ __all__ = ["unwrap", "blocks", "fully_shard_blocks_", "checkpoint_blocks_", "gat
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (``model.module``), else
-    ``model`` itself (FSDP2 and composable checkpointing do not wrap)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    """The module inside ``torch.compile`` (``OptimizedModule``), ``DistributedDataParallel`` and
+    ``DataParallel`` wrappers, else ``model`` itself (FSDP2 and composable checkpointing do not
+    wrap); :func:`lora_fx.state.unwrap`."""
+    return unwrap_model(model)
 
 
-def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, fx.GraphModule]]:
-    """The block ``GraphModule`` s of an adapted model, as ``(fully qualified name, module)``.
+def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, nn.Module]]:
+    """The blocks of an adapted model, as ``(fully qualified name, module)``.
 
     Blocks are what ``transform`` traced separately and the parent graph calls: children of every
-    ``nn.ModuleList`` and modules named by ``transform(..., blocks=[...])``.  These are the units
-    to pass to ``fully_shard`` or to activation checkpointing.
+    ``nn.ModuleList`` and modules named by ``transform(..., blocks=[...])``.  In a model that kept
+    its class (a Hugging Face model, say) they are the children of its ``nn.ModuleList`` s (the
+    decoder layers), kept modules or regions.  These are the units to pass to ``fully_shard`` or
+    to activation checkpointing.
 
     Args:
         gm: a module returned by :func:`lora_fx.transform` (or wrapped in DDP).
@@ -65,7 +65,11 @@ def blocks(gm: nn.Module, *, nested: bool = False) -> list[tuple[str, fx.GraphMo
     """
     root = unwrap(gm)
     require_adapted(root, "blocks", root=True)
-    found = [(name, m) for name, m in root.named_modules() if name and isinstance(m, fx.GraphModule)]
+    if isinstance(root, fx.GraphModule):
+        found = [(name, m) for name, m in root.named_modules() if name and isinstance(m, fx.GraphModule)]
+    else:
+        found = [(name, m) for parent, lst in root.named_modules() if isinstance(lst, nn.ModuleList)
+                 for name, m in ((f"{parent}.{k}" if parent else k, c) for k, c in lst.named_children())]
     if not found:
         raise ConfigError(
             f"{type(root).__name__} has no blocks: lora_fx keeps children of nn.ModuleList as called "
@@ -110,6 +114,10 @@ def checkpoint_blocks_(gm: nn.Module) -> nn.Module:
     ``torch.distributed._composable.checkpoint`` (non-reentrant; hook-based, so module structure
     and state-dict keys do not change); returns ``gm``.  Apply before :func:`fully_shard_blocks_`.
 
+    A Hugging Face model that kept its class checkpoints its own way instead:
+    ``gm.activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before
+    transformers 5), non-reentrant, on its decoder layers, as the model's own training code expects.
+
     Block outputs are kept; activations inside each block are recomputed in backward, which gives
     the same gradients as without checkpointing.
 
@@ -118,6 +126,15 @@ def checkpoint_blocks_(gm: nn.Module) -> nn.Module:
     """
     from torch.distributed._composable import checkpoint
 
+    root = unwrap(gm)
+    if not isinstance(root, fx.GraphModule) and getattr(root, "supports_gradient_checkpointing", False):
+        require_adapted(root, "checkpoint_blocks_", root=True)
+        enable = getattr(root, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return gm
     for _, block in blocks(gm):
         checkpoint(block)
     return gm
@@ -160,36 +177,48 @@ def gather_lora_state_dict(model: nn.Module, *, bias: str = "none", device: Opti
 
 def load_full_lora_state_dict_(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """Load a full (unsharded) adapter state dict, e.g. from :func:`gather_lora_state_dict` or a
-    file of :func:`lora_fx.io.save_lora_state`, into a plain, DDP-wrapped or FSDP2-sharded adapted
-    model; each rank keeps its own shard (``torch.distributed.checkpoint.state_dict.
-    set_model_state_dict`` with ``full_state_dict=True``).  In place; returns ``model``.
+    file of :func:`lora_fx.io.save_lora_state`, into a plain, compiled, DDP-wrapped or
+    FSDP2-sharded adapted model; each rank keeps its own shard
+    (``torch.distributed.checkpoint.state_dict.set_model_state_dict`` with
+    ``full_state_dict=True``).  In place; returns ``model``.
 
-    Every key must be an adapter key of the model with the same (global) shape; all mismatches
-    are listed at once and nothing is loaded if any.
+    The contract of every loader (:mod:`lora_fx.io._files`): every adapter entry of the model
+    (:func:`lora_fx.lora_state_dict`) must be given, with the same (global) shape and a dtype it
+    casts to exactly, and nothing else but biases; all mismatches are listed at once and nothing
+    is loaded if any.  Keys with ``_orig_mod.`` / ``module.`` parts load too.
 
     Raises:
-        AdapterMismatchError: unknown keys or shape mismatches.
+        AdapterMismatchError: missing, unexpected, wrong-shape or wrong-dtype keys, inf/nan values.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.tensor import DTensor
 
-    inner = unwrap(model)
+    inner = unwrap_model(model)
     own = lora_state_dict(inner, bias="all")
-    problems = [f"unexpected key {k!r} (not an adapter or bias of the model)" for k in sorted(set(state_dict) - set(own))]
-    problems += [f"{k!r}: given shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
-                 for k, v in sorted(state_dict.items()) if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    required = set(lora_state_dict(inner))
+    given = plain_keys(state_dict, own)
+    expected = {k: Entry(tuple(v.shape), v.dtype, required=k in required) for k, v in own.items()}
+    problems = entry_problems(given, expected, unexpected_why=lambda k: "not an adapter or bias of the model")
     if problems:
         raise mismatch_error(f"adapter state does not fit {type(inner).__name__}", problems)
-    if any(isinstance(p, DTensor) for p in inner.parameters()):
-        set_model_state_dict(inner, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        inner.load_state_dict(state_dict, strict=False)
+    given = {k: v.to(own[k].dtype) for k, v in given.items()}
+    with torch.no_grad(), Rollback() as undo:
+        for k in given:
+            undo.tensor(own[k])
+        if any(isinstance(p, DTensor) for p in inner.parameters()):
+            set_model_state_dict(inner, given, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            names = {plain_name(k): k for k in inner.state_dict()}
+            inner.load_state_dict({names[k]: v for k, v in given.items()}, strict=False)
     return model
 
 
-def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", metadata: dict | None = None):
-    """Gather the adapter-only state of a (possibly sharded or DDP-wrapped) model and write it on
-    rank 0 in the format of :func:`lora_fx.io.save_lora_state` (safetensors, atomic write), so
+def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", metadata: dict | None = None,
+                             buffers: bool = True):
+    """Gather the adapter-only state of a (possibly sharded, compiled or DDP-wrapped) model and
+    write it on rank 0 as :func:`lora_fx.io.save_lora_state` does (safetensors with checksums,
+    atomic write; factors at their effective rank, each adapter's rank, alpha, mixing weight and
+    enabled flag, the buffers training changed on rank 0 unless ``buffers=False``), so
     :func:`lora_fx.io.load_lora_state` reads it into a fresh, unsharded model.
 
     A collective: call it on every rank.  Returns the path on rank 0 (or without a process
@@ -201,5 +230,6 @@ def save_gathered_lora_state(model: nn.Module, path, *, bias: str = "none", meta
     sd = gather_lora_state_dict(model, bias=bias, rank0_only=True)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
-    atomic_write_bytes(path, safetensors_bytes(sd, metadata))
+    tensors, meta = own_file(model, sd, buffers=buffers, metadata=metadata)
+    atomic_write_bytes(path, safetensors_bytes(tensors, meta))
     return Path(path)

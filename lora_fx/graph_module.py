@@ -22,16 +22,11 @@ from torch.fx.graph_module import _deserialize_graph_module, _format_import_bloc
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.package import sys_importer
 
-__all__ = ["LoraGraphModule", "graph_modules", "deferred_recompile", "compile_stale", "value_key", "NotKeyable"]
+__all__ = ["LoraGraphModule", "deferred_recompile", "compile_stale", "value_key", "NotKeyable"]
 
 _GM_OWN = {"_graph", "_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec", "meta",
            "_tracer_cls", "_tracer_extras", "_replace_hooks", "_create_node_hooks", "_erase_node_hooks",
            "_deepcopy_hooks", "_graphmodule_cls_name"}
-
-
-def graph_modules(root: torch.nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """Every ``GraphModule`` in ``root`` (root first), each once, with its path."""
-    return [(name, m) for name, m in root.named_modules() if isinstance(m, fx.GraphModule)]
 
 
 def _restore(gm: fx.GraphModule, state: dict[str, Any]) -> fx.GraphModule:
@@ -167,13 +162,21 @@ class LoraGraphModule(fx.GraphModule):
 
     def recompile(self) -> Optional[Any]:
         """``GraphModule.recompile``; inside :func:`deferred_recompile` it only marks the module
-        stale and returns None (the code is generated when the block ends, or on first use)."""
+        stale and returns None (the code is generated when the block ends, or on first use).
+        Either way :attr:`code_version` moves on."""
+        self.__dict__["_lora_fx_code_version"] = self.code_version + 1
         pending = getattr(_local, "pending", None)
         if pending is None:
             return super().recompile()
         pending[id(self)] = self
         type(self).forward = _lazy_forward  # each GraphModule instance has its own class
         return None
+
+    @property
+    def code_version(self) -> int:
+        """A counter bumped by every :meth:`recompile`: code cached from this module (a region's
+        ``forward``, a variant built from its graph) is current while the counter is unchanged."""
+        return self.__dict__.get("_lora_fx_code_version", 0)
 
     def _lora_fx_stale(self) -> bool:
         return type(self).forward is _lazy_forward
@@ -217,11 +220,13 @@ class LoraGraphModule(fx.GraphModule):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "LoraGraphModule":
         res = super().__deepcopy__(memo)
+        type(res).__name__ = type(self).__name__  # the captured module's class name (each instance has its own class)
         return _restore(res, {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in _GM_OWN})
 
     def __reduce__(self):
         python_code = self._lora_fx_compile()
         body = self.__dict__.copy()
+        body["_graphmodule_cls_name"] = type(self).__name__  # restored by _deserialize_graph_module
         import_block = _format_import_block(python_code.globals, sys_importer)
         del body["_graph"]
         return (_reduce_lora_graph_module, (body, import_block))

@@ -26,7 +26,7 @@ calls as leaves read those tables, so a new op is known everywhere once it is de
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,8 @@ def _blockwise(base: Tensor, blocks, dim: int, delta_of, lora_A: Tensor) -> Tens
 
 @merge_op
 def dora_merge(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, magnitude: Tensor, base_scaling: float
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, magnitude: Tensor,
+    base_scaling: Union[float, Tensor]
 ) -> Tensor:
     """Out-of-place DoRA weight (Liu et al., ICML 2024, eq. 5) in ``W``'s dtype (merge lowering)::
 
@@ -176,7 +177,9 @@ def dora_merge(
         weight: ``W`` of shape ``(out, ...)``, any floating dtype.
         lora_A: ``(rank, prod(W.shape[1:]))``; lora_B: ``(out, rank)``; magnitude: ``(out,)``.
         scaling: 0-dim tensor ``base_scaling · mix · enabled``.
-        base_scaling: ``alpha / rank`` (or ``alpha / sqrt(rank)``), a Python float.
+        base_scaling: ``alpha / rank`` (or ``alpha / sqrt(rank)``): a Python float, or the
+            adapter's 0-dim ``base_scale`` buffer (what adapted graphs pass, so hot-swaps of rank
+            or alpha reach them without recompiling).
 
     Returns:
         ``W'`` of ``W``'s shape and dtype; computed in ``promote(W.dtype, lora_A.dtype)``.

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 from torch import fx, nn
 
+from lora_fx.passes.trace_regions import CONTAINER
+
+from . import weights
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
-from .state import is_adapted, is_adapter_path, iter_adapters, sites
+from .state import KEPT_ATTR, capture_of, frontend_of, is_adapted, is_adapter_path, iter_adapters, regions, sites
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
 _COLUMNS = ("site", "adapter", "op", "weight shape", "rank", "lowering", "active", "trainable params", "share")
+_CAPTURE_COLUMNS = ("module", "class", "captured")
 
 
 @dataclass(frozen=True)
@@ -26,29 +31,63 @@ class SiteSummary:
     Attributes:
         rows: one dict per (adapted parameter, adapter) with the keys ``site``, ``adapter``, ``op``,
             ``weight shape``, ``rank``, ``lowering``, ``active``, ``trainable params`` (the
-            adapter's parameter count: ``rank·(fan_in + fan_out)``, plus ``fan_out`` for DoRA) and
-            ``share`` (that count over all of the module's parameters).
+            adapter's parameter count: ``rank·(fan_in + fan_out)``, plus ``fan_out`` for DoRA),
+            ``share`` (that count over all of the module's parameters) and ``captured`` (how the
+            graph holding the site was captured: ``"fx"``, ``"export"``, or for a model that kept
+            its class the region's ``"fx"`` / ``"fx (leaves: ...)"``).
         total_params: every parameter of the module (base + adapters), each tensor once.
         adapter_params: parameters of all adapters.
         trainable_params: parameters with ``requires_grad`` now.
+        captured: a model that kept its class (the regions front-end): one dict per module the
+            front-end visited, ``module`` (path), ``class`` and ``captured`` (``"fx"``,
+            ``"fx (leaves: a, b)"`` or ``"kept: <reason>"``), in module order; else ``()``.
+        not_captured: adaptable weights no graph reads (their module is kept as its own Python:
+            MoE expert tensors, say), as dicts ``param``, ``weight shape``, ``reason``.
     """
 
     rows: tuple[dict, ...]
     total_params: int
     adapter_params: int
     trainable_params: int
+    captured: tuple[dict, ...] = ()
+    not_captured: tuple[dict, ...] = ()
 
     def __str__(self) -> str:
-        cells = [[_fmt(k, r[k]) for k in _COLUMNS] for r in self.rows]
-        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(_COLUMNS)]
-        line = "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths))
-        out = [line, "  ".join("-" * w for w in widths)]
-        out += ["  ".join(v.rjust(w) if i >= 4 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
-                for row in cells]
+        out = _table(_COLUMNS, [[_fmt(k, r[k]) for k in _COLUMNS] for r in self.rows], right_from=4)
         out.append(f"{len(self.rows)} site(s); adapter params {self.adapter_params:,} of {self.total_params:,} "
                    f"({100 * self.adapter_params / max(self.total_params, 1):.2f}%); trainable now "
                    f"{self.trainable_params:,}")
+        if self.captured:
+            n_regions = sum(not r["captured"].startswith("kept") for r in self.captured)
+            out += ["", f"captured: {n_regions} region(s) rewritten as graphs, "
+                        f"{len(self.captured) - n_regions} module(s) kept as their own Python "
+                        "(containers left out, repeated layers shown once with their index as *)"]
+            out += ["  " + line for line in _table(_CAPTURE_COLUMNS, _grouped(self.captured))]
+        if self.not_captured:
+            out += ["", "weights no graph reads (not adaptable here):"]
+            out += [f"  {r['param']} {_fmt('weight shape', r['weight shape'])}: {r['reason']}"
+                    for r in self.not_captured]
         return "\n".join(out)
+
+
+def _table(columns, cells, right_from: int = 99) -> list[str]:
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.rjust(w) if i >= right_from else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in cells]
+    return out
+
+
+def _grouped(captured) -> list[list[str]]:
+    """Rows of the capture section with layer indices folded (``layers.0`` … ``layers.23`` → ``layers.*``)."""
+    groups: dict[tuple, int] = {}
+    for r in captured:
+        if r["captured"] == f"kept: {CONTAINER}":  # containers: not shown
+            continue
+        how = r["captured"] if len(r["captured"]) <= 72 else r["captured"][:70].rstrip(", ") + " …"
+        key = (re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", r["module"]) or "<root>", r["class"], how)
+        groups[key] = groups.get(key, 0) + 1
+    return [[m + (f" (x{n})" if n > 1 else ""), c, how] for (m, c, how), n in groups.items()]
 
 
 def _fmt(key: str, value) -> str:
@@ -63,9 +102,38 @@ def _fmt(key: str, value) -> str:
     return str(value)
 
 
+def _capture_of_site(gm: nn.Module, param: str) -> str:
+    """How the graph adapting ``param`` was captured: its region's, or the root front-end's."""
+    path = param.rpartition(".")[0]
+    while path:
+        how = capture_of(gm.get_submodule(path))
+        if how is not None:
+            return how
+        path = path.rpartition(".")[0]
+    return capture_of(gm) or frontend_of(gm) or "fx"
+
+
+def _capture_rows(gm: nn.Module) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
+    if isinstance(gm, fx.GraphModule):
+        return (), ()
+    captured, missing = [], []
+    for path, m in gm.named_modules():
+        how = capture_of(m)
+        if how is None:
+            continue
+        captured.append({"module": path, "class": type(m).__name__, "captured": how})
+        if KEPT_ATTR in m.__dict__:  # its own parameters are read by its Python only
+            for name, p in m.named_parameters(recurse=False):
+                if not is_adapter_path(name) and weights.reason(p) is None:
+                    missing.append({"param": f"{path}.{name}" if path else name,
+                                    "weight shape": tuple(weights.logical_shape(p)), "reason": how})
+    return tuple(captured), tuple(missing)
+
+
 def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     """Table of every adapted site of ``gm``: site (base parameter), adapter, op, weight shape, rank,
-    lowering, whether the adapter is active, its parameter count and its share of the model.
+    lowering, whether the adapter is active, its parameter count and its share of the model; for a
+    model that kept its class, also how each module was captured and which weights no graph reads.
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
@@ -84,10 +152,12 @@ def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
         n = sum(p.numel() for p in s.module.parameters())
         rows.append({"site": s.param, "adapter": s.adapter, "op": s.op, "weight shape": tuple(s.shape),
                      "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.enabled),
-                     "trainable params": n, "share": n / max(total, 1)})
+                     "trainable params": n, "share": n / max(total, 1), "captured": _capture_of_site(gm, s.param)})
+    captured, missing = _capture_rows(gm)
     result = SiteSummary(rows=tuple(rows), total_params=total,
                          adapter_params=sum(p.numel() for _, _, m in iter_adapters(gm) for p in m.parameters()),
-                         trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad))
+                         trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad),
+                         captured=captured, not_captured=missing)
     if show:
         print(result)
     return result
@@ -111,38 +181,10 @@ def _is_adapter_attr(node: fx.Node) -> bool:
     return node.op in ("get_attr", "call_module") and is_adapter_path(str(node.target))
 
 
-def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] = None, dpi: int = 120) -> Path:
-    """Write a picture of ``gm``'s (root) graph with the adapted sites highlighted: LoRA nodes
-    (merge / factored delta) in red with their adapter name, rank and lowering, the ops whose
-    weights they adapt in orange, other ops in blue, inputs/outputs and plain parameters in grey.
-    Adapter parameter reads are folded into their LoRA node.  Traced blocks appear as one node
-    (orange, with their number of LoRA sites, when adapters live inside).
-
-    The graph is a :class:`networkx.DiGraph` laid out by topological generation
-    (``networkx.topological_generations``) and drawn with matplotlib (Agg backend); the file type
-    follows ``path``'s suffix (``.png``, ``.svg``, ``.pdf``).
-
-    Args:
-        gm: a ``torch.fx.GraphModule`` (adapted or not).
-        path: output file (parent folders are created).
-        title: figure title (default: the class name and number of adapted sites).
-        dpi: resolution for raster formats.
-
-    Returns:
-        ``Path(path)``.
-
-    Raises:
-        ConfigError: ``gm`` is not a ``torch.fx.GraphModule``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+def _laid_out(gm: fx.GraphModule):
+    """The node graph of ``gm`` with labels, colours and positions: ``(graph, pos, labels, colors, width, depth)``."""
     import networkx as nx
-    from matplotlib.patches import Patch
 
-    if not isinstance(gm, fx.GraphModule):
-        raise ConfigError(f"draw() needs a torch.fx.GraphModule (from lora_fx.transform), got {type(gm).__name__}")
     graph = nx.DiGraph()
     keep = [n for n in gm.graph.nodes if not _is_adapter_attr(n)]
     adapted_users = set()
@@ -190,25 +232,82 @@ def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] =
     pos = {k: (x, -y) for k, (x, y) in pos.items()}
     depth = 1 + max((d["layer"] for _, d in graph.nodes(data=True)), default=0)
     width = max(len(layer) for layer in nx.topological_generations(graph)) if len(graph) else 1
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * width), max(4.0, 0.6 * depth)))
-    nx.draw_networkx_edges(graph, pos, ax=ax, arrows=True, arrowsize=8, edge_color="#666666", width=0.8,
-                           node_size=900)
-    for color in sorted(set(colors.values())):  # one text box per node, coloured by role
-        group = {k: labels[k] for k in graph.nodes if colors[k] == color}
-        nx.draw_networkx_labels(graph, pos, ax=ax, labels=group, font_size=7,
-                                bbox=dict(boxstyle="round,pad=0.35", facecolor=color, edgecolor="#333333",
-                                          linewidth=0.5))
-    n_sites = len(sites(gm)) if is_adapted(gm) else 0
-    ax.set_title(title or f"{type(gm).__name__}: {n_sites} adapted site(s)")
-    ax.legend(handles=[Patch(color="#e4572e", label="LoRA node"), Patch(color="#f5a623", label="adapted op"),
-                       Patch(color="#76b7e5", label="other op"),
-                       Patch(color="#cccccc", label="input / param / output")],
-              loc="lower right", fontsize=7, frameon=False)
-    ax.axis("off")
+    return graph, pos, labels, colors, width, depth
+
+
+def _panels(gm: nn.Module, title: Optional[str]) -> list[tuple[str, fx.GraphModule]]:
+    if isinstance(gm, fx.GraphModule):
+        n_sites = len(sites(gm)) if is_adapted(gm) else 0
+        return [(title or f"{type(gm).__name__}: {n_sites} adapted site(s)", gm)]
+    groups: dict[str, list] = {}  # generated code -> [(path, region)]: one panel per distinct graph
+    for path, region in regions(gm):
+        if is_adapted(region):
+            groups.setdefault(region.code, []).append((path or "<root>", region))
+    if not groups:
+        raise ConfigError(f"draw() needs a torch.fx.GraphModule or an adapted model (from lora_fx.transform), got "
+                          f"{type(gm).__name__} without adapted regions")
+    return [(f"{members[0][0]} ({type(members[0][1]).__name__})"
+             + (f" and {len(members) - 1} like it" if len(members) > 1 else ""), members[0][1])
+            for members in groups.values()]
+
+
+def draw(gm: nn.Module, path: Union[str, os.PathLike], *, title: Optional[str] = None, dpi: int = 120) -> Path:
+    """Write a picture of ``gm``'s (root) graph with the adapted sites highlighted: LoRA nodes
+    (merge / factored delta) in red with their adapter name, rank and lowering, the ops whose
+    weights they adapt in orange, other ops in blue, inputs/outputs and plain parameters in grey.
+    Adapter parameter reads are folded into their LoRA node.  Traced blocks appear as one node
+    (orange, with their number of LoRA sites, when adapters live inside).  For a model that kept
+    its class there is no root graph: each distinct adapted region is drawn in a panel of its own
+    (regions with the same code, the projections of every layer, share one panel).
+
+    The graph is a :class:`networkx.DiGraph` laid out by topological generation
+    (``networkx.topological_generations``) and drawn with matplotlib (Agg backend); the file type
+    follows ``path``'s suffix (``.png``, ``.svg``, ``.pdf``).
+
+    Args:
+        gm: a ``torch.fx.GraphModule`` (adapted or not), or an adapted model that kept its class.
+        path: output file (parent folders are created).
+        title: figure title (default: the class name and number of adapted sites; per region panel,
+            its module path).
+        dpi: resolution for raster formats.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        ConfigError: ``gm`` is neither a ``torch.fx.GraphModule`` nor an adapted model with regions.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import networkx as nx
+    from matplotlib.patches import Patch
+
+    panels = _panels(gm, title)
+    laid = [_laid_out(g) for _, g in panels]
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(sum(max(6.0, 2.2 * w) for *_, w, _ in laid), max(max(4.0, 0.6 * d) for *_, d in laid)))
+    for ax, (label, _), (graph, pos, labels, colors, _, _) in zip(axes[0], panels, laid):
+        nx.draw_networkx_edges(graph, pos, ax=ax, arrows=True, arrowsize=8, edge_color="#666666", width=0.8,
+                               node_size=900)
+        for color in sorted(set(colors.values())):  # one text box per node, coloured by role
+            group = {k: labels[k] for k in graph.nodes if colors[k] == color}
+            nx.draw_networkx_labels(graph, pos, ax=ax, labels=group, font_size=7,
+                                    bbox=dict(boxstyle="round,pad=0.35", facecolor=color, edgecolor="#333333",
+                                              linewidth=0.5))
+        ax.set_title(label, fontsize=9 if len(panels) > 1 else None)
+        ax.axis("off")
+    if len(panels) > 1:
+        n_sites = len(sites(gm))
+        fig.suptitle(title or f"{type(gm).__name__}: {n_sites} adapted site(s) in {len(panels)} distinct region(s)")
+    axes[0][-1].legend(handles=[Patch(color="#e4572e", label="LoRA node"), Patch(color="#f5a623", label="adapted op"),
+                                Patch(color="#76b7e5", label="other op"),
+                                Patch(color="#cccccc", label="input / param / output")],
+                       loc="lower right", fontsize=7, frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
-

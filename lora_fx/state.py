@@ -20,16 +20,40 @@ key                         where, holding                     written by / read
                             ``ModuleDict[adapter][param]``     ``passes.remove_lora``; paths from
                             of ``LoraAdapter`` s               :func:`adapter_path`
 :data:`FRONTEND_META`       root ``.meta``: ``"fx"`` or        ``passes.capture``,
-                            ``"export"``                       ``passes.trace_export``; read by users
+                            ``"export"``                       ``passes.trace_export``; read through
+                                                               :func:`frontend_of`
+:data:`FRONTEND_ATTR`       a root that kept its class: the    ``passes.capture``; read through
+                            front-end (``"regions"``)          :func:`frontend_of`
+:data:`REGION_ATTR`         ``__dict__`` of a module that      ``passes.trace_regions``; read
+                            kept its class: its region         through :func:`regions`; removed by
+                            ``GraphModule``                    ``lora_fx.regions.strip_regions_``
+:data:`KEPT_ATTR`           ``__dict__`` of a module kept as   ``passes.trace_regions``; read by
+                            its own Python: why                :func:`capture_of`
+:data:`CAPTURE_META`        region ``.meta``: the children     ``passes.trace_regions``; read by
+                            kept as leaves of its graph        :func:`capture_of`
 :data:`FOLD_META`           folded root ``.meta``:             ``deploy.fold``; read by users
                             ``{"folded": [...], "untied": []}``
+                            (+ :data:`REQUANT_ERROR` with
+                            ``fold(requantize=True)``)
+:data:`FOLD_ATTR`           folded root that kept its class:   ``deploy.fold``; read by users
+                            the same record
 :data:`LEAF_ATTR`           class attribute: keep instances    ``lora_fx.nn.layers``; read by
                             as opaque leaves when tracing      ``passes.trace_fx``
 :data:`PISSA_BUFFERS`       adapter: PiSSA's initial factors   ``adapters.init.pissa_init_``; read by
                             (non-persistent buffers)           ``io.peft.save_adapter``
-:data:`FILE_META`           safetensors metadata of adapter    ``io._files``, ``io.peft``
-                            files
+:data:`FILE_META`           safetensors metadata of adapter    ``io._files``, ``io.native``,
+                            files                              ``io.peft``
+:data:`TRAINABLE_ATTR`      root: ``{adapter: [parameter]}``:  ``api.transform``, ``add_adapter``;
+                            base parameters trained in full    read by :func:`trainable_params`
+                            (``LoraConfig.trainable``)
+:data:`BUFFERS_ATTR`        root: ``{buffer key: fingerprint}``  ``api.transform``; read by
+                            of the model's persistent buffers  :func:`changed_buffers` (``io``)
+                            at transform time
 ==========================  =================================  =======================================
+
+:data:`WRAPPER_PARTS` are the module names PyTorch's wrappers insert (``torch.compile``,
+FSDP1, activation checkpointing); :func:`unwrap` and :func:`plain_name` remove them, so keys and
+names are the same whether the model is wrapped or not.
 
 The adapter module's own attributes (``lora_A``, ``lora_B``, ``scaling``, ``lora_magnitude``,
 ``dropout``, ``rank``, ``alpha``, ``mix``, ``enabled``, ``blocks``) are defined by
@@ -44,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import fx, nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .errors import ConfigError, NotAdaptedError, UnknownAdapterError
 
@@ -51,8 +76,11 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
     from .adapters.module import LoraAdapter
 
 __all__ = [
-    "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FOLD_META", "LEAF_ATTR",
-    "PISSA_BUFFERS", "FILE_META",
+    "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FRONTEND_ATTR",
+    "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "FOLD_ATTR", "REQUANT_ERROR", "LEAF_ATTR",
+    "PISSA_BUFFERS", "FILE_META", "TRAINABLE_ATTR", "BUFFERS_ATTR", "WRAPPER_PARTS", "unwrap", "plain_name",
+    "adapter_modules", "trainable_params", "record_trainable_",
+    "regions", "graph_modules", "region_of", "capture_of", "frontend_of", "record_frontend_", "is_root",
     "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
     "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
     "adapter_path", "is_adapter_path", "is_lora_key", "is_bias_key", "check_bias", "BIAS_MODES",
@@ -66,18 +94,48 @@ CONFIG_ATTR = "_lora_fx_configs"
 #: Attribute of the root ``GraphModule``: True when its base weights are its own copies (PiSSA may
 #: write residuals into them), False when they share storage with the user's model.
 OWNS_WEIGHTS_ATTR = "_lora_fx_owns_weights"
-#: Submodule under which an owner module holds its adapters: ``owner.lora[adapter_name][param_name]``.
+#: Submodule under which an owner module holds its adapters: ``owner.lora[adapter_name][param_name]``
+#: (in a model that kept its class, the second owner of a tied weight holds the first owner's
+#: adapter through an unregistered ``__dict__`` entry of this name: one copy in ``state_dict``).
 ADAPTER_ATTR = "lora"
 #: Key of ``root.meta``: the front-end that captured the model (``"fx"`` or ``"export"``).
 FRONTEND_META = "lora_fx_frontend"
+#: Attribute of a root that kept its class (not a ``GraphModule``): the front-end, ``"regions"``.
+FRONTEND_ATTR = "_lora_fx_frontend"
+#: Key in a module's ``__dict__`` (outside ``_modules``): the region ``GraphModule`` whose code runs
+#: as the module's ``forward`` (:class:`lora_fx.regions.RegionForward`).
+REGION_ATTR = "_lora_fx_region"
+#: Key in the ``__dict__`` of a module the regions front-end kept as its own Python: why (one line).
+KEPT_ATTR = "_lora_fx_kept"
+#: Key of a region's ``.meta``: the paths (relative to the region) of children kept as leaves.
+CAPTURE_META = "lora_fx_leaves"
 #: Key of ``folded.meta``: ``{"folded": [names], "untied": [names]}`` (see :func:`lora_fx.fold`).
 FOLD_META = "lora_fx"
+#: Attribute of a folded model that kept its class (no ``.meta``): the same record as
+#: ``folded.meta[FOLD_META]`` of a folded ``GraphModule``.
+FOLD_ATTR = "lora_fx_fold"
+#: Key of ``folded.meta[FOLD_META]`` after ``fold(..., requantize=True)``: ``{name: {"max": float,
+#: "mean": float}}``, the absolute difference between each requantized weight (dequantized) and the
+#: float fold it was quantized from, largest and mean over the weight's elements.
+REQUANT_ERROR = "requantization_error"
 #: Class attribute: instances are kept as opaque leaves by the torch.fx front-end.
 LEAF_ATTR = "_lora_fx_leaf"
 #: Non-persistent buffers of a PiSSA adapter: its initial factors ``(A0, B0)``.
 PISSA_BUFFERS = ("init_A", "init_B")
-#: safetensors metadata keys: the file format tag, the adapter name and its config (JSON).
-FILE_META = {"format": "lora_fx", "adapter": "lora_fx_adapter", "config": "lora_fx_config"}
+#: safetensors metadata keys: the file format tag, the adapter name and its config (JSON), the
+#: state of every adapter and what else the file carries (JSON, :mod:`lora_fx.io.native`) and the
+#: per-tensor checksums (JSON ``{key: sha256 hex}``, :mod:`lora_fx.io._files`).
+FILE_META = {"format": "lora_fx", "adapter": "lora_fx_adapter", "config": "lora_fx_config",
+             "state": "lora_fx_state", "checksums": "lora_fx_sha256"}
+#: Attribute of the root: ``{adapter name: [fully qualified base parameter names]}`` trained in full
+#: with that adapter (``LoraConfig.trainable``; PEFT's ``modules_to_save``).
+TRAINABLE_ATTR = "_lora_fx_trainable"
+#: Attribute of the root: ``{state-dict key: fingerprint}`` of the model's persistent buffers when
+#: it was transformed, to tell which buffers training changed (BatchNorm statistics, EMAs).
+BUFFERS_ATTR = "_lora_fx_buffers"
+#: Module names inserted by PyTorch's wrappers: ``torch.compile`` (``OptimizedModule._orig_mod``),
+#: FSDP1 (``_fsdp_wrapped_module``), ``checkpoint_wrapper`` (``_checkpoint_wrapped_module``).
+WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,15 +167,91 @@ class GraphState:
     version: int = 1
 
 
+# ---------------------------------------------------------------------------------------------
+# the regions seam: every captured graph of a model, whichever front-end made it
+
+
+def region_of(module: nn.Module) -> Optional[fx.GraphModule]:
+    """The region ``GraphModule`` of a module that kept its class (its code is the module's
+    ``forward``), else None."""
+    return module.__dict__.get(REGION_ATTR)
+
+
+def regions(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """Every captured graph under ``root``, each once, with the path of the module it runs as, in
+    ``named_modules`` order (root first): the ``GraphModule`` s of a traced hierarchy, and the
+    region ``GraphModule`` of every module that kept its class.
+
+    A region's parameter, buffer and submodule tables are the module's own (the same dicts), so
+    ``gm.get_parameter`` / ``gm.get_submodule`` on it read the live model; its graph names them
+    relative to the module.  Every reader of the graphs (sites, adapters, fold, report,
+    distributed) goes through this one function."""
+    out = []
+    for name, m in root.named_modules():
+        if isinstance(m, fx.GraphModule):
+            out.append((name, m))
+        else:
+            gm = m.__dict__.get(REGION_ATTR)
+            if gm is not None:
+                out.append((name, gm))
+    return out
+
+
+#: The older name of :func:`regions`.
+graph_modules = regions
+
+
+def capture_of(module: nn.Module) -> Optional[str]:
+    """How the regions front-end captured ``module``: ``"fx"``, ``"fx (leaves: a, b)"`` (children
+    kept as opaque calls of its graph, each captured on its own), ``"kept: <reason>"`` (run as its
+    own Python, its children visited); None for a module it did not visit (inside a region, or
+    without weights) and for the ``GraphModule`` s of the other front-ends."""
+    gm = module.__dict__.get(REGION_ATTR)
+    if gm is not None:
+        leaves = gm.meta.get(CAPTURE_META) or ()
+        return f"fx (leaves: {', '.join(leaves)})" if leaves else "fx"
+    reason = module.__dict__.get(KEPT_ATTR)
+    return None if reason is None else f"kept: {reason}"
+
+
+def frontend_of(root: nn.Module) -> Optional[str]:
+    """The front-end that captured ``root``: ``"fx"``, ``"export"`` (a ``GraphModule`` root) or
+    ``"regions"`` (a root that kept its class); None for a module :func:`lora_fx.transform` did not
+    return."""
+    if isinstance(root, fx.GraphModule):
+        return root.meta.get(FRONTEND_META)
+    return root.__dict__.get(FRONTEND_ATTR)
+
+
+def record_frontend_(root: nn.Module, name: str) -> nn.Module:
+    """Record the front-end on ``root`` (``meta`` of a ``GraphModule``, else an attribute); returns ``root``."""
+    if isinstance(root, fx.GraphModule):
+        root.meta[FRONTEND_META] = name
+    else:
+        root.__dict__[FRONTEND_ATTR] = name
+    return root
+
+
+def is_root(module: nn.Module) -> bool:
+    """Whether ``module`` can be the model :func:`lora_fx.transform` returned: a ``GraphModule``, or
+    a module that kept its class and carries the front-end record."""
+    return isinstance(module, fx.GraphModule) or FRONTEND_ATTR in module.__dict__
+
+
 def state_of(module: nn.Module) -> GraphState | None:
-    """The :class:`GraphState` of ``module`` if it is a lora_fx GraphModule, else None."""
-    st = getattr(module, STATE_ATTR, None) if isinstance(module, fx.GraphModule) else None
+    """The :class:`GraphState` of a lora_fx ``GraphModule``, or of the region of a module that kept
+    its class; else None."""
+    if not isinstance(module, fx.GraphModule):
+        module = module.__dict__.get(REGION_ATTR)
+        if module is None:
+            return None
+    st = getattr(module, STATE_ATTR, None)
     return st if isinstance(st, GraphState) else None
 
 
 def is_adapted(module: nn.Module) -> bool:
     """True when ``module`` or any submodule carries lora_fx adapters."""
-    return any(state_of(m) is not None and state_of(m).adapters for m in module.modules())
+    return any(state_of(gm) is not None and state_of(gm).adapters for _, gm in regions(module))
 
 
 def require_adapted(module: nn.Module, what: str, *, detail: str = "", root: bool = False) -> None:
@@ -136,16 +270,16 @@ def require_adapted(module: nn.Module, what: str, *, detail: str = "", root: boo
     if not is_adapted(module):
         raise NotAdaptedError(f"{what}() needs a module produced by lora_fx.transform; {type(module).__name__} "
                               f"carries no lora_fx adapters{detail}.")
-    if root and not isinstance(module, fx.GraphModule):
+    if root and not is_root(module):
         raise NotAdaptedError(f"{what}() needs the root module returned by lora_fx.transform, got "
                               f"{type(module).__name__}")
 
 
 def adapter_records(root: nn.Module) -> Iterator[tuple[str, str, AdapterRecord, "LoraAdapter"]]:
     """Yield ``(prefix, adapter module path in root, record, adapter module)`` for every record of
-    every lora_fx GraphModule under ``root`` (root first, graph order).  One adapter reached from
+    every graph under ``root`` (:func:`regions`: root first, graph order).  One adapter reached from
     several GraphModules (a weight shared by two blocks) is yielded once per GraphModule."""
-    for gm_path, sub in root.named_modules():
+    for gm_path, sub in regions(root):
         st = state_of(sub)
         if st is None:
             continue
@@ -235,6 +369,39 @@ def is_lora_key(name: str) -> bool:
     return any(part.startswith("lora_") or "_lora_" in part for part in name.split("."))
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` (``OptimizedModule``), ``DistributedDataParallel`` and
+    ``DataParallel`` wrappers (any nesting), else ``model`` itself (FSDP2 and composable
+    checkpointing do not wrap)."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(model._modules.get("_orig_mod"), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._modules["_orig_mod"]
+        else:
+            return model
+
+
+def plain_name(name: str) -> str:
+    """``name`` (a parameter, buffer, module path or state-dict key) without the parts PyTorch's
+    wrappers insert (:data:`WRAPPER_PARTS`): ``"_orig_mod.fc.weight"`` → ``"fc.weight"``."""
+    if not any(w in name for w in WRAPPER_PARTS):
+        return name
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_PARTS)
+
+
+def adapter_modules(root: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """``{module path: (adapter name, adapter module)}`` of every path under which an adapter
+    module is registered (a tied weight's adapter under each of its owners), plain names
+    (:func:`plain_name`), in registration order."""
+    out: dict[str, tuple[str, nn.Module]] = {}
+    for name, m in unwrap(root).named_modules(remove_duplicate=False):
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3] == ADAPTER_ATTR and not is_adapter_path(".".join(parts[:-3])):
+            out.setdefault(plain_name(name), (parts[-2], m))
+    return out
+
+
 #: ``bias`` modes of :func:`lora_fx.mark_only_lora_as_trainable` and :func:`lora_fx.lora_state_dict`.
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -255,13 +422,41 @@ def adapter_owners(model: nn.Module) -> list[nn.Module]:
     """Modules holding adapters: lora_fx's (an :data:`ADAPTER_ATTR` ``ModuleDict``) or their own
     ``lora_A`` (hand-built layers)."""
     return [m for m in model.modules()
-            if isinstance(m._modules.get(ADAPTER_ATTR), nn.ModuleDict) or hasattr(m, "lora_A")]
+            if isinstance(m._modules.get(ADAPTER_ATTR, m.__dict__.get(ADAPTER_ATTR)), nn.ModuleDict)
+            or hasattr(m, "lora_A")]
 
 
 def is_lora_layer(m: nn.Module) -> bool:
     """A hand-built LoRA layer: ``lora_fx.nn``'s, loralib's or LoRA-Torch's (all derive from a class
     named ``LoRALayer``), whatever its rank."""
     return any(c.__name__ == "LoRALayer" for c in type(m).__mro__)
+
+
+# ---------------------------------------------------------------------------------------------
+# what else an adapter carries: fully trained base parameters
+
+
+def trainable_params(root: nn.Module, adapters: Optional[Iterable[str]] = None) -> list[str]:
+    """Fully qualified names of the base parameters trained in full with the adapters ``adapters``
+    (all when None), each once, in the order recorded (:data:`TRAINABLE_ATTR`)."""
+    recorded = getattr(unwrap(root), TRAINABLE_ATTR, {}) or {}
+    wanted = None if adapters is None else set(adapters)
+    out: list[str] = []
+    for name, params in recorded.items():
+        if wanted is None or name in wanted:
+            out += [p for p in params if p not in out]
+    return out
+
+
+def record_trainable_(root: nn.Module, name: str, params: Sequence[str]) -> nn.Module:
+    """Record (``params`` non-empty) or forget (empty) the fully trained base parameters of adapter
+    ``name`` on ``root``; returns ``root``."""
+    recorded = dict(getattr(root, TRAINABLE_ATTR, {}) or {})
+    recorded.pop(name, None)
+    if params:
+        recorded[name] = list(params)
+    setattr(root, TRAINABLE_ATTR, recorded)
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,10 +533,12 @@ def sites(gm: nn.Module) -> list[Site]:
         NotAdaptedError: ``gm`` carries no lora_fx adapters.
     """
     require_adapted(gm, "sites")
+    gm = unwrap(gm)  # names as in the plain module, compiled or wrapped in DDP
     # one adapter may be reached from several GraphModules (a weight shared by two blocks):
     # one Site with every alias and consumer
     found: dict[tuple[int, str], list] = {}
     for prefix, path, rec, a in adapter_records(gm):
+        prefix, path = plain_name(prefix), plain_name(path)
         entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, path, rec.adapter, a, [], []])
         entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
         entry[5].extend(rec.consumers)

@@ -7,9 +7,12 @@ import fnmatch
 from typing import Optional, Sequence
 
 from .config import LoraConfig
-from .errors import ConfigError, TargetError, UnsupportedSiteError
+from torch import nn
 
-__all__ = ["select_targets", "check_patterns", "check_adapter_name"]
+from .errors import ConfigError, TargetError, UnsupportedSiteError
+from .state import is_adapter_path
+
+__all__ = ["select_targets", "select_trainable", "check_patterns", "check_adapter_name"]
 
 
 def select_targets(consumers: Sequence, targets: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> list:
@@ -60,6 +63,38 @@ def select_targets(consumers: Sequence, targets: Optional[Sequence[str]], exclud
             f"attention). Name parameters explicitly with targets=[...]. Candidates: {shown}"
             if targets is None else f"exclude removed every target. Candidates: {shown}"))
     return chosen
+
+
+def select_trainable(root: nn.Module, patterns: Optional[Sequence[str]]) -> list[str]:
+    """Names of the base parameters of ``root`` that ``patterns`` (``LoraConfig.trainable``) select:
+    a parameter is selected when its name, or the name of a module holding it, matches a pattern
+    (fnmatch); every name of a tied parameter is checked, each selected name listed once.
+
+    Raises:
+        TargetError: a pattern matches no module or parameter (the message lists candidates).
+        UnsupportedSiteError: a selected parameter is not floating point (it cannot train).
+    """
+    if not patterns:
+        return []
+    names = [(n, p) for n, p in root.named_parameters(remove_duplicate=False) if not is_adapter_path(n)]
+
+    def owners(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts))] + [name]
+
+    out = []
+    for pat in patterns:
+        hit = [n for n, _ in names if any(fnmatch.fnmatchcase(o, pat) for o in owners(n))]
+        if not hit:
+            mods = sorted({o for n, _ in names for o in owners(n)[:-1]})
+            raise TargetError(f"trainable pattern {pat!r} matches no module or parameter of the model. Modules: "
+                              f"{', '.join(mods[:40])}{' ...' if len(mods) > 40 else ''}")
+        out += [n for n in hit if n not in out]
+    bad = [n for n, p in names if n in out and not p.is_floating_point()]
+    if bad:
+        raise UnsupportedSiteError(f"trainable selects parameters that are not floating point and cannot train: {bad}; "
+                                   "narrow the trainable patterns")
+    return out
 
 
 def check_patterns(config: LoraConfig, chosen: Sequence) -> None:

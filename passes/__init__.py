@@ -1,9 +1,14 @@
 """Graph passes of lora_fx (installed as ``lora_fx.passes``); one pass per module, in pipeline order.
 
-* :mod:`.capture`: front-end selection (torch.fx, torch.export, or fx falling back to export).
+* :mod:`.capture`: front-end selection (torch.fx; when it fails, torch.export given example inputs,
+  else the regions front-end).
 * :mod:`.trace_fx`: torch.fx front-end: an ``nn.Module`` → a hierarchy of ``GraphModule`` s.
+* :mod:`.trace_regions`: regions front-end: the model keeps its class, each module torch.fx can
+  capture on its own becomes a region, the rest stays the model's own Python.
 * :mod:`.trace_export`: torch.export front-end, rebuilt into the same hierarchy.
 * :mod:`.follow_mode`: makes an exported graph follow ``.train()`` / ``.eval()``.
+* :mod:`.route_quantized`: prepares quantized modules and routes linears on quantized weights
+  through the frozen-base op (undone by fold).
 * :mod:`.find_sites`: pure analysis: which parameters reach which ops.
 * :mod:`.match_recompute`: which adapter inputs can be recomputed in backward.
 * :mod:`.insert_lora`: registers adapters and inserts merge / factored nodes.
@@ -14,10 +19,10 @@ Passes import the library modules they use (``lora_fx.rules``, ``lora_fx.ops``, 
 ``lora_fx.weights``, ...), never the package facade or the adapters package.
 """
 
-from . import (capture, find_sites, fold, follow_mode, insert_lora, match_recompute, remove_lora, trace_export,
-               trace_fx)
+from . import (capture, find_sites, fold, follow_mode, insert_lora, match_recompute, remove_lora, route_quantized,
+               trace_export, trace_fx, trace_regions)
 # old module paths (thin re-exports), importable as attributes of the package as before
 from . import export, remat, trace  # noqa: F401,E402
 
-__all__ = ["capture", "trace_fx", "trace_export", "follow_mode", "find_sites", "match_recompute", "insert_lora",
-           "remove_lora", "fold"]
+__all__ = ["capture", "trace_fx", "trace_regions", "trace_export", "follow_mode", "route_quantized", "find_sites",
+           "match_recompute", "insert_lora", "remove_lora", "fold"]

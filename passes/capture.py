@@ -1,24 +1,28 @@
 """Front-end selection: capture a private copy of the user's model as a lora_fx ``GraphModule``
-hierarchy with torch.fx (:mod:`.trace_fx`) or torch.export (:mod:`.trace_export`)."""
+hierarchy with torch.fx (:mod:`.trace_fx`) or torch.export (:mod:`.trace_export`), or as the model
+itself with its capturable modules turned into regions (:mod:`.trace_regions`)."""
 
 from __future__ import annotations
 
 import collections
 import copy
+import warnings
 from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
+from lora_fx import weights
 from lora_fx.errors import ConfigError, TraceError
 from lora_fx.graph_module import compile_stale
-from lora_fx.state import FRONTEND_META
+from lora_fx.state import KEPT_ATTR, record_frontend_
 
 from .trace_export import export_hierarchy, normalize_example_inputs
 from .trace_fx import trace_hierarchy
+from .trace_regions import capture_regions
 
 __all__ = ["FRONTENDS", "capture", "private_copy"]
 
-FRONTENDS = ("auto", "fx", "export")
+FRONTENDS = ("auto", "fx", "export", "regions")
 
 
 def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
@@ -36,7 +40,7 @@ def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
                 memo[id(v)] = type(v)()
     if not copy_weights:
         for p in model.parameters():  # each Parameter object once; ties map to one copy
-            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+            memo[id(p)] = weights.share(p)  # the same storage (a quantized kind keeps its type)
     try:
         copied = copy.deepcopy(model, memo)
     except Exception as exc:
@@ -46,6 +50,11 @@ def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
             "generators held as attributes).") from exc
     compile_stale(copied)  # GraphModules in the model: copied inside transform's deferred_recompile block
     return copied
+
+
+def _show(caught) -> None:
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _short(exc: BaseException) -> str:
@@ -66,15 +75,21 @@ def capture(
     """Capture a private copy of the user's ``model`` with the chosen front-end.
 
     ``"fx"``: :func:`~lora_fx.passes.trace_fx.trace_hierarchy`; ``"export"``:
-    :func:`export_hierarchy`; ``"auto"``: fx, and when fx fails, torch.export if example inputs
-    were given.  ``model`` itself is only inspected (its ``forward`` signature); ``make_copy()``
-    returns a fresh private copy each call (a failed fx trace may have replaced blocks of its copy).
+    :func:`export_hierarchy`; ``"regions"``: :func:`~lora_fx.passes.trace_regions.capture_regions`
+    (the copy keeps its class); ``"auto"``: fx on the whole model, and when fx fails, torch.export
+    if example inputs were given, else the regions front-end.  ``model`` itself is only inspected
+    (its ``forward`` signature); ``make_copy()`` returns a fresh private copy each call (a failed fx
+    trace may have replaced blocks of its copy).
+
+    Returns:
+        a ``GraphModule`` (fx, export) or the copy itself (regions); the front-end is recorded on it
+        (:func:`lora_fx.state.frontend_of`).
 
     Raises:
         ConfigError: unknown ``frontend``, ``frontend="export"`` without example inputs, or
             example inputs of the wrong structure.
         TraceError: the front-end(s) failed; with ``"auto"`` one error shows both failures,
-            shortest first, and the fix.
+            shortest first, and the fix; the regions front-end captured no module with weights.
     """
     if frontend not in FRONTENDS:
         raise ConfigError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
@@ -88,18 +103,24 @@ def capture(
         normalize_example_inputs(model, inputs, example_kwargs)
     if frontend == "export":
         return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
+    if frontend == "regions":
+        return _regions(make_copy(), trace_kwargs, None)
+    copied = make_copy()
     try:
-        root = trace_hierarchy(make_copy(), **trace_kwargs)
-        root.meta[FRONTEND_META] = "fx"
-        return root
+        with warnings.catch_warnings(record=True) as caught:  # shown only if fx is the front-end used
+            warnings.simplefilter("always")
+            root = trace_hierarchy(copied, **trace_kwargs)
     except TraceError as fx_exc:
         if frontend == "fx":
+            _show(caught)
             raise
-        if not has_examples:
-            raise TraceError(
-                f"{str(fx_exc).strip()}\n(4) or pass example inputs, transform(model, ..., example_inputs=(x,), "
-                "example_kwargs={...}): frontend='auto' then falls back to torch.export.") from fx_exc
+        if not has_examples:  # the same copy unless the failed trace replaced blocks in it
+            reuse = not any(isinstance(m, fx.GraphModule) for m in copied.modules())
+            return _regions(copied if reuse else make_copy(), trace_kwargs, fx_exc)
         fx_error = fx_exc
+    else:
+        _show(caught)
+        return record_frontend_(root, "fx")
     try:
         return export_hierarchy(make_copy(), inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     except TraceError as ex_exc:
@@ -110,3 +131,23 @@ def capture(
             + "\nHow to fix: for torch.fx, pass concrete_args / leaf_modules for the failing module; for "
               "torch.export, make the failing line independent of tensor values (torch.where / torch.cond) and "
               "check example_inputs; or keep the failing code in a leaf module (leaf_modules=[...]).") from ex_exc
+
+
+def _regions(root: nn.Module, trace_kwargs: dict, fx_error: Optional[TraceError]) -> nn.Module:
+    """The regions front-end on ``root``; a TraceError when it captured nothing (with ``"auto"``:
+    torch.fx's own failure, and the export fallback)."""
+    found = capture_regions(root, blocks=trace_kwargs.get("blocks", ()),
+                            leaf_modules=trace_kwargs.get("leaf_modules", ()),
+                            concrete_args=trace_kwargs.get("concrete_args"))
+    if found:
+        return record_frontend_(root, "regions")
+    why = root.__dict__.get(KEPT_ATTR) or "it has no adaptable weight"
+    if fx_error is not None:
+        raise TraceError(
+            f"{str(fx_error).strip()}\n(4) or pass example inputs, transform(model, ..., example_inputs=(x,), "
+            "example_kwargs={...}): frontend='auto' then falls back to torch.export. (Capturing its modules one by "
+            f"one found no module with weights torch.fx can trace: {type(root).__name__} {why}.)") from fx_error
+    raise TraceError(
+        f"frontend='regions' found no module of {type(root).__name__} with weights that torch.fx can trace "
+        f"({type(root).__name__}: {why}). A module is captured when its forward takes only required positional "
+        "arguments and traces; use frontend='export' with example_inputs for the rest.")

@@ -17,9 +17,8 @@ from torch import fx, nn
 
 from lora_fx import weights
 from lora_fx.ops import MERGE_OPS, module_call
-from lora_fx.graph_module import graph_modules
 from lora_fx.rules import VIEW_OPS, function_rule, module_rule
-from lora_fx.state import is_adapter_path
+from lora_fx.state import capture_of, is_adapter_path, regions
 
 
 __all__ = ["Consumer", "find_sites"]
@@ -38,7 +37,8 @@ class Consumer:
         shape: the parameter's logical shape (:func:`lora_fx.weights.logical_shape`).
         default: adapted when ``targets`` is None (a weight of a known weight-consuming op).
         reason: why the site cannot be adapted, or None.
-        factorable: the factored lowering is exact for every use.
+        factorable: the factored lowering is exact for every use (and, for a quantized weight,
+            its type computes the op itself: :func:`lora_fx.weights.runs`).
         blocks: the op's default fused layout of the weight's output rows,
             ``((block name, rows), ...)`` (MHA ``in_proj_weight``: q, k, v), or ``()``.
     """
@@ -107,8 +107,8 @@ def _kind(n: fx.Node) -> str:
 
 def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[Consumer]:
     mod = gm.get_submodule(node.target)
-    if isinstance(mod, fx.GraphModule):  # a traced block: its own sites are found in it
-        return []
+    if isinstance(mod, fx.GraphModule) or capture_of(mod) is not None:
+        return []  # a traced block, or a module the regions front-end captured on its own: sites found there
     rule = module_rule(mod)
     defaults = set(rule.weights(mod))
     kind = rule.kind(mod)
@@ -121,7 +121,7 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
         out.append(Consumer(
             gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
             op=kind, shape=weights.logical_shape(p), default=reason is None and pname in defaults, reason=reason,
-            factorable=reason is None and rule.factored(node, mod, pname) is not None,
+            factorable=reason is None and rule.factored(node, mod, pname) is not None and weights.runs(p, kind),
             blocks=tuple(rule.blocks(mod, pname)) if reason is None else ()))
     return out
 
@@ -154,6 +154,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
     direct_slots = [_weight_slot(u, node) for u in direct]
     factorable = reason is None and all(
         s is not None and function_rule(u.target).factored(u, s, shape) is not None
+        and weights.runs(p, function_rule(u.target).kind)  # a quantized weight: only where its type computes the op
         for u, s in zip(direct, direct_slots))
     calls = [u for u in direct if u.op == "call_function" and u.target is module_call]
     if node is not attr and calls and len(calls) == len(direct):  # an opaque leaf lowered earlier
@@ -180,7 +181,7 @@ def find_sites(root: nn.Module) -> list[Consumer]:
     """All (parameter, consuming node) pairs in ``root``'s lora_fx ``GraphModule`` hierarchy,
     in graph order, root first.  Adapter parameters are never listed."""
     out: list[Consumer] = []
-    for gm_path, gm in graph_modules(root):
+    for gm_path, gm in regions(root):
         dg = None  # built on the first get_attr node (a graph of leaf calls only needs none)
         for n in gm.graph.nodes:
             if n.op == "call_module":

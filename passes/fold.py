@@ -1,36 +1,44 @@
 """Fold pass: evaluate every active delta once and write plain weights into a *new* module.
 
 ``W_folded = round_to(W.dtype)(W.float() + Σ_adapters ΔW.float())`` (one rounding, through
-:func:`lora_fx.weights.fold_into`); then :func:`~lora_fx.passes.remove_lora.remove_lora_` removes
-merge and factored delta nodes, turns opaque-leaf ``functional_call`` s back into plain module calls
-and drops the adapter submodules and records.  The input module is never modified.
+:func:`lora_fx.weights.fold_into`; a quantized ``W`` is dequantized first and folds into a float
+weight, or, on request, is quantized again in its own scheme); then
+:func:`~lora_fx.passes.remove_lora.remove_lora_` removes merge and factored delta nodes, turns
+opaque-leaf ``functional_call`` s back into plain module calls and drops the adapter submodules and
+records; linears routed through the frozen-base op are module calls again
+(:func:`~lora_fx.passes.route_quantized.unroute_quantized_`) and modules whose rule asks for it are
+replaced (a bitsandbytes linear holding a float weight becomes an ``nn.Linear``).  The input module
+is never modified.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import fx, nn
 
 from lora_fx import ops, weights
-from lora_fx.graph_module import graph_modules
 from lora_fx.errors import UnsupportedSiteError
-from lora_fx.state import is_adapter_path, state_of
+from lora_fx.regions import strip_regions_
+from lora_fx.rules import module_rule
+from lora_fx.state import REQUANT_ERROR, is_adapter_path, regions, state_of
 
 from .remove_lora import remove_lora_
+from .route_quantized import unroute_quantized_
 
 
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
     from lora_fx.adapters.module import LoraAdapter
 
-__all__ = ["fold_graph_modules", "folded_weight"]
+__all__ = ["fold_graph_modules", "fold_regions", "folded_weight"]
 
 
-def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Tensor:
-    """``W + Σ ΔW`` computed in at least float32 and rounded once (:func:`lora_fx.weights.fold_into`:
-    a plain weight gets ``W``'s dtype; another weight kind decides what it returns).
+def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``W + Σ ΔW`` computed in at least float32 and rounded once (:func:`lora_fx.weights.fold_into`)
+    to ``dtype``, by default the weight's compute dtype (a quantized weight folds into a plain float
+    tensor of its logical shape).
 
     Args:
         weight: base weight ``W`` of logical shape ``adapter.weight_shape``.
@@ -55,7 +63,38 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Te
             raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
         return out
 
-    return weights.fold_into(weight, update)
+    return weights.fold_into(weight, update, dtype)
+
+
+def _requantized(weight: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``value`` back in ``weight``'s quantization scheme, and the error ``{"max", "mean"}`` of the
+    requantized weight (dequantized) against ``value`` (:data:`lora_fx.state.REQUANT_ERROR`)."""
+    q = weights.requantize(weight, value)
+    err = (weights.dequantize(q).detach().double() - value.detach().double()).abs()
+    return q, {"max": float(err.max()), "mean": float(err.mean())}
+
+
+def _parameter(value: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    # a quantized parameter type (bitsandbytes' Params4bit is an nn.Parameter subclass) is kept as it is
+    return value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=requires_grad)
+
+
+def _replace_folded_modules_(new: nn.Module, owners: dict[int, nn.Module]) -> None:
+    """Give each module that owns a folded weight to its rule's ``after_fold`` hook and put what it
+    returns (e.g. an ``nn.Linear`` for a bitsandbytes linear now holding a float weight) in its
+    place, under every path it is reachable by."""
+    replaced = {}
+    for mid, mod in owners.items():
+        hook = module_rule(mod).after_fold
+        other = hook(mod) if hook is not None else None
+        if other is not None:
+            replaced[mid] = other
+    if not replaced:
+        return
+    for _, parent in list(new.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replaced:
+                parent._modules[child_name] = replaced[id(child)]
 
 
 def _read_by_graph(gm: fx.GraphModule, name: str) -> bool:
@@ -69,14 +108,50 @@ def _read_by_graph(gm: fx.GraphModule, name: str) -> bool:
     return False
 
 
-def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
+def fold_graph_modules(root: nn.Module, *, requantize: bool = False,
+                       dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, dict]:
     """Fold a deep copy of ``root``; returns ``(folded, info)`` where ``info`` has ``"folded"``
     (names of folded parameters) and ``"untied"`` (folded names that shared one parameter with a
     name that now holds another tensor: an unadapted alias, or one seeing other adapters).  Aliases
     whose consumers see the same adapters share one new folded parameter (the tie is kept); no
-    tensor is written in place, so shared storage is never modified."""
+    tensor is written in place, so shared storage is never modified.
+
+    A quantized weight folds into a float weight of its compute dtype (or ``dtype``), and its
+    module's rule may replace the module (``ModuleRule.after_fold``); with ``requantize`` it is
+    quantized again in its own scheme and ``info[REQUANT_ERROR]`` records the error per name.
+    Linears routed through the frozen-base op are module calls again."""
     new = copy.deepcopy(root)
-    info = {"folded": [], "untied": []}
+    info, plans, owners = _fold_weights_(new, requantize, dtype)
+    for gm, _, _ in plans:  # the same removal pass as delete_adapter, for every adapter
+        remove_lora_(gm)
+    for _, gm in regions(new):
+        unroute_quantized_(gm)
+    _replace_folded_modules_(new, owners)
+    return new, info
+
+
+def fold_regions(root: nn.Module, *, requantize: bool = False,
+                 dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, dict]:
+    """:func:`fold_graph_modules` for a model that kept its class: the copy's weights are folded
+    as there, then every adapter, region, instance ``forward`` and lora_fx attribute is removed
+    (:func:`lora_fx.regions.strip_regions_`), so the result is the model's own classes running
+    their own code, with folded weights (a bitsandbytes linear holding a float weight becomes an
+    ``nn.Linear``)."""
+    new = copy.deepcopy(root)
+    info, _, owners = _fold_weights_(new, requantize, dtype)
+    for path, gm in regions(new):  # the graphs go away: modules and records only
+        remove_lora_(gm, module=new.get_submodule(path) if path else new, rewrite=False)
+    strip_regions_(new)
+    _replace_folded_modules_(new, owners)
+    return new, info
+
+
+def _fold_weights_(new: nn.Module, requantize: bool, dtype: Optional[torch.dtype]) -> tuple[dict, list, dict]:
+    """Write the folded weights into ``new`` (a copy the caller owns); returns ``(info, plans,
+    owners)``, ``owners`` the modules owning a folded quantized weight (by id)."""
+    info: dict = {"folded": [], "untied": []}
+    errors: dict[str, dict] = {}
+    owners: dict[int, nn.Module] = {}
     # Collect everything before writing anything: an owner module can be reachable from several
     # GraphModules, and a parameter must be folded exactly once.  Every name of every parameter
     # object is taken before anything is replaced, so ties across blocks are seen too.
@@ -85,7 +160,7 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         if not is_adapter_path(name):
             names.setdefault(id(p), []).append(name)
     plans = []
-    for gm_path, gm in graph_modules(new):
+    for gm_path, gm in regions(new):
         st = state_of(gm)
         if st is None:
             continue
@@ -107,14 +182,22 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
     for gm, prefix, by_alias in plans:
         for alias, (w, adapters) in by_alias.items():
             key = (id(w),) + tuple(sorted(id(a) for a in adapters))
+            quantized = not weights.is_plain(w)
             if key not in memo:
-                memo[key] = nn.Parameter(folded_weight(w, adapters), requires_grad=w.requires_grad)
+                value = folded_weight(w, adapters, dtype if quantized else None)
+                if requantize and quantized:
+                    value, errors[prefix + alias] = _requantized(w, value)
+                memo[key] = _parameter(value, w.requires_grad)
             owner_path, _, pname = alias.rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm
+            if quantized:  # the module itself (a region's own weight: the module it runs as)
+                full = (prefix + owner_path).rstrip(".")
+                module = new.get_submodule(full) if full else new
+                owners[id(module)] = module
             owner._parameters[pname] = memo[key]
             info["folded"].append(prefix + alias)
             assigned.setdefault(id(w), {})[prefix + alias] = key
-    gms = dict(graph_modules(new))
+    gms = dict(regions(new))
 
     def read_by_any_graph(name: str) -> bool:
         return any(name.startswith(f"{p}." if p else "") and _read_by_graph(g, name[len(p) + 1 if p else 0:])
@@ -139,6 +222,6 @@ def fold_graph_modules(root: nn.Module) -> tuple[nn.Module, dict]:
         held = {id(new.get_parameter(n)) for n in names.get(wid, [])}
         if len(held) > 1:  # the parameter's names no longer all hold one tensor: untied
             info["untied"].extend(n for n in done if n not in info["untied"])
-    for gm, _, _ in plans:  # the same removal pass as delete_adapter, for every adapter
-        remove_lora_(gm)
-    return new, info
+    if requantize:
+        info[REQUANT_ERROR] = errors
+    return info, plans, owners

@@ -13,15 +13,18 @@ of the module owning the base parameter (``<owner>.lora.<adapter>.<param>``).
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import TYPE_CHECKING, Callable
 
 from torch import fx, nn
 
 from lora_fx import ops, weights
-from lora_fx.graph_module import graph_modules
-from lora_fx.errors import ConfigError
+from lora_fx.errors import ConfigError, LoraFxWarning
 from lora_fx.rules import MERGE, Factored, choose_lowering, function_rule, module_rule
-from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, state_of
+from lora_fx.regions import set_unregistered_holder_, unregistered_holder
+from lora_fx.state import (ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, region_of, regions,
+                           state_of)
 
 from .find_sites import Consumer, _weight_slot
 from .match_recompute import mark_recompute_points_, remat_spec
@@ -34,11 +37,22 @@ __all__ = ["insert_lora", "LOWERINGS"]
 LOWERINGS = ("auto", "factored", "merge")
 
 
-def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAdapter) -> str:
+def _register(gm: fx.GraphModule, module: nn.Module, param: str, adapter_name: str, adapter: LoraAdapter, *,
+              shared: bool = False) -> str:
+    """Register ``adapter`` under the module owning ``param`` (``<owner>.lora.<name>.<param>``),
+    ``module`` being the module ``gm`` runs as (``gm`` itself, or the module of a region, which
+    shares its tables).  ``shared``: the adapter is registered under another owner already (a tied
+    weight in a model that kept its class): this owner holds its holder unregistered, so
+    ``state_dict`` has one copy (an owner that holds adapters of its own too registers it: both)."""
     path = adapter_path(param, adapter_name)
     owner_path, _, pname = param.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner = module.get_submodule(owner_path) if owner_path else module
     holder = owner._modules.get(ADAPTER_ATTR)
+    if holder is None:
+        holder = unregistered_holder(owner)
+        if holder is not None and not shared:  # an own adapter joins: the holder must be registered
+            set_unregistered_holder_(owner, None)
+            owner.add_module(ADAPTER_ATTR, holder)
     if holder is None:
         if hasattr(owner, ADAPTER_ATTR):
             raise ConfigError(
@@ -46,7 +60,10 @@ def _register(gm: fx.GraphModule, param: str, adapter_name: str, adapter: LoraAd
                 f"'{ADAPTER_ATTR}', where lora_fx keeps adapters; rename that attribute or exclude "
                 f"'{param}' with exclude=[...]")
         holder = nn.ModuleDict()
-        owner.add_module(ADAPTER_ATTR, holder)
+        if shared:
+            set_unregistered_holder_(owner, holder)
+        else:
+            owner.add_module(ADAPTER_ATTR, holder)
     if adapter_name not in holder:
         holder[adapter_name] = nn.ModuleDict()
     holder[adapter_name][pname] = adapter
@@ -91,16 +108,27 @@ def _merge_node(graph: fx.Graph, weight: fx.Node, path: str, adapter: LoraAdapte
         a = graph.call_module(f"{path}.dropout", (a,))
     b, s = _get_attr(graph, f"{path}.lora_B"), _get_attr(graph, f"{path}.scaling")
     if getattr(adapter, "use_dora", False):
+        # alpha / rank as a buffer, not a constant: a hot-swap of rank or alpha reaches the graph
         return graph.call_function(MERGE.dora_fn, (weight, a, b, s, _get_attr(graph, f"{path}.lora_magnitude"),
-                                                   adapter.base_scaling))
+                                                   _get_attr(graph, f"{path}.base_scale")))
     return graph.call_function(MERGE.fn, (weight, a, b, s) + _layout(adapter))
 
 
-def _readable(gm: fx.GraphModule, attr: fx.Node) -> fx.Node:
+def _readable(gm: fx.GraphModule, attr: fx.Node, site: Consumer) -> fx.Node:
     """``attr`` (a ``get_attr`` of a base weight) as the float tensor a merge reads: the node itself
-    for a plain weight, else ``dequantized(W)`` (:mod:`lora_fx.weights`)."""
-    if weights.is_plain(gm.get_parameter(attr.target)):
+    for a plain weight, else ``dequantized(W)`` (:mod:`lora_fx.weights`), with a warning: the merge
+    materialises a float copy of the weight every forward."""
+    w = gm.get_parameter(attr.target)
+    if weights.is_plain(w):
         return attr
+    shape, dtype = weights.logical_shape(w), weights.compute_dtype(w)
+    mib = math.prod(shape) * dtype.itemsize / 2**20
+    warnings.warn(
+        f"'{site.fqn}' is a {weights.kind_of(w).name} weight used by {site.op}, which is lowered by merging "
+        f"(the op is not linear in the weight, its quantized type does not compute it, or lowering='merge' / DoRA): "
+        f"every forward dequantizes it and feeds the op a {dtype} {tuple(shape)} copy ({mib:.2f} MiB), kept until "
+        "backward. Exclude it (exclude=[...]) to keep the layer quantized only.", LoraFxWarning,
+        stacklevel=6)  # the caller of transform / add_adapter
     return gm.graph.call_function(ops.dequantized, (attr,))
 
 
@@ -149,7 +177,7 @@ def _lower_module(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str
         merged: dict[str, fx.Node] = {}
         for c, adapter, path in items:
             pname = c.param[len(node.target) + 1:]
-            w = merged[pname] if pname in merged else _readable(gm, _get_attr(graph, c.param))
+            w = merged[pname] if pname in merged else _readable(gm, _get_attr(graph, c.param), c)
             merged[pname] = _merge_node(graph, w, path, adapter)
         new = rule.merged_call(graph, node, mod, merged) if rule.merged_call and not hooked else None
         if new is None:
@@ -182,7 +210,7 @@ def _lower_attr(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str]]
         return [(c, "factored") for c, _, _ in items]
     anchor = weight.next
     with graph.inserting_before(anchor):
-        w = _readable(gm, weight) if weight is node else weight  # a chain's first adapter: read W
+        w = _readable(gm, weight, items[0][0]) if weight is node else weight  # a chain's first adapter: read W
         for _, adapter, path in items:
             w = _merge_node(graph, w, path, adapter)
     _rewire(weight, w, _inserted(weight, anchor))
@@ -220,8 +248,10 @@ def insert_lora(
         ``root``.  Aliases of one parameter object that are all targeted share one adapter;
         consumers of untargeted aliases are left alone.
     """
-    gms = dict(graph_modules(root))
+    gms = dict(regions(root))
+    modules = {p: root.get_submodule(p) if p else root for p in gms}  # what each graph runs as
     by_param: dict[int, LoraAdapter] = {}
+    first: dict[int, str] = {}  # id(adapter) -> path of the graph it was registered in first
     paths: dict[tuple[str, int], str] = {}  # (gm path, id(adapter)) -> registered module path
     groups: dict[tuple[str, str], list] = {}
     for c in selected:
@@ -236,7 +266,10 @@ def insert_lora(
             setattr(gm, STATE_ATTR, st)
         path = paths.get((c.gm_path, id(adapter)))
         if path is None:
-            path = paths[(c.gm_path, id(adapter))] = _register(gm, c.param, adapter_name, adapter)
+            module = modules[c.gm_path]
+            shared = first.setdefault(id(adapter), c.gm_path) != c.gm_path and region_of(module) is gm
+            path = paths[(c.gm_path, id(adapter))] = _register(gm, module, c.param, adapter_name, adapter,
+                                                                shared=shared)
             st.adapters[path] = AdapterRecord(param=c.param, adapter=adapter_name)
         if c.param not in st.adapters[path].aliases:
             st.adapters[path].aliases.append(c.param)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Collection, Optional
 
-from torch import fx
+from torch import fx, nn
 
 from lora_fx import ops
+from lora_fx.regions import set_unregistered_holder_, unregistered_holder
 from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, state_of
 
 from .match_recompute import restore_recompute_points_
@@ -51,13 +52,19 @@ def _strip_nodes(graph: fx.Graph, prefixes: tuple[str, ...], everything: bool) -
             graph.erase_node(node)
 
 
-def _drop_modules(gm: fx.GraphModule, paths: Collection[str]) -> None:
-    for path in paths:  # "<owner>.lora.<adapter>.<param>"
-        holder_path, name, pname = path.rsplit(".", 2)
+def _drop_modules(module: nn.Module, paths: Collection[str]) -> None:
+    for path in paths:  # "<owner>.lora.<adapter>.<param>", relative to the module the graph runs as
+        *owner_path, _, name, pname = path.rsplit(".", 3)
+        owner_path = owner_path[0] if owner_path else ""
         try:
-            holder = gm.get_submodule(holder_path)
-        except AttributeError:  # removed already: an owner module reached from another GraphModule
+            owner = module.get_submodule(owner_path) if owner_path else module
+        except AttributeError:  # removed already: an owner module reached from another graph
             continue
+        holder = owner._modules.get(ADAPTER_ATTR)
+        if holder is None:
+            holder = unregistered_holder(owner)  # a tied weight's second owner
+            if holder is None:
+                continue
         per_name = holder._modules.get(name)
         if per_name is not None:
             if pname in per_name:
@@ -65,12 +72,14 @@ def _drop_modules(gm: fx.GraphModule, paths: Collection[str]) -> None:
             if len(per_name) == 0:
                 del holder[name]
         if len(holder) == 0:
-            owner_path = holder_path.rpartition(".")[0]
-            owner = gm.get_submodule(owner_path) if owner_path else gm
-            del owner._modules[ADAPTER_ATTR]
+            if owner._modules.get(ADAPTER_ATTR) is holder:
+                del owner._modules[ADAPTER_ATTR]
+            else:
+                set_unregistered_holder_(owner, None)
 
 
-def remove_lora_(gm: fx.GraphModule, paths: Optional[Collection[str]] = None) -> fx.GraphModule:
+def remove_lora_(gm: fx.GraphModule, paths: Optional[Collection[str]] = None, *,
+                 module: Optional[nn.Module] = None, rewrite: bool = True) -> fx.GraphModule:
     """Remove the adapters at module ``paths`` (relative to ``gm``; None: every adapter of ``gm``)
     from ``gm`` in place; returns ``gm``.
 
@@ -84,6 +93,11 @@ def remove_lora_(gm: fx.GraphModule, paths: Optional[Collection[str]] = None) ->
     * records: their :class:`~lora_fx.state.AdapterRecord` s (the state attribute goes with the last).
 
     Base parameters are never touched.  The graph is linted and recompiled.
+
+    Args:
+        module: the module ``gm`` runs as, when ``gm`` is a region (:func:`lora_fx.state.regions`).
+        rewrite: False leaves the graph as it is (fold of a model that kept its class discards
+            its regions anyway); modules and records are removed all the same.
     """
     st = state_of(gm)
     if st is None:
@@ -94,12 +108,14 @@ def remove_lora_(gm: fx.GraphModule, paths: Optional[Collection[str]] = None) ->
         if everything:  # an empty record set: the module is no longer a lora_fx GraphModule
             delattr(gm, STATE_ATTR)
         return gm
-    _strip_nodes(gm.graph, tuple(f"{p}." for p in paths), everything)
-    _drop_modules(gm, paths)
+    if rewrite:
+        _strip_nodes(gm.graph, tuple(f"{p}." for p in paths), everything)
+    _drop_modules(gm if module is None else module, paths)
     for p in paths:
         del st.adapters[p]
     if not st.adapters:
         delattr(gm, STATE_ATTR)
-    gm.graph.lint()
-    gm.recompile()
+    if rewrite:
+        gm.graph.lint()
+        gm.recompile()
     return gm

@@ -34,6 +34,7 @@ from torch.export.unflatten import InterpreterModule, InterpreterModuleDispatche
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
+from lora_fx import weights
 from lora_fx.errors import ConfigError, TraceError, user_frame
 from lora_fx.state import FRONTEND_META
 
@@ -166,6 +167,18 @@ def export_error(exc: BaseException, model: nn.Module) -> TraceError:
         "instead of `if tensor:`), or check that example_inputs are what forward expects.")
 
 
+def _refuse_quantized(model: nn.Module) -> None:
+    """torch.export (torch 2.13) cannot capture quantized weights: ``unflatten`` fails on torchao's
+    tensor subclasses, and bitsandbytes' parameters cannot be created from fake tensors."""
+    found = [(n, weights.kind_of(p).name) for n, p in model.named_parameters() if not weights.is_plain(p)]
+    if found:
+        raise TraceError(
+            f"the torch.export front-end cannot capture quantized weights ({len(found)}: "
+            f"{', '.join(f'{n} ({k})' for n, k in found[:3])}{', ...' if len(found) > 3 else ''}): torch.export "
+            "does not rebuild torchao's tensor subclasses or bitsandbytes' parameters.\nHow to fix: use the torch.fx "
+            "front-end (frontend='fx', or 'auto' without example inputs), which keeps quantized layers as they are.")
+
+
 def export_hierarchy(
     model: nn.Module,
     example_inputs: tuple,
@@ -198,6 +211,7 @@ def export_hierarchy(
             ``self.training`` other than dropout / batch norm / attention dropout).
     """
     args, kwargs, names = normalize_example_inputs(model, example_inputs, example_kwargs)
+    _refuse_quantized(model)
     shapes = resolve_dynamic_shapes(dynamic_shapes, args, kwargs)
     modes = {name: m.training for name, m in model.named_modules()}
     model.train()

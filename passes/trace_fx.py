@@ -27,9 +27,10 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
 from lora_fx.errors import LoraFxWarning, TraceError, user_frame
-from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, graph_modules, value_key
+from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, value_key
 from lora_fx.ops import LORA_OPS
-from lora_fx.state import LEAF_ATTR
+from lora_fx.rules import module_rule
+from lora_fx.state import LEAF_ATTR, graph_modules
 
 __all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
 
@@ -83,7 +84,7 @@ class LoraTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if getattr(type(m), LEAF_ATTR, False):  # e.g. lora_fx.nn layers: opaque, op-table rule applies
+        if getattr(type(m), LEAF_ATTR, False) or module_rule(m).leaf:  # lora_fx.nn layers, bitsandbytes linears
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -93,6 +94,10 @@ class LoraTracer(fx.Tracer):
         self.branched: set[str] = set()
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
+        own_graph = module_rule(root).own_graph  # a module whose rule gives its forward as a graph
+        if own_graph is not None:
+            self.root = root
+            return own_graph(root)
         compile_stale(root)  # a GraphModule built or copied in a deferred_recompile block: fx traces its forward
         saved = [(m, m.training) for m in root.modules()]
         for name, m in root.named_modules():
@@ -119,7 +124,7 @@ def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceEr
     frame = user_frame(exc, also_skip=(_HERE,))
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
     name = module_path or "<root>"
-    return TraceError(
+    err = TraceError(
         f"torch.fx could not trace module '{name}' ({type(module).__name__}){where}: "
         f"{type(exc).__name__}: {exc}\n"
         "How to fix: (1) pass concrete_args={'arg': value} for arguments the code branches on; "
@@ -127,6 +132,12 @@ def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceEr
         "adapted by merging, through torch.func.functional_call); or (3) use the torch.export "
         "front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which specialises "
         "Python control flow on shapes and arguments to the example inputs (not on tensor values).")
+    # for the regions front-end: the innermost module and a one-line reason
+    err.module_path = module_path
+    first = (str(exc).strip().splitlines() or [""])[0]
+    at = f"{os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`: " if frame else ""
+    err.reason = f"{at}{type(exc).__name__}: {first}"
+    return err
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -185,7 +196,8 @@ def _block_names(module: nn.Module, prefix: str, patterns: tuple[str, ...], leaf
         parent = by_name[parent_name]
         is_block = isinstance(parent, nn.ModuleList) or any(fnmatch.fnmatchcase(prefix + name, p) for p in patterns)
         is_leaf = any(fnmatch.fnmatchcase(prefix + name, p) for p in leaf_patterns)
-        if is_block and not is_leaf and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types):
+        if (is_block and not is_leaf and not tracer.is_leaf_module(child, name) and not isinstance(child, leaf_types)
+                and not module_rule(child).leaf):
             found.add(name)
             inside.add(name)
     return found

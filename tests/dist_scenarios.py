@@ -384,7 +384,77 @@ def scenario_flat_trace(rank: int, world: int, outdir: Path) -> dict:
     return {"flat_error": None}
 
 
-SCENARIOS = {"flat_trace": scenario_flat_trace, "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac, "fsdp_bf16": scenario_fsdp_bf16,
+# --------------------------------------------------------------------------------------------
+# a Hugging Face Llama that kept its class (the regions front-end), sharded per decoder layer
+
+HF_STEPS, HF_SEQ = 2, 8
+
+
+def hf_adapted(*, seed: int = 7) -> nn.Module:
+    """Tiny LlamaForCausalLM, the seven projections adapted with non-zero seeded A and B."""
+    from _hf import targets, tiny  # transformers only where this scenario runs
+
+    gm = lora_fx.transform(tiny("llama"), rank=RANK, alpha=ALPHA, targets=targets("llama"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in lora_fx.sites(gm):
+            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.2)
+            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.2)
+    return gm.train()
+
+
+def hf_batch(step: int, world: int = 2) -> torch.Tensor:
+    """Token ids ``(world·PER_RANK, HF_SEQ)`` of ``step`` (labels are the ids: causal LM loss)."""
+    return torch.randint(3, 128, (world * PER_RANK, HF_SEQ), generator=torch.Generator().manual_seed(200 + step))
+
+
+def hf_training(gm: nn.Module, rank: int | None, world: int = 2) -> dict:
+    """``HF_STEPS`` SGD steps; ``rank`` None trains on the whole batch in one process."""
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+    losses, grads0 = [], {}
+    for step in range(HF_STEPS):
+        ids = hf_batch(step, world)
+        ids = ids if rank is None else shard(ids, rank)
+        loss = gm(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 0:
+            grads0 = {n: p.grad.full_tensor() if rank is not None else p.grad.clone()
+                      for n, p in gm.named_parameters() if p.requires_grad}
+        opt.step()
+        losses.append(loss.detach() if rank is None else _mean_loss(loss))
+    return {"losses": torch.stack(losses), "grads0": grads0}
+
+
+def hf_reference() -> dict:
+    """The same training in one process on the concatenated batches, and its folded weights."""
+    gm = hf_adapted()
+    out = hf_training(gm, None)
+    out["lora"] = {k: v.detach().clone() for k, v in lora_fx.lora_state_dict(gm).items()}
+    out["folded"] = {k: v.clone() for k, v in lora_fx.fold(gm).state_dict().items()}
+    return out
+
+
+def scenario_fsdp_hf(rank: int, world: int, outdir: Path) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    gm = hf_adapted()
+    cls = type(gm)
+    layers = [name for name, _ in lora_fx.distributed.blocks(gm)]
+    lora_fx.distributed.fully_shard_blocks_(gm)
+    out = hf_training(gm, rank, world)
+    out["layers"] = layers
+    out["kept_class"] = isinstance(gm, cls)
+    out["lora"] = lora_fx.distributed.gather_lora_state_dict(gm)
+    full = get_model_state_dict(gm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:  # fold the gathered model
+        plain = hf_adapted(seed=99)
+        plain.load_state_dict(full, strict=True)
+        out["folded"] = {k: v.clone() for k, v in lora_fx.fold(plain).state_dict().items()}
+    return out
+
+
+SCENARIOS = {"fsdp_hf": scenario_fsdp_hf, "flat_trace": scenario_flat_trace, "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_ac": scenario_fsdp_ac, "fsdp_bf16": scenario_fsdp_bf16,
              "fsdp_nested": scenario_fsdp_nested,
              "fsdp_checkpoint": scenario_fsdp_checkpoint}
 

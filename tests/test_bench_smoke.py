@@ -35,3 +35,18 @@ def test_bench_quick_runs(tmp_path, capsys):
         assert "above_model_mib" in res[f"{kind}_memory"]["fx-auto+compile"], res[f"{kind}_memory"]
     assert {"base", "fx-folded"} <= set(res["gpt_infer"]["batch1"])
     assert json.loads(out.read_text())["config"]["quick"] is True
+
+
+def test_bench_hf_quick_runs(tmp_path, capsys):
+    path = os.path.join(HERE, "..", "benchmarks", "bench_hf.py")
+    spec = importlib.util.spec_from_file_location("bench_hf", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # the memory section starts a fresh process per variant (seconds of imports each): not here
+    res = bench.main(["--quick", "--sections", "transform,train,generate", "--json", str(tmp_path / "hf.json")])
+    printed = capsys.readouterr().out
+    assert "transform() of a 4-layer Llama" in printed and "train (per step" in printed
+    assert set(res["train"]) == set(bench.TRAIN_VARIANTS) and res["train"]["peft"]["ratio_to_peft"] == 1.0
+    assert res["transform"]["ratio"] > 0
+    assert res["generate"]["same_tokens_as_folded"]["lora_fx"]
+    assert json.loads((tmp_path / "hf.json").read_text())["config"]["quick"] is True

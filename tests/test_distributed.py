@@ -52,6 +52,10 @@ def results(tmp_path_factory):
     import torch.distributed.checkpoint  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
     from torch.nn.parallel import DistributedDataParallel  # noqa: F401
+    try:  # the Hugging Face scenario's model classes
+        import transformers.models.llama.modeling_llama  # noqa: F401
+    except ImportError:
+        pass
 
     out = tmp_path_factory.mktemp("dist")
     try:
@@ -158,6 +162,18 @@ def test_fsdp2_mixed_trainability(results):
         assert res["state_names"] == _trainable_keys()  # ... and optimizer state
         assert res["frozen_unchanged"]  # frozen weights unchanged bit for bit
         assert res["identity"]  # the parameters FSDP and the optimizer hold are the model's
+
+
+@pytest.mark.distributed
+def test_fsdp2_per_decoder_layer_of_a_hf_llama_equals_single_process(results):
+    pytest.importorskip("transformers")
+    want = ds.hf_reference()
+    for res in _scenario(results, "fsdp_hf"):
+        assert res["layers"] == ["model.layers.0", "model.layers.1"] and res["kept_class"]
+        assert_close(res["losses"], want["losses"])
+        _assert_close_dicts(res["grads0"], want["grads0"], what="step-0 gradients")
+        _assert_close_dicts(res["lora"], want["lora"], what="trained adapters")
+    _assert_close_dicts(_scenario(results, "fsdp_hf")[0]["folded"], want["folded"], what="folded weights")
 
 
 @pytest.mark.distributed

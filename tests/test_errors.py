@@ -202,7 +202,7 @@ def test_trace_failure_names_module_and_line():
     m = Outer()
     snap = snapshot(m)
     with pytest.raises(TraceError) as ei:
-        lora_fx.transform(m, rank=2)
+        lora_fx.transform(m, rank=2, frontend="fx")  # "auto" keeps Branchy as Python and adapts fc
     _check(ei, RuntimeError, "'inner'", "Branchy", "test_errors.py", "x.shape[1] > 8", "concrete_args",
            "leaf_modules")
     assert_unchanged(m, snap)

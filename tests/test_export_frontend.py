@@ -235,13 +235,28 @@ class DataDependent(nn.Module):
         return -self.fc(x)
 
 
-def test_auto_without_example_inputs_says_to_pass_them():
+class OwnBranchy(nn.Module):
+    """Its weight is read by its own (untraceable) forward: nothing to capture on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        if x.shape[1] > 8:
+            return x[:, :4] @ self.w
+        return x @ self.w
+
+
+def test_auto_without_example_inputs_keeps_the_class_or_says_to_pass_them():
     model = Branchy()
-    with pytest.raises(TraceError, match=r"example_inputs=\(x,\)") as info:
-        lora_fx.transform(model, rank=2)
-    assert "Branchy" in str(info.value)
+    kept = lora_fx.transform(model, rank=2)  # fx fails on the root: its Python stays, fc is a region
+    assert type(kept) is Branchy and lora_fx.state.frontend_of(kept) == "regions"
     gm = lora_fx.transform(model, rank=2, example_inputs=(torch.randn(2, 4),))
     assert gm.meta["lora_fx_frontend"] == "export"
+    with pytest.raises(TraceError, match=r"example_inputs=\(x,\)") as info:
+        lora_fx.transform(OwnBranchy(), rank=2)
+    assert "OwnBranchy" in str(info.value)
 
 
 def test_both_front_ends_fail_one_error_shortest_first():

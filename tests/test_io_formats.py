@@ -15,7 +15,8 @@ from torch import nn
 import lora_fx
 import lora_fx.io
 from lora_fx.errors import AdapterMismatchError
-from lora_fx.io._files import atomic_write_bytes, mismatch_error
+from lora_fx.io._files import Entry, Rollback, atomic_write_bytes, entry_problems, mismatch_error
+from lora_fx.state import unwrap
 from lora_fx.io.state_dict import lora_state_dict
 
 from _reference import randomize_
@@ -35,14 +36,14 @@ def load_npz(model: nn.Module, path) -> nn.Module:
     """Load a :func:`save_npz` archive into ``model``; every mismatch in one error, nothing loaded."""
     with np.load(path, allow_pickle=False) as f:  # never unpickle
         sd = {k: torch.from_numpy(f[k]) for k in f.files}
-    own = lora_state_dict(model, bias="all")
-    problems = [f"unexpected key {k!r}" for k in sorted(set(sd) - set(own))]
-    problems += [f"missing key {k!r}" for k in sorted(set(lora_state_dict(model)) - set(sd))]
-    problems += [f"{k!r}: file has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}"
-                 for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    own = unwrap(model).state_dict(keep_vars=True)
+    expected = {k: Entry(tuple(own[k].shape), own[k].dtype) for k in lora_state_dict(model)}
+    problems = entry_problems(sd, expected)
     if problems:
         raise mismatch_error(f"adapter file {str(path)!r} does not fit {type(model).__name__}", problems)
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    with torch.no_grad(), Rollback() as undo:
+        for k, v in sd.items():
+            undo.tensor(own[k]).copy_(v)
     return model
 
 # -------------------------------------------------------------------------------------------------

@@ -28,7 +28,10 @@ class MLP(nn.Module):
 
 def test_keys_are_spelled_only_in_the_state_module():
     keys = [state.STATE_ATTR, state.CONFIG_ATTR, state.OWNS_WEIGHTS_ATTR, state.FRONTEND_META, state.LEAF_ATTR,
-            *state.PISSA_BUFFERS, state.FILE_META["adapter"], state.FILE_META["config"]]
+            state.FRONTEND_ATTR, state.REGION_ATTR, state.KEPT_ATTR, state.CAPTURE_META, state.REQUANT_ERROR,
+            state.FOLD_ATTR,
+            *state.PISSA_BUFFERS, state.FILE_META["adapter"], state.FILE_META["config"], state.FILE_META["state"],
+            state.FILE_META["checksums"], state.TRAINABLE_ATTR, state.BUFFERS_ATTR]
     pattern = re.compile("|".join(rf"""["']{re.escape(k)}["']""" for k in keys))
     offenders = []
     for folder in ("lora_fx", "passes"):

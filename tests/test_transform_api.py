@@ -246,7 +246,10 @@ def test_untraceable_model_error_is_typed():
     model = Bad()
     snap = snapshot(model)
     with pytest.raises(TraceError):
-        lora_fx.transform(model, rank=2)
+        lora_fx.transform(model, rank=2, frontend="fx")
+    assert_unchanged(model, snap)
+    kept = lora_fx.transform(model, rank=2)  # "auto": the branch stays Python, fc is a region
+    assert type(kept) is Bad and [s.param for s in lora_fx.sites(kept)] == ["fc.weight"]
     assert_unchanged(model, snap)
 
 

@@ -10,6 +10,7 @@ dequantized weight in both lowerings, folds through the kind, and PiSSA refuses 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -117,7 +118,11 @@ def test_kind_lookup_and_logical_view():
 @pytest.mark.parametrize("lowering", ["factored", "merge"])
 def test_quantized_weight_is_a_site_exact_against_the_dequantized_reference(lowering):
     model, twin, x = _pair()
-    gm = lora_fx.transform(model, rank=2, leaf_modules=["q"], lowering=lowering)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = lora_fx.transform(model, rank=2, leaf_modules=["q"], lowering=lowering)
+    merge_warnings = [w for w in caught if "is a flat-int8 weight used by linear" in str(w.message)]
+    assert len(merge_warnings) == (lowering == "merge")  # a merge materialises the dequantized weight: says so
     site = {s.param: s for s in lora_fx.sites(gm)}["q.weight"]
     assert site.shape == (6, 7) and tuple(site.lora_A.shape) == (2, 7) and site.lora_A.dtype == torch.float32
     assert site.lowering == lowering
@@ -142,7 +147,8 @@ def test_pissa_refuses_a_weight_it_cannot_write():
 
 def test_dora_reads_the_dequantized_weight():
     model, twin, x = _pair()
-    gm = lora_fx.transform(model, rank=2, leaf_modules=["q"], use_dora=True, targets=["q.weight"])
+    with pytest.warns(lora_fx.LoraFxWarning, match="'q.weight' is a flat-int8 weight used by linear"):
+        gm = lora_fx.transform(model, rank=2, leaf_modules=["q"], use_dora=True, targets=["q.weight"])
     a = lora_fx.sites(gm)[0].module
     assert_close(a.lora_magnitude.detach(), twin.q.weight.detach().norm(dim=1), dtype=torch.float32)
     with torch.no_grad():

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..io._files import mismatch_error
-from ..state import ADAPTER_ATTR, check_adapter_names, iter_adapters, require_adapted
+from ..io._files import ADAPTER_STATE, Entry, Rollback, entry_problems, mismatch_error, plain_keys
+from ..state import (ADAPTER_ATTR, adapter_modules, check_adapter_names, iter_adapters, plain_name, require_adapted,
+                     trainable_params, unwrap)
 from .module import LoraAdapter
 
 __all__ = [
@@ -141,11 +142,15 @@ def disable_adapters(gm: nn.Module, *, adapter: AdapterSel = None) -> Iterator[n
             a.refresh_scaling_()
 
 
-def _normalise_key(key: str, adapter: str) -> str:
-    """Replace the adapter-name segment of an adapter state key by ``adapter``."""
+def _adapter_name_of(key: str) -> Optional[str]:
+    """The adapter-name segment of an adapter state key (``"fc.lora.<name>.weight.lora_A"``), or None."""
     parts = key.split(".")
-    if len(parts) >= 4 and parts[-4] == ADAPTER_ATTR:
-        parts[-3] = adapter
+    return parts[-3] if len(parts) >= 4 and parts[-4] == ADAPTER_ATTR else None
+
+
+def _renamed(key: str, adapter: str) -> str:
+    parts = key.split(".")
+    parts[-3] = adapter
     return ".".join(parts)
 
 
@@ -161,15 +166,18 @@ def load_adapter_values_(
     values without recompiling.
 
     ``state`` holds ``{key: tensor}`` as :func:`lora_fx.lora_state_dict` returns it, e.g.
-    ``"layers.0.fc.lora.default.weight.lora_A"``; the adapter-name segment of each key may be
-    another name (it is replaced by ``adapter``).  DoRA adapters also need their
-    ``lora_magnitude: (fan_out,)``.  For every adapter: ``lora_A: (r', fan_in)``,
-    ``lora_B: (fan_out, r')`` with ``r'`` at most the adapter's capacity ``lora_A.shape[0]``
-    (see :func:`reserve_rank_`); a smaller ``r'`` is zero-padded and the adapter's logical
-    ``rank`` becomes ``r'``.  Values are cast to the factors' dtype and device.
+    ``"layers.0.fc.lora.default.weight.lora_A"`` (keys of a compiled or DDP-wrapped model, with
+    ``_orig_mod.`` / ``module.`` parts, load too); when it holds one adapter, its adapter-name
+    segment may be another name (it is replaced by ``adapter``).  A tied weight's adapter may be
+    given under any of its owners' paths (several must hold the same values).  DoRA adapters also
+    need their ``lora_magnitude: (fan_out,)``; base parameters trained in full with the adapter
+    (``trainable=``) may be given too.  For every adapter: ``lora_A: (r', fan_in)``,
+    ``lora_B: (fan_out, r')`` with ``r'`` at most the adapter's capacity ``lora_A.shape[0]`` (see
+    :func:`reserve_rank_`); a smaller ``r'`` is zero-padded and the adapter's logical ``rank``
+    becomes ``r'``.  Values are cast to the factors' dtype and device when the cast is exact.
 
     Args:
-        gm: a module from :func:`lora_fx.transform`.
+        gm: a module from :func:`lora_fx.transform` (or a compiled / DDP wrapper of one).
         state: the factors to load; every adapter named ``adapter`` must get both factors.
         adapter: the adapter to load into.
         alpha: ``None`` keeps each adapter's ``alpha``; a float sets it for all; a mapping
@@ -180,61 +188,70 @@ def load_adapter_values_(
         ``gm``.
 
     Raises:
-        AdapterMismatchError: listing every missing key, unexpected key, wrong fan-in/fan-out and
-            rank above capacity; nothing is written when any is found.
+        AdapterMismatchError: listing every missing key, unexpected key, wrong shape (fan-in,
+            fan-out, rank above capacity), wrong dtype and inf/nan value; nothing is written when
+            any is found (the contract of :mod:`lora_fx.io._files`).
         UnknownAdapterError: no adapter named ``adapter`` (also a NotAdaptedError).
     """
-    chosen = dict(select_adapters(gm, adapter, what="load_adapter_values_"))
-    given = {_normalise_key(k, adapter): v for k, v in state.items()}
-    problems, plan = [], []
-    expected = set()
-    for path, a in chosen.items():
-        ka, kb = f"{path}.lora_A", f"{path}.lora_B"
-        expected.update((ka, kb))
-        mag = getattr(a, "lora_magnitude", None)  # DoRA: the magnitude vector travels with the factors
-        if mag is not None:
-            km = f"{path}.lora_magnitude"
-            expected.add(km)
-            if km not in given:
-                problems.append(f"missing key {km!r} (DoRA magnitude)")
+    select_adapters(gm, adapter, what="load_adapter_values_")
+    target = unwrap(gm)
+    own = {plain_name(k): v for k, v in target.state_dict(keep_vars=True).items()}
+    mods = {p: a for p, (n, a) in adapter_modules(target).items() if n == adapter}
+    given = plain_keys(state, own)
+    names = {n for n in map(_adapter_name_of, given) if n is not None}
+    if len(names) == 1 and adapter not in names:
+        given = {(_renamed(k, adapter) if _adapter_name_of(k) else k): v for k, v in given.items()}
+    expected: dict[str, Entry] = {}
+    groups: dict[int, list[str]] = {}
+    for path, a in mods.items():
+        groups.setdefault(id(a), []).append(path)
+        fused = getattr(a, "blocks", None) is not None
+        for attr, axis in (("lora_A", 0), ("lora_B", 1), ("lora_magnitude", None)):
+            t = getattr(a, attr, None)
+            if isinstance(t, torch.Tensor):
+                expected[f"{path}.{attr}"] = Entry(tuple(t.shape), t.dtype, required=False,
+                                                   rank_axis=None if fused else axis)
+    for k in trainable_params(target, [adapter]):
+        if k in own:
+            expected[k] = Entry(tuple(own[k].shape), own[k].dtype, required=False)
+    problems = entry_problems(given, expected, unexpected_why=lambda k: f"no adapter '{adapter}' there")
+    plan = []
+    for paths in groups.values():
+        a = mods[paths[0]]
+        attrs = ("lora_A", "lora_B") + (("lora_magnitude",) if getattr(a, "lora_magnitude", None) is not None else ())
+        values = {}
+        for attr in attrs:
+            found = [p for p in paths if f"{p}.{attr}" in given]
+            if not found:
+                also = f" (or {[f'{p}.{attr}' for p in paths[1:]]})" if len(paths) > 1 else ""
+                what = " (DoRA magnitude)" if attr == "lora_magnitude" else ""
+                problems.append(f"missing key {f'{paths[0]}.{attr}'!r}{what}{also}")
                 continue
-            if tuple(given[km].shape) != tuple(mag.shape):
-                problems.append(f"{km}: shape {tuple(given[km].shape)}, adapter has {tuple(mag.shape)}")
-                continue
-        if ka not in given or kb not in given:
-            problems += [f"missing key {k!r}" for k in (ka, kb) if k not in given]
-            continue
-        va, vb = given[ka], given[kb]
-        cap, fan_in = a.lora_A.shape
-        fan_out = a.lora_B.shape[0]
-        if va.ndim != 2 or vb.ndim != 2 or va.shape[1] != fan_in or vb.shape[0] != fan_out or va.shape[0] != vb.shape[1]:
-            problems.append(f"{path}: lora_A {tuple(va.shape)} / lora_B {tuple(vb.shape)} do not fit "
-                            f"A (r, {fan_in}) / B ({fan_out}, r)")
-            continue
-        if getattr(a, "blocks", None) is not None and (va.shape != a.lora_A.shape or vb.shape != a.lora_B.shape):
-            problems.append(f"{path}: fused adapter (blocks {a.blocks}) needs lora_A {tuple(a.lora_A.shape)} / "
-                            f"lora_B {tuple(a.lora_B.shape)} exactly, got {tuple(va.shape)} / {tuple(vb.shape)}")
-            continue
-        if va.shape[0] > cap:
-            problems.append(f"{path}: rank {va.shape[0]} exceeds the adapter's capacity {cap}; call "
-                            f"lora_fx.reserve_rank_(gm, {va.shape[0]}) before compiling (or re-transform "
-                            "with that rank: a shape change recompiles)")
-            continue
-        plan.append((path, a, va, vb))
-    problems += [f"unexpected key {k!r} (no adapter '{adapter}' there)"
-                 for k in sorted(set(given) - expected)]
+            values[attr] = given[f"{found[0]}.{attr}"]
+            problems += [f"{f'{p}.{attr}'!r} and {f'{found[0]}.{attr}'!r} name one tied adapter but hold different "
+                         "values" for p in found[1:] if not torch.equal(given[f"{p}.{attr}"], values[attr])]
+        va, vb = values.get("lora_A"), values.get("lora_B")
+        if va is not None and vb is not None:
+            if getattr(a, "blocks", None) is None and va.ndim == 2 and vb.ndim == 2 and va.shape[0] != vb.shape[1]:
+                problems.append(f"{paths[0]}: lora_A has rank {va.shape[0]}, lora_B has rank {vb.shape[1]}")
+            plan.append((paths[0], a, values))
     if problems:
-        raise mismatch_error(f"cannot load adapter values into '{adapter}' of {type(gm).__name__}", problems)
-    with torch.no_grad():
-        for path, a, va, vb in plan:
+        raise mismatch_error(f"cannot load adapter values into '{adapter}' of {type(target).__name__}", problems)
+    with torch.no_grad(), Rollback() as undo:
+        for path, a, values in plan:
+            undo.attrs(a, ADAPTER_STATE)
+            for attr in values:
+                undo.tensor(getattr(a, attr))
+            va, vb = values["lora_A"], values["lora_B"]
             r = va.shape[0]
             a.lora_A[:r].copy_(va)
             a.lora_A[r:].zero_()
             a.lora_B[:, :r].copy_(vb)
             a.lora_B[:, r:].zero_()
-            if getattr(a, "lora_magnitude", None) is not None:
-                a.lora_magnitude.copy_(given[f"{path}.lora_magnitude"])
-            a.rank = int(r)
+            if "lora_magnitude" in values:
+                a.lora_magnitude.copy_(values["lora_magnitude"])
+            if getattr(a, "blocks", None) is None:
+                a.rank = int(r)
             if isinstance(alpha, Mapping):
                 hit = next((v for p, v in alpha.items() if fnmatch.fnmatchcase(path, p)), None)
                 if hit is not None:
@@ -242,6 +259,9 @@ def load_adapter_values_(
             elif alpha is not None:
                 a.alpha = float(alpha)
             a.refresh_scaling_()
+        for k in trainable_params(target, [adapter]):
+            if k in given:
+                undo.tensor(own[k]).copy_(given[k].to(own[k].dtype))
     return gm
 
 

@@ -19,8 +19,7 @@ from .. import weights
 from ..config import LoraConfig
 from ..errors import ConfigError, LoraFxWarning
 from ..fused import resolve_blocks
-from ..graph_module import graph_modules
-from ..state import OWNS_WEIGHTS_ATTR, PISSA_BUFFERS
+from ..state import OWNS_WEIGHTS_ATTR, PISSA_BUFFERS, regions
 from .module import LoraAdapter
 
 __all__ = ["new_adapter", "check_pissa", "pissa_init_", "dora_init_"]
@@ -65,7 +64,7 @@ def check_pissa(root: nn.Module, consumers, chosen) -> None:
             "init='pissa' writes the residual W - s·B@A into the base weight, but this adapted module "
             "shares its weights with your model (copy_weights=False), which lora_fx never modifies. "
             "Use copy_weights=True, or init='kaiming'/'gaussian'.")
-    gms = dict(graph_modules(root))
+    gms = dict(regions(root))
     for c in chosen:
         w = gms[c.gm_path].get_parameter(c.param)
         if not weights.writable(w):

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence, Union
 
-from torch import fx, nn
+from torch import nn
 
 from lora_fx.passes.find_sites import find_sites
 from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.remove_lora import remove_lora_
+from lora_fx.passes.route_quantized import prepare_quantized_
 
 from ..config import UNSET, LoraConfig, config_with
 from ..errors import ConfigError, TargetError
-from ..graph_module import graph_modules
-from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters,
-                     record_config_, require_adapted, state_of)
-from ..targets import check_adapter_name, check_patterns, select_targets
+from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters, regions,
+                     record_config_, record_trainable_, require_adapted, state_of, trainable_params)
+from ..targets import check_adapter_name, check_patterns, select_targets, select_trainable
 from .hotswap import disable_adapters  # one implementation, re-exported here
 from .init import check_pissa, new_adapter
 from .module import LoraAdapter
@@ -42,11 +42,13 @@ __all__ = [
 ]
 
 
-def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.GraphModule:
-    """The pipeline after capture, on a ``GraphModule`` hierarchy the caller owns (the copy
-    :func:`lora_fx.transform` captured, or the module :func:`add_adapter` extends); returns ``root``.
+def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    """The pipeline after capture, on a captured model the caller owns (a ``GraphModule``
+    hierarchy or a model with regions: the copy :func:`lora_fx.transform` captured, or the module
+    :func:`add_adapter` extends); returns ``root``.
 
-    find sites (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
+    prepare quantized modules (:mod:`lora_fx.passes.route_quantized`) → find sites
+    (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
     (:mod:`lora_fx.targets`) → make one adapter per targeted weight (:func:`.init.new_adapter`) and
     insert its merge / factored nodes (:mod:`lora_fx.passes.insert_lora`) → record the config
     (:mod:`lora_fx.state`).  ``requires_grad`` is left to the caller.
@@ -55,14 +57,27 @@ def adapt_(root: fx.GraphModule, config: LoraConfig, adapter_name: str) -> fx.Gr
         TargetError, UnsupportedSiteError: as :func:`lora_fx.transform`.
         ConfigError: ``init="pissa"`` where it cannot write the weight.
     """
+    prepare_quantized_(root)  # quantized bases: modules' prepare hooks, linears on the frozen-base op
     consumers = find_sites(root)
     chosen = select_targets(consumers, config.targets, config.exclude)
+    trainable = select_trainable(root, config.trainable)
+    gms = dict(regions(root))  # once: per-adapter lookups stay O(1)
+    if trainable:  # trained in full: no adapter on them (explicitly targeted: a conflict)
+        full = {id(root.get_parameter(n)) for n in trainable}
+        both = sorted({c.fqn for c in chosen if id(gms[c.gm_path].get_parameter(c.param)) in full})
+        if both and config.targets is not None:
+            raise ConfigError(f"{both} are both LoRA targets and trainable (trained in full); a weight is one or the "
+                              "other: remove them from targets or from trainable")
+        chosen = [c for c in chosen if c.fqn not in both]
+        if not chosen:
+            raise TargetError(f"trainable={list(config.trainable)} covers every default target, so no adapter is left; "
+                              "name the weights to adapt with targets=[...]")
     if config.init == "pissa":
         check_pissa(root, consumers, chosen)
     check_patterns(config, chosen)
-    gms = dict(graph_modules(root))  # once: per-adapter lookups stay O(1)
     insert_lora(root, chosen, lambda c: new_adapter(c, gms[c.gm_path].get_parameter(c.param), config),
                 adapter_name=adapter_name, lowering=config.lowering, recompute_inputs=config.recompute_inputs)
+    record_trainable_(root, adapter_name, trainable)
     return record_config_(root, adapter_name, config)
 
 
@@ -212,6 +227,9 @@ def add_adapter(
         a.refresh_scaling_()
         for p in a.parameters():
             p.requires_grad_(bool(activate))
+    if activate:
+        for n in trainable_params(gm, [name]):
+            gm.get_parameter(n).requires_grad_(True)
     gm.train(was_training)
     return gm
 
@@ -227,9 +245,11 @@ def delete_adapter(gm: nn.Module, name: str) -> nn.Module:
     """
     require_adapted(gm, "delete_adapter")
     check_adapter_names(gm, [name])
-    for _, sub in list(gm.named_modules()):
+    for path, sub in regions(gm):
         st = state_of(sub)
         if st is not None:  # the same removal pass as fold, for this adapter's modules only
-            remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name])
+            remove_lora_(sub, [p for p, r in st.adapters.items() if r.adapter == name],
+                         module=gm.get_submodule(path) if path else gm)
+    record_trainable_(gm, name, [])
     forget_config_(gm, name)
     return gm

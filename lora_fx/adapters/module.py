@@ -100,6 +100,8 @@ class LoraAdapter(nn.Module):
         self.register_buffer("scaling", torch.tensor(self.base_scaling, dtype=torch.promote_types(dtype, torch.float32),
                                                     device=device),
                              persistent=False)
+        if self.use_dora:  # DoRA's graph also reads alpha / rank (its gate is scaling / base_scale)
+            self.register_buffer("base_scale", self.scaling.clone(), persistent=False)
         if dropout > 0:
             self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
@@ -115,9 +117,12 @@ class LoraAdapter(nn.Module):
         return self.base_scaling * self.mix * (1.0 if self.enabled else 0.0)
 
     def refresh_scaling_(self) -> "LoraAdapter":
-        """Write :attr:`effective_scaling` into the ``scaling`` buffer in place."""
+        """Write :attr:`effective_scaling` into the ``scaling`` buffer (and, for DoRA,
+        :attr:`base_scaling` into ``base_scale``) in place."""
         with torch.no_grad():
             self.scaling.fill_(self.effective_scaling)
+            if isinstance(getattr(self, "base_scale", None), torch.Tensor):
+                self.base_scale.fill_(self.base_scaling)
         return self
 
     @torch.no_grad()

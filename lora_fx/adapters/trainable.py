@@ -6,18 +6,28 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..state import adapter_owners, check_bias, is_bias_key, is_lora_key, is_lora_layer
+from ..state import (adapter_owners, check_bias, is_bias_key, is_lora_key, is_lora_layer, iter_adapters,
+                     trainable_params, unwrap)
 from .module import LoraAdapter
 
 __all__ = ["mark_only_lora_as_trainable", "adapter_parameters", "train_adapters_only_",
            "register_model_param_after_backward"]
 
 
+def _full(model: nn.Module, *, active_only: bool) -> set[int]:
+    """Ids of the base parameters trained in full (``trainable=``) with the (enabled) adapters."""
+    inner = unwrap(model)
+    names = None if not active_only else {n for n, _, a in iter_adapters(inner) if a.enabled}
+    return {id(inner.get_parameter(n)) for n in trainable_params(inner, names)}
+
+
 def train_adapters_only_(root: nn.Module) -> nn.Module:
     """``requires_grad`` True for every parameter of every :class:`LoraAdapter` under ``root``
-    (enabled or not), False for all other parameters: the state :func:`lora_fx.transform` returns.
-    Returns ``root``."""
+    (enabled or not) and for the base parameters trained in full with an adapter
+    (``trainable=``), False for all other parameters: the state :func:`lora_fx.transform`
+    returns.  Returns ``root``."""
     adapters = {id(p) for m in root.modules() if isinstance(m, LoraAdapter) for p in m.parameters()}
+    adapters |= _full(root, active_only=False)
     for p in root.parameters():
         p.requires_grad_(id(p) in adapters)
     return root
@@ -25,21 +35,26 @@ def train_adapters_only_(root: nn.Module) -> nn.Module:
 
 def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn.Parameter]:
     """Adapter parameters of ``model`` (lora_fx adapters, plus any parameter whose name contains
-    ``lora_`` as in loralib-style layers); with ``active_only``, disabled adapters are left out."""
+    ``lora_`` as in loralib-style layers), and the base parameters trained in full with an adapter
+    (``transform(..., trainable=[...])``); with ``active_only``, those of disabled adapters are
+    left out.  What an optimizer needs: ``torch.optim.AdamW(adapter_parameters(gm))``."""
     out, seen = [], set()
     disabled = set()
     for m in model.modules():
         if isinstance(m, LoraAdapter) and active_only and not m.enabled:
             disabled.update(id(p) for p in m.parameters())
+    full = _full(model, active_only=active_only)
     for name, p in model.named_parameters():
-        if is_lora_key(name) and id(p) not in disabled and id(p) not in seen:
+        if (is_lora_key(name) or id(p) in full) and id(p) not in disabled and id(p) not in seen:
             seen.add(id(p))
             out.append(p)
     return out
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Set ``requires_grad`` so that only (enabled) adapter parameters train; returns ``model``.
+    """Set ``requires_grad`` so that only (enabled) adapter parameters, and the base parameters
+    trained in full with an enabled adapter (``transform(..., trainable=[...])``), train; returns
+    ``model``.
 
     Args:
         model: a module from :func:`lora_fx.transform` (or with loralib-style ``lora_`` layers).
@@ -52,7 +67,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
         ConfigError: unknown ``bias`` mode.
     """
     check_bias(bias)
-    trainable = {id(p) for p in adapter_parameters(model)}
+    trainable = {id(p) for p in adapter_parameters(model)} | _full(model, active_only=True)
     if bias == "all":
         trainable |= {id(p) for n, p in model.named_parameters() if is_bias_key(n)}
     elif bias == "lora_only":

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from ..errors import AdapterMismatchError, ConfigError
 from ..nn import layout
-from ..state import is_adapter_path, is_lora_key, sites
-from ._files import mismatch_error
+from ..state import is_adapter_path, is_lora_key, sites, unwrap
+from ._files import Rollback, dtype_problem, mismatch_error, plain_keys
 from .state_dict import lora_state_dict
 
 __all__ = ["load_loralib_state_dict", "loralib_state_dict"]
@@ -148,12 +148,12 @@ def _to_ours(gm, site, key, tag, a, b, enable_lora, fan_in_fan_out):
                                f"of '{site.param}' {tuple(shape)} (op {site.op})")
 
 
-def _refuse_fused(site) -> None:
+def _fused_problem(site) -> Optional[str]:
     if site.blocks:
-        raise AdapterMismatchError(
-            f"'{site.param}' has a fused per-block adapter ({', '.join(b[0] for b in site.blocks)}); loralib / "
-            "LoRA-Torch layouts hold one rank-r pair per weight. Transform with "
-            f"fused={{'{site.param}': None}} (or fused={{'*.in_proj_weight': None}} for attention) to use them.")
+        return (f"'{site.param}' has a fused per-block adapter ({', '.join(b[0] for b in site.blocks)}); loralib / "
+                "LoRA-Torch layouts hold one rank-r pair per weight. Transform with "
+                f"fused={{'{site.param}': None}} (or fused={{'*.in_proj_weight': None}} for attention) to use them.")
+    return None
 
 
 @torch.no_grad()
@@ -192,15 +192,24 @@ def load_loralib_state_dict(
         AdapterMismatchError: a key names no adapted parameter, its shapes fit no layout, the adapter's
             rank is too small (the message gives the rank needed), or (``strict``) an adapter gets no key.
         ConfigError: no usable ``lora_alpha`` for a key.
+
+    The contract of every loader (:mod:`lora_fx.io._files`): missing, unexpected, wrong-shape and
+    wrong-dtype keys and inf/nan values all in one error, nothing written then; ``gm`` may be
+    compiled or DDP-wrapped, and keys with ``_orig_mod.`` / ``module.`` parts load.
     """
-    by_name = {}
+    given, gm = gm, unwrap(gm)
+    state_dict = plain_keys(state_dict, gm.state_dict())
+    by_name, errors = {}, []
     for s in sites(gm):
         if s.adapter == adapter_name:
-            _refuse_fused(s)
+            fused = _fused_problem(s)
+            if fused:
+                errors.append(fused)
+                continue
             for n in s.aliases or (s.param,):
                 by_name[n] = s
     pairs: dict[tuple[str, str], dict[str, Tensor]] = {}
-    others, errors = {}, []
+    others = {}
     for key, value in state_dict.items():
         parts = _split_key(key)
         if parts is None:
@@ -212,19 +221,28 @@ def load_loralib_state_dict(
     covered = set()
     for (prefix, tag), ab in pairs.items():
         key = _join(prefix, f"{tag}_lora_A" if tag else "lora_A")
-        if set(ab) != {"A", "B"}:
-            errors.append(f"'{key}': only lora_{''.join(ab)} present; both factors are needed")
-            continue
         site = next((by_name[c] for c in _candidates(prefix, tag) if c in by_name), None)
-        if site is None:
-            errors.append(f"'{key}': no adapted parameter among {_candidates(prefix, tag) or ['(unknown key form)']} "
-                          f"for adapter '{adapter_name}'")
+        if site is not None:
+            covered.add(site.path)  # a problem with its keys is reported once, not as missing too
+        if set(ab) != {"A", "B"}:
+            have = key if "A" in ab else key[:-1] + "B"
+            errors.append(f"missing key {have[:-1] + ('B' if 'A' in ab else 'A')!r} (its pair {have!r} is present; "
+                          "both factors are needed)")
             continue
+        if site is None:
+            errors.append(f"unexpected key '{key}' (no adapted parameter among "
+                          f"{_candidates(prefix, tag) or ['(unknown key form)']} for adapter '{adapter_name}')")
+            continue
+        bad = [p for p in (dtype_problem(key, ab["A"], site.lora_A.dtype),
+                           dtype_problem(key[:-1] + "B", ab["B"], site.lora_B.dtype)) if p]
+        errors += bad
         try:
             a, b, r = _to_ours(gm, site, key, tag, ab["A"], ab["B"], enable_lora, fan_in_fan_out)
             s_l = _alpha_for(lora_alpha, prefix, None, key) / r
         except (AdapterMismatchError, ConfigError) as exc:
             errors.append(str(exc))
+            continue
+        if bad:
             continue
         ad = site.module
         if a.shape[0] > ad.rank:
@@ -234,25 +252,28 @@ def load_loralib_state_dict(
         s_t = ad.base_scaling * ad.mix
         a, b = layout.pad_rank(a.float(), b.float() * (s_l / s_t), ad.rank)
         writes += [(ad.lora_A, a), (ad.lora_B, b)]
-        covered.add(site.path)
     for key, value in others.items():
         alt = key.replace(".conv.", ".") if ".conv." in key else None
         target = key if key in base_sd else alt if alt in base_sd else None
         if target is None:
-            errors.append(f"'{key}': not a LoRA factor and not an entry of the model's state_dict")
+            errors.append(f"unexpected key '{key}' (not a LoRA factor and not an entry of the model's state_dict)")
         elif tuple(base_sd[target].shape) != tuple(value.shape):
-            errors.append(f"'{key}': shape {tuple(value.shape)} != {tuple(base_sd[target].shape)} of '{target}'")
+            errors.append(f"'{key}': file has shape {tuple(value.shape)}, model has {tuple(base_sd[target].shape)} "
+                          f"('{target}')")
+        elif dtype_problem(key, value, base_sd[target].dtype):
+            errors.append(dtype_problem(key, value, base_sd[target].dtype))
         else:
             writes.append((base_sd[target], value))
     if strict:
         missing = sorted({s.param for s in by_name.values() if s.path not in covered})
-        if missing:
-            errors.append(f"no checkpoint key for the adapters of {missing} (pass strict=False to keep them)")
+        errors += [f"missing key {_join(p.rpartition('.')[0], 'lora_A')!r} / 'lora_B' (no checkpoint key for the adapter "
+                   f"of '{p}'; pass strict=False to keep it)" for p in missing]
     if errors:
         raise mismatch_error(f"loralib checkpoint does not fit {type(gm).__name__}", errors)
-    for dst, src in writes:
-        dst.copy_(src.to(dst.dtype))
-    return gm
+    with Rollback() as undo:
+        for dst, src in writes:
+            undo.tensor(dst).copy_(src.to(dst.dtype))
+    return given
 
 
 @torch.no_grad()
@@ -291,13 +312,17 @@ def loralib_state_dict(
     """
     if style not in ("loralib", "loratorch"):
         raise ConfigError(f"style must be 'loralib' or 'loratorch', got {style!r}")
+    gm = unwrap(gm)
     out: dict[str, Tensor] = {}
     errors = []
     conv_owners = set()
     for site in sites(gm):
         if site.adapter != adapter_name:
             continue
-        _refuse_fused(site)
+        fused = _fused_problem(site)
+        if fused:
+            errors.append(fused)
+            continue
         owner_path, _, pname = site.param.rpartition(".")
         owner = _owner(gm, site.param)
         parent_path, _, last = owner_path.rpartition(".")

@@ -19,12 +19,13 @@ entry (:func:`register_module_rule`, :func:`register_function_rule`); the passes
 
 Layout: :mod:`.table` (the records, the registry and the lowering policy), :mod:`.modules`
 (``torch.nn`` leaf modules), :mod:`.functional` (``torch.nn.functional`` / ``torch`` calls and
-their ATen forms).
+their ATen forms), :mod:`.quantized` (the ops of quantized bases) and, loaded the first time a
+module of that library is seen (:data:`RULE_BACKENDS`), :mod:`.bnb` (bitsandbytes' linears).
 """
 
-from .table import (MERGE, VIEW_OPS, Factored, FunctionRule, Merged, ModuleRule, choose_lowering, function_rule,
-                    module_rule, register_function_rule, register_module_rule)
-from . import functional, modules  # noqa: F401,E402  (the built-in entries register themselves)
+from .table import (MERGE, RULE_BACKENDS, VIEW_OPS, Factored, FunctionRule, Merged, ModuleRule, choose_lowering,
+                    function_rule, module_rule, register_function_rule, register_module_rule)
+from . import functional, modules, quantized  # noqa: F401,E402  (the built-in entries register themselves)
 
 __all__ = [
     "Factored",
@@ -38,4 +39,5 @@ __all__ = [
     "register_function_rule",
     "choose_lowering",
     "VIEW_OPS",
+    "RULE_BACKENDS",
 ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "register_function_rule",
     "choose_lowering",
     "VIEW_OPS",
+    "RULE_BACKENDS",
 ]
 
 
@@ -151,6 +153,18 @@ class ModuleRule:
         blocks: callable ``(module, param name) -> ((block name, rows), ...)``: the default
             fused layout of a weight whose output rows are blocks (MHA ``in_proj_weight``: q, k, v);
             ``()`` for a plain weight (see :mod:`lora_fx.fused`).
+        leaf: the torch.fx front-end keeps modules of this type as leaves (never traces their
+            forward), e.g. bitsandbytes' linears, whose forward branches on the input.
+        prepare: callable ``(module, path) -> None``: puts lora_fx's *own copy* of a module in the
+            state adapting relies on (called before each adapter is added; idempotent), e.g.
+            stopping bitsandbytes from repacking its weight in place.  Never called on the user's model.
+        after_fold: callable ``module -> module | None`` called by :func:`lora_fx.fold` on each
+            module whose weight was folded: a module to put in its place (a ``Linear4bit``
+            holding a float weight becomes an ``nn.Linear``), or None to keep it.
+        own_graph: callable ``module -> torch.fx.Graph``: the module's forward as a graph over its
+            own attributes, used when the module itself is captured (the root of a trace, e.g. a
+            module the regions front-end captures on its own) instead of tracing a forward
+            torch.fx cannot follow.  None: trace the forward.
     """
 
     kind: Callable[[nn.Module], str]
@@ -158,6 +172,10 @@ class ModuleRule:
     merged_call: Optional[Callable[..., fx.Node]] = None
     factored: Callable[..., Optional[Factored]] = lambda node, module, pname: None
     blocks: Callable[[nn.Module, str], tuple[tuple[str, int], ...]] = lambda module, pname: ()
+    leaf: bool = False
+    prepare: Optional[Callable[[nn.Module, str], None]] = None
+    after_fold: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None
+    own_graph: Optional[Callable[[nn.Module], fx.Graph]] = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +199,19 @@ class FunctionRule:
 
 _MODULE_RULES: list[tuple[type, ModuleRule]] = []
 _FUNCTION_RULES: dict[Any, FunctionRule] = {}
+
+#: ``{top-level package: lora_fx module with its rules}``: rules for a third-party library's modules
+#: are imported (and register themselves) the first time :func:`module_rule` sees a module of that
+#: package, which is then imported already; lora_fx itself never imports the library.
+RULE_BACKENDS = {"bitsandbytes": "lora_fx.rules.bnb"}
+_LOADED: set[str] = set()
+
+
+def _load_backend(module_type: type) -> None:
+    package = (getattr(module_type, "__module__", "") or "").partition(".")[0]
+    if package in RULE_BACKENDS and package not in _LOADED:
+        _LOADED.add(package)
+        importlib.import_module(RULE_BACKENDS[package])
 
 #: Ops that only view or re-lay out a tensor: a parameter reaching a consumer through them is the
 #: same site (analysis follows them; lowering merges at the parameter).
@@ -225,7 +256,9 @@ def register_function_rule(target: Any, rule: FunctionRule) -> None:
 def module_rule(module: nn.Module, *, skip: Optional[ModuleRule] = None) -> ModuleRule:
     """The rule for ``module``: the most recently registered type it is an instance of (ignoring
     the rule ``skip``), else the generic opaque-leaf rule (merge through
-    ``torch.func.functional_call``; no default targets)."""
+    ``torch.func.functional_call``; no default targets).  A module of a package in
+    :data:`RULE_BACKENDS` first loads that package's rules."""
+    _load_backend(type(module))
     for module_type, rule in _MODULE_RULES:
         if rule is not skip and isinstance(module, module_type):
             return rule

@@ -1,0 +1,147 @@
+"""Modules that keep their class: the instance ``forward`` through which a region's graph runs.
+
+The regions front-end (:mod:`lora_fx.passes.trace_regions`) leaves every module of the model an
+instance of its own class.  A module whose ``forward`` torch.fx captured is a *region*: its
+rewritten graph lives in a ``GraphModule`` kept in ``module.__dict__`` (key
+:data:`~lora_fx.state.REGION_ATTR`, outside ``_modules``, so ``state_dict``, ``named_modules`` and
+hooks are the model's own), and ``module.forward`` is set to a :class:`RegionForward`, which runs
+the graph's generated code with ``self`` bound to the module itself.  ``module(x)`` therefore goes
+through ``nn.Module.__call__`` (hooks, FSDP2, checkpointing) into the rewritten graph, and
+``self.weight`` or ``self.lora...`` in that code read the live module.
+
+:class:`InstanceForward` is the base of every ``forward`` lora_fx sets on an instance: it pickles
+by reference to its module, reports the class forward's signature (``inspect.signature``), and
+:func:`strip_regions_` removes it.  :class:`RegionForward` is the one kind that exists; its
+:meth:`RegionForward.select` is where a variant of a region's code (an inference form, say) can
+plug in.  Another kind (a class forward called with some parameters substituted) subclasses
+:class:`InstanceForward`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, KEPT_ATTR, OWNS_WEIGHTS_ATTR, REGION_ATTR,
+                    region_of)
+
+__all__ = ["InstanceForward", "RegionForward", "install_region_", "unregistered_holder", "set_unregistered_holder_",
+           "strip_regions_"]
+
+_FORWARD = "forward"
+
+
+class InstanceForward:
+    """A callable set as ``module.forward`` (an instance attribute) by lora_fx.
+
+    It holds its module (``__self__``, as a bound method would), pickles and deep-copies by
+    reference to it (``__reduce__``: a copy of the model gets a forward bound to the copied
+    module), and its ``__signature__`` is the class forward's without ``self`` (so
+    ``inspect.signature(module.forward)`` reads as before).  Subclasses define ``__call__``.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.__self__ = module
+
+    @property
+    def module(self) -> nn.Module:
+        return self.__self__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = inspect.signature(type(self.__self__).forward)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def __reduce__(self):
+        return (type(self), (self.__self__,))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {type(self.__self__).__name__}>"
+
+
+class RegionForward(InstanceForward):
+    """``module.forward`` of a region: the generated code of ``module.__dict__[REGION_ATTR]`` (a
+    ``LoraGraphModule``), called with ``self = module``.
+
+    The code is looked up from the region on each call and cached while the region's
+    ``code_version`` (bumped by every ``recompile``: add or delete an adapter) is unchanged; a
+    stale region (rewritten inside ``deferred_recompile``) is compiled on first use.  Under
+    ``torch.compile`` the cache is bypassed (Dynamo would guard on it): the code is traced directly.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._gm = None
+        self._version = -1
+        self._code: Callable[..., Any] | None = None
+
+    def __call__(self, *args, **kwargs):
+        module = self.__self__
+        gm = module.__dict__[REGION_ATTR]
+        if torch.compiler.is_compiling():  # no cache to guard on: the code itself is traced
+            return self.select(gm)(module, *args, **kwargs)
+        if gm is not self._gm or gm.code_version != self._version:
+            self._refresh(gm)
+        return self._code(module, *args, **kwargs)
+
+    def _refresh(self, gm: fx.GraphModule) -> None:
+        if gm._lora_fx_stale():
+            gm._lora_fx_compile()
+        self._gm, self._version, self._code = gm, gm.code_version, self.select(gm)
+
+    def select(self, gm: fx.GraphModule) -> Callable[..., Any]:
+        """The function run as the module's forward, ``fn(module, *args, **kwargs)``: the region's
+        generated code.  Called once per code version; the seam for a variant of that code."""
+        return type(gm).forward
+
+
+def install_region_(module: nn.Module, gm: fx.GraphModule) -> nn.Module:
+    """Make ``gm`` (built over ``module``'s own tables) the region of ``module`` and its code the
+    module's ``forward``; returns ``module``."""
+    module.__dict__[REGION_ATTR] = gm
+    module.__dict__[_FORWARD] = RegionForward(module)
+    return module
+
+
+def unregistered_holder(owner: nn.Module) -> nn.ModuleDict | None:
+    """The adapter holder ``owner`` references without registering it (a tied weight's second
+    owner, see :data:`lora_fx.state.ADAPTER_ATTR`), or None."""
+    ref = owner.__dict__.get(ADAPTER_ATTR)
+    return ref if isinstance(ref, nn.ModuleDict) else None
+
+
+def set_unregistered_holder_(owner: nn.Module, holder: nn.ModuleDict | None) -> nn.Module:
+    """Reference ``holder`` from ``owner`` (and from the region ``owner`` runs, whose passes resolve
+    paths through it) without registering it; ``None`` removes the reference.  Returns ``owner``."""
+    for target in (owner, region_of(owner)):
+        if target is None:
+            continue
+        if holder is None:
+            target.__dict__.pop(ADAPTER_ATTR, None)
+        else:
+            target.__dict__[ADAPTER_ATTR] = holder
+    return owner
+
+
+def strip_regions_(root: nn.Module) -> nn.Module:
+    """Give every module under ``root`` back its class forward: drop regions (and the tensor
+    constants torch.fx stored on their modules), instance ``forward`` s, kept-module notes,
+    unregistered adapter references and the root's lora_fx attributes.  Adapters must have been removed from the records' owners first (their registered
+    holders are the records' business).  Returns ``root``."""
+    for m in root.modules():
+        d = m.__dict__
+        gm = d.pop(REGION_ATTR, None)
+        for name in list(getattr(gm, "__dict__", ())):  # constants torch.fx set on the module while tracing
+            if name.startswith("_tensor_constant") and d.get(name) is gm.__dict__[name]:
+                del d[name]
+        d.pop(KEPT_ATTR, None)
+        if isinstance(d.get(_FORWARD), InstanceForward):
+            del d[_FORWARD]
+        if unregistered_holder(m) is not None:
+            del d[ADAPTER_ATTR]
+    for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR):
+        root.__dict__.pop(attr, None)
+    return root
