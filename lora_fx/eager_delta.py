@@ -72,6 +72,15 @@ def _calibrate():
 _REFS, _STORAGE_PLAIN, _STORAGE_VIEW = _calibrate()
 
 
+def _autograd_view(y: Tensor, base: Tensor) -> bool:
+    """Whether autograd records ``y`` as a plain view of ``base`` (``F.linear`` with a bias on a 3-D
+    input: a ``view`` of its ``addmm``), so that the gradient of what is written into ``base`` flows
+    through ``y``'s own history."""
+    fn = y.grad_fn
+    return (fn is not None and base.grad_fn is not None and type(fn).__name__ == "ViewBackward0"
+            and fn.next_functions[0][0] is base.grad_fn)
+
+
 def _sole_owner(y: Tensor, refs: int) -> Tensor | None:
     """The tensor the up-projection may accumulate into: ``y``, or the base of which ``y`` is a
     full contiguous view; None when anything else may read ``y``'s memory (``refs``: ``y``'s
@@ -84,6 +93,8 @@ def _sole_owner(y: Tensor, refs: int) -> Tensor | None:
     else:
         if base._base is not None or not base.is_contiguous() or base.numel() != y.numel():
             return None
+        if y.requires_grad and not _autograd_view(y, base):
+            return None  # y's history is not base's (a custom Function's output that views a tensor of its own)
         target, expected = base, _STORAGE_VIEW
     if target.storage_offset() != 0 or target.untyped_storage().nbytes() != target.numel() * target.element_size():
         return None

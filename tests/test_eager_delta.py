@@ -170,3 +170,29 @@ def test_fallbacks_compute_the_same():
         pout, pgrads = _step(gm16, gm16, x16)
     assert torch.equal(out, pout)
     assert_close(grads, pgrads, ulps=0)
+
+
+class _OwnView(torch.autograd.Function):
+    """``x Wᵀ`` returned as a view of a tensor the Function made (as a quantized kernel's
+    ``out.view(...)``): autograd records the output as the Function's, not as a view."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return torch.mm(x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g @ w, None
+
+
+def test_output_viewing_a_functions_own_tensor_keeps_its_gradient():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 4, 8, requires_grad=True), torch.randn(6, 8)
+    A, B, s = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True), torch.tensor(0.5)
+    y = _OwnView.apply(x, w)
+    assert y._base is not None
+    got = torch.autograd.grad(ops.linear_delta(y, x, A, B, s, inplace=True).sum(), (x, A, B))
+    want = torch.autograd.grad((F.linear(x, w) + s * F.linear(F.linear(x, A), B)).sum(), (x, A, B))
+    assert_close(got, want)
