@@ -15,7 +15,7 @@ import statistics
 import time
 from typing import Callable
 
-__all__ = ["CLOCK", "run_rounds", "paired", "bootstrap_ci", "resolution"]
+__all__ = ["CLOCK", "run_rounds", "paired", "paired_ratio", "bootstrap_ci", "resolution"]
 
 #: clock of the figures: "cpu" = CPU time of this process (with 1 thread: the work done, robust to
 #: other processes sharing the cores), "wall" = elapsed time.  Both are recorded.
@@ -66,6 +66,13 @@ def paired(res: dict, name: str, ref: str) -> dict:
     lo, hi = bootstrap_ci(rs)
     return {"ratio": statistics.median(rs), "ci95": [lo, hi], "best": min(res[name]["rounds_ms"]) / min(res[ref]["rounds_ms"]),
             "spread": max(rs) - min(rs)}
+
+
+def paired_ratio(res: dict, name: str, ref: str) -> tuple[float, float]:
+    """Median and spread (max - min) of the per-round ratios ``name / ref`` (the short form of
+    :func:`paired`, without the interval)."""
+    p = paired(res, name, ref)
+    return p["ratio"], p["spread"]
 
 
 def resolution(pairs: list[dict]) -> float:
