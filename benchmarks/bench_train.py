@@ -339,7 +339,7 @@ def bench_transform(args, log):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, aot_eager backend (< 60 s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, aot_eager backend, one memory probe")
     p.add_argument("--models", default="gpt,llama,hf-llama", help="language models of the train sections")
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--layers", type=int, default=6)
@@ -373,6 +373,7 @@ def parse_args(argv=None):
                    default="full,peft,loralib,fx-auto,fx-merge,fx-norecompute,"
                            "full+compile,peft+compile,fx-auto+compile,fx-norecompute+compile",
                    help="memory probes per language model (those a model has; name+compile: compiled)")
+    p.add_argument("--memory-models", default="gpt,llama,hf-llama", help="language models whose memory is probed")
     p.add_argument("--memory-steps", type=int, default=1,
                    help="train steps in the memory probe (the first one also creates optimizer state)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
@@ -384,7 +385,7 @@ def parse_args(argv=None):
     if args.quick:
         q = dict(d=32, layers=2, heads=2, vocab=64, inter=48, batch=2, seq=16, rank=4, channels=8, conv_layers=2,
                  image=8, conv_batch=2, rounds=2, infer_steps=1, trace_layers=[2, 4], trace_repeats=1,
-                 trace_d=16, compile_variants="fx-auto", memory_variants="fx-auto+compile")
+                 trace_d=16, compile_variants="fx-auto", memory_variants="fx-auto+compile", memory_models="gpt")
         for k, v in q.items():
             if p.get_default(k) == getattr(args, k):
                 setattr(args, k, v)
@@ -452,7 +453,7 @@ def main(argv=None) -> dict:
         if "train" not in skip:
             print(_fmt_table(f"{TITLES[kind]} train step (d={args.d}, {args.layers} layers, batch {args.batch}x{args.seq}, "
                              f"r={args.rank}); ratios to full fine-tuning and to PEFT, same mode", r))
-        if not args.no_memory:
+        if not args.no_memory and kind in _split(args.memory_models):
             res[f"{kind}_memory"] = bench_memory(kind, args, _split(args.memory_variants), log)
             print(_fmt_memory(kind, res[f"{kind}_memory"]))
     if "conv" not in skip:
