@@ -45,7 +45,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lora_fx  # noqa: E402
-from lora_fx import eager_delta  # noqa: E402
 from benchmarks.models import (GPT, GPT_TARGETS, LLAMA_TARGETS, Block, ConvBlock, ConvNet, Llama,  # noqa: E402,F401
                                hf_llama, make_inputs)
 from benchmarks.stats import CLOCK, paired, paired_ratio, resolution, run_rounds  # noqa: E402,F401
@@ -82,8 +81,7 @@ class Skipped(Exception):
 
 def build_variants(kind: str, args) -> tuple[nn.Module, dict[str, Callable[[], nn.Module]]]:
     """``(base model, {variant name: factory of a trainable model})``.  ``fx-norecompute`` is lora_fx
-    ``auto`` with ``recompute_inputs=False`` (it keeps the adapter inputs, as PEFT does);
-    ``fx-plainops`` is lora_fx ``auto`` timed with :mod:`lora_fx.eager_delta` off (plain ops).
+    ``auto`` with ``recompute_inputs=False`` (it keeps the adapter inputs, as PEFT does).
 
     Raises:
         Skipped: ``kind == "hf-llama"`` and ``lora_fx.transform`` cannot take the model here."""
@@ -143,7 +141,6 @@ def build_variants(kind: str, args) -> tuple[nn.Module, dict[str, Callable[[], n
             variants["fx-factored"] = fx("factored")
         variants["fx-merge"] = fx("merge")
     variants["fx-norecompute"] = fx("auto", recompute_inputs=False)
-    variants["fx-plainops"] = fx("auto")  # timed with lora_fx.eager_delta off (_train_step_fn)
     return base, variants
 
 
@@ -151,20 +148,15 @@ def build_variants(kind: str, args) -> tuple[nn.Module, dict[str, Callable[[], n
 # timing
 
 
-def _train_step_fn(model, x, loss_fn, plain_ops: bool = False):
-    """One AdamW training step; ``plain_ops``: with :mod:`lora_fx.eager_delta` switched off (the
-    ``fx-plainops`` A/B variant)."""
+def _train_step_fn(model, x, loss_fn):
+    """One AdamW training step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        eager_delta.ENABLED = not plain_ops
-        try:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x)).backward()
-            opt.step()
-        finally:
-            eager_delta.ENABLED = True
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x)).backward()
+        opt.step()
 
     return step
 
@@ -203,7 +195,7 @@ def bench_train(kind, args, log, variant_names, compile_names):
     for name in variant_names:
         if name not in variants:
             continue
-        fns[name] = _train_step_fn(variants[name](), x, loss_fn, plain_ops=name == "fx-plainops")
+        fns[name] = _train_step_fn(variants[name](), x, loss_fn)
         if name in compile_names:
             fns[name + "+compile"] = _train_step_fn(_compile(variants[name](), args), x, loss_fn)
     for name, fn in fns.items():  # warm-up: optimizer state, compilation (not timed)
@@ -257,7 +249,6 @@ def rss():
         d = dict(l.split(":", 1) for l in f)
     return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
 base, variants = b.build_variants({kind!r}, args)
-b.eager_delta.ENABLED = {name!r} != "fx-plainops"
 model = variants[{name!r}]()
 if {compiled!r}:
     model = b._compile(model, args)
@@ -268,7 +259,7 @@ loss_fn(model(x)).backward()  # warm-up: compilation happens here
 warmup_s = time.perf_counter() - t
 for p in model.parameters():
     p.grad = None
-step = b._train_step_fn(model, x, loss_fn, plain_ops={name!r} == "fx-plainops")
+step = b._train_step_fn(model, x, loss_fn)
 gc.collect()
 before, _ = rss()
 with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import weights
-from .eager_delta import eligible, linear_delta_eager
-from .recompute import PRODUCERS, _recomputable, _to, down, recompute_point
+from .recompute import _to, down, recompute_point
 
 __all__ = [
     "delta_op",
@@ -197,23 +196,14 @@ def dora_merge(
 
 @delta_op
 def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
-                 blocks: Sequence[tuple[int, bool]] | None = None, remat: tuple | None = None,
-                 inplace: bool = False) -> Tensor:
+                 blocks: Sequence[tuple[int, bool]] | None = None, remat: tuple | None = None) -> Tensor:
     """``y + s·(x Aᵀ) Bᵀ``: factored LoRA for ``y = F.linear(x, W, b)`` with ``W: (out, in)``.
 
     Shapes: ``x (..., in)``, ``y (..., out)``; returns ``(..., out)`` in ``y``'s dtype.  With
     ``blocks`` (fused weight, see :func:`delta_weight`): ``h = s·x Aᵀ`` once, then block ``i``'s
     output features get ``h_i B_iᵀ`` and disabled blocks' features are ``y``'s own, bit for bit.
     ``remat``: how to recompute ``x`` in backward instead of keeping it (:func:`lora_fx.recompute.down`).
-    ``inplace``: the graph guarantees that nothing else reads ``y`` and that the base op's backward
-    does not need it, so the up-projection may be accumulated into ``y``'s memory (eager only, and
-    only where nothing else holds ``y`` at run time: :mod:`lora_fx.eager_delta`).
     """
-    if blocks is None and eligible(y, x, lora_A, lora_B, scaling):  # plain eager: one autograd Function
-        spec = _recomputable(x, lora_A, remat) if remat is not None and torch.is_grad_enabled() else None
-        if spec is not None:
-            spec = (PRODUCERS[spec[0]], spec[1], dict(spec[2]))
-        return linear_delta_eager(y, x, lora_A, lora_B, scaling, spec, inplace)
     h = down(x, lora_A, scaling, remat)
     if blocks is None:
         if h.dtype == y.dtype == lora_B.dtype and y.dim() > 0:

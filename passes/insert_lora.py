@@ -80,8 +80,7 @@ def _get_attr(graph: fx.Graph, target: str) -> fx.Node:
 def _delta_node(gm: fx.GraphModule, f: Factored, y, path: str, adapter: LoraAdapter, remat: bool = True) -> fx.Node:
     """Emit ``f.fn(y, dropout(x), lora_A, lora_B, scaling, *extra[, blocks])`` at the insertion
     point, with dropout where the adapter has one and ``f.dropout``; a recomputable form
-    (``f.recompute``) without dropout also gets ``remat=`` when its input's producer can be recomputed,
-    and one that may overwrite ``y`` (``f.overwrite``) ``inplace=True``."""
+    (``f.recompute``) without dropout also gets ``remat=`` when its input's producer can be recomputed."""
     graph = gm.graph
     x = f.x
     dropout = hasattr(adapter, "dropout")
@@ -90,10 +89,7 @@ def _delta_node(gm: fx.GraphModule, f: Factored, y, path: str, adapter: LoraAdap
     args = (y, x, _get_attr(graph, f"{path}.lora_A"), _get_attr(graph, f"{path}.lora_B"),
             _get_attr(graph, f"{path}.scaling")) + tuple(f.extra) + _layout(adapter)
     spec = remat_spec(graph, gm, f.x) if remat and f.recompute and not dropout else None
-    kwargs = {"remat": spec} if spec else {}
-    if f.overwrite and adapter.layout is None:  # y's only user is this node (the caller rewires y's users)
-        kwargs["inplace"] = True
-    return graph.call_function(f.fn, args, kwargs)
+    return graph.call_function(f.fn, args, {"remat": spec} if spec else {})
 
 
 def _layout(adapter: LoraAdapter) -> tuple:
@@ -217,14 +213,6 @@ def _lower_attr(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str]]
     return [(c, "merge") for c, _, _ in items]
 
 
-def _check_inplace(graph: fx.Graph) -> None:
-    """``inplace=True`` only on delta nodes that are the one user of their ``y``."""
-    for n in graph.nodes:
-        if (n.op == "call_function" and n.target in ops.DELTA_OPS and n.kwargs.get("inplace")
-                and len(n.args[0].users) != 1):
-            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "inplace"}
-
-
 def insert_lora(
     root: nn.Module,
     selected: list[Consumer],
@@ -283,7 +271,6 @@ def insert_lora(
             state_of(gm).adapters[path].consumers.append((c.node, c.op, how))
     for gm_path in {k[0] for k in groups}:  # only rewritten graphs need new code
         mark_recompute_points_(gms[gm_path], ops.DELTA_OPS)  # recomputation under torch.compile
-        _check_inplace(gms[gm_path].graph)
         gms[gm_path].graph.lint()
         gms[gm_path].recompile()
     return root

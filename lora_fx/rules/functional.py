@@ -18,7 +18,7 @@ __all__: list[str] = []  # entries only: importing this module registers them
 
 
 def _linear_fn_factored(node, slot, shape):
-    return Factored.linear(_input(node), overwrite=True) if slot == 1 else None
+    return Factored.linear(_input(node)) if slot == 1 else None
 
 
 register_function_rule(F.linear, FunctionRule("linear", ((1, "weight"),), _linear_fn_factored))

@@ -23,8 +23,7 @@ register_module_rule(nn.Linear, ModuleRule(
     kind=lambda m: "linear",
     weights=lambda m: ("weight",),
     merged_call=_linear_merged,
-    # only the stock class: a subclass's forward may keep its output for its own backward
-    factored=lambda node, m, p: Factored.linear(_input(node), overwrite=type(m) is nn.Linear) if p == "weight" else None,
+    factored=lambda node, m, p: Factored.linear(_input(node)) if p == "weight" else None,
 ))
 
 # ---------------------------------------------------------------------------------------------

@@ -47,9 +47,6 @@ class Factored:
         recompute: ``fn`` takes ``remat=`` (:mod:`lora_fx.recompute`): ``x`` may be recomputed in
             backward from its producer's inputs instead of being kept.
         fused: ``fn`` takes a fused adapter's trailing ``blocks`` argument (per-block factors).
-        overwrite: the base op's backward does not read its output, so ``fn`` may accumulate into
-            ``y`` in place (it takes ``inplace=``; the pass passes it, since ``fn`` is then ``y``'s
-            only user).  Only for base ops whose output autograd does not keep (``F.linear``).
         cheaper: ``(rank, weight shape) -> bool``: with ``lowering="auto"`` the factored form is
             used only where this holds (None: always cheaper).
     """
@@ -60,17 +57,15 @@ class Factored:
     dropout: bool = True
     recompute: bool = False
     fused: bool = False
-    overwrite: bool = False
     cheaper: Optional[Callable[[int, tuple], bool]] = None
 
     # the built-in delta ops with their policies, one constructor each
 
     @classmethod
-    def linear(cls, x, *, overwrite: bool = False) -> "Factored":
+    def linear(cls, x) -> "Factored":
         """:func:`lora_fx.ops.linear_delta` on input ``x``: dropout on ``x``, ``x`` recomputable in
-        backward, fused (per-block) adapters supported; ``overwrite`` for base ops that are a plain
-        ``F.linear`` (the built-in ``nn.Linear`` and ``F.linear`` rules)."""
-        return cls(ops.linear_delta, x, recompute=True, fused=True, overwrite=overwrite)
+        backward, fused (per-block) adapters supported."""
+        return cls(ops.linear_delta, x, recompute=True, fused=True)
 
     @classmethod
     def embedding(cls, indices, padding_idx=None, scale_grad_by_freq: bool = False) -> "Factored":
