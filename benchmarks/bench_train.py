@@ -362,7 +362,7 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-variants",
                    default="full,peft,loralib,fx-auto,fx-merge,fx-norecompute,"
-                           "full+compile,peft+compile,fx-auto+compile,fx-norecompute+compile",
+                           "peft+compile,fx-auto+compile,fx-norecompute+compile",
                    help="memory probes per language model (those a model has; name+compile: compiled)")
     p.add_argument("--memory-models", default="gpt,llama,hf-llama", help="language models whose memory is probed")
     p.add_argument("--memory-steps", type=int, default=1,
