@@ -22,16 +22,17 @@ from torch.utils import _pytree as pytree
 from lora_fx.passes.fold import fold_graph_modules, fold_regions
 from lora_fx.passes.trace_export import export_error, normalize_example_inputs, resolve_dynamic_shapes
 
-from . import weights
+from .hf_quantization import after_fold_
 from .errors import ExportFileError, ExportParityError
 from .io._files import atomic_write
-from .state import BUFFERS_ATTR, CONFIG_ATTR, FOLD_ATTR, FOLD_META, TRAINABLE_ATTR, require_adapted
+from .state import BUFFERS_ATTR, CONFIG_ATTR, FOLD_ATTR, FOLD_META, LEFT_OUT_ATTR, TRAINABLE_ATTR, require_adapted
 
 __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
 
 def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
+    """A new module with every adapter folded into its weight as it contributes now (in the active
+    set and switched on, at its mixing weight; others add nothing): ``W ← W + ΔW`` computed in
     float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
 
     A model that kept its class (the regions front-end: a Hugging Face model, say) folds into an
@@ -47,10 +48,13 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
     A quantized base weight (torchao, bitsandbytes) folds by default into a plain float weight
     ``dequantize(W_q) + ΔW`` of its compute dtype (fp32 accumulation, one rounding): the folded
     layer computes the adapted function exactly, in float.  bitsandbytes linears holding such a
-    weight become ``nn.Linear`` s (bias in the weight's dtype); torchao weights stay in their
-    ``nn.Linear``.  Layers that were not adapted keep their quantized weights.  A Hugging Face
-    model with no quantized weight left loses transformers' quantization record
-    (``config.quantization_config``, ``hf_quantizer``), so its ``save_pretrained`` is a float checkpoint.
+    weight become ``nn.Linear`` s (bias in the weight's dtype), or transformers ``Conv1D`` s (GPT-2)
+    when transformers made them from one; torchao weights stay in their ``nn.Linear``.  Layers that
+    were not adapted keep their quantized weights.  A Hugging Face model with no quantized weight
+    left loses transformers' quantization record (``config.quantization_config``, ``hf_quantizer``),
+    so its ``save_pretrained`` is a float checkpoint; one still partly quantized lists the layers
+    folded to float among its config's skipped modules, so ``from_pretrained`` loads them as float
+    layers (:mod:`lora_fx.hf_quantization`).
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
@@ -66,15 +70,15 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
 
     Raises:
         NotAdaptedError: ``gm`` was not produced by :func:`lora_fx.transform` (or is already folded).
-        ValueError: a folded weight is not finite (a diverged adapter).
+        NonFiniteError: a folded weight is not finite (a diverged adapter), naming the weight.
     """
     require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
     if not isinstance(gm, fx.GraphModule):  # a model that kept its class: the plain model back
         folded, info = fold_regions(gm, requantize=bool(requantize), dtype=dtype)
         folded.__dict__[FOLD_ATTR] = info  # no .meta on a plain module: one attribute
-        return _forget_quantization_(folded)
+        return after_fold_(folded, info["folded"])
     folded, info = fold_graph_modules(gm, requantize=bool(requantize), dtype=dtype)
-    for attr in (CONFIG_ATTR, TRAINABLE_ATTR, BUFFERS_ATTR):  # parameters trained in full stay, as trained
+    for attr in (CONFIG_ATTR, TRAINABLE_ATTR, BUFFERS_ATTR, LEFT_OUT_ATTR):  # parameters trained in full stay
         if hasattr(folded, attr):
             delattr(folded, attr)
     folded.meta[FOLD_META] = info
@@ -82,24 +86,9 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
 
 
 
-#: What transformers records on a model it quantized while loading (``from_pretrained(...,
-#: quantization_config=...)``); ``save_pretrained`` writes a quantized checkpoint while it is there.
-_HF_QUANTIZATION_ATTRS = ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit",
-                          "is_loaded_in_8bit")
-
-
-def _forget_quantization_(folded: nn.Module) -> nn.Module:
-    """A folded transformers model with no quantized weight left is a float model: drop the
-    quantization record transformers keeps on it (``config.quantization_config`` and the attributes
-    above), so ``save_pretrained`` writes, and ``from_pretrained`` reads, a float checkpoint."""
-    if any(not weights.is_plain(p) for p in folded.parameters()):
-        return folded  # still quantized somewhere (requantize=True, or layers that were not adapted)
-    config = getattr(folded, "config", None)
-    if config is not None and "quantization_config" in getattr(config, "__dict__", {}):
-        del config.__dict__["quantization_config"]
-    for attr in _HF_QUANTIZATION_ATTRS:
-        folded.__dict__.pop(attr, None)
-    return folded
+_PARITY_FIX = ("The model's forward depends on something export bakes in (Python state, a global, randomness, a "
+               "shape-dependent branch): make it a tensor input or buffer, or export with example inputs like the "
+               "ones you check with.")
 
 
 def _tolerance(t: torch.Tensor) -> tuple[float, float]:
@@ -122,15 +111,17 @@ def parity_report(want: Any, got: Any, *, what: str, rtol: Optional[float] = Non
     w_leaves = [x for x in pytree.tree_leaves(want) if isinstance(x, torch.Tensor)]
     g_leaves = [torch.as_tensor(x) for x in pytree.tree_leaves(got) if isinstance(x, (torch.Tensor,)) or hasattr(x, "shape")]
     if len(w_leaves) != len(g_leaves):
-        raise ExportParityError(f"{what}: {len(g_leaves)} output tensors, the eager adapted model returns {len(w_leaves)}")
+        raise ExportParityError(f"{what}: {len(g_leaves)} output tensors, the eager adapted model returns {len(w_leaves)}. "
+                                f"{_PARITY_FIX}")
     worst = 0.0
     for i, (w, g) in enumerate(zip(w_leaves, g_leaves)):
         g = g.to(w.device)
         if tuple(w.shape) != tuple(g.shape):
-            raise ExportParityError(f"{what}: output {i} has shape {tuple(g.shape)}, eager has {tuple(w.shape)}")
+            raise ExportParityError(f"{what}: output {i} has shape {tuple(g.shape)}, eager has {tuple(w.shape)}. "
+                                    f"{_PARITY_FIX}")
         if not w.is_floating_point():
             if not torch.equal(w, g.to(w.dtype)):
-                raise ExportParityError(f"{what}: integer output {i} differs from eager")
+                raise ExportParityError(f"{what}: integer output {i} differs from eager. {_PARITY_FIX}")
             continue
         r, a = _tolerance(w)
         r, a = rtol if rtol is not None else r, atol if atol is not None else a

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, KEPT_ATTR, OWNS_WEIGHTS_ATTR, REGION_ATTR,
-                    region_of)
+from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, KEPT_ATTR, LEFT_OUT_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR,
+                    REGION_ATTR, region_of)
 
 __all__ = ["InstanceForward", "RegionForward", "install_region_", "unregistered_holder", "set_unregistered_holder_",
            "strip_regions_"]
@@ -142,6 +142,6 @@ def strip_regions_(root: nn.Module) -> nn.Module:
             del d[_FORWARD]
         if unregistered_holder(m) is not None:
             del d[ADAPTER_ATTR]
-    for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR):
+    for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, LEFT_OUT_ATTR):
         root.__dict__.pop(attr, None)
     return root
