@@ -25,7 +25,7 @@ from lora_fx.passes.capture import capture, private_copy
 
 from .adapters.lifecycle import adapt_
 from .adapters.trainable import train_adapters_only_
-from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with
+from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with, unknown_keywords_message
 from .deploy import fold
 from .errors import AlreadyAdaptedError, ConfigError
 from .graph_module import deferred_recompile
@@ -137,8 +137,7 @@ def transform(
             fixes; with ``frontend="auto"`` both failures, shortest first).
     """
     if unknown:
-        raise ConfigError(f"transform() got unknown keyword(s) {sorted(unknown)}; valid keywords: "
-                          f"{sorted(CONFIG_KEYS + _CAPTURE_KEYS)}")
+        raise ConfigError(unknown_keywords_message("transform()", unknown, CONFIG_KEYS + _CAPTURE_KEYS))
     # 1. the options: one LoraConfig (config.py), a valid adapter name (targets.py), an unadapted model
     check_adapter_name(adapter_name)
     if not isinstance(model, nn.Module):

@@ -195,7 +195,7 @@ def apply_policy(consumers: Sequence, policy: Optional[TargetPolicy]) -> list:
 
 
 def select_targets(consumers: Sequence, targets: Optional[Sequence[str]], exclude: Optional[Sequence[str]],
-                   *, policy: Optional[TargetPolicy] = None) -> list:
+                   *, policy: Optional[TargetPolicy] = None, root: Optional[nn.Module] = None) -> list:
     """The consumers (:class:`~lora_fx.passes.find_sites.Consumer`) to adapt, in graph order.
 
     ``targets=None`` takes every default site (a weight of a known weight-consuming op, less what
@@ -211,7 +211,7 @@ def select_targets(consumers: Sequence, targets: Optional[Sequence[str]], exclud
             exactly, or names a tensor computed by a parametrization (the message gives the reason
             and the fix).
     """
-    names = sorted({c.fqn for c in consumers})
+    names = sorted({c.fqn for c in consumers if c.reason is None}) or sorted({c.fqn for c in consumers})
     shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
     if targets is not None and not targets:
         raise TargetError("targets is empty, so nothing would be adapted; pass targets=None to adapt every "
@@ -226,8 +226,7 @@ def select_targets(consumers: Sequence, targets: Optional[Sequence[str]], exclud
             if not hit and computed:
                 raise UnsupportedSiteError(f"cannot adapt targets pattern {pat!r}: {computed[0]}.")
             if not hit:
-                raise TargetError(f"targets pattern {pat!r} matches no parameter consumed by the model's "
-                                  f"forward. Candidates: {shown}")
+                raise _no_match(pat, names, shown, root)
             bad = [c for c in hit if c.reason is not None]
             if bad and (len(bad) == len(hit) or not any(ch in pat for ch in "*?[")):
                 if len(bad) == 1:
@@ -264,6 +263,34 @@ def select_targets(consumers: Sequence, targets: Optional[Sequence[str]], exclud
             "embedding, matmul or attention ops). Name parameters explicitly with targets=[...]. Candidates: "
             f"{shown}" + ("\nWhy each is left out:\n  - " + "\n  - ".join(why) if why else ""))
     return chosen
+
+
+def _no_match(pat: str, names: Sequence[str], shown: str, root: Optional[nn.Module]) -> Exception:
+    """The error for a targets pattern that matches no consumed parameter: why a parameter of the
+    model it names is not a target (1-D, kept Python, read by no adaptable op), or the pattern
+    that was probably meant (PEFT's ``target_modules`` name modules: ``"q_proj"``)."""
+    params = [(n, p) for n, p in (root.named_parameters(remove_duplicate=False) if root is not None else ())
+              if fnmatch.fnmatchcase(n, pat) and not is_adapter_path(n)]
+    if params:
+        n, p = params[0]
+        why = weights.reason(p)
+        if why is not None:
+            return UnsupportedSiteError(f"cannot adapt '{n}' (targets pattern {pat!r}): {why}. Remove it from targets, "
+                                        "or target a weight matrix instead.")
+        kept = _kept_by(root, n)
+        return TargetError(f"targets pattern {pat!r} names '{n}', which cannot be a target: "
+                           + (kept or "no op lora_fx adapts (linear, conv, embedding, matmul, attention) reads it in "
+                              "the captured graph (register a rule for the op that reads it: "
+                              "lora_fx.register_function_rule)") + f". Candidates: {shown}")
+    hint = ""
+    for guess in (f"*.{pat}.weight", f"*{pat}*"):
+        found = [n for n in names if fnmatch.fnmatchcase(n, guess)]
+        if found and guess != pat:
+            hint = (f" Patterns match full parameter names (fnmatch), not module names: {guess!r} matches "
+                    f"{len(found)} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}).")
+            break
+    return TargetError(f"targets pattern {pat!r} matches no parameter consumed by the model's forward.{hint} "
+                       f"Candidates: {shown}")
 
 
 def find_left_out(root: nn.Module, consumers: Sequence, chosen: Sequence, *, targets: Optional[Sequence[str]],

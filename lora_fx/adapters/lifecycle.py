@@ -22,7 +22,7 @@ from lora_fx.passes.remove_lora import remove_lora_
 from lora_fx.passes.route import unroute_
 from lora_fx.passes.route_quantized import prepare_quantized_
 
-from ..config import UNSET, LoraConfig, config_with
+from ..config import UNSET, LoraConfig, config_with, unknown_keywords_message
 from ..errors import ConfigError, LoraFxWarning, TargetError
 from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters, policy_of,
                      record_config_, record_left_out_, record_trainable_, regions, require_adapted, state_of,
@@ -70,7 +70,7 @@ def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     prepare_quantized_(root)  # quantized bases: modules' prepare hooks, linears on the frozen-base op
     policy = policy_of(root)
     consumers = apply_policy(find_sites(root), policy)
-    chosen = select_targets(consumers, config.targets, config.exclude, policy=policy)
+    chosen = select_targets(consumers, config.targets, config.exclude, policy=policy, root=root)
     check_stacks(config, chosen)
     trainable = select_trainable(root, config.trainable)
     gms = dict(regions(root))  # once: per-adapter lookups stay O(1)
@@ -251,7 +251,7 @@ def add_adapter(
     keys = {f for f in LoraConfig.__dataclass_fields__ if f != "version"}
     unknown = sorted(set(options) - keys)
     if unknown:
-        raise ConfigError(f"add_adapter() got unknown keyword(s) {unknown}; valid: {sorted(keys)}")
+        raise ConfigError(unknown_keywords_message("add_adapter()", unknown, keys))
     cfg = config_with(config, rank=rank, **options)
     was_training = gm.training
     unroute_(gm)  # routed sites go back to their chains, which the pass extends (routed again on next use)

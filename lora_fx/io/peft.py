@@ -212,7 +212,10 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
     problems += more
     if problems:
         raise mismatch_error(f"adapter {adapter!r} cannot be written in PEFT's format", problems,
-                             outcome="nothing was written", error=UnsupportedSiteError)
+                             outcome="nothing was written", error=UnsupportedSiteError,
+                             hint="Fixes: lora_fx's own format holds every site (lora_fx.io.save_lora_state(model, "
+                                  "path), loaded by load_lora_state or load_adapter); or leave those weights out of "
+                                  "PEFT's reach when you transform (exclude=[...]) and train again.")
     left = [b for b in changed_buffers(model) if not any(b.startswith(n + ".") for n in saved)]
     if left:
         owners_ = sorted({b.rpartition(".")[0] for b in left})
