@@ -13,7 +13,9 @@ Sections (``--sections``, default all):
   (glibc told to mmap every large block, so RSS tracks live memory; the high-water mark is reset
   after building the model and the batch), as ``benchmarks/bench_train.py`` measures it;
 * ``generate``: ``generate()`` of ``--new-tokens`` tokens (batch 1, KV cache, greedy): the base
-  model, lora_fx unfolded and folded, PEFT unmerged, ratio to the folded model.
+  model, lora_fx unfolded (factored, and with the inference cache on) and folded, PEFT unmerged;
+  ratios to the folded model and to PEFT, and the ratio of each variant's fastest round to the
+  folded model's fastest.
 
 Variants are rows of the ``TRAIN_VARIANTS`` / ``GENERATE_VARIANTS`` tables (name → factory of a
 model from the base), so another one is one entry.  Every section times its variants interleaved
@@ -85,6 +87,7 @@ GENERATE_VARIANTS: dict[str, Callable] = {
     "base": lambda base, args: copy.deepcopy(base),
     "lora_fx-folded": lambda base, args: lora_fx.fold(_adapted(base, args)),
     "lora_fx": lambda base, args: _adapted(base, args),
+    "lora_fx+cache": lambda base, args: lora_fx.inference_cache_(copy.deepcopy(_adapted(base, args))),
     "peft": lambda base, args: _peft_with(_adapted(base, args), base, args),
 }
 _ADAPTED: dict[int, torch.nn.Module] = {}
@@ -232,7 +235,10 @@ def bench_generate(args, log) -> dict:
     with torch.no_grad():
         tokens = {name: fn() for name, fn in fns.items()}  # warm-up, and the tokens each gives
         res = run_rounds(fns, args.rounds, 1, args.clock)
-    _ratios(res, ("lora_fx-folded",))
+    _ratios(res, ("lora_fx-folded", "peft"))
+    ref = min(res["lora_fx-folded"]["rounds_ms"])
+    for name, r in res.items():  # least-disturbed run of each: steadier than medians on a shared machine
+        r["best_ratio_to_lora_fx-folded"] = min(r["rounds_ms"]) / ref
     res["same_tokens_as_folded"] = {n: bool(torch.equal(t, tokens["lora_fx-folded"])) for n, t in tokens.items()}
     return res
 
@@ -288,14 +294,16 @@ def report(res: dict) -> None:
         print(f"\ntransform() of a {t['layers']}-layer Llama, no example inputs, vs PEFT get_peft_model "
               f"(both with a deep copy): lora_fx {t['lora_fx']['median_s']:.3f} s, PEFT {t['peft']['median_s']:.3f} s, "
               f"ratio {t['ratio']:.2f} ±{t['ratio_spread'] / 2:.2f}")
-    for section, refs, unit in (("train", ("full", "peft"), "ms"), ("generate", ("lora_fx-folded",), "ms")):
+    for section, refs, unit in (("train", ("full", "peft"), "ms"), ("generate", ("lora_fx-folded", "peft"), "ms")):
         if section not in res:
             continue
         print(f"\n{section} ({'per step' if section == 'train' else 'per generate() call'}, median of rounds)")
         print(f"  {'variant':16} {'median ' + unit:>12} " + " ".join(f"{'/ ' + r:>18}" for r in refs))
         for name, r in res[section].items():
             if isinstance(r, dict) and "median_ms" in r:
-                print(f"  {name:16} {r['median_ms']:12.1f} " + " ".join(f"{_fmt_ratio(r, ref):>18}" for ref in refs))
+                best = r.get("best_ratio_to_lora_fx-folded")
+                print(f"  {name:16} {r['median_ms']:12.1f} " + " ".join(f"{_fmt_ratio(r, ref):>18}" for ref in refs)
+                      + (f"   best/best folded {best:.3f}" if best is not None else ""))
     if "memory" in res:
         print("\npeak memory of one training step above the model")
         for name, r in res["memory"].items():

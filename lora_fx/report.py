@@ -16,7 +16,7 @@ from . import weights
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
-from .state import KEPT_ATTR, capture_of, frontend_of, is_adapted, is_adapter_path, iter_adapters, regions, sites
+from .state import INFERENCE_ATTR, KEPT_ATTR, capture_of, frontend_of, is_adapted, is_adapter_path, iter_adapters, regions, sites
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
@@ -43,6 +43,8 @@ class SiteSummary:
             ``"fx (leaves: a, b)"`` or ``"kept: <reason>"``), in module order; else ``()``.
         not_captured: adaptable weights no graph reads (their module is kept as its own Python:
             MoE expert tensors, say), as dicts ``param``, ``weight shape``, ``reason``.
+        inference_cache_bytes: bytes of merged weights the inference cache holds
+            (:func:`lora_fx.inference_cache_`), or None while it is off.
     """
 
     rows: tuple[dict, ...]
@@ -51,6 +53,7 @@ class SiteSummary:
     trainable_params: int
     captured: tuple[dict, ...] = ()
     not_captured: tuple[dict, ...] = ()
+    inference_cache_bytes: Optional[int] = None
 
     def __str__(self) -> str:
         out = _table(_COLUMNS, [[_fmt(k, r[k]) for k in _COLUMNS] for r in self.rows], right_from=4)
@@ -67,6 +70,9 @@ class SiteSummary:
             out += ["", "weights no graph reads (not adaptable here):"]
             out += [f"  {r['param']} {_fmt('weight shape', r['weight shape'])}: {r['reason']}"
                     for r in self.not_captured]
+        if self.inference_cache_bytes is not None:
+            out += ["", f"inference cache: on, {self.inference_cache_bytes / 2**20:.2f} MiB of merged weights "
+                        "(lora_fx.inference_cache_(model, enabled=False) frees it)"]
         return "\n".join(out)
 
 
@@ -100,6 +106,11 @@ def _fmt(key: str, value) -> str:
     if key == "active":
         return "yes" if value else "no"
     return str(value)
+
+
+def _cache_bytes(gm: nn.Module) -> Optional[int]:
+    cache = gm.__dict__.get(INFERENCE_ATTR)
+    return None if cache is None else cache.nbytes
 
 
 def _capture_of_site(gm: nn.Module, param: str) -> str:
@@ -157,7 +168,7 @@ def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     result = SiteSummary(rows=tuple(rows), total_params=total,
                          adapter_params=sum(p.numel() for _, _, m in iter_adapters(gm) for p in m.parameters()),
                          trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad),
-                         captured=captured, not_captured=missing)
+                         captured=captured, not_captured=missing, inference_cache_bytes=_cache_bytes(gm))
     if show:
         print(result)
     return result
