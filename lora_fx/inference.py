@@ -46,9 +46,9 @@ class _Slot:
     """One site of a variant: bound to the dicts holding its base weight and its adapters' tensors
     (so a re-assigned parameter is seen), it returns the merged weight, re-merging when its key moved.
 
-    The key is ``(id, data_ptr, _version)`` of ``W`` and of each adapter's ``lora_A``, ``lora_B`` and
-    ``scaling``; ``refs`` holds those tensors, so none of the identities can be reused while the key
-    is kept."""
+    The key is the identity, ``data_ptr`` and ``_version`` of ``W`` and of each adapter's ``lora_A``,
+    ``lora_B`` and ``scaling``; ``refs`` holds those tensors (identities are checked against it), so
+    none of them can be freed and its identity reused while the key is kept."""
 
     __slots__ = ("cache", "table", "name", "tables", "adapters", "key", "refs", "merged")
 
@@ -61,11 +61,20 @@ class _Slot:
 
     def weight(self) -> torch.Tensor:
         w = self.table[self.name]
+        refs = self.refs
+        if len(self.tables) == 1:  # one adapter (the usual case): identities checked against refs, no id() calls
+            p, b = self.tables[0]
+            A, B, s = p["lora_A"], p["lora_B"], b["scaling"]
+            key = (w.data_ptr(), w._version, A.data_ptr(), A._version, B.data_ptr(), B._version, s.data_ptr(),
+                   s._version)
+            if key == self.key and w is refs[0] and A is refs[1] and B is refs[2] and s is refs[3]:
+                return self.merged
+            return self._miss(w, key)
         key = (id(w), w.data_ptr(), w._version)
         for p, b in self.tables:
             A, B, s = p["lora_A"], p["lora_B"], b["scaling"]
             key += (id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, id(s), s.data_ptr(), s._version)
-        if key == self.key:
+        if key == self.key and w is refs[0]:
             return self.merged
         return self._miss(w, key)
 
@@ -121,10 +130,10 @@ class InferenceCache:
     # -- graph side --------------------------------------------------------------------------
     def merged(self, w: torch.Tensor, adapters: list[nn.Module], key: tuple, refs: tuple) -> torch.Tensor:
         """``W + Σ ΔW`` of ``adapters`` (in fold's order) for the slot key ``key`` (``refs``: the
-        tensors it names): the entry of an equal key (another site of the same weight), else merged
-        now as fold merges."""
+        tensors it was read from): the entry of an equal key and the same tensors (another site of
+        the same weight), else merged now as fold merges."""
         e = self._entries.get(id(w))
-        if e is not None and e[0] == key:
+        if e is not None and e[0] == key and len(e[1]) == len(refs) and all(x is y for x, y in zip(e[1], refs)):
             return e[2]
         self.misses += 1
         merged = weights.fold_into(w, lambda out: fold_update(out, list(adapters)))
