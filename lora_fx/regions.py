@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from .graph_module import CODE_VERSION_ATTR
+from .producers import remove_producer_tags_
 from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, INFERENCE_ATTR, KEPT_ATTR, OWNS_WEIGHTS_ATTR, REGION_ATTR,
                     region_of)
 
@@ -148,8 +149,9 @@ def set_unregistered_holder_(owner: nn.Module, holder: nn.ModuleDict | None) -> 
 
 def strip_regions_(root: nn.Module) -> nn.Module:
     """Give every module under ``root`` back its class forward: drop regions (and the tensor
-    constants torch.fx stored on their modules), instance ``forward`` s, kept-module notes,
-    unregistered adapter references and the root's lora_fx attributes.  Adapters must have been removed from the records' owners first (their registered
+    constants torch.fx stored on their modules), instance ``forward`` s, kept-module notes, the
+    inference cache, producer-tag hooks, unregistered adapter references and the root's lora_fx
+    attributes.  Adapters must have been removed from the records' owners first (their registered
     holders are the records' business).  Returns ``root``."""
     for m in root.modules():
         d = m.__dict__
@@ -163,6 +165,7 @@ def strip_regions_(root: nn.Module) -> nn.Module:
             del d[_FORWARD]
         if unregistered_holder(m) is not None:
             del d[ADAPTER_ATTR]
+    remove_producer_tags_(root)
     for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR):
         root.__dict__.pop(attr, None)
     return root
