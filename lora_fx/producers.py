@@ -84,14 +84,12 @@ def tag_hook(module: nn.Module, args: tuple, out) -> None:
     return None
 
 
-def install_producer_tags_(root: nn.Module) -> int:
-    """Register :func:`tag_hook` on every producer module under ``root``; returns how many."""
-    n = 0
+def install_producer_tags_(root: nn.Module) -> nn.Module:
+    """Register :func:`tag_hook` on every producer module under ``root`` (once); returns ``root``."""
     for m in root.modules():
         if is_producer(m) and not any(h is tag_hook for h in m._forward_hooks.values()):
             m.register_forward_hook(tag_hook)
-            n += 1
-    return n
+    return root
 
 
 def remove_producer_tags_(root: nn.Module) -> nn.Module:

@@ -90,6 +90,10 @@ def _dropout_of(link: fx.Node) -> Optional[str]:
     return None
 
 
+def _max_norm(node: fx.Node):
+    return node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+
+
 def _is_plain_weight(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
@@ -118,10 +122,13 @@ def inference_graph(gm: fx.GraphModule) -> Optional[InferencePlan]:
                                 for link in chain):
             continue
         kind = None
-        if base.op == "call_function" and base.target in _WEIGHT_ARG and _is_plain_weight(base.args[_WEIGHT_ARG[base.target]]):
+        if (base.op == "call_function" and base.target in _WEIGHT_ARG and len(base.args) > _WEIGHT_ARG[base.target]
+                and _is_plain_weight(base.args[_WEIGHT_ARG[base.target]])
+                and not (base.target is F.embedding and _max_norm(base) is not None)):
             kind = "function"
-        elif base.op == "call_module" and type(gm.get_submodule(str(base.target))) in _MODULE_OPS and not base.kwargs:
-            kind = "module"
+        elif (base.op == "call_module" and type(gm.get_submodule(str(base.target))) in _MODULE_OPS and not base.kwargs
+              and getattr(gm.get_submodule(str(base.target)), "max_norm", None) is None):
+            kind = "module"  # (max_norm renormalises the weight in place: not on a merged copy)
         if kind is None:
             continue
         paths = sorted(paths, key=lambda p: order.get(p, len(order)))  # fold's order: the sums round alike
