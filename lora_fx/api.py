@@ -29,6 +29,7 @@ from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with
 from .deploy import fold
 from .errors import AlreadyAdaptedError, ConfigError
 from .graph_module import deferred_recompile
+from .hf_quantization import mark_adapted_
 from .producers import install_producer_tags_
 from .buffers import record_buffers_
 from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, Site, is_adapted, sites, trainable_params
@@ -160,6 +161,7 @@ def transform(
                                          leaf_modules=as_patterns(leaf_modules, "leaf_modules") or (),
                                          concrete_args=concrete_args))
         setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
+        mark_adapted_(root)  # a quantized transformers model with adapters: Trainer may train it
         record_buffers_(root, model)  # to tell later which buffers training changed (io)
         # 3. find sites → select targets → make adapters → insert_lora → record state (adapters/lifecycle.adapt_)
         adapt_(root, cfg, adapter_name)

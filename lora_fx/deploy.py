@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from lora_fx.passes.fold import fold_graph_modules, fold_regions
 from lora_fx.passes.trace_export import export_error, normalize_example_inputs, resolve_dynamic_shapes
 
-from . import weights
+from .hf_quantization import after_fold_
 from .errors import ExportFileError, ExportParityError
 from .io._files import atomic_write
 from .state import BUFFERS_ATTR, CONFIG_ATTR, FOLD_ATTR, FOLD_META, TRAINABLE_ATTR, require_adapted
@@ -47,10 +47,13 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
     A quantized base weight (torchao, bitsandbytes) folds by default into a plain float weight
     ``dequantize(W_q) + ΔW`` of its compute dtype (fp32 accumulation, one rounding): the folded
     layer computes the adapted function exactly, in float.  bitsandbytes linears holding such a
-    weight become ``nn.Linear`` s (bias in the weight's dtype); torchao weights stay in their
-    ``nn.Linear``.  Layers that were not adapted keep their quantized weights.  A Hugging Face
-    model with no quantized weight left loses transformers' quantization record
-    (``config.quantization_config``, ``hf_quantizer``), so its ``save_pretrained`` is a float checkpoint.
+    weight become ``nn.Linear`` s (bias in the weight's dtype), or transformers ``Conv1D`` s (GPT-2)
+    when transformers made them from one; torchao weights stay in their ``nn.Linear``.  Layers that
+    were not adapted keep their quantized weights.  A Hugging Face model with no quantized weight
+    left loses transformers' quantization record (``config.quantization_config``, ``hf_quantizer``),
+    so its ``save_pretrained`` is a float checkpoint; one still partly quantized lists the layers
+    folded to float among its config's skipped modules, so ``from_pretrained`` loads them as float
+    layers (:mod:`lora_fx.hf_quantization`).
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
@@ -72,7 +75,7 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
     if not isinstance(gm, fx.GraphModule):  # a model that kept its class: the plain model back
         folded, info = fold_regions(gm, requantize=bool(requantize), dtype=dtype)
         folded.__dict__[FOLD_ATTR] = info  # no .meta on a plain module: one attribute
-        return _forget_quantization_(folded)
+        return after_fold_(folded, info["folded"])
     folded, info = fold_graph_modules(gm, requantize=bool(requantize), dtype=dtype)
     for attr in (CONFIG_ATTR, TRAINABLE_ATTR, BUFFERS_ATTR):  # parameters trained in full stay, as trained
         if hasattr(folded, attr):
@@ -80,26 +83,6 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
     folded.meta[FOLD_META] = info
     return folded
 
-
-
-#: What transformers records on a model it quantized while loading (``from_pretrained(...,
-#: quantization_config=...)``); ``save_pretrained`` writes a quantized checkpoint while it is there.
-_HF_QUANTIZATION_ATTRS = ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit",
-                          "is_loaded_in_8bit")
-
-
-def _forget_quantization_(folded: nn.Module) -> nn.Module:
-    """A folded transformers model with no quantized weight left is a float model: drop the
-    quantization record transformers keeps on it (``config.quantization_config`` and the attributes
-    above), so ``save_pretrained`` writes, and ``from_pretrained`` reads, a float checkpoint."""
-    if any(not weights.is_plain(p) for p in folded.parameters()):
-        return folded  # still quantized somewhere (requantize=True, or layers that were not adapted)
-    config = getattr(folded, "config", None)
-    if config is not None and "quantization_config" in getattr(config, "__dict__", {}):
-        del config.__dict__["quantization_config"]
-    for attr in _HF_QUANTIZATION_ATTRS:
-        folded.__dict__.pop(attr, None)
-    return folded
 
 
 def _tolerance(t: torch.Tensor) -> tuple[float, float]:

@@ -93,10 +93,16 @@ def _route(gm: fx.GraphModule, prefix: str, straight: list[str]) -> bool:
 def prepare_quantized_(root: nn.Module) -> nn.Module:
     """Run the modules' ``prepare`` hooks and route linears on quantized weights (see the module
     docstring); returns ``root``.  Idempotent (a routed call is not routed again)."""
+    notices: dict[str, list[str]] = {}
     for path, mod in root.named_modules():
         hook = module_rule(mod).prepare
         if hook is not None:
-            hook(mod, path)
+            notice = hook(mod, path)
+            if notice:
+                notices.setdefault(notice, []).append(f"'{path}' ({type(mod).__name__})")
+    for notice, where in notices.items():
+        shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+        warnings.warn(f"{len(where)} module(s), {shown}: {notice}", LoraFxWarning, stacklevel=4)
     straight: list[str] = []
     for path, gm in regions(root):
         if _route(gm, f"{path}." if path else "", straight):

@@ -18,7 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SiteCase", "SITES", "ZOO", "case_ids", "build", "expected_lowering"]
+__all__ = ["SiteCase", "SITES", "ZOO", "case_ids", "build", "expected_lowering", "TanhMLP"]
+
+
+class TanhMLP(nn.Module):
+    """Two linears (6 → 8 → 5) around a tanh: the small model of the adapter-file tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,9 @@ import lora_fx
 from lora_fx.errors import AdapterFileError, LoraFxWarning
 from lora_fx.io import load_lora_state, save_lora_state
 from _reference import randomize_
+from _zoo import TanhMLP as MLP
 
 peft = pytest.importorskip("peft")
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.fc2 = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def _adapted(seed=1):

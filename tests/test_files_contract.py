@@ -20,18 +20,9 @@ from lora_fx.io import load_lora_state, save_lora_state
 from lora_fx.io._files import Rollback, safetensors_bytes
 from lora_fx.state import FILE_META
 from _reference import randomize_
+from _zoo import TanhMLP as MLP
 
 peft = pytest.importorskip("peft")
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.fc2 = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def _adapted(seed: int) -> nn.Module:

@@ -66,6 +66,13 @@ class quiet_transformers:
         return False
 
 
+def _no_cpu_repack_(model):
+    """As on lora_fx's copies: no in-place CPU repack (block scales rounded to bf16) in eval."""
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit":
+            m.support_avx512bf16_for_cpu = False
+
+
 def _ids(seed=1, batch=2, seq=8):
     return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -193,3 +200,67 @@ def test_an_adapter_made_on_the_4bit_model_loads_on_the_float_model(checkpoint, 
     with torch.no_grad():
         assert_close(gf(input_ids=ids).logits, reference_call(float_model, gf, (), {"input_ids": ids}).logits,
                      dtype=torch.bfloat16)
+
+
+def test_trainer_trains_and_saves_the_adapted_4bit_model(checkpoint, tmp_path):
+    """transformers' Trainer refuses "purely quantized" models; lora_fx's copy carries trainable
+    adapters, so it trains and checkpoints; the user's model keeps its flag."""
+    model = _load(checkpoint, "bnb-nf4")
+    gm = lora_fx.transform(model, rank=4, alpha=8, targets=TARGETS)
+    assert model.is_quantized and not gm.is_quantized
+    rows = [{"input_ids": r, "labels": r} for r in _ids(seed=3, batch=4, seq=8)]
+    args = transformers.TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+                                          save_steps=2, report_to=[], use_cpu=True, logging_steps=1)
+    before = {s.param: s.lora_B.detach().clone() for s in lora_fx.sites(gm)}
+    with quiet_transformers():
+        transformers.Trainer(model=gm, args=args, train_dataset=rows).train()
+    assert any(not torch.equal(s.lora_B, before[s.param]) for s in lora_fx.sites(gm))
+    assert (tmp_path / "checkpoint-2").is_dir()
+    requantized = lora_fx.fold(gm, requantize=True)
+    assert requantized.is_quantized  # still quantized: the flag is back
+    assert "is_quantized" not in lora_fx.fold(gm).__dict__  # a float model
+
+
+def test_a_partly_folded_4bit_model_saves_a_checkpoint_whose_float_layers_load_as_float(checkpoint, tmp_path):
+    model = _load(checkpoint, "bnb-nf4")
+    gm = randomize_(lora_fx.transform(model, rank=4, alpha=8, targets=["*.q_proj.weight"]), scale=0.05)
+    folded = lora_fx.fold(gm)
+    assert type(folded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(folded.model.layers[0].self_attn.k_proj).__name__ == "Linear4bit"
+    assert model.config.quantization_config.llm_int8_skip_modules is None  # the user's config: untouched
+    folded.save_pretrained(tmp_path)
+    with quiet_transformers():
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.bfloat16)
+    assert type(again.model.layers[1].self_attn.q_proj) is torch.nn.Linear
+    assert type(again.model.layers[1].self_attn.k_proj).__name__ == "Linear4bit"
+    _no_cpu_repack_(again)
+    ids = _ids()
+    with torch.no_grad():
+        assert_close(again.eval()(input_ids=ids).logits, folded.eval()(input_ids=ids).logits, **EXACT)
+
+
+def test_a_4bit_gpt2_folds_into_conv1d_layers_that_load_into_the_float_model(tmp_path):
+    quiet_import("bitsandbytes")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=256, n_positions=32, bos_token_id=0,
+                                  eos_token_id=0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "float")
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=torch.float32)
+    with quiet_transformers():
+        model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "float", quantization_config=q,
+                                                             device_map="cpu", dtype=torch.float32).eval()
+    gm = randomize_(lora_fx.transform(model, rank=4, targets=["*.c_attn.weight", "*.c_proj.weight"]), scale=0.05)
+    folded = lora_fx.fold(gm)
+    attn = folded.transformer.h[0].attn
+    assert type(attn.c_proj) is transformers.pytorch_utils.Conv1D and tuple(attn.c_attn.weight.shape) == (64, 192)
+    ids = _ids(seq=6)
+    with torch.no_grad():
+        assert_close(folded(input_ids=ids).logits, gm(input_ids=ids).logits, dtype=torch.float32)
+    folded.save_pretrained(tmp_path / "folded")
+    with quiet_transformers():
+        again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "folded", device_map="cpu").eval()
+    assert type(again.transformer.h[0].attn.c_attn) is transformers.pytorch_utils.Conv1D  # c_fc: still 4-bit
+    _no_cpu_repack_(again)
+    with torch.no_grad():
+        assert_close(again(input_ids=ids).logits, folded(input_ids=ids).logits, **EXACT)

@@ -284,8 +284,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
             :func:`lora_fx.add_adapter` leaves a new adapter inactive instead).
         **capture: for a plain ``model``, :func:`lora_fx.transform`'s capture keywords
             (``frontend``, ``example_inputs``, ``example_kwargs``, ``dynamic_shapes``, ``blocks``,
-            ``leaf_modules``, ``concrete_args``, ``copy_weights``); e.g. ``example_inputs=(ids,)``
-            for Hugging Face models, which need the export front-end.
+            ``leaf_modules``, ``concrete_args``, ``copy_weights``) and ``adapter_dtype`` (the new
+            adapter's factors are otherwise in the file's dtype).
 
     Raises:
         AdapterFileError: a file is missing, corrupt (a checksum lora_fx wrote does not match), or

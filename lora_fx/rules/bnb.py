@@ -37,14 +37,12 @@ is exact).
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt, Params4bit
 from torch import fx, nn
 
-from ..errors import LoraFxWarning
 from ..ops_quantized import bnb_linear
 from ..weights.bnb import unpacked_4bit
 from .table import Factored, ModuleRule, _attr, _input, register_module_rule
@@ -62,19 +60,24 @@ def _merged(graph, node, m, merged):
     return graph.call_function(bnb_linear, (_input(node), merged["weight"], bias, compute))
 
 
-def _prepare_4bit(m: Linear4bit, path: str) -> None:
+#: Said once per transform, naming the layers (``ModuleRule.prepare`` returns it).
+_REPACKED = (
+    "bitsandbytes had repacked these weights in place for CPU inference (a forward in eval mode without "
+    "gradients, before transform), rounding their block scales to bfloat16 on the way; lora_fx converted its "
+    "copies back to the training layout, with those rounded scales (the repacked modules compute with them "
+    "too, about 1e-3 from the weights as first quantized, so the adapted model at B = 0 is that far from "
+    "the first quantization). Adapt the model before evaluating it, or set support_avx512bf16_for_cpu = "
+    "False on its Linear4bit modules.")
+
+
+def _prepare_4bit(m: Linear4bit, path: str) -> Optional[str]:
     w = m.weight
     if not isinstance(w, Params4bit) or w.quant_state is None:
         return
+    notice = None
     if getattr(w.quant_state, "packing_format_for_cpu", False):
         w.data, w.quant_state = unpacked_4bit(w)
-        warnings.warn(
-            f"'{path}' ({type(m).__name__}): bitsandbytes had repacked this weight in place for CPU inference (a "
-            "forward in eval mode without gradients, before transform), rounding its block scales to bfloat16 on "
-            "the way; lora_fx converted its copy back to the training layout, with those rounded scales (the "
-            "repacked module computes with them too, about 1e-3 from the weight as first quantized). Adapt the "
-            "model before evaluating it, or set support_avx512bf16_for_cpu = False on its Linear4bit modules.",
-            LoraFxWarning, stacklevel=5)  # the caller of transform / add_adapter
+        notice = _REPACKED
     m.support_avx512bf16_for_cpu = False
     w.module = m  # a deep copy's weight still points at the user's module
     m.quant_state = w.quant_state
@@ -83,6 +86,7 @@ def _prepare_4bit(m: Linear4bit, path: str) -> None:
     m.compute_type_is_set = True
     if m.bias is not None and m.bias.dtype != m.compute_dtype:
         m.bias.data = m.bias.data.to(m.compute_dtype)
+    return notice
 
 
 def _prepare_8bit(m: Linear8bitLt, path: str = "") -> None:
@@ -105,8 +109,21 @@ def _own_graph(m: nn.Linear) -> fx.Graph:
     return graph
 
 
-def _plain_linear(m: nn.Linear) -> nn.Linear:
+def _plain_linear(m: nn.Linear) -> nn.Module:
+    """The float layer a bitsandbytes linear holding a folded float weight becomes: an ``nn.Linear``,
+    or the transformers ``Conv1D`` it was made from (transformers records ``source_cls`` and
+    transposes GPT-2's ``(in, out)`` weight before quantizing), with the weight back in its layout."""
     w = m.weight
+    source = getattr(m, "source_cls", None)
+    if isinstance(source, type) and source.__name__ == "Conv1D" and source.__module__.startswith("transformers."):
+        layer = source(m.out_features, m.in_features)
+        layer.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+        if m.bias is None:
+            layer.bias = None
+        else:
+            layer.bias = nn.Parameter(m.bias.detach().to(w.dtype), requires_grad=m.bias.requires_grad)
+        layer.train(m.training)
+        return layer
     lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=w.dtype)
     lin.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
     if m.bias is not None:

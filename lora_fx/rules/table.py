@@ -150,9 +150,11 @@ class ModuleRule:
             ``()`` for a plain weight (see :mod:`lora_fx.fused`).
         leaf: the torch.fx front-end keeps modules of this type as leaves (never traces their
             forward), e.g. bitsandbytes' linears, whose forward branches on the input.
-        prepare: callable ``(module, path) -> None``: puts lora_fx's *own copy* of a module in the
+        prepare: callable ``(module, path) -> str | None``: puts lora_fx's *own copy* of a module in the
             state adapting relies on (called before each adapter is added; idempotent), e.g.
             stopping bitsandbytes from repacking its weight in place.  Never called on the user's model.
+            A returned string is a notice for the user, given once per transform (one
+            ``LoraFxWarning`` naming every module that returned it).
         after_fold: callable ``module -> module | None`` called by :func:`lora_fx.fold` on each
             module whose weight was folded: a module to put in its place (a ``Linear4bit``
             holding a float weight becomes an ``nn.Linear``), or None to keep it.
@@ -168,7 +170,7 @@ class ModuleRule:
     factored: Callable[..., Optional[Factored]] = lambda node, module, pname: None
     blocks: Callable[[nn.Module, str], tuple[tuple[str, int], ...]] = lambda module, pname: ()
     leaf: bool = False
-    prepare: Optional[Callable[[nn.Module, str], None]] = None
+    prepare: Optional[Callable[[nn.Module, str], Optional[str]]] = None
     after_fold: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None
     own_graph: Optional[Callable[[nn.Module], fx.Graph]] = None
 

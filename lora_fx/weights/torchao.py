@@ -108,56 +108,51 @@ class NF4Kind(TorchaoKind):
         return to_nf4(value.to(w.dtype).contiguous(), w.block_size, w.scaler_block_size)
 
 
-class Int8Kind(TorchaoKind):
+class _MaybeDynamicKind(TorchaoKind):
+    """A torchao kind that may quantize its input as well (``act_attr`` names the tensor attribute
+    that says how; None: weight-only): weight-only runs linear and embedding exactly; with its
+    input quantized the kernel passes no input gradient (straight-through) and serves linear only."""
+
+    native_ops = frozenset({"linear", "embedding"})
+    act_attr = "act_quant_kwargs"
+
+    def input_grad(self, w: Tensor) -> str:
+        return "exact" if getattr(w, self.act_attr) is None else "straight-through"
+
+    def runs(self, w: Tensor, op: str) -> bool:
+        return op in self.native_ops if getattr(w, self.act_attr) is None else op == "linear"
+
+
+class Int8Kind(_MaybeDynamicKind):
     """``Int8Tensor``: int8 weight-only (``act_quant_kwargs is None``) or with dynamic int8
     activations (``Int8DynamicActivationInt8WeightConfig``), whose forward quantizes its input
     per token: the input gradient is then straight-through."""
 
     name = "torchao-int8"
-    native_ops = frozenset({"linear", "embedding"})
-
-    def input_grad(self, w: Tensor) -> str:
-        return "exact" if w.act_quant_kwargs is None else "straight-through"
-
-    def runs(self, w: Tensor, op: str) -> bool:
-        return op in self.native_ops if w.act_quant_kwargs is None else op == "linear"
 
     def requantize(self, w: Tensor, value: Tensor) -> Tensor:
         return Int8Tensor.from_hp(value.to(w.dtype), _granularity(w), act_quant_kwargs=w.act_quant_kwargs,
                                   reduce_range=w.reduce_range)
 
 
-class IntxKind(TorchaoKind):
+class IntxKind(_MaybeDynamicKind):
     """``IntxUnpackedToInt8Tensor`` (``IntxWeightOnlyConfig``: int1–int8 codes stored one per int8,
     so int4 takes as much memory as int8); with ``activation_quantization`` set
     (``Int8DynamicActivationIntxWeightConfig``) the input gradient is straight-through."""
 
     name = "torchao-intx"
-    native_ops = frozenset({"linear", "embedding"})
-
-    def input_grad(self, w: Tensor) -> str:
-        return "exact" if w.activation_quantization is None else "straight-through"
-
-    def runs(self, w: Tensor, op: str) -> bool:
-        return op in self.native_ops if w.activation_quantization is None else op == "linear"
+    act_attr = "activation_quantization"
 
     def requantize(self, w: Tensor, value: Tensor) -> Tensor:
         return IntxUnpackedToInt8Tensor.from_hp(value.to(w.dtype), tuple(w.block_size), w.target_dtype,
                                                 activation_quantization=w.activation_quantization)
 
 
-class Float8Kind(TorchaoKind):
+class Float8Kind(_MaybeDynamicKind):
     """``Float8Tensor`` (``Float8WeightOnlyConfig``; with ``act_quant_kwargs`` the dynamic kinds,
     straight-through)."""
 
     name = "torchao-float8"
-    native_ops = frozenset({"linear", "embedding"})
-
-    def input_grad(self, w: Tensor) -> str:
-        return "exact" if w.act_quant_kwargs is None else "straight-through"
-
-    def runs(self, w: Tensor, op: str) -> bool:
-        return op in self.native_ops if w.act_quant_kwargs is None else op == "linear"
 
     def requantize(self, w: Tensor, value: Tensor) -> Tensor:
         return Float8Tensor.from_hp(value.to(w.dtype), w.qdata.dtype, _granularity(w), mm_config=w.mm_config,
