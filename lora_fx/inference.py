@@ -22,6 +22,7 @@ is why it is off until asked for; ``inference_cache_(model, enabled=False)`` fre
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -30,8 +31,8 @@ from torch.fx.graph_module import _forward_from_src
 
 from .errors import ConfigError
 from lora_fx.passes.fold import fold_update
-from lora_fx.passes.inference_variant import CACHE_PLACEHOLDER, inference_graph
-from .state import INFERENCE_ATTR, REGION_ATTR, regions, require_adapted, unwrap
+from lora_fx.passes.inference_variant import inference_graph
+from .state import INFERENCE_ATTR, REGION_ATTR, require_adapted, unwrap
 from . import weights
 
 __all__ = ["InferenceCache", "inference_cache_", "inference_cache", "inference_cache_bytes"]
@@ -50,7 +51,7 @@ class _Slot:
     ``lora_B`` and ``scaling``; ``refs`` holds those tensors (identities are checked against it), so
     none of them can be freed and its identity reused while the key is kept."""
 
-    __slots__ = ("cache", "table", "name", "tables", "adapters", "key", "refs", "merged")
+    __slots__ = ("cache", "table", "name", "tables", "adapters", "key", "refs", "merged", "__weakref__")
 
     def __init__(self, cache: "InferenceCache", table: dict, name: str, adapters: list[nn.Module]):
         self.cache, self.table, self.name, self.adapters = cache, table, name, adapters
@@ -58,6 +59,11 @@ class _Slot:
         self.key: Optional[tuple] = None
         self.refs: tuple = ()
         self.merged: Optional[torch.Tensor] = None
+        cache._slots.add(self)
+
+    def reset(self) -> None:
+        """Forget the merged weight (merged again on the next call)."""
+        self.key, self.refs, self.merged = None, (), None
 
     def weight(self) -> torch.Tensor:
         w = self.table[self.name]
@@ -95,6 +101,11 @@ class _Variant:
         self.code, self.slots, self.dropouts, self.modules = code, slots, dropouts, modules
         self.check = self.usable if (dropouts or modules) else None
 
+    def release(self) -> None:
+        """Drop the merged weights of its slots (the variant is being replaced)."""
+        for s in self.slots:
+            s.reset()
+
     def usable(self) -> bool:
         """False while an adapter dropout it skips is training, or a module call it replaced by the
         functional op has hooks (then the region's own code runs)."""
@@ -123,21 +134,26 @@ class InferenceCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[tuple, tuple, torch.Tensor]] = {}  # id(W) -> (key, its tensors, merged)
+        # id(W) -> (key, weak refs to the key's tensors, weak ref to the merged weight): lets the sites
+        # of one weight share a merged copy; the slots hold the merged weights (and their keys' tensors)
+        self._entries: dict[int, tuple[tuple, tuple, weakref.ref]] = {}
+        self._slots: "weakref.WeakSet[_Slot]" = weakref.WeakSet()
         self._codes: dict[tuple, Callable[..., Any]] = {}
         self.misses = 0
 
     # -- graph side --------------------------------------------------------------------------
     def merged(self, w: torch.Tensor, adapters: list[nn.Module], key: tuple, refs: tuple) -> torch.Tensor:
         """``W + Σ ΔW`` of ``adapters`` (in fold's order) for the slot key ``key`` (``refs``: the
-        tensors it was read from): the entry of an equal key and the same tensors (another site of
-        the same weight), else merged now as fold merges."""
+        tensors it was read from): the merged weight of another site with an equal key and the same
+        tensors (a tied weight), else merged now as fold merges."""
         e = self._entries.get(id(w))
-        if e is not None and e[0] == key and len(e[1]) == len(refs) and all(x is y for x, y in zip(e[1], refs)):
-            return e[2]
+        if e is not None and e[0] == key and len(e[1]) == len(refs) and all(r() is x for r, x in zip(e[1], refs)):
+            hit = e[2]()
+            if hit is not None:
+                return hit
         self.misses += 1
         merged = weights.fold_into(w, lambda out: fold_update(out, list(adapters)))
-        self._entries[id(w)] = (key, refs, merged)
+        self._entries[id(w)] = (key, tuple(weakref.ref(t) for t in refs), weakref.ref(merged))
         return merged
 
     def variant(self, module: nn.Module, gm: fx.GraphModule) -> Optional[_Variant]:
@@ -161,16 +177,21 @@ class InferenceCache:
                         [gm.get_submodule(p) for p in plan.modules])
 
     # -- user side ---------------------------------------------------------------------------
+    def _held(self) -> dict[int, torch.Tensor]:
+        return {id(s.merged): s.merged for s in list(self._slots) if s.merged is not None}
+
     @property
     def nbytes(self) -> int:
-        """Bytes of the merged weights held now."""
-        return sum(e[2].numel() * e[2].element_size() for e in self._entries.values())
+        """Bytes of the merged weights held now (a weight shared by several sites counts once)."""
+        return sum(t.numel() * t.element_size() for t in self._held().values())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._held())
 
     def clear(self) -> None:
         """Drop every merged weight (they are merged again on the next call)."""
+        for s in list(self._slots):
+            s.reset()
         self._entries.clear()
 
     def __deepcopy__(self, memo) -> "InferenceCache":

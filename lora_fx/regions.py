@@ -107,11 +107,17 @@ class RegionForward(InstanceForward):
             gm._lora_fx_compile()
         self._gm, self._version, self._code = gm, gm.code_version, self.select(gm)
         cache = self.__self__.__dict__.get(INFERENCE_ATTR)
+        self._release()
         self._infer = None if cache is None else cache.variant(self.__self__, gm)
 
     def invalidate(self) -> None:
         """Look the region's code (and its inference variant) up again on the next call."""
+        self._release()
         self._gm, self._version, self._code, self._infer = None, -1, None, None
+
+    def _release(self) -> None:
+        if self._infer is not None:  # its merged weights go now, not when a reference cycle is collected
+            self._infer.release()
 
     def select(self, gm: fx.GraphModule) -> Callable[..., Any]:
         """The function run as the module's forward, ``fn(module, *args, **kwargs)``: the region's

@@ -35,6 +35,12 @@ def _logits(model, x, mode=torch.no_grad):
         return model(**x).logits
 
 
+def _merged_bytes(gm) -> int:
+    """Bytes of one merged copy of every adapted weight."""
+    ws = {id(w): w for w in (gm.get_parameter(s.param) for s in lora_fx.sites(gm))}
+    return sum(w.numel() * w.element_size() for w in ws.values())
+
+
 def _check(gm, x, *, misses: int | None = None):
     """Cached logits == a fresh fold's, bit for bit; and the number of merges this call made."""
     before = _cache(gm).misses
@@ -55,8 +61,7 @@ def test_cached_equals_folded_and_merges_once(name, dtype):
     got = _check(gm, x, misses=n)  # one merge per adapted weight (GPT-2: addmm on Conv1D's view)
     _check(gm, x, misses=0)
     assert_close(got, factored, dtype=dtype)
-    assert lora_fx.inference_cache_bytes(gm) == sum(s.module.lora_B.shape[0] * s.module.lora_A.shape[1]
-                                                    * dtype.itemsize for s in lora_fx.sites(gm))
+    assert lora_fx.inference_cache_bytes(gm) == _merged_bytes(gm)
     assert "inference cache: on" in str(lora_fx.summary(gm, show=False))
     with torch.inference_mode():
         assert torch.equal(gm(**x).logits, got)
@@ -119,6 +124,10 @@ def test_graph_rewrites_and_adapter_mixes():
     lora_fx.set_active_adapters(gm, ["default", "other"])
     lora_fx.delete_adapter(gm, "other")
     _check(gm, x)
+    assert lora_fx.inference_cache_bytes(gm) == _merged_bytes(gm)  # nothing left of the rewritten regions' copies
+    _cache(gm).clear()
+    assert lora_fx.inference_cache_bytes(gm) == 0
+    _check(gm, x, misses=len(lora_fx.sites(gm)))
 
 
 def test_grad_mode_dropout_and_hooks_run_the_factored_code():
