@@ -15,8 +15,8 @@ from .api import Site, fold, sites, transform
 from .config import LoraConfig
 from .deploy import export_folded, export_onnx
 from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError, ConfigError,
-                     ExportFileError, ExportParityError, LoraFxError, LoraFxWarning, NotAdaptedError, TargetError,
-                     TraceError, UnknownAdapterError, UnsupportedSiteError)
+                     ExportFileError, ExportParityError, InputGuardError, LoraFxError, NonFiniteError, LoraFxWarning, NotAdaptedError,
+                     TargetError, TraceError, UnknownAdapterError, UnsupportedSiteError)
 from .fused import FusedSpec
 from .inference import inference_cache, inference_cache_, inference_cache_bytes
 from .io.loralib import load_loralib_state_dict, loralib_state_dict
@@ -24,6 +24,7 @@ from .io.peft import load_adapter, save_adapter
 from .io.state_dict import lora_state_dict
 from .report import SiteSummary, draw, summary
 from .rules import register_function_rule, register_module_rule
+from .state import LeftOut, left_out
 from . import distributed
 from .distributed import gather_lora_state_dict
 # old module paths (thin re-exports), importable as attributes of the package as before
@@ -36,11 +37,13 @@ __all__ = [
     "mark_only_lora_as_trainable", "lora_state_dict", "adapter_parameters", "register_model_param_after_backward",
     "load_loralib_state_dict", "loralib_state_dict",
     "distributed", "gather_lora_state_dict",
-    "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "UnsupportedSiteError",
+    "LoraFxError", "LoraFxWarning", "ConfigError", "TargetError", "TraceError", "InputGuardError",
+    "UnsupportedSiteError",
     "NotAdaptedError", "UnknownAdapterError", "AlreadyAdaptedError", "AdapterMismatchError", "AdapterFileError",
-    "ExportParityError", "ExportFileError", "export_folded", "export_onnx", "__version__",
+    "ExportParityError", "ExportFileError", "NonFiniteError", "export_folded", "export_onnx", "__version__",
     "add_adapter", "delete_adapter", "set_active_adapters", "set_adapter_weights", "disable_adapters",
-    "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "draw",
+    "active_adapters", "adapter_names", "save_adapter", "load_adapter", "summary", "SiteSummary", "left_out",
+    "LeftOut", "draw",
     "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
     "register_module_rule", "register_function_rule",
     "inference_cache_", "inference_cache", "inference_cache_bytes",

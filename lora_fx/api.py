@@ -25,15 +25,15 @@ from lora_fx.passes.capture import capture, private_copy
 
 from .adapters.lifecycle import adapt_
 from .adapters.trainable import train_adapters_only_
-from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with
+from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with, unknown_keywords_message
 from .deploy import fold
 from .errors import AlreadyAdaptedError, ConfigError
 from .graph_module import deferred_recompile
 from .hf_quantization import mark_adapted_
 from .producers import install_producer_tags_
 from .buffers import record_buffers_
-from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, Site, is_adapted, sites, trainable_params
-from .targets import check_adapter_name
+from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, Site, is_adapted, sites, trainable_params
+from .targets import check_adapter_name, target_policy
 
 __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]
 
@@ -138,8 +138,7 @@ def transform(
             fixes; with ``frontend="auto"`` both failures, shortest first).
     """
     if unknown:
-        raise ConfigError(f"transform() got unknown keyword(s) {sorted(unknown)}; valid keywords: "
-                          f"{sorted(CONFIG_KEYS + _CAPTURE_KEYS)}")
+        raise ConfigError(unknown_keywords_message("transform()", unknown, CONFIG_KEYS + _CAPTURE_KEYS))
     # 1. the options: one LoraConfig (config.py), a valid adapter name (targets.py), an unadapted model
     check_adapter_name(adapter_name)
     if not isinstance(model, nn.Module):
@@ -162,6 +161,7 @@ def transform(
                                          concrete_args=concrete_args))
         setattr(root, OWNS_WEIGHTS_ATTR, bool(copy_weights))
         mark_adapted_(root)  # a quantized transformers model with adapters: Trainer may train it
+        setattr(root, POLICY_ATTR, target_policy(model))  # what only the user's model shows (targets.py)
         record_buffers_(root, model)  # to tell later which buffers training changed (io)
         # 3. find sites → select targets → make adapters → insert_lora → record state (adapters/lifecycle.adapt_)
         adapt_(root, cfg, adapter_name)

@@ -16,7 +16,8 @@ from .errors import ConfigError
 from .fused import FusedSpec
 from .weights import compute_dtype
 
-__all__ = ["LoraConfig", "CONFIG_VERSION", "INITS", "CONFIG_KEYS", "UNSET", "as_patterns", "config_with"]
+__all__ = ["LoraConfig", "CONFIG_VERSION", "INITS", "CONFIG_KEYS", "UNSET", "as_patterns", "config_with", "PEFT_KEYWORDS",
+           "unknown_keywords_message"]
 
 CONFIG_VERSION = 1
 #: Initialisation schemes of the factors (see :class:`LoraConfig`).
@@ -132,7 +133,9 @@ class LoraConfig:
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
             raise ConfigError(f"adapter_dtype must be one of {sorted(_DTYPES)} or None, got {self.adapter_dtype!r}")
         if self.version != CONFIG_VERSION:
-            raise ConfigError(f"config version {self.version} is not supported (this lora_fx writes {CONFIG_VERSION})")
+            raise ConfigError(f"config version {self.version} is not supported (this lora_fx reads and writes version "
+                              f"{CONFIG_VERSION}); build the config again with this lora_fx, LoraConfig(...), "
+                              "or load the file with the lora_fx version that wrote it")
 
     # -- resolution -------------------------------------------------------------------------
     def rank_for(self, name: str) -> int:
@@ -227,3 +230,18 @@ def _check_rank(r, what: str) -> None:
 def _check_alpha(a, what: str) -> None:
     if isinstance(a, bool) or not isinstance(a, numbers.Real) or not (a > 0 and math.isfinite(a)):
         raise ConfigError(f"{what} must be a positive number (scaling = alpha / rank), got {a!r}")
+
+
+#: PEFT ``LoraConfig`` field names and lora_fx's keyword for each (an unknown keyword error names it).
+PEFT_KEYWORDS = {"r": "rank", "lora_alpha": "alpha", "target_modules": "targets ('*.q_proj.weight': full parameter "
+                 "names, fnmatch)", "exclude_modules": "exclude", "lora_dropout": "dropout", "init_lora_weights": "init",
+                 "modules_to_save": "trainable", "target_parameters": "targets"}
+
+
+def unknown_keywords_message(where: str, unknown, valid) -> str:
+    """``"<where> got unknown keyword(s) [...]; ..."``, naming lora_fx's keyword for PEFT's names."""
+    unknown = sorted(unknown)
+    peft = [f"{k} → {PEFT_KEYWORDS[k]}" for k in unknown if k in PEFT_KEYWORDS]
+    return (f"{where} got unknown keyword(s) {unknown}; " + (f"PEFT's names are spelled here: {'; '.join(peft)}. "
+            if peft else "") + f"Valid keywords: {sorted(valid)}")
+

@@ -25,13 +25,14 @@ from lora_fx.passes.trace_export import export_error, normalize_example_inputs, 
 from .hf_quantization import after_fold_
 from .errors import ExportFileError, ExportParityError
 from .io._files import atomic_write
-from .state import BUFFERS_ATTR, CONFIG_ATTR, FOLD_ATTR, FOLD_META, TRAINABLE_ATTR, require_adapted
+from .state import BUFFERS_ATTR, CONFIG_ATTR, FOLD_ATTR, FOLD_META, LEFT_OUT_ATTR, TRAINABLE_ATTR, require_adapted
 
 __all__ = ["fold", "export_folded", "export_onnx", "parity_report"]
 
 
 def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """A new module with every active adapter folded into its weight: ``W ← W + ΔW`` computed in
+    """A new module with every adapter folded into its weight as it contributes now (in the active
+    set and switched on, at its mixing weight; others add nothing): ``W ← W + ΔW`` computed in
     float32 (or wider) and rounded once to ``W``'s dtype; no adapter nodes or parameters remain.
 
     A model that kept its class (the regions front-end: a Hugging Face model, say) folds into an
@@ -69,7 +70,7 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
 
     Raises:
         NotAdaptedError: ``gm`` was not produced by :func:`lora_fx.transform` (or is already folded).
-        ValueError: a folded weight is not finite (a diverged adapter).
+        NonFiniteError: a folded weight is not finite (a diverged adapter), naming the weight.
     """
     require_adapted(gm, "fold", detail=" (already folded, or never transformed), so there is nothing to fold")
     if not isinstance(gm, fx.GraphModule):  # a model that kept its class: the plain model back
@@ -77,12 +78,17 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
         folded.__dict__[FOLD_ATTR] = info  # no .meta on a plain module: one attribute
         return after_fold_(folded, info["folded"])
     folded, info = fold_graph_modules(gm, requantize=bool(requantize), dtype=dtype)
-    for attr in (CONFIG_ATTR, TRAINABLE_ATTR, BUFFERS_ATTR):  # parameters trained in full stay, as trained
+    for attr in (CONFIG_ATTR, TRAINABLE_ATTR, BUFFERS_ATTR, LEFT_OUT_ATTR):  # parameters trained in full stay
         if hasattr(folded, attr):
             delattr(folded, attr)
     folded.meta[FOLD_META] = info
     return folded
 
+
+
+_PARITY_FIX = ("The model's forward depends on something export bakes in (Python state, a global, randomness, a "
+               "shape-dependent branch): make it a tensor input or buffer, or export with example inputs like the "
+               "ones you check with.")
 
 
 def _tolerance(t: torch.Tensor) -> tuple[float, float]:
@@ -105,15 +111,17 @@ def parity_report(want: Any, got: Any, *, what: str, rtol: Optional[float] = Non
     w_leaves = [x for x in pytree.tree_leaves(want) if isinstance(x, torch.Tensor)]
     g_leaves = [torch.as_tensor(x) for x in pytree.tree_leaves(got) if isinstance(x, (torch.Tensor,)) or hasattr(x, "shape")]
     if len(w_leaves) != len(g_leaves):
-        raise ExportParityError(f"{what}: {len(g_leaves)} output tensors, the eager adapted model returns {len(w_leaves)}")
+        raise ExportParityError(f"{what}: {len(g_leaves)} output tensors, the eager adapted model returns {len(w_leaves)}. "
+                                f"{_PARITY_FIX}")
     worst = 0.0
     for i, (w, g) in enumerate(zip(w_leaves, g_leaves)):
         g = g.to(w.device)
         if tuple(w.shape) != tuple(g.shape):
-            raise ExportParityError(f"{what}: output {i} has shape {tuple(g.shape)}, eager has {tuple(w.shape)}")
+            raise ExportParityError(f"{what}: output {i} has shape {tuple(g.shape)}, eager has {tuple(w.shape)}. "
+                                    f"{_PARITY_FIX}")
         if not w.is_floating_point():
             if not torch.equal(w, g.to(w.dtype)):
-                raise ExportParityError(f"{what}: integer output {i} differs from eager")
+                raise ExportParityError(f"{what}: integer output {i} differs from eager. {_PARITY_FIX}")
             continue
         r, a = _tolerance(w)
         r, a = rtol if rtol is not None else r, atol if atol is not None else a

@@ -20,12 +20,14 @@ __all__ = [
     "ConfigError",
     "TargetError",
     "TraceError",
+    "InputGuardError",
     "UnsupportedSiteError",
     "NotAdaptedError",
     "UnknownAdapterError",
     "AlreadyAdaptedError",
     "AdapterMismatchError",
     "AdapterFileError",
+    "NonFiniteError",
     "ExportParityError",
     "ExportFileError",
     "user_frame",
@@ -50,6 +52,14 @@ class TargetError(LoraFxError, ValueError):
 
 class TraceError(LoraFxError, RuntimeError):
     """The model could not be captured as a graph by the chosen front-end."""
+
+
+class InputGuardError(LoraFxError, AssertionError):
+    """A call of a model captured by the export front-end with an input outside what the capture
+    specialised on (a size outside its range, another value of a baked-in argument): the graph
+    holds one branch of the forward's Python, taken for the example inputs.  An ``AssertionError``,
+    as torch.export's own program raises ("Guard failed") and torch.fx's guard of a ``concrete_args``
+    value."""
 
 
 class UnsupportedSiteError(LoraFxError, NotImplementedError):
@@ -77,6 +87,11 @@ class AdapterMismatchError(LoraFxError, ValueError):
 
 class AdapterFileError(LoraFxError, OSError):
     """An adapter file is missing, truncated or corrupt."""
+
+
+class NonFiniteError(LoraFxError, ValueError):
+    """An adapter holds inf / NaN values where lora_fx must write a finite result (``fold``): a
+    diverged training run, typically."""
 
 
 class ExportParityError(LoraFxError, RuntimeError):

@@ -131,7 +131,7 @@ def resolve_blocks(spec: Optional[FusedSpec], fan_out: int, default: tuple[tuple
         blocks = tuple((n, fan_out // len(blocks)) for n, _ in blocks)
     if sum(r for _, r in blocks) != fan_out:
         raise ConfigError(f"fused blocks {dict(blocks)} of '{param}' add up to {sum(r for _, r in blocks)} "
-                          f"rows, but the weight has {fan_out} output rows")
+                          f"rows, but the weight has {fan_out} output rows; give block sizes that add up to {fan_out}")
     names = [n for n, _ in blocks]
     enable = names if spec.enable is None else list(spec.enable)
     unknown = [e for e in enable if e not in names]

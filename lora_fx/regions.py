@@ -28,8 +28,8 @@ from torch import fx, nn
 
 from .graph_module import CODE_VERSION_ATTR
 from .producers import remove_producer_tags_
-from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, INFERENCE_ATTR, KEPT_ATTR, OWNS_WEIGHTS_ATTR, REGION_ATTR,
-                    region_of)
+from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, INFERENCE_ATTR, KEPT_ATTR, LEFT_OUT_ATTR,
+                    OWNS_WEIGHTS_ATTR, POLICY_ATTR, REGION_ATTR, region_of)
 
 __all__ = ["InstanceForward", "RegionForward", "install_region_", "unregistered_holder", "set_unregistered_holder_",
            "strip_regions_"]
@@ -172,6 +172,6 @@ def strip_regions_(root: nn.Module) -> nn.Module:
         if unregistered_holder(m) is not None:
             del d[ADAPTER_ATTR]
     remove_producer_tags_(root)
-    for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR):
+    for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, LEFT_OUT_ATTR):
         root.__dict__.pop(attr, None)
     return root

@@ -16,11 +16,13 @@ from . import weights
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
-from .state import INFERENCE_ATTR, KEPT_ATTR, capture_of, frontend_of, is_adapted, is_adapter_path, iter_adapters, regions, sites
+from .state import (INFERENCE_ATTR, KEPT_ATTR, adapter_names, capture_of, frontend_of, is_adapted,
+                    is_adapter_path, iter_adapters, left_out, regions, sites)
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
-_COLUMNS = ("site", "adapter", "op", "weight shape", "rank", "lowering", "active", "trainable params", "share")
+_COLUMNS = ("site", "adapter", "op", "weight shape", "rank", "lowering", "active", "enabled", "trainable params",
+            "share")
 _CAPTURE_COLUMNS = ("module", "class", "captured")
 
 
@@ -30,11 +32,12 @@ class SiteSummary:
 
     Attributes:
         rows: one dict per (adapted parameter, adapter) with the keys ``site``, ``adapter``, ``op``,
-            ``weight shape``, ``rank``, ``lowering``, ``active``, ``trainable params`` (the
-            adapter's parameter count: ``rank·(fan_in + fan_out)``, plus ``fan_out`` for DoRA),
-            ``share`` (that count over all of the module's parameters) and ``captured`` (how the
-            graph holding the site was captured: ``"fx"``, ``"export"``, or for a model that kept
-            its class the region's ``"fx"`` / ``"fx (leaves: ...)"``).
+            ``weight shape``, ``rank``, ``lowering``, ``active`` (in the active set), ``enabled``
+            (its on/off switch), ``trainable params`` (the adapter's parameter count:
+            ``rank·(fan_in + fan_out)``, plus ``fan_out`` for DoRA), ``share`` (that count over all
+            of the module's parameters) and ``captured`` (how the graph holding the site was
+            captured: ``"fx"``, ``"export"``, or for a model that kept its class the region's
+            ``"fx"`` / ``"fx (leaves: ...)"``).
         total_params: every parameter of the module (base + adapters), each tensor once.
         adapter_params: parameters of all adapters.
         trainable_params: parameters with ``requires_grad`` now.
@@ -43,6 +46,10 @@ class SiteSummary:
             ``"fx (leaves: a, b)"`` or ``"kept: <reason>"``), in module order; else ``()``.
         not_captured: adaptable weights no graph reads (their module is kept as its own Python:
             MoE expert tensors, say), as dicts ``param``, ``weight shape``, ``reason``.
+        left_out: one dict per (weight-like parameter, adapter) the adapter leaves out
+            (:func:`lora_fx.left_out`), with the keys ``param``, ``adapter``, ``shape``, ``op``,
+            ``reason`` and ``by_user`` (left out by the user's own ``targets`` / ``exclude``);
+            those in ``not_captured`` are printed there only.
         inference_cache_bytes: bytes of merged weights the inference cache holds
             (:func:`lora_fx.inference_cache_`), or None while it is off.
     """
@@ -53,6 +60,7 @@ class SiteSummary:
     trainable_params: int
     captured: tuple[dict, ...] = ()
     not_captured: tuple[dict, ...] = ()
+    left_out: tuple[dict, ...] = ()
     inference_cache_bytes: Optional[int] = None
 
     def __str__(self) -> str:
@@ -70,6 +78,12 @@ class SiteSummary:
             out += ["", "weights no graph reads (not adaptable here):"]
             out += [f"  {r['param']} {_fmt('weight shape', r['weight shape'])}: {r['reason']}"
                     for r in self.not_captured]
+        shown = {r["param"] for r in self.not_captured}
+        rest = [e for e in self.left_out if e["param"] not in shown]
+        if rest:
+            out += ["", f"left out ({len(rest)}):"]
+            out += [f"  {e['param']} ({'x'.join(str(d) for d in e['shape'])}, adapter {e['adapter']!r}): {e['reason']}"
+                    for e in rest]
         if self.inference_cache_bytes is not None:
             out += ["", f"inference cache: on, {self.inference_cache_bytes / 2**20:.2f} MiB of merged weights "
                         "(lora_fx.inference_cache_(model, enabled=False) frees it)"]
@@ -103,7 +117,7 @@ def _fmt(key: str, value) -> str:
         return f"{100 * value:.2f}%"
     if key == "trainable params":
         return f"{value:,}"
-    if key == "active":
+    if key in ("active", "enabled"):
         return "yes" if value else "no"
     return str(value)
 
@@ -143,8 +157,10 @@ def _capture_rows(gm: nn.Module) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
 
 def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     """Table of every adapted site of ``gm``: site (base parameter), adapter, op, weight shape, rank,
-    lowering, whether the adapter is active, its parameter count and its share of the model; for a
-    model that kept its class, also how each module was captured and which weights no graph reads.
+    lowering, whether the adapter is in the active set and switched on, its parameter count and its
+    share of the model; for a model that kept its class, also how each module was captured and which
+    weights no graph reads; then one line per weight-like parameter an adapter leaves out, with the
+    reason (:func:`lora_fx.left_out`).
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
@@ -162,13 +178,17 @@ def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     for s in found:
         n = sum(p.numel() for p in s.module.parameters())
         rows.append({"site": s.param, "adapter": s.adapter, "op": s.op, "weight shape": tuple(s.shape),
-                     "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.enabled),
-                     "trainable params": n, "share": n / max(total, 1), "captured": _capture_of_site(gm, s.param)})
+                     "rank": s.rank, "lowering": s.lowering, "active": bool(s.module.active),
+                     "enabled": bool(s.module.enabled), "trainable params": n, "share": n / max(total, 1),
+                     "captured": _capture_of_site(gm, s.param)})
     captured, missing = _capture_rows(gm)
+    skipped = tuple({"param": e.param, "adapter": name, "shape": tuple(e.shape), "op": e.op, "reason": e.reason,
+                     "by_user": e.by_user} for name in adapter_names(gm) for e in left_out(gm, name))
     result = SiteSummary(rows=tuple(rows), total_params=total,
                          adapter_params=sum(p.numel() for _, _, m in iter_adapters(gm) for p in m.parameters()),
                          trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad),
-                         captured=captured, not_captured=missing, inference_cache_bytes=_cache_bytes(gm))
+                         captured=captured, not_captured=missing, left_out=skipped,
+                         inference_cache_bytes=_cache_bytes(gm))
     if show:
         print(result)
     return result

@@ -49,6 +49,12 @@ key                         where, holding                     written by / read
 :data:`BUFFERS_ATTR`        root: ``{buffer key: fingerprint}``  ``api.transform``; read by
                             of the model's persistent buffers  :func:`changed_buffers` (``io``)
                             at transform time
+:data:`POLICY_ATTR`         root: the default-target policy    ``api.transform`` (from the user's
+                            read from the user's model         model, ``targets.target_policy``);
+                                                               read by ``adapters.lifecycle.adapt_``
+:data:`LEFT_OUT_ATTR`       root: ``{adapter: (LeftOut,)}``    :func:`record_left_out_` (from
+                            weights an adapter leaves out      ``adapt_``), :func:`forget_config_`;
+                                                               read by :func:`left_out`, ``report``
 ==========================  =================================  =======================================
 
 :data:`WRAPPER_PARTS` are the module names PyTorch's wrappers insert (``torch.compile``,
@@ -79,9 +85,10 @@ __all__ = [
     "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FRONTEND_ATTR",
     "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "FOLD_ATTR", "REQUANT_ERROR", "LEAF_ATTR",
     "PISSA_BUFFERS", "FILE_META", "TRAINABLE_ATTR", "BUFFERS_ATTR", "WRAPPER_PARTS", "unwrap", "plain_name",
-    "adapter_modules", "trainable_params", "record_trainable_",
+    "adapter_modules", "trainable_params", "record_trainable_", "POLICY_ATTR", "LEFT_OUT_ATTR",
     "regions", "graph_modules", "region_of", "capture_of", "frontend_of", "record_frontend_", "is_root",
-    "AdapterRecord", "GraphState", "state_of", "is_adapted", "require_adapted", "adapter_records", "iter_adapters",
+    "AdapterRecord", "GraphState", "LeftOut", "left_out", "record_left_out_", "policy_of", "state_of", "is_adapted",
+    "require_adapted", "adapter_records", "iter_adapters",
     "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
     "adapter_path", "is_adapter_path", "is_lora_key", "is_bias_key", "check_bias", "BIAS_MODES",
     "adapter_owners", "is_lora_layer", "Site", "sites",
@@ -139,6 +146,11 @@ BUFFERS_ATTR = "_lora_fx_buffers"
 #: Module names inserted by PyTorch's wrappers: ``torch.compile`` (``OptimizedModule._orig_mod``),
 #: FSDP1 (``_fsdp_wrapped_module``), ``checkpoint_wrapper`` (``_checkpoint_wrapped_module``).
 WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+#: Attribute of the root: the :class:`lora_fx.targets.TargetPolicy` read from the user's model at
+#: capture (what the graph does not show: a transformers model's embeddings, parametrized weights).
+POLICY_ATTR = "_lora_fx_target_policy"
+#: Attribute of the root: ``{adapter name: (LeftOut, ...)}``, the weights each adapter leaves out.
+LEFT_OUT_ATTR = "_lora_fx_left_out"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +180,59 @@ class GraphState:
 
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     version: int = 1
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A weight-like parameter (floating point, at least 2-D) that an adapter does not adapt.
+
+    Attributes:
+        param: its first name in the model; ``aliases``: every name of the parameter object.
+        shape: its logical shape.
+        op: the op kind(s) consuming it (``"unused"`` when no op reads it).
+        reason: why it is left out, with what to do to adapt it where that is possible.
+        by_user: left out by the user's own ``targets`` / ``exclude`` (not reported by the
+            transform's warning).
+    """
+
+    param: str
+    aliases: tuple[str, ...]
+    shape: tuple[int, ...]
+    op: str
+    reason: str
+    by_user: bool = False
+
+
+def record_left_out_(root: nn.Module, name: str, entries: Sequence[LeftOut]) -> nn.Module:
+    """Record the weights adapter ``name`` leaves out on ``root``; returns ``root``."""
+    table = dict(getattr(root, LEFT_OUT_ATTR, {}))
+    table[name] = tuple(entries)
+    setattr(root, LEFT_OUT_ATTR, table)
+    return root
+
+
+def left_out(gm: nn.Module, adapter: Optional[str] = "default") -> list[LeftOut]:
+    """The weight-like parameters (floating point, at least 2-D) that adapter ``adapter`` does not
+    adapt, each with the reason (``None``: those of every adapter, each parameter once, for the
+    parameters no adapter adapts).  :func:`lora_fx.summary` prints them.
+
+    Raises:
+        NotAdaptedError: ``gm`` carries no adapters.
+        UnknownAdapterError: no adapter named ``adapter``.
+    """
+    require_adapted(gm, "left_out")
+    table = getattr(gm, LEFT_OUT_ATTR, {})
+    if adapter is not None:
+        check_adapter_names(gm, [adapter])
+        return list(table.get(adapter, ()))
+    per = [{e.param: e for e in entries} for entries in table.values()]
+    common = set.intersection(*(set(p) for p in per)) if per else set()
+    return [e for e in (per[0].values() if per else ()) if e.param in common]
+
+
+def policy_of(root: nn.Module):
+    """The :class:`lora_fx.targets.TargetPolicy` recorded on ``root`` at capture, or None."""
+    return getattr(root, POLICY_ATTR, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,10 +382,14 @@ def record_config_(root: nn.Module, name: str, config: Any) -> nn.Module:
 
 
 def forget_config_(root: nn.Module, name: str) -> nn.Module:
-    """Drop the recorded config of adapter ``name`` (if any); returns ``root``."""
+    """Drop the recorded config (and left-out list) of adapter ``name`` (if any); returns ``root``."""
     configs = configs_of(root)
     configs.pop(name, None)
     setattr(root, CONFIG_ATTR, configs)
+    if hasattr(root, LEFT_OUT_ATTR):
+        table = dict(getattr(root, LEFT_OUT_ATTR))
+        table.pop(name, None)
+        setattr(root, LEFT_OUT_ATTR, table)
     return root
 
 

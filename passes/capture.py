@@ -9,6 +9,7 @@ import copy
 import warnings
 from typing import Any, Callable, Optional
 
+import torch
 from torch import fx, nn
 
 from lora_fx import weights
@@ -38,18 +39,43 @@ def private_copy(model: nn.Module, copy_weights: bool) -> nn.Module:
         for v in m.__dict__.values():
             if (type(v) is collections.OrderedDict and not v and not v.__dict__) or (type(v) is set and not v):
                 memo[id(v)] = type(v)()
+            elif isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                # a tensor attribute computed with autograd (the weight the deprecated
+                # torch.nn.utils.weight_norm hook recomputes before every forward): deepcopy refuses
+                # non-leaf tensors, so the copy holds its detached value
+                memo[id(v)] = v.detach().clone()
     if not copy_weights:
         for p in model.parameters():  # each Parameter object once; ties map to one copy
             memo[id(p)] = weights.share(p)  # the same storage (a quantized kind keeps its type)
     try:
         copied = copy.deepcopy(model, memo)
     except Exception as exc:
+        culprit = _uncopyable(model)
+        where = (f": module '{culprit[0] or '<root>'}' ({culprit[1]}) holds {culprit[2]!r}, a {culprit[3]} that "
+                 f"cannot be copied ({culprit[4]})" if culprit else f": {type(exc).__name__}: {exc}")
         raise ConfigError(
             f"could not copy {type(model).__name__} (lora_fx never modifies your model, so it works on a "
-            f"copy): {type(exc).__name__}: {exc}. Make the model deep-copyable (drop open files, locks or "
-            "generators held as attributes).") from exc
+            f"copy){where}. Make it deep-copyable: delete that attribute before transform (or set it again on the "
+            "result), or give its type a __deepcopy__.") from exc
     compile_stale(copied)  # GraphModules in the model: copied inside transform's deferred_recompile block
     return copied
+
+
+def _uncopyable(model: nn.Module):
+    """``(module path, class, attribute, type, error)`` of the first module attribute (or hook) of
+    ``model`` that ``copy.deepcopy`` refuses, or None."""
+    for path, m in model.named_modules():
+        for key, value in vars(m).items():
+            if key == "_modules":
+                continue
+            items = value.items() if isinstance(value, dict) and key.startswith("_") else [(key, value)]
+            for name, v in items:
+                try:
+                    copy.deepcopy(v)
+                except Exception as exc:
+                    label = name if name == key else f"{key}[{name!r}]"
+                    return path, type(m).__name__, label, type(v).__name__, f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _show(caught) -> None:
@@ -128,9 +154,20 @@ def capture(
         raise TraceError(
             f"neither front-end could capture {type(model).__name__} (shortest failure first):\n"
             + "\n".join(f"[{which}] {text}" for which, text in both)
-            + "\nHow to fix: for torch.fx, pass concrete_args / leaf_modules for the failing module; for "
-              "torch.export, make the failing line independent of tensor values (torch.where / torch.cond) and "
-              "check example_inputs; or keep the failing code in a leaf module (leaf_modules=[...]).") from ex_exc
+            + "\nHow to fix: " + _combined_fix(fx_error, ex_exc)) from ex_exc
+
+
+def _combined_fix(fx_error: TraceError, export_error: TraceError) -> str:
+    """The fix when both front-ends failed: the torch.export failure's own fix, and a leaf for the
+    module torch.fx failed in (a child; the root cannot be a leaf of its own trace)."""
+    path = getattr(fx_error, "module_path", "")
+    fx_fix = (f"for torch.fx, keep '{path}' opaque with leaf_modules=['{path}'] (or pass concrete_args for the "
+              "arguments it branches on)" if path else
+              "for torch.fx, pass concrete_args for the arguments the root's forward branches on, or move the "
+              "failing lines into a submodule and keep it opaque with leaf_modules=['<its name>']")
+    ex_fix = str(export_error).split("How to fix: ")[-1].strip().rstrip(".")
+    return (f"{fx_fix}; for torch.export: {ex_fix}; or transform without example_inputs (frontend='regions'), "
+            "which keeps the modules torch.fx cannot trace as their own Python and captures the ones it can.")
 
 
 def _regions(root: nn.Module, trace_kwargs: dict, fx_error: Optional[TraceError]) -> nn.Module:

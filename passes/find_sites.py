@@ -3,7 +3,11 @@
 For every lora_fx ``GraphModule`` in a hierarchy it lists one :class:`Consumer` per
 (parameter, consuming node): a ``call_module`` node of a leaf owning the parameter, or a
 ``get_attr`` node of the parameter, whose users are classified by following view-like ops
-(``W.t()``, ``W.view(...)``) to the first real consumers (networkx reachability).
+(``W.t()``, ``W.view(...)``) to the first real consumers (networkx reachability).  Reads of a
+weight's metadata (``W.dtype``, ``W.device``, ``W.shape``, ``W.size()``, ...; a Gemma-style scaled
+embedding reads ``self.weight.dtype``) do not consume its value and are not users here
+(:func:`consuming_users`).  Every consumer that is not a default target carries the reason
+(``Consumer.left_out``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ from lora_fx.rules import VIEW_OPS, function_rule, module_rule
 from lora_fx.state import capture_of, is_adapter_path, regions
 
 
-__all__ = ["Consumer", "find_sites"]
+__all__ = ["Consumer", "find_sites", "consuming_users", "is_metadata_read"]
+
+#: Tensor attributes that describe a weight without reading its values.
+_METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda", "is_meta", "is_sparse",
+                             "is_quantized", "requires_grad", "is_leaf", "names"})
+#: Tensor methods that describe a weight without reading its values.
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point",
+                               "is_complex", "is_contiguous", "element_size", "stride", "type"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,8 @@ class Consumer:
         shape: the parameter's logical shape (:func:`lora_fx.weights.logical_shape`).
         default: adapted when ``targets`` is None (a weight of a known weight-consuming op).
         reason: why the site cannot be adapted, or None.
+        left_out: why the default targets leave it out (``reason`` when it cannot be adapted;
+            None exactly when ``default``).
         factorable: the factored lowering is exact for every use (and, for a quantized weight,
             its type computes the op itself: :func:`lora_fx.weights.runs`).
         blocks: the op's default fused layout of the weight's output rows,
@@ -53,6 +66,19 @@ class Consumer:
     reason: Optional[str]
     factorable: bool
     blocks: tuple[tuple[str, int], ...] = ()
+    left_out: Optional[str] = None
+
+
+def is_metadata_read(n: fx.Node) -> bool:
+    """Whether ``n`` only reads metadata of its first argument (``W.dtype``, ``W.size()``, ...)."""
+    if n.op == "call_function" and n.target is getattr and len(n.args) >= 2:
+        return n.args[1] in _METADATA_ATTRS
+    return n.op == "call_method" and n.target in _METADATA_METHODS
+
+
+def consuming_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its value (metadata reads left out)."""
+    return [u for u in node.users if not (is_metadata_read(u) and u.args and u.args[0] is node)]
 
 
 def _slots(user: fx.Node, node: fx.Node) -> list[tuple[int, str]]:
@@ -79,9 +105,11 @@ def _weight_slot(user: fx.Node, node: fx.Node) -> Optional[int]:
 
 
 def _terminal_users(dg: nx.DiGraph, node: fx.Node) -> list[fx.Node]:
-    """Users of ``node`` reached through view-like ops only, stopping at the first real op."""
+    """Users of ``node`` reached through view-like ops only, stopping at the first real op
+    (metadata reads are not users)."""
     views = nx.subgraph_view(dg, filter_edge=lambda u, v: u is node or _is_view(u))
-    return [dst for _, dst in nx.bfs_edges(views, node) if not _is_view(dst)]
+    return [dst for src, dst in nx.bfs_edges(views, node)
+            if not _is_view(dst) and not (is_metadata_read(dst) and dst.args and dst.args[0] is src)]
 
 
 def _is_view(n: fx.Node) -> bool:
@@ -118,12 +146,24 @@ def _module_consumers(gm: fx.GraphModule, gm_path: str, node: fx.Node) -> list[C
             continue
         reason = weights.reason(p)
         param = f"{node.target}.{pname}"
+        default = reason is None and pname in defaults
         out.append(Consumer(
             gm_path=gm_path, node=node.name, param=param, fqn=f"{gm_path}.{param}" if gm_path else param,
-            op=kind, shape=weights.logical_shape(p), default=reason is None and pname in defaults, reason=reason,
+            op=kind, shape=weights.logical_shape(p), default=default, reason=reason,
             factorable=reason is None and rule.factored(node, mod, pname) is not None and weights.runs(p, kind),
-            blocks=tuple(rule.blocks(mod, pname)) if reason is None else ()))
+            blocks=tuple(rule.blocks(mod, pname)) if reason is None else (),
+            left_out=None if default else reason or _leaf_reason(node.target, mod, pname, defaults)))
     return out
+
+
+def _leaf_reason(path: str, mod: nn.Module, pname: str, defaults: set) -> str:
+    """Why the default targets leave out parameter ``pname`` of the opaque leaf ``mod``."""
+    what = f"used inside the opaque leaf module '{path}' ({type(mod).__name__})"
+    if defaults:
+        return (f"{what}, whose op-table rule adapts {sorted(defaults)} by default, not {pname!r}; target it by "
+                "name to adapt it (merged, through torch.func.functional_call)")
+    return (f"{what}, which has no op-table rule; target it by name to adapt it (merged, through "
+            "torch.func.functional_call), or register a rule with lora_fx.register_module_rule")
 
 
 def _merge_tail(node: fx.Node) -> fx.Node:
@@ -147,7 +187,7 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
     reason = weights.reason(p)
     shape = weights.logical_shape(p)
     node = _merge_tail(node)  # an adapted weight: its consumers are those of the merged value
-    direct = list(node.users)
+    direct = consuming_users(node)
     terminals = _terminal_users(dg, node)
     kinds = sorted({_kind(t) for t in terminals})
     known = terminals and all(function_rule(t.target) is not None and t.op != "output" for t in terminals)
@@ -161,20 +201,38 @@ def _attr_consumer(gm: fx.GraphModule, gm_path: str, dg: nx.DiGraph, node: fx.No
         owner = calls[0].args[0].target
         mod = gm.get_submodule(owner)
         rule = module_rule(mod)
+        pname = attr.target[len(owner) + 1:]
+        default = reason is None and pname in rule.weights(mod)
         return Consumer(
             gm_path=gm_path, node=attr.name, param=attr.target,
             fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=rule.kind(mod), shape=shape,
-            default=reason is None and attr.target[len(owner) + 1:] in rule.weights(mod), reason=reason,
-            factorable=False)
+            default=default, reason=reason, factorable=False,
+            left_out=None if default else reason or _leaf_reason(owner, mod, pname, set(rule.weights(mod))))
     viewed = any(_is_view(u) for u in direct)
     blocks = next((tuple(b) for u, s in zip(direct, direct_slots) if s is not None
                    for b in [function_rule(u.target).blocks(u, s, shape)] if b), ())
     op = "+".join(kinds) + (" (via view)" if viewed else "")
+    default = bool(reason is None and known and (viewed or all(s is not None for s in direct_slots)))
     return Consumer(
         gm_path=gm_path, node=attr.name, param=attr.target,
         fqn=f"{gm_path}.{attr.target}" if gm_path else attr.target, op=op or "unused", shape=shape,
-        default=bool(reason is None and known and (viewed or all(s is not None for s in direct_slots))),
-        reason=reason, factorable=bool(factorable and direct), blocks=blocks if reason is None else ())
+        default=default, reason=reason, factorable=bool(factorable and direct), blocks=blocks if reason is None else (),
+        left_out=None if default else reason or _attr_reason(terminals, direct, direct_slots))
+
+
+def _attr_reason(terminals: list[fx.Node], direct: list[fx.Node], slots: list) -> str:
+    """Why the default targets leave out a weight read by ``get_attr`` (not consumed by a known
+    weight slot of a known op)."""
+    if not terminals:
+        return "its value is not used by the forward (only read for its metadata, or not at all)"
+    unknown = sorted({_kind(t) for t in terminals if function_rule(t.target) is None or t.op == "output"})
+    if unknown:
+        shown = ", ".join(unknown[:4]) + (", ..." if len(unknown) > 4 else "")
+        return (f"consumed by {shown}, not a weight-consuming op lora_fx knows (linear, conv, embedding, matmul, "
+                "attention); target it by name to adapt it (merged: the op sees W + ΔW), or register a rule with "
+                "lora_fx.register_function_rule")
+    return ("a known op reads it in a slot other than its weight; target it by name to adapt it (merged: the op "
+            "sees W + ΔW)")
 
 
 def find_sites(root: nn.Module) -> list[Consumer]:

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx import ops, weights
-from lora_fx.errors import UnsupportedSiteError
+from lora_fx.errors import NonFiniteError, UnsupportedSiteError
 from lora_fx.regions import strip_regions_
 from lora_fx.rules import module_rule
 from lora_fx.state import REQUANT_ERROR, is_adapter_path, regions, state_of
@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # annotations only: passes never import the adapters package
 __all__ = ["fold_graph_modules", "fold_regions", "folded_weight", "fold_update"]
 
 
-def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], dtype: Optional[torch.dtype] = None, *,
+                  name: str = "weight") -> torch.Tensor:
     """``W + Σ ΔW`` computed in at least float32 and rounded once (:func:`lora_fx.weights.fold_into`)
     to ``dtype``, by default the weight's compute dtype (a quantized weight folds into a plain float
     tensor of its logical shape).
@@ -45,15 +46,23 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], dtype: Opti
         adapters: the adapters on ``W`` in the order the graph applies them (merge-lowered ones
             first, in chain order, then factored ones); their current ``scaling`` is used and
             disabled ones add 0.  DoRA adapters apply :func:`lora_fx.ops.dora_merge`.
+        dtype: the result's dtype (None: the weight's compute dtype).
+        name: the weight's name, for the error.
 
     Raises:
-        ValueError: if the result is not finite (a diverged adapter), naming nothing silently.
+        NonFiniteError: the result is not finite (a diverged adapter), naming the weight.
     """
 
     def update(out: torch.Tensor) -> torch.Tensor:  # out: dequantized W, float32 or wider
         out = fold_update(out, adapters)
         if not torch.isfinite(out).all():
-            raise ValueError("folded weight is not finite: an adapter holds inf/nan values")
+            bad = [f"lora_A/lora_B of rank {a.rank}" for a in adapters
+                   if not all(bool(torch.isfinite(p).all()) for p in a.parameters())]
+            raise NonFiniteError(
+                f"fold: the folded '{name}' is not finite ({'; '.join(bad) or 'W + ΔW overflows'} hold inf/NaN "
+                "values): its adapter diverged in training. Reload a finite adapter (load_lora_state / "
+                "load_adapter_values_), or retrain with a lower learning rate or gradient clipping; the adapted "
+                "model is unchanged.")
         return out
 
     return weights.fold_into(weight, update, dtype)
@@ -192,7 +201,7 @@ def _fold_weights_(new: nn.Module, requantize: bool, dtype: Optional[torch.dtype
             key = (id(w),) + tuple(sorted(id(a) for a in adapters))
             quantized = not weights.is_plain(w)
             if key not in memo:
-                value = folded_weight(w, adapters, dtype if quantized else None)
+                value = folded_weight(w, adapters, dtype if quantized else None, name=prefix + alias)
                 if requantize and quantized:
                     value, errors[prefix + alias] = _requantized(w, value)
                 memo[key] = _parameter(value, w.requires_grad)

@@ -26,7 +26,7 @@ from lora_fx.regions import set_unregistered_holder_, unregistered_holder
 from lora_fx.state import (ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, adapter_path, region_of, regions,
                            state_of)
 
-from .find_sites import Consumer, _weight_slot
+from .find_sites import Consumer, _weight_slot, consuming_users
 from .match_recompute import remat_spec
 
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
@@ -175,7 +175,9 @@ def _lower_module(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str
             pname = c.param[len(node.target) + 1:]
             w = merged[pname] if pname in merged else _readable(gm, _get_attr(graph, c.param), c)
             merged[pname] = _merge_node(graph, w, path, adapter)
-        new = rule.merged_call(graph, node, mod, merged) if rule.merged_call and not hooked else None
+        # a rule's own merged call covers the weights it names; any other parameter goes through functional_call
+        own = rule.merged_call is not None and not hooked and set(merged) <= set(rule.weights(mod))
+        new = rule.merged_call(graph, node, mod, merged) if own else None
         if new is None:
             new = graph.call_function(ops.module_call, (_get_attr(graph, node.target), merged) + tuple(node.args),
                                       dict(node.kwargs))
@@ -192,9 +194,9 @@ def _lower_attr(gm, node, items, mode, remat=True) -> list[tuple[Consumer, str]]
     def form(user):  # analysis guarantees every use of a factorable weight has a weight slot and a rule
         return function_rule(user.target).factored(user, _weight_slot(user, weight), shape)
 
-    forms = [form(u) for u in weight.users] if all(c.factorable for c, _, _ in items) else []
+    forms = [form(u) for u in consuming_users(weight)] if all(c.factorable for c, _, _ in items) else []
     if all(choose_lowering(mode, forms, a, c.shape) == "factored" for c, a, _ in items):
-        for user in list(weight.users):
+        for user in consuming_users(weight):  # metadata reads (W.dtype, W.shape) keep reading W
             f = form(user)  # now: its input may be the output of a site rewired just before (a tied weight)
             tail = _tail(user, ops.DELTA_OPS)
             anchor = tail.next

@@ -17,7 +17,10 @@ would stay baked in train form, so :func:`export_hierarchy` checks the result ag
 eval mode on the example inputs and raises if they differ.
 
 Dynamic shapes: by default every dimension of every example tensor is ``Dim.AUTO`` (sizes seen
-as 0 or 1 specialise), so a model captured with a batch of 2 runs with a batch of 8.
+as 0 or 1 specialise), so a model captured with a batch of 2 runs with a batch of 8.  What the
+capture specialised on (a size range after a branch on a shape, a fixed size, a baked-in
+non-tensor argument) is checked on every call (:mod:`.guards`): an input outside it raises
+:class:`~lora_fx.errors.InputGuardError` instead of running the branch taken at capture.
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from lora_fx import weights
-from lora_fx.errors import ConfigError, TraceError, user_frame
+from lora_fx.errors import ConfigError, LoraFxWarning, TraceError, user_frame
 from lora_fx.state import FRONTEND_META
 
 from .follow_mode import follow_mode_
+from .guards import guard_inputs_, input_guards
+from .state_writes import (assignment_error, record_state_writes, restoring_tensor_attributes, rewritten_warning,
+                           split_writes, tensor_versions)
 from .trace_fx import LoraTracer, build_graph_module
 
 __all__ = [
@@ -139,7 +145,8 @@ def _rebuild(module: nn.Module, path: str, original: nn.Module) -> nn.Module:
         orig = original.get_submodule(path) if path else original
     except AttributeError:
         orig = module
-    if isinstance(orig, (nn.ModuleList, nn.ModuleDict)):  # containers stay containers (never called)
+    if isinstance(orig, (nn.ModuleList, nn.ModuleDict)) and type(orig).forward is nn.Module.forward:
+        # containers stay containers (never called; a ParametrizationList is a ModuleList that is called)
         container = type(orig)()
         for name, child in module._modules.items():
             container._modules[name] = child
@@ -157,14 +164,26 @@ def _rebuild(module: nn.Module, path: str, original: nn.Module) -> nn.Module:
 
 def export_error(exc: BaseException, model: nn.Module) -> TraceError:
     """The :class:`~lora_fx.errors.TraceError` for a failed ``torch.export`` of ``model``: the user's
-    line and the fix."""
+    line and the fix for that kind of failure."""
     frame = user_frame(exc, also_skip=(os.path.dirname(os.path.abspath(__file__)),), skip_synthetic=True)
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
-    summary = (str(exc).strip().split("\n") or [""])[0][:400]
-    return TraceError(
-        f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {summary}\n"
-        "How to fix: make the failing line independent of tensor values (use torch.where / torch.cond "
-        "instead of `if tensor:`), or check that example_inputs are what forward expects.")
+    text = str(exc).strip()
+    summary = (text.split("\n") or [""])[0][:400]
+    kind = type(exc).__name__
+    if "in output, which is not a known type" in text or "register a pytree" in text or "pytree" in kind.lower():
+        cache = "cache" in text.lower()
+        fix = ("the forward returns (or takes) an object torch.export cannot flatten into tensors"
+               + (": a transformers model's KV cache; build the model with use_cache=False (config.use_cache=False)"
+                  if cache else "; return tensors (or tuples, lists, dicts and dataclasses of them), or register the "
+                  "type with torch.utils._pytree.register_pytree_node"))
+    elif "data-dependent" in text.lower() or "DataDependent" in kind or "Could not guard on" in text:
+        fix = ("Python control flow depends on tensor values: write the failing line with torch.where / torch.cond "
+               "instead of `if tensor:` (or .item())")
+    else:
+        fix = ("check that example_inputs / example_kwargs are what forward expects (shapes, dtypes, which "
+               "arguments), or use frontend='fx' with leaf_modules=[...] for the module that fails")
+    return TraceError(f"torch.export could not capture {type(model).__name__}{where}: {kind}: {summary}\n"
+                      f"How to fix: {fix}.")
 
 
 def _refuse_quantized(model: nn.Module) -> None:
@@ -216,7 +235,10 @@ def export_hierarchy(
     modes = {name: m.training for name, m in model.named_modules()}
     model.train()
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        # torch.export keeps in-place writes and assignments of registered buffers as graph ops, and
+        # drops assignments of other tensors (plain attributes): those are refused
+        with record_state_writes(model, alias=lambda value: value) as writes, restoring_tensor_attributes(model):
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except ConfigError:
         raise
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
@@ -224,10 +246,17 @@ def export_hierarchy(
     finally:
         for name, m in model.named_modules():
             m.training = modes.get(name, m.training)
+    dropped = [w for w in writes if w.kind != "buffer"]
+    if dropped:  # a plain attribute whose old value the program reads is lifted as a constant
+        carried, rewritten = split_writes(dropped, set(), {id(v) for v in ep.constants.values()})
+        if carried:
+            raise assignment_error(carried, "export", model)
+        warnings.warn(rewritten_warning(rewritten, "export"), LoraFxWarning, stacklevel=4)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
         unflat = torch.export.unflatten(ep)
     root = _rebuild(unflat, "", model)
+    guard_inputs_(root, input_guards(root.graph, ep.range_constraints))  # the program's guards, checked on each call
     root.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, ep.call_spec.in_spec, ep.call_spec.out_spec))
     root.recompile()
     root.meta[FRONTEND_META] = "export"
@@ -243,15 +272,23 @@ def _leaves(out) -> list[torch.Tensor]:
 
 
 def _check_eval(root: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run ``model`` and ``root`` once in eval mode on the example inputs and compare outputs and the
+    module state each forward wrote; every buffer and tensor attribute of both is put back to its
+    value from before the check (the adapted model starts from the model's state, not one step on)."""
     saved = [(m, m.training) for m in list(model.modules()) + list(root.modules())]
+    state = {id(t): (t, t.detach().clone()) for m in (model, root) for t, _ in tensor_versions(m).values()}
     try:
         model.eval()
         root.eval()
         with torch.no_grad():
             want, got = _leaves(model(*args, **kwargs)), _leaves(root(*args, **kwargs))
+            written = _state_differences(model, root)
     finally:
         for m, t in saved:
             m.training = t
+        with torch.no_grad():
+            for t, value in state.values():
+                t.copy_(value)
     diffs = [(w - g).abs().max().item() if w.shape == g.shape and w.numel() else (0.0 if w.shape == g.shape else float("inf"))
              for w, g in zip(want, got) if w.is_floating_point()]
     scale = max([w.abs().max().item() for w in want if w.is_floating_point() and w.numel()] + [1.0])
@@ -261,3 +298,27 @@ def _check_eval(root: nn.Module, model: nn.Module, args: tuple, kwargs: dict) ->
             f"eval mode (max abs difference {max(diffs, default=float('inf')):.3g} on the example inputs): its forward "
             "branches on self.training in Python beyond dropout, attention dropout and batch norm, which lora_fx makes "
             "follow .train()/.eval(). Use frontend='fx' if the model traces, or remove the branch.")
+    if written:
+        raise TraceError(
+            f"the graph torch.export captured from {type(model).__name__} in train mode writes module state "
+            f"differently from the model in eval mode: {written[:8]}. Its forward branches on self.training in "
+            "Python around an in-place update or assignment (only batch norm's is made to follow .train()/.eval()). "
+            "Use frontend='fx' if the model traces (the module is then kept as a leaf that follows the mode), or "
+            "write the update without the branch.")
+
+
+def _state_differences(model: nn.Module, root: nn.Module) -> list[str]:
+    """Names of the buffers and tensor attributes whose values differ between ``model`` and ``root``."""
+    mine = {n: t for n, (t, _) in tensor_versions(model).items()}
+    out = []
+    for name, (t, _) in tensor_versions(root).items():
+        w = mine.get(name)
+        if w is None or w is t or w.shape != t.shape or w.dtype != t.dtype:
+            continue
+        if w.is_floating_point():
+            same = torch.allclose(w, t, rtol=1e-4, atol=1e-6, equal_nan=True)
+        else:
+            same = torch.equal(w, t)
+        if not same:
+            out.append(name)
+    return sorted(out)

@@ -10,6 +10,14 @@ A block built exactly like one traced before (same classes, submodule/parameter 
 attributes, constant arguments, no forward hooks inside: see ``_reuse_key``) is not traced again:
 it gets a copy of that graph, which names everything relative to the block, so it runs on the
 block's own weights.  The model's blocks typically cost one trace in all.
+
+Writes to module state (:mod:`.state_writes`): torch.fx hands a forward its buffers as real
+tensors, so an in-place write such as ``self.steps.add_(1)`` would run once at trace time and leave
+no node.  Each trace watches the buffers' and tensor attributes' version counters and puts their
+values back afterwards; when one moved, it traces again with those tensors as graph values
+(``get_attr`` nodes), so the writes become graph ops on the module's own buffers.  Assignments
+whose previous value the graph reads (``self.count = self.count + 1``) cannot be kept: they raise
+:class:`~lora_fx.errors.TraceError`.
 """
 
 from __future__ import annotations
@@ -26,11 +34,15 @@ import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none as _fx_assert_is_none
 
-from lora_fx.errors import LoraFxWarning, TraceError, user_frame
+from lora_fx.errors import InputGuardError, LoraFxWarning, TraceError, user_frame
 from lora_fx.graph_module import LoraGraphModule, NotKeyable, compile_stale, value_key
 from lora_fx.ops import LORA_OPS
 from lora_fx.rules import module_rule
 from lora_fx.state import LEAF_ATTR, graph_modules
+
+from .guards import check_input_guards
+from .state_writes import (StateProxy, as_buffers_, assignment_error, check_assignments, graph_writes, prefixed,
+                           record_state_writes, restore_state_, snapshot_state, written_attr)
 
 __all__ = ["LoraTracer", "assert_is_none", "trace_hierarchy", "build_graph_module", "graph_modules"]
 
@@ -43,10 +55,13 @@ def assert_is_none(value: Any, msg: str) -> None:
     breaks every later trace in the process once such a module is unpickled).
 
     Raises:
-        AssertionError: ``value`` is not None (``msg`` names the argument).
+        InputGuardError: ``value`` is not None (``msg`` names the argument; an ``AssertionError``
+            as fx's own guard).
     """
     if value is not None:
-        raise AssertionError(msg)
+        raise InputGuardError(f"{msg}: the graph was traced with it fixed to None (concrete_args, or a constant "
+                              "every call site passed). Call it without that argument, or transform again without "
+                              "fixing it (then the graph takes it as an input).")
 
 
 class _TrainingFlag(int):
@@ -73,13 +88,39 @@ class LoraTracer(fx.Tracer):
     traced for error messages."""
 
     def __init__(self, autowrap_modules=(math,), autowrap_functions=(), param_shapes_constant=False, *,
-                 leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = ()):
+                 leaf_names: Iterable[str] = (), leaf_types: tuple[type, ...] = (), state: Iterable[str] = ()):
         super().__init__(autowrap_modules=autowrap_modules,
-                         autowrap_functions=tuple(autowrap_functions) + tuple(LORA_OPS) + (assert_is_none,),
+                         autowrap_functions=tuple(autowrap_functions) + tuple(LORA_OPS) + (assert_is_none,
+                                                                                           check_input_guards),
                          param_shapes_constant=param_shapes_constant)
         self.leaf_names = frozenset(leaf_names)
         self.leaf_types = tuple(leaf_types)
+        self.state = frozenset(state)  # buffers handed to the forward as graph values (written in place)
+        self._state_ids: dict[int, str] = {}
         self._lora_scope: list[str] = []
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
+        """fx's attribute access, and a ``get_attr`` proxy for the buffers named in ``state``."""
+        name = self._state_ids.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {},
+                                                            proxy_factory_fn=lambda node: StateProxy(node, self))
+        return parameter_proxy_cache[name]
+
+    def aliased_state(self, value: Any) -> Any:
+        """The module tensor a traced value is (its in-place ops' target), or None: lets
+        ``self.buf += x`` (an in-place write, then a rebinding to the same object) stand."""
+        node = written_attr(value.node) if isinstance(value, fx.Proxy) else None
+        if node is None:
+            return None
+        owner, _, name = str(node.target).rpartition(".")
+        try:
+            mod = self.root.get_submodule(owner) if owner else self.root
+        except AttributeError:
+            return None
+        return mod._buffers.get(name) if name in mod._buffers else vars(mod).get(name)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -99,6 +140,7 @@ class LoraTracer(fx.Tracer):
             self.root = root
             return own_graph(root)
         compile_stale(root)  # a GraphModule built or copied in a deferred_recompile block: fx traces its forward
+        self._state_ids = {id(root.get_buffer(n)): n for n in self.state}
         saved = [(m, m.training) for m in root.modules()]
         for name, m in root.named_modules():
             object.__setattr__(m, "training", _TrainingFlag(m.training, name, self.branched))
@@ -121,18 +163,28 @@ class LoraTracer(fx.Tracer):
 
 
 def _trace_error(exc: Exception, module_path: str, module: nn.Module) -> TraceError:
+    """The error for a failed trace of ``module`` (at ``module_path``; ``""``: the root), with fixes
+    that work for it: a child can be kept as an opaque leaf, the root cannot (a leaf root is not
+    traced at all, so it would fail the same way)."""
     frame = user_frame(exc, also_skip=(_HERE,))
     where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
     name = module_path or "<root>"
+    export = ("use the torch.export front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which "
+              "specialises Python control flow on shapes and arguments to the example inputs (not on tensor values)")
+    if module_path:
+        fixes = (f"(1) pass concrete_args={{'arg': value}} for arguments the code branches on; (2) mark the module as "
+                 f"an opaque leaf with leaf_modules=['{name}'] (its own weights are then adapted by merging, through "
+                 f"torch.func.functional_call, when named in targets); or (3) {export}")
+    else:
+        fixes = (f"(1) pass concrete_args={{'arg': value}} for arguments of forward the code branches on; (2) "
+                 "frontend='regions', which keeps the root's own Python and captures its submodules; (3) "
+                 f"{export}; or (4) move the failing lines into a submodule and keep that submodule opaque with "
+                 "leaf_modules=['<its name>']")
     err = TraceError(
         f"torch.fx could not trace module '{name}' ({type(module).__name__}){where}: "
         f"{type(exc).__name__}: {exc}\n"
-        "How to fix: (1) pass concrete_args={'arg': value} for arguments the code branches on; "
-        f"(2) mark the module as an opaque leaf with leaf_modules=['{name}'] (its own weights are then "
-        "adapted by merging, through torch.func.functional_call); or (3) use the torch.export "
-        "front-end: transform(model, ..., frontend='export', example_inputs=(x,)), which specialises "
-        "Python control flow on shapes and arguments to the example inputs (not on tensor values).")
-    # for the regions front-end: the innermost module and a one-line reason
+        f"How to fix: {fixes}.")
+    # capture's combined advice and the regions front-end: the innermost module and a one-line reason
     err.module_path = module_path
     first = (str(exc).strip().splitlines() or [""])[0]
     at = f"{os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`: " if frame else ""
@@ -341,7 +393,8 @@ def trace_hierarchy(
         concrete_args: as ``torch.fx.symbolic_trace``'s, for the root only.
 
     Raises:
-        TraceError: naming the module, the source line and the escape hatches.
+        TraceError: naming the module, the source line and the escape hatches; or naming the
+            module state a forward assigns.
     """
     memo = {} if memo is None else memo
     templates = {} if templates is None else templates
@@ -394,13 +447,27 @@ def trace_hierarchy(
 def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], leaf_types: tuple[type, ...],
            concrete_args: Optional[dict[str, Any]], prefix: str) -> tuple[fx.Graph, set[str]]:
     """Trace ``module`` with blocks and leaves opaque; modules whose forward branches on
-    ``self.training`` become leaves too (returned as the second item)."""
+    ``self.training`` become leaves too (returned as the second item).
+
+    Module state the forward writes (:mod:`.state_writes`): every trace runs on a snapshot of the
+    buffers and tensor attributes it can reach, put back afterwards; a write that ran at trace time
+    (in place with no traced argument, an assignment of a value computed once, or a tensor that
+    graph ops write but the forward also read eagerly) makes it trace again with those tensors as
+    graph values, so the writes and the reads around them become graph ops on the module's own
+    state.  An assignment whose previous value the graph reads raises a :class:`TraceError`."""
     auto_leaves: set[str] = set()
-    while True:
-        tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types)
+    state: set[str] = set()  # buffers handed to the forward as graph values
+    for _ in range(len(list(module.modules())) + 8):  # each round adds a leaf or a state tensor: it ends
+        tracer = LoraTracer(leaf_names=block_names | leaf_names, leaf_types=leaf_types, state=state)
+        snap = snapshot_state(module, skip=block_names | leaf_names)
         try:
-            graph = tracer.trace(module, concrete_args=concrete_args)
+            with record_state_writes(module, alias=tracer.aliased_state,
+                                     traced=lambda v: isinstance(v, fx.Proxy)) as writes:
+                graph = tracer.trace(module, concrete_args=concrete_args)
         except Exception as exc:  # fx raises many types; report one, with where and how to fix
+            restore_state_(snap)
+            if writes:  # e.g. a Proxy assigned to a buffer: torch refuses it
+                raise assignment_error([prefixed(w, prefix) for w in writes], "fx", module) from exc
             retry = tracer.branched - leaf_names - block_names - {""}
             if retry:  # the failure came after a branch on self.training: keep those modules opaque, retry
                 leaf_names, auto_leaves = leaf_names | retry, auto_leaves | retry
@@ -409,9 +476,20 @@ def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], le
             culprit = (module.get_submodule(tracer._lora_scope[-1]) if tracer._lora_scope and tracer._lora_scope[-1]
                        else module)
             raise _trace_error(exc, inner, culprit) from exc
+        eager = [w.fqn for w in writes if not w.traced]
+        moved = sorted(set(snap.written() + eager + graph_writes(module, graph)) - state)
+        try:
+            if not moved and writes:  # refuse (or warn about) assignments while the graph still names them
+                check_assignments(module, graph, [prefixed(w, prefix) for w in writes], prefix)
+        finally:
+            restore_state_(snap)  # the trace leaves the module's state as it found it
+        if moved:  # written at trace time: trace again with those tensors as graph values
+            as_buffers_(module, moved)
+            state |= set(moved)
+            continue
         new_leaves = tracer.branched - leaf_names - block_names
         if not new_leaves:
-            break
+            return graph, auto_leaves
         if "" in new_leaves:
             raise TraceError(
                 f"module '{prefix.rstrip('.') or '<root>'}' ({type(module).__name__}) branches on self.training in "
@@ -419,4 +497,7 @@ def _trace(module: nn.Module, *, block_names: set[str], leaf_names: set[str], le
                 "lora_fx then keeps as a leaf that follows train()/eval()), or use frontend='export' with "
                 "example_inputs (which checks both modes).")
         leaf_names, auto_leaves = leaf_names | new_leaves, auto_leaves | new_leaves
-    return graph, auto_leaves
+    raise TraceError(f"the forward of module '{prefix.rstrip('.') or '<root>'}' ({type(module).__name__}) writes "
+                     f"{sorted(state)} in a way torch.fx cannot record as graph ops (the write runs while tracing). "
+                     "Use frontend='export' with example_inputs, or keep the module that writes them as a leaf "
+                     "(leaf_modules=[...]), whose forward then runs as is.")

@@ -124,7 +124,9 @@ def test_disable_context_manager_restores_state():
     before = gm(IDX).detach()
     grads = {n: p.requires_grad for n, p in gm.named_parameters()}
     with lora_fx.disable_adapters(gm) as same:
-        assert same is gm and lora_fx.active_adapters(gm) == []
+        # the switch is off; the active set is separate state and stays
+        assert same is gm and lora_fx.active_adapters(gm) == ["default", "b"]
+        assert not any(a.enabled for s in lora_fx.sites(gm) for a in [s.module])
         assert_close(gm(IDX), model(IDX), ulps=0)
     assert torch.equal(gm(IDX), before)
     assert grads == {n: p.requires_grad for n, p in gm.named_parameters()}

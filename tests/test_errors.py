@@ -321,3 +321,36 @@ def test_config_errors_from_config_object():
     _check(ei, ValueError, "Holder", "deep-copyable")
     assert_unchanged(m, snap)
     assert copy.copy(m).fc is m.fc
+
+
+def test_peft_keyword_names_get_lora_fx_names():
+    with pytest.raises(ConfigError, match=r"r → rank; target_modules → targets") as err:
+        lora_fx.transform(MLP(), r=4, target_modules=["fc1"])
+    assert "Valid keywords" in str(err.value)
+    gm = lora_fx.transform(MLP(), rank=2)
+    with pytest.raises(ConfigError, match=r"lora_alpha → alpha"):
+        lora_fx.add_adapter(gm, "other", lora_alpha=4)
+
+
+def test_a_target_named_like_a_peft_module_gets_the_pattern_that_matches():
+    with pytest.raises(TargetError, match=r"not module names: '\*\.fc1\.weight' matches 1 \(0\.fc1\.weight\)") as err:
+        lora_fx.transform(nn.Sequential(MLP()), targets=["fc1"])
+    assert "bias" not in str(err.value).split("Candidates:")[1]  # 1-D parameters are no candidates
+
+
+def test_a_1d_or_unread_parameter_of_a_kept_class_model_is_refused_with_its_reason():
+    from _hf import tiny
+
+    model = tiny("llama")
+    snap = snapshot(model)
+    with pytest.raises(UnsupportedSiteError, match=r"'model\.norm\.weight'.*it is 1-D"):
+        lora_fx.transform(model, targets=["model.norm.weight"])
+    assert_unchanged(model, snap)
+
+
+def test_a_peft_save_refusal_names_the_formats_that_hold_every_site(tmp_path):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4, 2))
+    gm = lora_fx.transform(model, rank=2)
+    with pytest.raises(UnsupportedSiteError, match=r"'0\.weight'[\s\S]*save_lora_state[\s\S]*exclude="):
+        lora_fx.save_adapter(gm, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

@@ -2,7 +2,7 @@
 ``torch.compile`` d model keeps its compiled graph and sees the new values.
 
 Every adapted graph reads an adapter through ``get_attr`` nodes of ``lora_A``, ``lora_B`` and the
-0-dim ``scaling`` buffer (``alpha / rank · mix · enabled``).  Dynamo treats parameters and
+0-dim ``scaling`` buffer (``alpha / rank · mix · [active and enabled]``).  Dynamo treats parameters and
 buffers as graph inputs guarded on shape, dtype, device and ``requires_grad`` only, never on
 their values, so changing values in place (``copy_``, ``fill_``) reuses the compiled code; what
 recompiles is a change of shape (another rank), dtype or device, or replacing a ``Parameter``
@@ -65,9 +65,11 @@ def select_adapters(gm: nn.Module, adapter: AdapterSel = None, *, what: str = "s
 
 
 def set_scale_(gm: nn.Module, scale: float, *, adapter: AdapterSel = "default") -> nn.Module:
-    """Set the mixing weight of adapter(s) in place: ``scaling = alpha / rank · scale`` (PEFT's
-    ``set_scale`` / diffusers' ``lora_scale``).  ``scale = 0`` switches the adapter off without
-    disabling it; compiled graphs see the new value without recompiling.
+    """Set the mixing weight (``mix``) of adapter(s) in place: ``scaling = alpha / rank · scale``
+    (PEFT's ``set_scale`` / diffusers' ``lora_scale``) while the adapter is active and switched
+    on.  Only the mixing weight changes (the active set and the on/off switch are independent), so
+    ``set_scale_`` back to the old value restores the old output; ``scale = 0`` silences the
+    adapter without switching it off.  Compiled graphs see the new value without recompiling.
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
@@ -94,13 +96,18 @@ def set_scale_(gm: nn.Module, scale: float, *, adapter: AdapterSel = "default") 
 
 
 def enable_adapters_(gm: nn.Module, enabled: bool = True, *, adapter: AdapterSel = None) -> nn.Module:
-    """Enable (or disable, ``enabled=False``) adapter(s) in place.  A disabled adapter multiplies
-    its delta by 0 (its branch still runs, so compiled graphs stay valid and do not recompile);
-    :func:`lora_fx.adapter_parameters` leaves its parameters out.
+    """Switch adapter(s) on (or off, ``enabled=False``) in place (PEFT's
+    ``enable_adapter_layers`` / ``disable_adapter_layers``).
+
+    The switch is independent of the active set and of the mixing weights: a switched-off adapter
+    multiplies its delta by 0, and switching it on again gives back exactly the contribution it had
+    (an adapter outside the active set, e.g. one added with ``add_adapter(..., activate=False)``,
+    stays out).  Its branch still runs, so compiled graphs stay valid and do not recompile;
+    :func:`lora_fx.adapter_parameters` leaves switched-off adapters out.
 
     Args:
         gm: a module from :func:`lora_fx.transform`.
-        enabled: new state.
+        enabled: new state of the switch.
         adapter: adapter name, list of names, or ``None`` (default) for all.
 
     Returns:
@@ -117,10 +124,12 @@ def enable_adapters_(gm: nn.Module, enabled: bool = True, *, adapter: AdapterSel
 
 @contextlib.contextmanager
 def disable_adapters(gm: nn.Module, *, adapter: AdapterSel = None) -> Iterator[nn.Module]:
-    """Context manager: inside, adapter(s) (all by default) are off, so ``gm`` computes the base
-    model; on exit each adapter's ``enabled`` flag and mixing weight are restored (also on error).
-    Mirrors HF PEFT's ``with model.disable_adapter():``.  No re-tracing, no recompilation under
-    ``torch.compile`` (only the ``scaling`` buffers change).
+    """Context manager: inside, adapter(s) (all by default) are switched off, so ``gm`` computes
+    the base model; on exit each adapter's switch (``enabled``) is put back to what it was (also on
+    error).  Only the switch is saved and restored: the active set and the mixing weights are not
+    touched, and changes made to them inside the block stay.  Mirrors HF PEFT's
+    ``with model.disable_adapter():``.  No re-tracing, no recompilation under ``torch.compile``
+    (only the ``scaling`` buffers change).
 
     Example::
 
@@ -130,15 +139,15 @@ def disable_adapters(gm: nn.Module, *, adapter: AdapterSel = None) -> Iterator[n
     Raises:
         NotAdaptedError: ``gm`` carries no adapters, or none named ``adapter``.
     """
-    saved = [(a, a.enabled, a.mix) for _, a in select_adapters(gm, adapter, what="disable_adapters")]
-    for a, _, _ in saved:
+    saved = [(a, a.enabled) for _, a in select_adapters(gm, adapter, what="disable_adapters")]
+    for a, _ in saved:
         a.enabled = False
         a.refresh_scaling_()
     try:
         yield gm
     finally:
-        for a, enabled, mix in saved:
-            a.enabled, a.mix = enabled, mix
+        for a, enabled in saved:
+            a.enabled = enabled
             a.refresh_scaling_()
 
 
@@ -297,7 +306,9 @@ def reserve_rank_(gm: nn.Module, max_rank: int, *, adapter: str = "default") -> 
                           "Transform with fused={'<pattern>': None} for one plain adapter per weight, or exclude them.")
     small = [f"{p} (capacity {a.lora_A.shape[0]})" for p, a in chosen if a.lora_A.shape[0] > max_rank]
     if small:
-        raise ConfigError(f"max_rank {max_rank} is below the capacity of: {', '.join(small)}")
+        need = max(a.lora_A.shape[0] for _, a in chosen)
+        raise ConfigError(f"max_rank {max_rank} is below the capacity of: {', '.join(small)}; pass max_rank >= {need} "
+                          "(reserve_rank_ only pads)")
     with torch.no_grad():
         for _, a in chosen:
             cap = a.lora_A.shape[0]

@@ -1,7 +1,7 @@
 """Several named adapters on one adapted module: add, activate, mix, disable, delete.
 
-Every switch here only writes adapter attributes (``enabled``, ``mix``) and refills each adapter's
-``scaling`` buffer in place (:meth:`LoraAdapter.refresh_scaling_`): the graph is never re-traced
+Every switch here only writes adapter attributes and refills each adapter's ``scaling`` buffer in
+place (:meth:`LoraAdapter.refresh_scaling_`): the graph is never re-traced
 and a ``torch.compile`` d module does not recompile.  Adding or deleting an adapter edits the
 graph (new or removed nodes), so a compiled module recompiles once after those.
 
@@ -11,6 +11,7 @@ Names and semantics follow HF PEFT where it has them (``add_adapter``, ``set_ada
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Optional, Sequence, Union
 
 from torch import nn
@@ -20,11 +21,12 @@ from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.remove_lora import remove_lora_
 from lora_fx.passes.route_quantized import prepare_quantized_
 
-from ..config import UNSET, LoraConfig, config_with
-from ..errors import ConfigError, TargetError
-from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters, regions,
-                     record_config_, record_trainable_, require_adapted, state_of, trainable_params)
-from ..targets import check_adapter_name, check_patterns, select_targets, select_trainable
+from ..config import UNSET, LoraConfig, config_with, unknown_keywords_message
+from ..errors import ConfigError, LoraFxWarning, TargetError
+from ..state import (adapter_names, adapter_records, check_adapter_names, forget_config_, iter_adapters, policy_of,
+                     record_config_, record_left_out_, record_trainable_, regions, require_adapted, state_of,
+                     trainable_params)
+from ..targets import apply_policy, check_adapter_name, check_patterns, find_left_out, select_targets, select_trainable
 from .hotswap import disable_adapters  # one implementation, re-exported here
 from .init import check_pissa, new_adapter
 from .module import LoraAdapter
@@ -48,18 +50,26 @@ def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     :func:`add_adapter` extends); returns ``root``.
 
     prepare quantized modules (:mod:`lora_fx.passes.route_quantized`) → find sites
-    (:mod:`lora_fx.passes.find_sites`, pure analysis) → select targets
-    (:mod:`lora_fx.targets`) → make one adapter per targeted weight (:func:`.init.new_adapter`) and
-    insert its merge / factored nodes (:mod:`lora_fx.passes.insert_lora`) → record the config
+    (:mod:`lora_fx.passes.find_sites`, pure analysis) and apply the default-target policy recorded
+    at capture → select targets (:mod:`lora_fx.targets`) → make one adapter per targeted weight
+    (:func:`.init.new_adapter`) and insert its merge / factored nodes
+    (:mod:`lora_fx.passes.insert_lora`) → record the config, the weights trained in full and the
+    weights left out
     (:mod:`lora_fx.state`).  ``requires_grad`` is left to the caller.
+
+    Warns:
+        LoraFxWarning: once, listing every weight-like parameter (floating point, at least 2-D)
+            left out other than by the user's ``targets`` / ``exclude``, each with the reason
+            (also in :func:`lora_fx.left_out` and :func:`lora_fx.summary`).
 
     Raises:
         TargetError, UnsupportedSiteError: as :func:`lora_fx.transform`.
         ConfigError: ``init="pissa"`` where it cannot write the weight.
     """
     prepare_quantized_(root)  # quantized bases: modules' prepare hooks, linears on the frozen-base op
-    consumers = find_sites(root)
-    chosen = select_targets(consumers, config.targets, config.exclude)
+    policy = policy_of(root)
+    consumers = apply_policy(find_sites(root), policy)
+    chosen = select_targets(consumers, config.targets, config.exclude, policy=policy, root=root)
     trainable = select_trainable(root, config.trainable)
     gms = dict(regions(root))  # once: per-adapter lookups stay O(1)
     if trainable:  # trained in full: no adapter on them (explicitly targeted: a conflict)
@@ -78,7 +88,21 @@ def adapt_(root: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     insert_lora(root, chosen, lambda c: new_adapter(c, gms[c.gm_path].get_parameter(c.param), config),
                 adapter_name=adapter_name, lowering=config.lowering, recompute_inputs=config.recompute_inputs)
     record_trainable_(root, adapter_name, trainable)
+    skipped = find_left_out(root, consumers, chosen, targets=config.targets, exclude=config.exclude,
+                            trainable=trainable)
+    record_left_out_(root, adapter_name, skipped)
+    _warn_left_out(adapter_name, [e for e in skipped if not e.by_user])
     return record_config_(root, adapter_name, config)
+
+
+def _warn_left_out(adapter_name: str, entries: Sequence) -> None:
+    if not entries:
+        return
+    lines = [f"{e.param} {tuple(e.shape)}: {e.reason}" for e in entries[:20]]
+    more = f"\n  ... and {len(entries) - 20} more" if len(entries) > 20 else ""
+    warnings.warn(f"adapter {adapter_name!r} leaves out {len(entries)} weight(s) (floating point, at least 2-D); "
+                  "lora_fx.left_out(model) lists them and lora_fx.summary(model) shows them:\n  - "
+                  + "\n  - ".join(lines) + more, LoraFxWarning, stacklevel=4)
 
 
 def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
@@ -88,8 +112,9 @@ def named_adapters(gm: nn.Module) -> list[tuple[str, str, LoraAdapter]]:
 
 
 def active_adapters(gm: nn.Module) -> list[str]:
-    """Names of the adapters that are enabled (on at least one site)."""
-    on = {n for n, _, a in named_adapters(gm) if a.enabled}
+    """Names of the adapters in the active set (as PEFT's ``active_adapters``), in the order they
+    were added; the on/off switch (:func:`lora_fx.enable_adapters_`) does not change it."""
+    on = {n for n, _, a in named_adapters(gm) if a.active}
     return [n for n in adapter_names(gm) if n in on]
 
 
@@ -103,21 +128,25 @@ def _as_names(names: Union[str, Sequence[str]]) -> list[str]:
 
 
 def _apply(gm: nn.Module, mixes: Mapping[str, float]) -> None:
-    """Enable exactly the adapters in ``mixes`` with those mixing weights; the rest are disabled.
-    Only values change (``scaling`` buffers refilled in place): ``requires_grad`` is left alone,
+    """Make the adapters in ``mixes`` the active set, with those mixing weights; the others leave
+    it (their mixing weights are kept).  The on/off switch (``enabled``) is not touched.  Only
+    values change (``scaling`` buffers refilled in place): ``requires_grad`` is left alone,
     since flipping it makes ``torch.compile`` recompile; :func:`lora_fx.mark_only_lora_as_trainable`
     freezes inactive adapters when training."""
     for name, _, a in iter_adapters(gm):
-        a.enabled = name in mixes
-        a.mix = float(mixes.get(name, 1.0))
+        a.active = name in mixes
+        if name in mixes:
+            a.mix = float(mixes[name])
         a.refresh_scaling_()
 
 
 def set_active_adapters(gm: nn.Module, names: Union[str, Sequence[str]]) -> nn.Module:
-    """Activate exactly ``names`` (one name, several, or ``[]`` to disable all); returns ``gm``.
+    """Make exactly ``names`` the active set (one name, several, or ``[]`` for none); returns ``gm``.
 
-    Each active adapter contributes its full ``ΔW`` (mixing weight reset to 1); the op sees
-    ``W + Σ_active ΔW``.  No re-tracing; compiled graphs keep running without recompiling (only
+    Each active adapter contributes its full ``ΔW`` (its mixing weight is set to 1); the op sees
+    ``W + Σ_active ΔW``.  The on/off switch of :func:`lora_fx.enable_adapters_` /
+    :func:`lora_fx.disable_adapters` is separate state and is not touched: switched-off adapters
+    stay off until switched on.  No re-tracing; compiled graphs keep running without recompiling (only
     the adapters' ``scaling`` buffers change value).  ``requires_grad`` is not touched: call
     :func:`lora_fx.mark_only_lora_as_trainable` after switching to train exactly the active
     adapters (inactive ones then get no gradient, as DDP with ``find_unused_parameters=False``
@@ -141,7 +170,8 @@ def _targets(gm: nn.Module, name: str) -> set[str]:
 def set_adapter_weights(gm: nn.Module, weights: Mapping[str, float], *, same_targets: bool = True) -> nn.Module:
     """Weighted linear combination of adapters: every targeted op sees
     ``W + Σ_name weights[name] · ΔW_name`` (PEFT's ``add_weighted_adapter(combination_type="linear")``
-    without building a new adapter; ranks may differ).  Adapters not in ``weights`` are disabled.
+    without building a new adapter; ranks may differ).  ``weights`` becomes the active set; adapters
+    not in it leave the active set.  The on/off switch is not touched.
 
     Args:
         gm: an adapted module.
@@ -200,9 +230,10 @@ def add_adapter(
         rank, config, options: as :func:`lora_fx.transform`'s ``rank``, ``config`` and config
             keywords (``alpha``, ``targets``, ``exclude``, ``rank_pattern``, ``alpha_pattern``,
             ``use_rslora``, ``use_dora``, ``init``, ``dropout``, ``lowering``, ``adapter_dtype``).
-        activate: enable the new adapter alongside the active ones.  Default False, as HF PEFT's
-            ``add_adapter``: the new adapter is added disabled with ``requires_grad=False``; call
-            :func:`set_active_adapters` to use or train it.
+        activate: add the new adapter to the active set (mixing weight 1) alongside the active
+            ones.  Default False, as HF PEFT's ``add_adapter``: the new adapter is added outside
+            the active set with ``requires_grad=False``; call :func:`set_active_adapters` to use
+            or train it.  Its on/off switch starts on.
 
     Raises:
         NotAdaptedError: ``gm`` is not an adapted module.
@@ -218,12 +249,12 @@ def add_adapter(
     keys = {f for f in LoraConfig.__dataclass_fields__ if f != "version"}
     unknown = sorted(set(options) - keys)
     if unknown:
-        raise ConfigError(f"add_adapter() got unknown keyword(s) {unknown}; valid: {sorted(keys)}")
+        raise ConfigError(unknown_keywords_message("add_adapter()", unknown, keys))
     cfg = config_with(config, rank=rank, **options)
     was_training = gm.training
     adapt_(gm, cfg, name)
     for _, _, a in iter_adapters(gm, [name]):
-        a.enabled = bool(activate)
+        a.active = bool(activate)
         a.refresh_scaling_()
         for p in a.parameters():
             p.requires_grad_(bool(activate))

@@ -27,9 +27,16 @@ class LoraAdapter(nn.Module):
 
     ``scaling`` is a non-persistent 0-dim buffer (float32, or the factors' dtype when wider, so
     float64 adapters scale exactly) equal to ``alpha / rank`` (``alpha / sqrt(rank)``
-    with ``use_rslora``; Kalajdzievski, 2023) times ``weight`` (a user-set mixing weight, 1.0 by
-    default) times ``enabled``; changing any of them refills the buffer in place, so compiled
-    graphs see the new value without recompiling.
+    with ``use_rslora``; Kalajdzievski, 2023) times ``mix`` times ``[active and enabled]``;
+    changing any of them refills the buffer in place (:meth:`refresh_scaling_`), so compiled
+    graphs see the new value without recompiling.  Three independent pieces of switch state,
+    each with one meaning and one writer:
+
+    * ``active``: the adapter is in the model's active set (``set_active_adapters``,
+      ``set_adapter_weights``, ``add_adapter(activate=...)``);
+    * ``enabled``: the on/off switch (``enable_adapters_``, ``disable_adapters``), which never
+      changes the active set;
+    * ``mix``: the mixing weight (``set_scale_``, ``set_adapter_weights``; 1.0 by default).
 
     Args:
         weight_shape: shape of the base weight (at least 2-D).
@@ -78,6 +85,7 @@ class LoraAdapter(nn.Module):
         self.use_rslora = bool(use_rslora)
         self.init = init
         self.mix = 1.0
+        self.active = True
         self.enabled = True
         self.blocks = None if blocks is None else tuple((str(n), int(r), bool(on)) for n, r, on in blocks)
         a_rows, b_rows = self.rank, fan_out
@@ -111,10 +119,18 @@ class LoraAdapter(nn.Module):
         """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA)."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
+    #: in the active set (class default: adapters pickled before this attribute existed are active)
+    active = True
+
+    @property
+    def contributes(self) -> bool:
+        """Whether the delta reaches the op: in the active set and switched on."""
+        return bool(self.active and self.enabled)
+
     @property
     def effective_scaling(self) -> float:
-        """The value the graph multiplies ``B @ A`` by: ``base_scaling · mix · enabled``."""
-        return self.base_scaling * self.mix * (1.0 if self.enabled else 0.0)
+        """The value the graph multiplies ``B @ A`` by: ``base_scaling · mix · [active and enabled]``."""
+        return self.base_scaling * self.mix * (1.0 if self.contributes else 0.0)
 
     def refresh_scaling_(self) -> "LoraAdapter":
         """Write :attr:`effective_scaling` into the ``scaling`` buffer (and, for DoRA,

@@ -15,9 +15,10 @@ __all__ = ["mark_only_lora_as_trainable", "adapter_parameters", "train_adapters_
 
 
 def _full(model: nn.Module, *, active_only: bool) -> set[int]:
-    """Ids of the base parameters trained in full (``trainable=``) with the (enabled) adapters."""
+    """Ids of the base parameters trained in full (``trainable=``) with the adapters (with
+    ``active_only``: those that contribute now, in the active set and switched on)."""
     inner = unwrap(model)
-    names = None if not active_only else {n for n, _, a in iter_adapters(inner) if a.enabled}
+    names = None if not active_only else {n for n, _, a in iter_adapters(inner) if a.contributes}
     return {id(inner.get_parameter(n)) for n in trainable_params(inner, names)}
 
 
@@ -36,12 +37,13 @@ def train_adapters_only_(root: nn.Module) -> nn.Module:
 def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn.Parameter]:
     """Adapter parameters of ``model`` (lora_fx adapters, plus any parameter whose name contains
     ``lora_`` as in loralib-style layers), and the base parameters trained in full with an adapter
-    (``transform(..., trainable=[...])``); with ``active_only``, those of disabled adapters are
-    left out.  What an optimizer needs: ``torch.optim.AdamW(adapter_parameters(gm))``."""
+    (``transform(..., trainable=[...])``); with ``active_only``, those of adapters that do not
+    contribute now (outside the active set, or switched off) are left out.  What an optimizer
+    needs: ``torch.optim.AdamW(adapter_parameters(gm))``."""
     out, seen = [], set()
     disabled = set()
     for m in model.modules():
-        if isinstance(m, LoraAdapter) and active_only and not m.enabled:
+        if isinstance(m, LoraAdapter) and active_only and not m.contributes:
             disabled.update(id(p) for p in m.parameters())
     full = _full(model, active_only=active_only)
     for name, p in model.named_parameters():
@@ -52,9 +54,9 @@ def adapter_parameters(model: nn.Module, *, active_only: bool = True) -> list[nn
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Set ``requires_grad`` so that only (enabled) adapter parameters, and the base parameters
-    trained in full with an enabled adapter (``transform(..., trainable=[...])``), train; returns
-    ``model``.
+    """Set ``requires_grad`` so that only the adapters that contribute now (in the active set and
+    switched on), and the base parameters trained in full with such an adapter
+    (``transform(..., trainable=[...])``), train; returns ``model``.
 
     Args:
         model: a module from :func:`lora_fx.transform` (or with loralib-style ``lora_`` layers).

@@ -162,7 +162,7 @@ def mismatch_error(subject: str, problems: Sequence[str], *, hint: str = "", out
 # all-or-nothing writes
 
 #: The attributes of an adapter a file restores besides its tensors (``scaling`` follows from them).
-ADAPTER_STATE = ("rank", "alpha", "use_rslora", "mix", "enabled")
+ADAPTER_STATE = ("rank", "alpha", "use_rslora", "mix", "active", "enabled")
 
 
 def adapter_state(adapter: nn.Module) -> dict[str, Any]:

@@ -11,8 +11,8 @@ A file holds, under the plain module's ``state_dict`` keys:
 * the persistent base buffers training changed since ``transform`` (BatchNorm running statistics,
   EMAs), unless ``buffers=False``;
 * in the metadata (``FILE_META["state"]``, JSON): each adapter's ``rank``, ``alpha``,
-  ``use_rslora``, mixing weight and enabled flag, the configs, and which entries are buffers or
-  trained parameters.
+  ``use_rslora``, mixing weight, active-set membership and on/off switch, the configs, and which
+  entries are buffers or trained parameters.
 
 :func:`load_lora_state` restores all of it, so the loaded model computes what the saved one did.
 """
@@ -34,6 +34,7 @@ from ..state import (FILE_META, adapter_modules, configs_of, is_bias_key, is_lor
                      unwrap)
 from ._files import (ADAPTER_STATE, Entry, Rollback, adapter_state, atomic_write_bytes, entry_problems,
                      mismatch_error, plain_keys, read_safetensors, safetensors_bytes, set_adapter_state_)
+from ._paths import file_source, file_target
 from .state_dict import lora_state_dict
 
 __all__ = ["save_lora_state", "load_lora_state", "own_file", "FILE_VERSION"]
@@ -90,8 +91,8 @@ def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: st
     """Save the adapter state of ``model`` to a ``.safetensors`` file (atomically): the entries of
     :func:`~lora_fx.io.state_dict.lora_state_dict` under their plain ``state_dict`` keys (also for
     a ``torch.compile`` d or DDP-wrapped model), each factor pair at its effective rank, the
-    buffers training changed, and each adapter's rank, alpha, mixing weight and enabled flag
-    (see the module docstring).  Tied tensors are saved once per key.
+    buffers training changed, and each adapter's rank, alpha, mixing weight, active-set membership
+    and on/off switch (see the module docstring).  Tied tensors are saved once per key.
 
     Args:
         model: an adapted module (or a compiled / DDP wrapper of one).
@@ -105,8 +106,10 @@ def save_lora_state(model: nn.Module, path: Union[str, os.PathLike], *, bias: st
 
     Raises:
         NotAdaptedError: ``model`` holds no adapter parameters (nothing would be saved).
+        AdapterFileError: ``path`` is an existing directory, or below a file.
         OSError: the file cannot be written; any previous file at ``path`` is left intact.
     """
+    file_target(path, what="save_lora_state", other="lora_fx.save_adapter(model, directory)")
     sd = lora_state_dict(model, bias=bias)
     if not any(is_lora_key(k) for k in sd):
         raise NotAdaptedError(f"save_lora_state(): {type(unwrap(model)).__name__} holds no adapter parameters, so the "
@@ -133,9 +136,10 @@ def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
     """Load a file written by :func:`save_lora_state` into ``model`` (in place; returns it).
 
     Factors of a lower rank than the adapter's capacity are zero padded and the adapter's rank,
-    alpha, mixing weight and enabled flag are set from the file, so ``model`` computes what the
-    saved model computed; saved buffers and fully trained parameters are restored.  Files of an
-    older lora_fx (no state metadata) need the exact shapes and set values only.
+    alpha, mixing weight, active-set membership and on/off switch are set from the file, so
+    ``model`` computes what the saved model computed; saved buffers and fully trained parameters
+    are restored.  Files of an older lora_fx (no state metadata) need the exact shapes and set
+    values only.
 
     Every key is checked first (the contract of :mod:`lora_fx.io._files`): missing, unexpected,
     wrong-shape and wrong-dtype keys and inf/nan values are listed at once and nothing is loaded
@@ -148,6 +152,7 @@ def load_lora_state(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
         AdapterMismatchError: every mismatch, in one error.
     """
     target = unwrap(model)
+    file_source(path, what="load_lora_state", other="lora_fx.load_adapter(model, directory)")
     tensors, meta = read_safetensors(path, hint="pass the path that lora_fx.io.save_lora_state wrote")
     state = _state(meta, path)
     own = {plain_name(k): v for k, v in target.state_dict(keep_vars=True).items()}

@@ -29,6 +29,7 @@ from ..buffers import changed_buffers
 from ..state import (FILE_META, PISSA_BUFFERS, adapter_names, adapter_records, check_adapter_names, configs_of,
                      is_adapted, is_adapter_path, is_lora_key, region_of, sites, trainable_params, unwrap)
 from ._files import ADAPTER_STATE, Rollback, atomic_write_bytes, mismatch_error, safetensors_bytes
+from ._paths import dir_source, dir_target
 from ._peft_layout import expected_shapes, from_peft, peft_factors, peft_kind, to_peft
 from ._peft_layout import from_peft as _from_peft, to_peft as _to_peft  # noqa: F401  (old private names)
 from ._peft_plan import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, check_peft_config, plan_peft, read_peft_dir
@@ -161,7 +162,9 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
             head computed with ``F.linear``); DoRA on Embedding / Conv1D (PEFT normalises along
             the other axis) or with a mixing weight other than 1; a mixing weight of 0; a
             ``modules_to_save`` entry PEFT's suffix rule would also apply to other modules.
+        AdapterFileError: ``directory`` is an existing file, or below a file.
     """
+    out = dir_target(directory, what="save_adapter", other="lora_fx.io.save_lora_state(model, path)")
     model = unwrap(gm)
     check_adapter_names(model, [adapter])
     cfg = configs_of(model).get(adapter)
@@ -198,7 +201,10 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
     problems += more
     if problems:
         raise mismatch_error(f"adapter {adapter!r} cannot be written in PEFT's format", problems,
-                             outcome="nothing was written", error=UnsupportedSiteError)
+                             outcome="nothing was written", error=UnsupportedSiteError,
+                             hint="Fixes: lora_fx's own format holds every site (lora_fx.io.save_lora_state(model, "
+                                  "path), loaded by load_lora_state or load_adapter); or leave those weights out of "
+                                  "PEFT's reach when you transform (exclude=[...]) and train again.")
     left = [b for b in changed_buffers(model) if not any(b.startswith(n + ".") for n in saved)]
     if left:
         owners_ = sorted({b.rpartition(".")[0] for b in left})
@@ -243,7 +249,6 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = {FILE_META["adapter"]: adapter}
     if cfg is not None:
@@ -255,6 +260,7 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
 
 # ---------------------------------------------------------------------------------------------
 # load
+
 
 
 def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapter_name: str = "default",
@@ -289,7 +295,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
 
     Raises:
         AdapterFileError: a file is missing, corrupt (a checksum lora_fx wrote does not match), or
-            only a pickled ``adapter_model.bin`` exists.
+            only a pickled ``adapter_model.bin`` exists; ``directory`` is a file or does not exist.
         ConfigError: not a LoRA adapter, or PEFT options lora_fx does not load (trained biases,
             ``trainable_token_indices``).
         AdapterMismatchError: one error listing every target module that is missing from the model,
@@ -297,7 +303,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
             different updates; base weights that differ from the model's; ``modules_to_save``
             entries that do not fit; an existing adapter ``adapter_name`` with other targets.
     """
-    directory = Path(directory)
+    directory = dir_source(directory, what="load_adapter", other="lora_fx.io.load_lora_state(model, path)")
     config, tensors = read_peft_dir(directory)
     check_peft_config(config, directory)
     target = unwrap(model)
