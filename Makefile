@@ -32,7 +32,7 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_train.py --rounds 11
+	$(BIN)/python benchmarks/bench_train.py --rounds 11 --models gpt
 
 clean:
 	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis

@@ -1,21 +1,25 @@
 """Training / inference benchmark: full fine-tuning vs PEFT vs loralib vs lora_fx (each lowering),
-eager and torch.compile, on a GPT-2-style decoder and a small conv net (CPU).
+eager and torch.compile, on a GPT-2-style decoder, a Llama-style decoder, the Hugging Face Llama
+(where lora_fx can transform it) and a small conv net (CPU).
 
 Variants run interleaved in rounds (each round times every variant once, in an order rotated
-per round, so slow drifts of a shared machine hit all of them alike); the script prints
-per-variant medians, spreads (``(max - min) / median`` over rounds), the median of the per-round
-ratios to full fine-tuning / to the base model with ``±`` half their range, and ``best``: the
-ratio of the fastest rounds (timeit's estimator: interference only ever adds time).
+per round, so slow drifts of a shared machine hit all of them alike).  Every table row gives the
+median of the per-round ratios to full fine-tuning and to PEFT (same mode: compiled rows against
+compiled references) with a 95 % bootstrap interval, and ``best``: the ratio of the fastest rounds
+(timeit's estimator: interference only ever adds time).  Under each table the script prints the
+difference the run resolves (:mod:`benchmarks.stats`).
 
-    python benchmarks/bench_train.py                # the README figures (about 10 min on 1 core)
+    python benchmarks/bench_train.py                # everything (see docs/benchmarks.md for the time)
     python benchmarks/bench_train.py --quick        # smoke run, < 60 s (used by tests)
     python benchmarks/bench_train.py --help
 
 Measured:
-  * train step (forward, backward, AdamW step) time, ratio to full fine-tuning;
-  * peak training memory above the model: peak RSS of a fresh process during ``--memory-steps`` (1) training steps
-    minus its RSS after building the model (optimizer state, gradients, activations,
-    temporaries); glibc is told to mmap every large block so RSS tracks live memory;
+  * train step (forward, backward, AdamW step) time, ratio to full fine-tuning and to PEFT;
+  * peak training memory above the model, eager and compiled, one fresh process per variant:
+    build the model (compile it), run one forward and backward (where compilation happens), free
+    the gradients and record RSS; then reset the high-water mark and run ``--memory-steps`` (1)
+    training steps (the first also creates the optimizer state); report peak RSS minus the recorded
+    RSS.  glibc is told to mmap every large block so RSS tracks live memory;
   * inference (``eval()``, ``no_grad``) at batch 1 and batch B, unfolded and folded
     (``lora_fx.fold``), ratio to the base model;
   * ``lora_fx.transform`` time vs bare ``torch.fx.symbolic_trace`` at several depths.
@@ -35,81 +39,19 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lora_fx  # noqa: E402
+from benchmarks.models import (GPT, GPT_TARGETS, LLAMA_TARGETS, Block, ConvBlock, ConvNet, Llama,  # noqa: E402,F401
+                               hf_llama, make_inputs)
+from benchmarks.stats import CLOCK, paired, paired_ratio, resolution, run_rounds  # noqa: E402,F401
 
-# ---------------------------------------------------------------------------------------------
-# models
-
-
-class Block(nn.Module):
-    """GPT-2 block: pre-LN causal self-attention (fused qkv) and a 4x GELU MLP."""
-
-    def __init__(self, d: int, heads: int, linear=nn.Linear):
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = linear(d, 3 * d)
-        self.proj = linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc = linear(d, 4 * d)
-        self.out = linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        shape = (B, T, self.heads, C // self.heads)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    def __init__(self, layers: int, d: int, heads: int, vocab: int, ctx: int, linear=nn.Linear):
-        super().__init__()
-        self.wte = nn.Embedding(vocab, d)
-        self.wpe = nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, heads, linear) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.ln(x))
-
-
-class ConvBlock(nn.Module):
-    def __init__(self, c: int, conv=nn.Conv2d):
-        super().__init__()
-        self.conv = conv(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return x + F.relu(self.conv(x))
-
-
-class ConvNet(nn.Module):
-    def __init__(self, layers: int, c: int, classes: int = 10, conv=nn.Conv2d):
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.blocks = nn.ModuleList(ConvBlock(c, conv) for _ in range(layers))
-        self.head = nn.Linear(c, classes)
-
-    def forward(self, x):
-        x = F.relu(self.stem(x))
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x.mean((2, 3)))
-
-
-GPT_TARGETS = ("qkv", "proj", "fc", "out")
+#: the language models of the train sections (``--models``)
+LMS = ("gpt", "llama", "hf-llama")
+TITLES = {"gpt": "GPT", "llama": "Llama-style (plain nn)", "hf-llama": "Hugging Face Llama", "conv": "ConvNet"}
 
 
 def _loralib_linear(r):
@@ -133,20 +75,40 @@ def _load_base(dst: nn.Module, base: nn.Module) -> None:
         own[key].copy_(v)
 
 
+class Skipped(Exception):
+    """A section cannot run here (the reason is recorded in the results)."""
+
+
 def build_variants(kind: str, args) -> tuple[nn.Module, dict[str, Callable[[], nn.Module]]]:
-    """``(base model, {variant name: factory of a trainable model})``."""
+    """``(base model, {variant name: factory of a trainable model})``.  ``fx-norecompute`` is lora_fx
+    ``auto`` with ``recompute_inputs=False`` (it keeps the adapter inputs, as PEFT does).
+
+    Raises:
+        Skipped: ``kind == "hf-llama"`` and ``lora_fx.transform`` cannot take the model here."""
     torch.manual_seed(0)
     r = args.rank
+    loralib_model = None
     if kind == "gpt":
         base = GPT(args.layers, args.d, args.heads, args.vocab, args.seq)
-        targets = ["blocks.*.weight"]
-        peft_targets = list(GPT_TARGETS)
-        loralib_model = lambda: GPT(args.layers, args.d, args.heads, args.vocab, args.seq, _loralib_linear(r))
+        targets, peft_targets = ["blocks.*.weight"], list(GPT_TARGETS)
+        loralib_model = lambda: GPT(args.layers, args.d, args.heads, args.vocab, args.seq, _loralib_linear(r))  # noqa: E731
+    elif kind == "llama":
+        base = Llama(args.layers, args.d, args.heads, args.inter, args.vocab)
+        targets, peft_targets = [f"layers.*.{t}.weight" for t in LLAMA_TARGETS], list(LLAMA_TARGETS)
+    elif kind == "hf-llama":
+        base = hf_llama(args.layers, args.d, args.heads, args.inter, args.vocab, args.seq)
+        targets, peft_targets = [f"*.{t}.weight" for t in LLAMA_TARGETS], list(LLAMA_TARGETS)
+        # the model keeps its class (lora_fx.regions); should transform refuse it (a transformers
+        # version whose Llama it cannot capture), the section is recorded as skipped with the error
+        try:
+            lora_fx.transform(base, rank=r, targets=targets, copy_weights=False)
+        except lora_fx.LoraFxError as e:
+            raise Skipped(f"lora_fx.transform(LlamaForCausalLM) failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]}") from e
     else:
         base = ConvNet(args.conv_layers, args.channels)
-        targets = ["blocks.*.conv.weight"]
-        peft_targets = ["conv"]
-        loralib_model = lambda: ConvNet(args.conv_layers, args.channels, conv=_loralib_conv(r))
+        targets, peft_targets = ["blocks.*.conv.weight"], ["conv"]
+        loralib_model = lambda: ConvNet(args.conv_layers, args.channels, conv=_loralib_conv(r))  # noqa: E731
 
     def full():
         m = copy.deepcopy(base)
@@ -167,27 +129,19 @@ def build_variants(kind: str, args) -> tuple[nn.Module, dict[str, Callable[[], n
         loralib.mark_only_lora_as_trainable(m)
         return m
 
-    def fx(lowering):
-        return lambda: lora_fx.transform(base, rank=r, targets=targets, lowering=lowering)
+    def fx(lowering, **kw):
+        return lambda: lora_fx.transform(base, rank=r, targets=targets, lowering=lowering, **kw)
 
-    variants = {"full": full, "peft": peft_, "loralib": loralib_}
-    low = {s.lowering for s in lora_fx.sites(fx("auto")())}
+    variants = {"full": full, "peft": peft_}
+    if loralib_model is not None:
+        variants["loralib"] = loralib_
     variants["fx-auto"] = fx("auto")
-    if low != {"factored"}:  # factored differs from auto only where auto merged something
-        variants["fx-factored"] = fx("factored")
-    variants["fx-merge"] = fx("merge")
+    if kind in ("gpt", "conv"):
+        if {s.lowering for s in lora_fx.sites(fx("auto")())} != {"factored"}:  # differs only where auto merged
+            variants["fx-factored"] = fx("factored")
+        variants["fx-merge"] = fx("merge")
+    variants["fx-norecompute"] = fx("auto", recompute_inputs=False)
     return base, variants
-
-
-def make_inputs(kind: str, args, batch: int):
-    g = torch.Generator().manual_seed(1)
-    if kind == "gpt":
-        x = torch.randint(0, args.vocab, (batch, args.seq), generator=g)
-        y = torch.randint(0, args.vocab, (batch, args.seq), generator=g)
-        return x, lambda out: F.cross_entropy(out.flatten(0, 1), y.flatten())
-    x = torch.randn(batch, 3, args.image, args.image, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
-    return x, lambda out: F.cross_entropy(out, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +149,7 @@ def make_inputs(kind: str, args, batch: int):
 
 
 def _train_step_fn(model, x, loss_fn):
+    """One AdamW training step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -206,72 +161,50 @@ def _train_step_fn(model, x, loss_fn):
     return step
 
 
-#: clock of the figures: "cpu" = CPU time of this process (with 1 thread: the work done, robust to
-#: other processes sharing the cores), "wall" = elapsed time.  Both are recorded.
-CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
-
-
-def _timed(fn, n):
-    c, w = time.process_time(), time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.process_time() - c) / n, (time.perf_counter() - w) / n
-
-
-def _summary(ts, clock):
-    vals = [t[0] if clock == "cpu" else t[1] for t in ts]
-    walls = [t[1] for t in ts]
-    med = statistics.median(vals)
-    return {"median_ms": 1e3 * med, "spread": (max(vals) - min(vals)) / med if med else 0.0, "n": len(vals),
-            "wall_median_ms": 1e3 * statistics.median(walls)}
-
-
-def run_rounds(fns: dict[str, Callable[[], None]], rounds: int, steps: int, clock: str = "cpu") -> dict[str, dict]:
-    """Time every variant once per round; round ``i`` starts at variant ``i`` (rotated order, so no
-    variant always runs first or right after a compilation-heavy neighbour).  Each result keeps its
-    per-round times (``rounds_ms``) for paired ratios (:func:`paired_ratio`)."""
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(rounds):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(_timed(fns[name], steps))
-    out = {k: _summary(v, clock) for k, v in times.items()}
-    for k, v in times.items():
-        out[k]["rounds_ms"] = [1e3 * (t[0] if clock == "cpu" else t[1]) for t in v]
-    return out
-
-
-def paired_ratio(res: dict, name: str, ref: str) -> tuple[float, float]:
-    """Median and spread (max - min) of the per-round ratios ``name / ref`` (same round = same
-    machine state, so a paired ratio is steadier than a ratio of medians)."""
-    rs = [a / b for a, b in zip(res[name]["rounds_ms"], res[ref]["rounds_ms"])]
-    return statistics.median(rs), max(rs) - min(rs)
-
-
 def _compile(model, args):
     return torch.compile(model, backend=args.backend)
 
 
-def bench_train(kind, args, log):
+def _split(names: str) -> list[str]:
+    return [n for n in names.split(",") if n]
+
+
+def _add_ratios(res: dict, refs: tuple[str, ...]) -> list[dict]:
+    """Ratios of every row to each reference of its mode (``name+compile`` rows to ``ref+compile``
+    where that ran); returns the paired results of the non-reference rows (for the resolution)."""
+    pairs = []
+    for name, r in res.items():
+        compiled = name.endswith("+compile")
+        for ref in refs:
+            key = ref + "+compile" if compiled and ref + "+compile" in res else ref
+            if key not in res:
+                continue
+            p = paired(res, name, key)
+            r[f"ratio_to_{ref}"], r[f"ci95_to_{ref}"] = p["ratio"], p["ci95"]
+            if "ratio_best" not in r:  # to the first reference that ran
+                r["ratio_best"], r["ratio_spread"] = p["best"], p["spread"]
+            if name != key:
+                pairs.append(p)
+    return pairs
+
+
+def bench_train(kind, args, log, variant_names, compile_names):
     base, variants = build_variants(kind, args)
     x, loss_fn = make_inputs(kind, args, args.batch)
     fns = {}
-    compiled_names = set(args.compile_variants.split(",")) if args.compile_variants else set()
-    for name, make in variants.items():
-        fns[name] = _train_step_fn(make(), x, loss_fn)
-        if name in compiled_names:
-            fns[name + "+compile"] = _train_step_fn(_compile(make(), args), x, loss_fn)
+    for name in variant_names:
+        if name not in variants:
+            continue
+        fns[name] = _train_step_fn(variants[name](), x, loss_fn)
+        if name in compile_names:
+            fns[name + "+compile"] = _train_step_fn(_compile(variants[name](), args), x, loss_fn)
     for name, fn in fns.items():  # warm-up: optimizer state, compilation (not timed)
         t = time.perf_counter()
         fn()
         fn()
         log(f"  [{kind}] warm-up {name}: {time.perf_counter() - t:.1f} s")
     res = run_rounds(fns, args.rounds, args.steps, args.clock)
-    # ratios: to full fine-tuning in the same mode (eager vs compiled)
-    for name, r in res.items():
-        ref = "full+compile" if name.endswith("+compile") and "full+compile" in res else "full"
-        r["ratio_to_full"], r["ratio_spread"] = paired_ratio(res, name, ref)
-        r["ratio_best"] = min(r["rounds_ms"]) / min(res[ref]["rounds_ms"])
+    res["_resolution"] = resolution(_add_ratios(res, ("full", "peft")))
     return res
 
 
@@ -289,9 +222,8 @@ def bench_infer(kind, args, log):
         fns = {}
         for name, m in models.items():
             fns[name] = (lambda m=m: m(x))
-        compiled_names = set(args.compile_infer.split(",")) if args.compile_infer else set()
         for name in list(fns):
-            if name in compiled_names:
+            if name in _split(args.compile_infer):
                 cm = _compile(models[name], args)
                 fns[name + "+compile"] = (lambda cm=cm: cm(x))
         with torch.no_grad():
@@ -299,21 +231,17 @@ def bench_infer(kind, args, log):
                 fn()
                 fn()
             res = run_rounds(fns, args.rounds, args.infer_steps, args.clock)
-        for name, r in res.items():
-            ref = "base+compile" if name.endswith("+compile") and "base+compile" in res else "base"
-            r["ratio_to_base"], r["ratio_spread"] = paired_ratio(res, name, ref)
-            r["ratio_best"] = min(r["rounds_ms"]) / min(res[ref]["rounds_ms"])
+        res["_resolution"] = resolution(_add_ratios(res, ("base",)))
         out[f"batch{batch}"] = res
         log(f"  [{kind}] inference batch {batch} done")
     return out
 
 
 _MEM_CHILD = r"""
-import json, os, sys, resource
+import gc, json, sys, time
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads({threads})
-sys.argv = ["x"] + {argv!r}
 import benchmarks.bench_train as b
 args = b.parse_args({argv!r})
 def rss():
@@ -322,17 +250,24 @@ def rss():
     return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
 base, variants = b.build_variants({kind!r}, args)
 model = variants[{name!r}]()
+if {compiled!r}:
+    model = b._compile(model, args)
 x, loss_fn = b.make_inputs({kind!r}, args, args.batch)
 del base, variants
-import gc; gc.collect()
+t = time.perf_counter()
+loss_fn(model(x)).backward()  # warm-up: compilation happens here
+warmup_s = time.perf_counter() - t
+for p in model.parameters():
+    p.grad = None
 step = b._train_step_fn(model, x, loss_fn)
+gc.collect()
 before, _ = rss()
 with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark
     f.write("5")
 for _ in range({steps}):
     step()
 _, peak = rss()
-print(json.dumps({{"above_model_mib": (peak - before) / 2**20}}))
+print(json.dumps({{"above_model_mib": (peak - before) / 2**20, "warmup_s": warmup_s}}))
 """
 
 
@@ -341,14 +276,20 @@ def bench_memory(kind, args, names, log):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONHASHSEED="0")
     root = os.path.dirname(HERE)
     for name in names:
-        code = _MEM_CHILD.format(root=root, threads=args.threads, argv=args.argv, kind=kind, name=name,
-                                 steps=args.memory_steps)
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+        base_name = name[: -len("+compile")] if name.endswith("+compile") else name
+        code = _MEM_CHILD.format(root=root, threads=args.threads, argv=args.argv, kind=kind, name=base_name,
+                                 compiled=name != base_name, steps=args.memory_steps)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
         if proc.returncode != 0:
             out[name] = {"error": proc.stderr.strip().splitlines()[-1:]}
+            log(f"  [{kind}] memory {name}: failed {out[name]['error']}")
             continue
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        log(f"  [{kind}] memory {name}: {out[name]['above_model_mib']:.0f} MiB")
+        log(f"  [{kind}] memory {name}: {out[name]['above_model_mib']:.0f} MiB (warm-up {out[name]['warmup_s']:.0f} s)")
+    for name, r in out.items():  # ratios to PEFT in the same mode
+        ref = "peft+compile" if name.endswith("+compile") else "peft"
+        if "above_model_mib" in r and "above_model_mib" in out.get(ref, {}):
+            r["ratio_to_peft"] = r["above_model_mib"] / out[ref]["above_model_mib"]
     return out
 
 
@@ -389,11 +330,13 @@ def bench_transform(args, log):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, aot_eager backend (< 60 s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, aot_eager backend, one memory probe")
+    p.add_argument("--models", default="gpt,llama,hf-llama", help="language models of the train sections")
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--inter", type=int, default=1376, help="Llama MLP width")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rank", type=int, default=16)
@@ -401,31 +344,39 @@ def parse_args(argv=None):
     p.add_argument("--conv-layers", type=int, default=4)
     p.add_argument("--image", type=int, default=32)
     p.add_argument("--conv-batch", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--infer-rounds", type=int, default=None, help="rounds of the inference section (default --rounds)")
     p.add_argument("--steps", type=int, default=1, help="train steps per timing")
     p.add_argument("--infer-steps", type=int, default=2, help="forwards per timing")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--train-variants", default="full,peft,loralib,fx-auto,fx-merge",
+                   help="train variants timed (those a model has)")
     p.add_argument("--compile-variants", default="full,peft,fx-auto",
-                   help="GPT train variants also timed under torch.compile ('' for none)")
+                   help="language-model train variants also timed under torch.compile ('' for none)")
     p.add_argument("--conv-compile-variants", default="", help="conv-net train variants compiled")
     p.add_argument("--compile-infer", default="", help="inference variants compiled (e.g. base,fx-auto)")
     p.add_argument("--trace-layers", type=lambda s: [int(v) for v in s.split(",")], default=[6, 24, 96])
     p.add_argument("--trace-d", type=int, default=64, help="width of the transform-time models")
     p.add_argument("--trace-repeats", type=int, default=2)
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--memory-variants", default="full,peft,loralib,fx-auto,fx-merge")
+    p.add_argument("--memory-variants",
+                   default="full,peft,loralib,fx-auto,fx-merge,fx-norecompute,"
+                           "peft+compile,fx-auto+compile,fx-norecompute+compile",
+                   help="memory probes per language model (those a model has; name+compile: compiled)")
+    p.add_argument("--memory-models", default="gpt,llama,hf-llama", help="language models whose memory is probed")
     p.add_argument("--memory-steps", type=int, default=1,
                    help="train steps in the memory probe (the first one also creates optimizer state)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: gpt,conv,infer,transform")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: gpt,llama,hf-llama,conv,infer,transform, "
+                        "train (the language models' train timing; their memory probes still run)")
     p.add_argument("--json", default=None, help="write all results to this file")
     args = p.parse_args(argv)
     args.argv = list(argv or [])
     if args.quick:
-        q = dict(d=32, layers=2, heads=2, vocab=64, batch=2, seq=16, rank=4, channels=8, conv_layers=2,
+        q = dict(d=32, layers=2, heads=2, vocab=64, inter=48, batch=2, seq=16, rank=4, channels=8, conv_layers=2,
                  image=8, conv_batch=2, rounds=2, infer_steps=1, trace_layers=[2, 4], trace_repeats=1,
-                 trace_d=16, compile_variants="fx-auto", memory_variants="fx-auto")
+                 trace_d=16, compile_variants="fx-auto", memory_variants="fx-auto+compile", memory_models="gpt")
         for k, v in q.items():
             if p.get_default(k) == getattr(args, k):
                 setattr(args, k, v)
@@ -434,42 +385,80 @@ def parse_args(argv=None):
     return args
 
 
-def _fmt_table(title, res, ratio_key):
-    lines = [title, f"  {'variant':<22}{'median ms':>11}{'spread':>9}{'ratio':>8}{'±':>8}{'best':>8}"]
+def _interval(r, ref):
+    if f"ratio_to_{ref}" not in r:
+        return f"{'':>22}"
+    lo, hi = r[f"ci95_to_{ref}"]
+    return f"{r[f'ratio_to_{ref}']:>7.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _fmt_table(title, res, refs=("full", "peft")):
+    head = "".join(f"{'÷ ' + ref + ' [95% CI]':>23}" for ref in refs)
+    lines = [title, f"  {'variant':<24}{'median ms':>10}{'spread':>8}{head}{'best':>8}"]
     for name, r in res.items():
-        lines.append(f"  {name:<22}{r['median_ms']:>11.2f}{r['spread']:>9.2f}{r[ratio_key]:>8.3f}"
-                     f"{r['ratio_spread'] / 2:>8.3f}{r['ratio_best']:>8.3f}")
+        if name.startswith("_"):
+            continue
+        cols = "".join(f" {_interval(r, ref)}" for ref in refs)
+        lines.append(f"  {name:<24}{r['median_ms']:>10.1f}{r['spread']:>8.2f}{cols}{r.get('ratio_best', 1.0):>8.3f}")
+    lines.append(f"  this run resolves differences of ±{100 * res['_resolution']:.1f} % (median half-width of "
+                 f"the paired 95 % intervals, {args_rounds(res)} rounds)")
     return "\n".join(lines)
+
+
+def args_rounds(res) -> int:
+    return next(r["n"] for k, r in res.items() if not k.startswith("_"))
+
+
+def _fmt_memory(kind, mem):
+    parts = []
+    for k, v in mem.items():
+        if "above_model_mib" not in v:
+            parts.append(f"{k} failed")
+            continue
+        ratio = f" ({v['ratio_to_peft']:.2f}× PEFT)" if "ratio_to_peft" in v and not k.startswith("peft") else ""
+        parts.append(f"{k} {v['above_model_mib']:.0f}{ratio}")
+    return f"{TITLES[kind]} peak training memory above the model (MiB): " + ", ".join(parts)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    skip = set(filter(None, args.skip.split(",")))
-    log = lambda s: print(s, file=sys.stderr, flush=True)
+    skip = set(_split(args.skip))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     res = {"config": {k: v for k, v in vars(args).items() if k != "argv"},
            "torch": torch.__version__, "threads": args.threads}
-    if "gpt" not in skip:
-        res["gpt_train"] = bench_train("gpt", args, log)
-        print(_fmt_table(f"GPT train step (d={args.d}, {args.layers} layers, batch {args.batch}x{args.seq}, "
-                         f"r={args.rank}); ratio to full FT", res["gpt_train"], "ratio_to_full"))
-        if not args.no_memory:
-            res["gpt_memory"] = bench_memory("gpt", args, args.memory_variants.split(","), log)
-            print("GPT peak training memory above the model (MiB): "
-                  + ", ".join(f"{k} {v.get('above_model_mib', float('nan')):.0f}" for k, v in res["gpt_memory"].items()))
+    train_names, compile_names = _split(args.train_variants), set(_split(args.compile_variants))
+    for kind in _split(args.models):
+        if kind in skip:
+            continue
+        try:
+            if "train" not in skip:
+                res[f"{kind}_train"] = r = bench_train(kind, args, log, train_names, compile_names)
+            else:
+                build_variants(kind, args)  # raises Skipped where transform cannot take the model
+        except Skipped as e:
+            res[f"{kind}_train"] = {"skipped": str(e)}
+            print(f"{TITLES[kind]}: skipped ({e})")
+            continue
+        if "train" not in skip:
+            print(_fmt_table(f"{TITLES[kind]} train step (d={args.d}, {args.layers} layers, batch {args.batch}x{args.seq}, "
+                             f"r={args.rank}); ratios to full fine-tuning and to PEFT, same mode", r))
+        if not args.no_memory and kind in _split(args.memory_models):
+            res[f"{kind}_memory"] = bench_memory(kind, args, _split(args.memory_variants), log)
+            print(_fmt_memory(kind, res[f"{kind}_memory"]))
     if "conv" not in skip:
         cargs = copy.copy(args)
         cargs.batch = args.conv_batch
-        cargs.compile_variants = args.conv_compile_variants
-        res["conv_train"] = bench_train("conv", cargs, log)
+        res["conv_train"] = bench_train("conv", cargs, log, train_names, set(_split(args.conv_compile_variants)))
         print(_fmt_table(f"ConvNet train step ({args.conv_layers} conv {args.channels}ch, {args.image}px, "
-                         f"batch {args.conv_batch}, r={args.rank}); ratio to full FT", res["conv_train"],
-                         "ratio_to_full"))
+                         f"batch {args.conv_batch}, r={args.rank})", res["conv_train"]))
     if "infer" not in skip:
-        res["gpt_infer"] = bench_infer("gpt", args, log)
+        iargs = copy.copy(args)
+        iargs.rounds = args.infer_rounds or args.rounds
+        res["gpt_infer"] = bench_infer("gpt", iargs, log)
         for b, r in res["gpt_infer"].items():
-            print(_fmt_table(f"GPT inference {b} (eval, no_grad); ratio to base", r, "ratio_to_base"))
+            print(_fmt_table(f"GPT inference {b} (eval, no_grad); ratio to base", r, ("base",)))
     if "transform" not in skip:
         res["transform"] = bench_transform(args, log)
         print("transform() vs bare symbolic_trace (d=%d): " % args.trace_d + "; ".join(

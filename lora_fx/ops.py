@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import weights
-from .recompute import _to, down
+from .recompute import _to, down, recompute_point
 
 __all__ = [
     "delta_op",
@@ -48,6 +48,7 @@ __all__ = [
     "conv_delta",
     "module_call",
     "dequantized",
+    "recompute_point",
     "LORA_OPS",
     "DELTA_OPS",
     "MERGE_OPS",
@@ -301,6 +302,9 @@ def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **
     # a plain dict: fx hands node arguments over as immutable dicts, which torch.export's
     # functional_call tracing tries to update
     return torch.func.functional_call(module, dict(overrides), args, kwargs, strict=False, tie_weights=False)
+
+
+graph_op(recompute_point)  # the producer of recomputable adapter inputs (lora_fx.recompute)
 
 
 @merge_op

@@ -9,23 +9,34 @@ producer's inputs (shared storage, already saved) and recomputes ``x`` in backwa
 forward's autocast state.  The result and gradients are those of ``F.linear(x, A) * s`` (the
 same GEMMs on bit-identical recomputed values).
 
-Used by eager autograd only: under ``torch.compile`` (where AOTAutograd's partitioner makes its
-own recompute decisions), under ``torch.func`` transforms or forward-mode AD, in ``no_grad``, when nothing needs a
-gradient, or when ``x`` was modified in place after its producer made it, :func:`down` is the
-plain expression.  The pass (:mod:`lora_fx.passes.insert_lora`) attaches a ``remat`` spec
-``(kind, inputs, kwargs)`` to a site only where the producer node is one of :data:`PRODUCERS`.
+:func:`down` is used by eager autograd only: under ``torch.compile``, under ``torch.func`` transforms or
+forward-mode AD, in ``no_grad``, when nothing needs a gradient, or when ``x`` was modified in place
+after its producer made it, it is the plain expression.  The pass (:mod:`lora_fx.passes.insert_lora`)
+attaches a ``remat`` spec ``(kind, inputs, kwargs)`` to a site only where the producer node is one
+of :data:`PRODUCERS`.
+
+Under ``torch.compile`` the producer node itself is the recompute point: the pass rewrites it to
+:func:`recompute_point`, a plain call in eager that, when Dynamo traces it with grad enabled, runs
+the producer under ``torch.utils.checkpoint``.  Its nodes then carry the checkpoint's recompute
+tags, and AOTAutograd's min-cut partitioner recomputes ``x`` in backward from the producer's inputs
+instead of saving it (the partitioner recomputes graph nodes, so the values are those of the
+compiled forward, in-place changes after the producer included), and the low-precision cast of
+``x`` that autocast's ``F.linear`` makes as well.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
+import torch.utils.checkpoint as _checkpoint
 from torch import Tensor, nn
 
 from .producers import TAG, recompute_tagged, tag_spec
 
-__all__ = ["down", "PRODUCERS", "module_kind"]
+__all__ = ["down", "recompute_point", "PRODUCERS", "POINT_TARGETS", "module_kind"]
 
 #: producer kinds whose backward keeps every tensor input that requires grad: recomputing their
 #: output from those inputs costs no memory.  ``kind -> function(*inputs, **kwargs)``.
@@ -37,6 +48,26 @@ PRODUCERS = {
     "mul": lambda a, b: torch.mul(a, b),
     # a norm module called by the model's own Python (lora_fx.producers): its forward on u again
     "tagged": lambda u, tag: recompute_tagged(u, tag),
+}
+
+
+_aten = torch.ops.aten
+
+#: call targets a :func:`recompute_point` may stand for, by the name its graph node spells (fx code
+#: cannot spell a function as an argument): ``name -> (producer kind, callable)``.
+POINT_TARGETS = {
+    "F.gelu": ("gelu", F.gelu),
+    "torch._C._nn.gelu": ("gelu", torch._C._nn.gelu),
+    "aten.gelu": ("gelu", _aten.gelu.default),
+    "F.silu": ("silu", F.silu),
+    "torch._C._nn.silu": ("silu", torch._C._nn.silu),
+    "aten.silu": ("silu", _aten.silu.default),
+    "F.layer_norm": ("layer_norm", F.layer_norm),
+    "aten.layer_norm": ("layer_norm", _aten.layer_norm.default),
+    "F.rms_norm": ("rms_norm", F.rms_norm),
+    "operator.mul": ("mul", operator.mul),
+    "torch.mul": ("mul", torch.mul),
+    "aten.mul": ("mul", _aten.mul.Tensor),
 }
 
 
@@ -79,6 +110,19 @@ def _to(x: Tensor, like: Tensor) -> Tensor:
     return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _linear_input(x: Tensor, lora_A: Tensor) -> Tensor:
+    """``x`` as ``F.linear(·, lora_A)`` reads it: in ``lora_A``'s dtype, or as it is under autocast
+    (which casts both operands itself: a cast to ``lora_A``'s dtype first would change no value,
+    and under ``torch.compile`` it would hide the cast that :func:`recompute_point` makes)."""
+    if x.dtype != torch.float64 and _autocast_on(x.device.type):  # autocast leaves float64 alone
+        return x
+    return _to(x, lora_A)
+
+
 def _free_to_keep(kind: str, inputs: tuple) -> bool:
     """Whether keeping ``inputs`` alive until backward costs nothing extra: each is a parameter
     or buffer-like leaf (alive anyway) or is saved by the producer's own backward."""
@@ -98,7 +142,7 @@ def _free_to_keep(kind: str, inputs: tuple) -> bool:
 class _RematDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, scaling, kind, kwargs, *inputs):
-        h = F.linear(_to(x, lora_A), lora_A) * scaling
+        h = F.linear(_linear_input(x, lora_A), lora_A) * scaling
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.kind, ctx.kwargs = kind, kwargs
@@ -168,6 +212,75 @@ def down(x: Tensor, lora_A: Tensor, scaling: Tensor, remat: tuple | None = None)
     """
     spec = _recomputable(x, lora_A, remat)
     if spec is None:
-        return F.linear(_to(x, lora_A), lora_A) * scaling
+        return F.linear(_linear_input(x, lora_A), lora_A) * scaling
     kind, inputs, kwargs = spec
     return _RematDown.apply(x, lora_A, scaling, kind, dict(kwargs), *inputs)
+
+
+def _point_is_free(target, args: tuple, kwargs: dict) -> bool:
+    """Whether recomputing this producer's output in backward keeps nothing alive that would not be
+    alive anyway (:func:`_free_to_keep`, read from the call as it runs; static facts for Dynamo)."""
+    if isinstance(target, nn.Module):
+        kind = module_kind(target)
+        if (kind is None or target._forward_hooks or target._forward_pre_hooks or _global_hooks()
+                or len(args) != 1 or kwargs):
+            return False  # a hooked or swapped leaf runs as called, once
+        return isinstance(args[0], Tensor) and args[0].requires_grad
+    kind = POINT_TARGETS[target][0]
+    if kind == "mul":
+        return len(args) == 2 and not kwargs and _free_to_keep("mul", args)
+    u = args[0] if args else kwargs.get("input")
+    return isinstance(u, Tensor) and u.requires_grad
+
+
+def _autocast_dtype(x: Tensor):
+    """The dtype autocast's ``F.linear`` casts ``x`` to, or None where it reads ``x`` as it is."""
+    dev = x.device.type
+    if not _autocast_on(dev) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    dtype = torch.get_autocast_dtype(dev)
+    return None if x.dtype == dtype else dtype
+
+
+def _with_input(fn):
+    """``fn`` returning ``(x,)``, or ``(x, x cast as autocast's F.linear casts it)``."""
+    def call(*args, **kwargs):
+        x = fn(*args, **kwargs)
+        dtype = _autocast_dtype(x)
+        return (x,) if dtype is None else (x, x.to(dtype))
+    return call
+
+
+def recompute_point(target, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    """``(x, x_in)`` with ``x = target(*args, **kwargs)``: the producer of recomputable adapter
+    inputs; ``x`` goes to the producer's users, ``x_in`` to the adapters' down-projections.
+
+    Eager (and ``no_grad``) it is the plain call and ``x_in`` is ``x``.  When ``torch.compile``
+    traces it with grad enabled and recomputing is free (the producer's own backward keeps its
+    inputs: see :mod:`lora_fx.recompute`), the call runs under ``torch.utils.checkpoint.checkpoint(...,
+    use_reentrant=False)``, so AOTAutograd's partitioner recomputes ``x`` in backward instead of
+    saving it for the adapters.  Under autocast, where ``F.linear`` reads ``x`` through a
+    low-precision cast and that cast is what the adapters would keep, the same region also makes
+    the cast and returns it as ``x_in``: the site's base op makes the same cast later in the graph,
+    AOTAutograd's common-subexpression pass keeps the first copy (this recomputable one), and the
+    cast is recomputed too.  Values and gradients are those of the plain call.
+
+    Args:
+        target: a key of :data:`POINT_TARGETS` (the function the node stood for), or the stock leaf
+            module it called (its type and hooks are read as it runs: a hooked or swapped leaf is
+            called plainly).
+        args, kwargs: the call's arguments.
+
+    Returns:
+        ``(x, x_in)``: the call's result, and the tensor the adapters read (``x``, or while compiling
+        under autocast ``x`` in the autocast dtype).
+    """
+    fn = target if isinstance(target, nn.Module) else POINT_TARGETS[target][1]
+    # torch.export (strict or not) keeps the plain call: an exported program holds no checkpoint regions
+    if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and torch.is_grad_enabled()
+            and _point_is_free(target, args, kwargs)):
+        out = _checkpoint.checkpoint(_with_input(fn), *args, use_reentrant=False, preserve_rng_state=False,
+                                     **kwargs)
+        return out[0], out[-1]
+    x = fn(*args, **kwargs)
+    return x, x

@@ -27,7 +27,7 @@ from lora_fx.state import (ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, 
                            state_of)
 
 from .find_sites import Consumer, _weight_slot, consuming_users
-from .match_recompute import remat_spec
+from .match_recompute import mark_recompute_points_, remat_spec
 
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
     from lora_fx.adapters.module import LoraAdapter
@@ -272,6 +272,7 @@ def insert_lora(
         for (c, how), (_, _, path) in zip(lower(gm, node, items, lowering, recompute_inputs), items):
             state_of(gm).adapters[path].consumers.append((c.node, c.op, how))
     for gm_path in {k[0] for k in groups}:  # only rewritten graphs need new code
+        mark_recompute_points_(gms[gm_path], ops.DELTA_OPS)  # recomputation under torch.compile
         gms[gm_path].graph.lint()
         gms[gm_path].recompile()
     return root

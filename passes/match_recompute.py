@@ -6,19 +6,26 @@ emitted as arguments of the delta node.  A leaf module producer is ``(kind, (u,)
 (a ``get_attr`` of the leaf), whose weights, attributes and hooks are read when the site runs.  Only exact, hook-free producers are matched: stock
 ``nn.LayerNorm``/``nn.RMSNorm``/``nn.GELU``/``nn.SiLU`` leaves, ``F.gelu``/``F.silu``/``F.layer_norm``/
 ``F.rms_norm`` calls, ``a * b`` of two nodes, and their ATen forms (export front-end).
+
+:func:`mark_recompute_points_` turns the producer node of every site that got a spec into a
+:func:`lora_fx.recompute.recompute_point` (the compiled form of recomputation): the producer node
+becomes ``point[0]`` in place, so it keeps its name and users, and the sites read ``point[1]``;
+:func:`restore_recompute_points_` turns the producers no site needs any more back into the
+original call.
 """
 
 from __future__ import annotations
 
 import operator
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lora_fx.recompute import module_kind
+from lora_fx.recompute import POINT_TARGETS, module_kind, recompute_point
 
-__all__ = ["remat_spec"]
+__all__ = ["remat_spec", "mark_recompute_points_", "restore_recompute_points_"]
 
 _aten = torch.ops.aten
 _GELU = {F.gelu, torch._C._nn.gelu}
@@ -80,6 +87,9 @@ def remat_spec(graph: fx.Graph, gm: nn.Module, x) -> tuple | None:
     emits a ``get_attr`` of the leaf at the graph's current insertion point."""
     if not isinstance(x, fx.Node):
         return None
+    point = _point_of(x)
+    if point is not None:  # a producer marked before (or its adapters' input)
+        x = _original(point)
     if x.op == "call_module":
         spec = _module_spec(graph, gm, x)
     elif x.op == "call_function":
@@ -91,3 +101,104 @@ def remat_spec(graph: fx.Graph, gm: nn.Module, x) -> tuple | None:
     if any(isinstance(v, fx.Node) for k, v in spec[2].items() if k != "module"):
         return None
     return spec
+
+
+#: call target -> its :data:`~lora_fx.recompute.POINT_TARGETS` name (the first name of an object
+#: that has two, e.g. ``F.gelu is torch._C._nn.gelu``)
+_POINT_NAME: dict = {}
+for _name, (_, _fn) in POINT_TARGETS.items():
+    _POINT_NAME.setdefault(_fn, _name)
+
+
+def _is_point(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target is recompute_point
+
+
+def _point_of(n):
+    """The :func:`recompute_point` node whose output ``n`` is (``getitem(point, 0 or 1)``), or None."""
+    if (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem
+            and _is_point(n.args[0])):
+        return n.args[0]
+    return None
+
+
+def _original(point: fx.Node):
+    """What the :func:`recompute_point` node ``point`` stands for, as a node-like record
+    (``op``, ``target``, ``args``, ``kwargs``) that :func:`remat_spec` and the restore read."""
+    target, *args = point.args
+    if isinstance(target, fx.Node):  # a leaf: recompute_point(<get_attr leaf>, u)
+        return SimpleNamespace(op="call_module", target=target.target, args=tuple(args), kwargs=point.kwargs,
+                               leaf=target)
+    return SimpleNamespace(op="call_function", target=POINT_TARGETS[target][1], args=tuple(args),
+                           kwargs=point.kwargs, leaf=None)
+
+
+def _remat_sites(graph: fx.Graph, delta_ops) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in delta_ops and n.kwargs.get("remat")]
+
+
+def _mark(graph: fx.Graph, x: fx.Node) -> fx.Node | None:
+    """Rewrite producer ``x`` in place into ``getitem(point, 0)`` after a new ``point =
+    recompute_point(...)`` node; returns ``point``, or None if ``x`` is no producer."""
+    if x.op == "call_module":
+        with graph.inserting_before(x):
+            leaf = graph.create_node("get_attr", x.target)
+            point = graph.call_function(recompute_point, (leaf,) + tuple(x.args), dict(x.kwargs))
+    elif x.op == "call_function" and x.target in _POINT_NAME:
+        with graph.inserting_before(x):
+            point = graph.call_function(recompute_point, (_POINT_NAME[x.target],) + tuple(x.args), dict(x.kwargs))
+    else:
+        return None
+    x.op, x.target, x.args, x.kwargs = "call_function", operator.getitem, (point, 0), {}
+    return point
+
+
+def mark_recompute_points_(gm: fx.GraphModule, delta_ops) -> int:
+    """For every ``delta_ops`` node with a ``remat`` spec, turn the producer ``x = f(...)`` of its
+    input into ``point = recompute_point("<f's name>", ...)`` (a leaf ``x = self.ln(u)``:
+    ``recompute_point(<get_attr ln>, u)``) with ``x = point[0]``, in place (the node ``x`` keeps its
+    name and users), and feed the site ``point[1]`` (one node per producer).  Producers marked
+    before are reused.  Returns the number of producers rewritten (the caller recompiles)."""
+    graph, done = gm.graph, 0
+    for site in _remat_sites(graph, delta_ops):
+        x = site.args[1]
+        point = _point_of(x)
+        if point is not None and x.args[1] == 1:
+            continue  # marked before
+        if point is None:
+            point = _mark(graph, x) if isinstance(x, fx.Node) else None
+            if point is None:
+                continue
+            done += 1
+        x_in = next((u for u in point.users if u.target is operator.getitem and u.args[1] == 1), None)
+        if x_in is None:
+            with graph.inserting_after(x):
+                x_in = graph.call_function(operator.getitem, (point, 1))
+        site.args = (site.args[0], x_in) + tuple(site.args[2:])
+    return done
+
+
+def restore_recompute_points_(graph: fx.Graph, delta_ops) -> int:
+    """Turn every :func:`recompute_point` that no ``delta_ops`` node with a ``remat`` spec reads any
+    more back into the call it stood for, in place (the producer node ``point[0]`` becomes that
+    call; ``point``, ``point[1]`` and a leaf's ``get_attr`` are erased).  Returns the number of
+    producers restored."""
+    needed = {_point_of(site.args[1]) for site in _remat_sites(graph, delta_ops)}
+    done = 0
+    for point in [n for n in graph.nodes if _is_point(n) and n not in needed]:
+        orig = _original(point)
+        users = sorted(point.users, key=lambda u: u.args[1])  # point[0] (the producer node) first
+        x = users[0] if users and users[0].args[1] == 0 else None
+        if x is not None:
+            x.op, x.target, x.args, x.kwargs = orig.op, orig.target, orig.args, dict(orig.kwargs)
+        for x_in in users[1 if x is not None else 0:]:
+            if x is None:  # the producer's own value went unused: rebuild it where the input was read
+                with graph.inserting_before(x_in):
+                    x = graph.create_node(orig.op, orig.target, orig.args, dict(orig.kwargs))
+            x_in.replace_all_uses_with(x)
+            graph.erase_node(x_in)
+        graph.erase_node(point)
+        if orig.leaf is not None and not orig.leaf.users:
+            graph.erase_node(orig.leaf)
+        done += 1
+    return done

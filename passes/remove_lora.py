@@ -15,6 +15,8 @@ from lora_fx import ops
 from lora_fx.regions import set_unregistered_holder_, unregistered_holder
 from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, state_of
 
+from .match_recompute import restore_recompute_points_
+
 __all__ = ["remove_lora_"]
 
 
@@ -44,6 +46,7 @@ def _strip_nodes(graph: fx.Graph, prefixes: tuple[str, ...], everything: bool) -
         elif node.target is ops.dequantized and not any(u.op == "call_function" and u.target in ops.MERGE_OPS
                                                         for u in node.users):
             drop(node, node.args[0])  # the head of a merge chain that has no merge left
+    restore_recompute_points_(graph, ops.DELTA_OPS)  # producers no recomputing site reads any more
     for node in reversed(list(graph.nodes)):
         if (ours(node) or node in freed) and not node.users:
             graph.erase_node(node)
@@ -84,7 +87,8 @@ def remove_lora_(gm: fx.GraphModule, paths: Optional[Collection[str]] = None, *,
       value it adapted); nodes that read one of them, or that only a removed node read, are erased
       once unused.  With every adapter removed, opaque leaves called through
       :func:`lora_fx.ops.module_call` become plain ``call_module`` nodes again; a
-      :func:`lora_fx.ops.dequantized` head left without a merge is dropped.
+      :func:`lora_fx.ops.dequantized` head left without a merge is dropped; a
+      :func:`lora_fx.ops.recompute_point` no recomputing site reads is the original call again.
     * modules: the adapter modules, and their holders once empty;
     * records: their :class:`~lora_fx.state.AdapterRecord` s (the state attribute goes with the last).
 

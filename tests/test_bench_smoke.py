@@ -22,11 +22,17 @@ def test_bench_quick_runs(tmp_path, capsys):
     res = bench.main(["--quick", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "GPT train step" in printed and "transform() vs bare symbolic_trace" in printed
-    for section in ("gpt_train", "gpt_memory", "conv_train", "gpt_infer", "transform"):
+    assert "this run resolves differences of" in printed
+    for section in ("gpt_train", "gpt_memory", "llama_train", "hf-llama_train", "conv_train",
+                    "gpt_infer", "transform"):
         assert section in res
     assert {"full", "peft", "loralib", "fx-auto", "fx-merge", "fx-auto+compile"} <= set(res["gpt_train"])
-    assert res["gpt_train"]["full"]["ratio_to_full"] == 1.0
-    assert "above_model_mib" in res["gpt_memory"]["fx-auto"]
+    assert {"full", "peft", "fx-auto", "fx-auto+compile"} <= set(res["llama_train"])
+    assert res["gpt_train"]["full"]["ratio_to_full"] == 1.0 and res["gpt_train"]["peft"]["ratio_to_peft"] == 1.0
+    lo, hi = res["gpt_train"]["fx-auto"]["ci95_to_peft"]
+    assert lo <= res["gpt_train"]["fx-auto"]["ratio_to_peft"] <= hi
+    assert "above_model_mib" in res["gpt_memory"]["fx-auto+compile"], res["gpt_memory"]
+    assert {"full", "peft", "fx-auto", "fx-auto+compile"} <= set(res["hf-llama_train"])
     assert {"base", "fx-folded"} <= set(res["gpt_infer"]["batch1"])
     assert json.loads(out.read_text())["config"]["quick"] is True
 
