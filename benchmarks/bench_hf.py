@@ -12,8 +12,12 @@ Sections (``--sections``, default all):
 * ``memory``: peak memory of one training step above the model, each variant in a fresh process
   (glibc told to mmap every large block, so RSS tracks live memory; the high-water mark is reset
   after building the model and the batch), as ``benchmarks/bench_train.py`` measures it;
+* ``saved``: bytes autograd saves for backward in one training forward, per variant (each storage
+  once, parameters excluded);
 * ``generate``: ``generate()`` of ``--new-tokens`` tokens (batch 1, KV cache, greedy): the base
-  model, lora_fx unfolded and folded, PEFT unmerged, ratio to the folded model.
+  model, lora_fx unfolded (factored, and with the inference cache on) and folded, PEFT unmerged;
+  ratios to the folded model and to PEFT, and the ratio of each variant's fastest round to the
+  folded model's fastest.
 
 Variants are rows of the ``TRAIN_VARIANTS`` / ``GENERATE_VARIANTS`` tables (name → factory of a
 model from the base), so another one is one entry.  Every section times its variants interleaved
@@ -77,14 +81,22 @@ def _full(base, args):
     return copy.deepcopy(base).requires_grad_(True)
 
 
+def _lora_fx_keep(base, args):
+    """lora_fx keeping every adapter input, as PEFT does (``recompute_inputs=False``)."""
+    return lora_fx.transform(base, rank=args.rank, alpha=args.rank, targets=[f"*.{p}.weight" for p in PROJECTIONS],
+                             recompute_inputs=False)
+
+
 #: name → ``factory(base, args)`` of a model to train (all from the same base weights).
-TRAIN_VARIANTS: dict[str, Callable] = {"full": _full, "peft": _peft, "lora_fx": _lora_fx}
+TRAIN_VARIANTS: dict[str, Callable] = {"full": _full, "peft": _peft, "lora_fx": _lora_fx,
+                                       "lora_fx-keep-inputs": _lora_fx_keep}
 #: name → ``factory(base, args)`` of a model to generate with (the adapted ones share one set of
 #: adapter values: lora_fx's, folded, and copied into PEFT's layers).
 GENERATE_VARIANTS: dict[str, Callable] = {
     "base": lambda base, args: copy.deepcopy(base),
     "lora_fx-folded": lambda base, args: lora_fx.fold(_adapted(base, args)),
     "lora_fx": lambda base, args: _adapted(base, args),
+    "lora_fx+cache": lambda base, args: lora_fx.inference_cache_(copy.deepcopy(_adapted(base, args))),
     "peft": lambda base, args: _peft_with(_adapted(base, args), base, args),
 }
 _ADAPTED: dict[int, torch.nn.Module] = {}
@@ -223,6 +235,32 @@ def bench_memory(args, log) -> dict:
     return out
 
 
+def bench_saved(args, log) -> dict:
+    """Bytes autograd saves for backward in one training forward (``saved_tensors_hooks``; each
+    storage once), per variant: the activations a step keeps, without the allocator's view."""
+    base = llama(args, args.layers)
+    ids = batch(args)
+    out = {}
+    for name, make in TRAIN_VARIANTS.items():
+        model = make(base, args).train()
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids).loss
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        out[name] = {"saved_mib": sum(v for k, v in seen.items() if k not in params) / 2**20}
+        log(f"  saved for backward {name}: {out[name]['saved_mib']:.1f} MiB")
+        del model
+    for name, r in out.items():
+        for ref in ("full", "peft"):
+            r[f"ratio_to_{ref}"] = r["saved_mib"] / out[ref]["saved_mib"]
+    return out
+
+
 def bench_generate(args, log) -> dict:
     base = llama(args, args.layers).eval()
     models = {name: make(base, args).eval() for name, make in GENERATE_VARIANTS.items()}
@@ -232,12 +270,16 @@ def bench_generate(args, log) -> dict:
     with torch.no_grad():
         tokens = {name: fn() for name, fn in fns.items()}  # warm-up, and the tokens each gives
         res = run_rounds(fns, args.rounds, 1, args.clock)
-    _ratios(res, ("lora_fx-folded",))
+    _ratios(res, ("lora_fx-folded", "peft"))
+    ref = min(res["lora_fx-folded"]["rounds_ms"])
+    for name, r in res.items():  # least-disturbed run of each: steadier than medians on a shared machine
+        r["best_ratio_to_lora_fx-folded"] = min(r["rounds_ms"]) / ref
     res["same_tokens_as_folded"] = {n: bool(torch.equal(t, tokens["lora_fx-folded"])) for n, t in tokens.items()}
     return res
 
 
-SECTIONS = {"transform": bench_transform, "train": bench_train, "memory": bench_memory, "generate": bench_generate}
+SECTIONS = {"transform": bench_transform, "train": bench_train, "memory": bench_memory, "saved": bench_saved,
+            "generate": bench_generate}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,22 +330,28 @@ def report(res: dict) -> None:
         print(f"\ntransform() of a {t['layers']}-layer Llama, no example inputs, vs PEFT get_peft_model "
               f"(both with a deep copy): lora_fx {t['lora_fx']['median_s']:.3f} s, PEFT {t['peft']['median_s']:.3f} s, "
               f"ratio {t['ratio']:.2f} ±{t['ratio_spread'] / 2:.2f}")
-    for section, refs, unit in (("train", ("full", "peft"), "ms"), ("generate", ("lora_fx-folded",), "ms")):
+    for section, refs, unit in (("train", ("full", "peft"), "ms"), ("generate", ("lora_fx-folded", "peft"), "ms")):
         if section not in res:
             continue
         print(f"\n{section} ({'per step' if section == 'train' else 'per generate() call'}, median of rounds)")
         print(f"  {'variant':16} {'median ' + unit:>12} " + " ".join(f"{'/ ' + r:>18}" for r in refs))
         for name, r in res[section].items():
             if isinstance(r, dict) and "median_ms" in r:
-                print(f"  {name:16} {r['median_ms']:12.1f} " + " ".join(f"{_fmt_ratio(r, ref):>18}" for ref in refs))
+                best = r.get("best_ratio_to_lora_fx-folded")
+                print(f"  {name:16} {r['median_ms']:12.1f} " + " ".join(f"{_fmt_ratio(r, ref):>18}" for ref in refs)
+                      + (f"   best/best folded {best:.3f}" if best is not None else ""))
+    if "saved" in res:
+        print("\nbytes saved for backward by one training forward (parameters excluded)")
+        for name, r in res["saved"].items():
+            print(f"  {name:20} {r['saved_mib']:8.1f} MiB  / full {r['ratio_to_full']:.3f}  / peft {r['ratio_to_peft']:.3f}")
     if "memory" in res:
         print("\npeak memory of one training step above the model")
         for name, r in res["memory"].items():
             if "above_model_mib" in r:
-                print(f"  {name:16} {r['above_model_mib']:8.1f} MiB  / full {r.get('ratio_to_full', 0):.3f}  "
+                print(f"  {name:20} {r['above_model_mib']:8.1f} MiB  / full {r.get('ratio_to_full', 0):.3f}  "
                       f"/ peft {r.get('ratio_to_peft', 0):.3f}")
             else:
-                print(f"  {name:16} error: {r['error']}")
+                print(f"  {name:20} error: {r['error']}")
 
 
 def main(argv=None) -> dict:

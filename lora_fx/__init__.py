@@ -18,6 +18,7 @@ from .errors import (AdapterFileError, AdapterMismatchError, AlreadyAdaptedError
                      ExportFileError, ExportParityError, InputGuardError, LoraFxError, NonFiniteError, LoraFxWarning, NotAdaptedError,
                      RoutingError, TargetError, TraceError, UnknownAdapterError, UnsupportedSiteError)
 from .fused import FusedSpec
+from .inference import inference_cache, inference_cache_, inference_cache_bytes
 from .io.loralib import load_loralib_state_dict, loralib_state_dict
 from .io.peft import load_adapter, save_adapter
 from .io.state_dict import lora_state_dict
@@ -47,4 +48,5 @@ __all__ = [
     "set_scale_", "enable_adapters_", "load_adapter_values_", "reserve_rank_",
     "register_module_rule", "register_function_rule",
     "route_adapters", "enable_routing_", "disable_routing_", "RoutingError",
+    "inference_cache_", "inference_cache", "inference_cache_bytes",
 ]

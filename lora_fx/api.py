@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-from torch import nn
+from torch import fx, nn
 
 from lora_fx.passes.capture import capture, private_copy
 
@@ -30,6 +30,7 @@ from .deploy import fold
 from .errors import AlreadyAdaptedError, ConfigError
 from .graph_module import deferred_recompile
 from .hf_quantization import mark_adapted_
+from .producers import install_producer_tags_
 from .buffers import record_buffers_
 from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, Site, is_adapted, sites, trainable_params
 from .targets import check_adapter_name, target_policy
@@ -164,6 +165,8 @@ def transform(
         record_buffers_(root, model)  # to tell later which buffers training changed (io)
         # 3. find sites → select targets → make adapters → insert_lora → record state (adapters/lifecycle.adapt_)
         adapt_(root, cfg, adapter_name)
+        if cfg.recompute_inputs and not isinstance(root, fx.GraphModule):  # kept class: norms the model's code calls
+            install_producer_tags_(root)
         if not copy_weights:  # trained in full: the copy's own storage, never the user's
             for name in trainable_params(root):
                 p = root.get_parameter(name)

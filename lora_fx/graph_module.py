@@ -22,7 +22,10 @@ from torch.fx.graph_module import _deserialize_graph_module, _format_import_bloc
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.package import sys_importer
 
-__all__ = ["LoraGraphModule", "deferred_recompile", "compile_stale", "value_key", "NotKeyable"]
+__all__ = ["LoraGraphModule", "deferred_recompile", "compile_stale", "value_key", "NotKeyable", "CODE_VERSION_ATTR"]
+
+#: Key in a ``LoraGraphModule``'s ``__dict__``: its :attr:`~LoraGraphModule.code_version`.
+CODE_VERSION_ATTR = "_lora_fx_code_version"
 
 _GM_OWN = {"_graph", "_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec", "meta",
            "_tracer_cls", "_tracer_extras", "_replace_hooks", "_create_node_hooks", "_erase_node_hooks",
@@ -164,7 +167,7 @@ class LoraGraphModule(fx.GraphModule):
         """``GraphModule.recompile``; inside :func:`deferred_recompile` it only marks the module
         stale and returns None (the code is generated when the block ends, or on first use).
         Either way :attr:`code_version` moves on."""
-        self.__dict__["_lora_fx_code_version"] = self.code_version + 1
+        self.__dict__[CODE_VERSION_ATTR] = self.code_version + 1
         pending = getattr(_local, "pending", None)
         if pending is None:
             return super().recompile()
@@ -176,7 +179,7 @@ class LoraGraphModule(fx.GraphModule):
     def code_version(self) -> int:
         """A counter bumped by every :meth:`recompile`: code cached from this module (a region's
         ``forward``, a variant built from its graph) is current while the counter is unchanged."""
-        return self.__dict__.get("_lora_fx_code_version", 0)
+        return self.__dict__.get(CODE_VERSION_ATTR, 0)
 
     def _lora_fx_stale(self) -> bool:
         return type(self).forward is _lazy_forward

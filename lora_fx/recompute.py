@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as _checkpoint
 from torch import Tensor, nn
 
+from .producers import TAG, recompute_tagged, tag_spec
+
 __all__ = ["down", "recompute_point", "PRODUCERS", "POINT_TARGETS", "module_kind"]
 
 #: producer kinds whose backward keeps every tensor input that requires grad: recomputing their
@@ -44,6 +46,8 @@ PRODUCERS = {
     "layer_norm": lambda u, w, b, normalized_shape, eps: F.layer_norm(u, normalized_shape, w, b, eps),
     "rms_norm": lambda u, w, normalized_shape, eps: F.rms_norm(u, normalized_shape, w, eps),
     "mul": lambda a, b: torch.mul(a, b),
+    # a norm module called by the model's own Python (lora_fx.producers): its forward on u again
+    "tagged": lambda u, tag: recompute_tagged(u, tag),
 }
 
 
@@ -173,10 +177,12 @@ def _recomputable(x: Tensor, lora_A: Tensor, remat: tuple | None) -> tuple | Non
     """``(kind, inputs, kwargs)`` to recompute ``x`` from in backward, or None for the plain form."""
     # torch.func transforms (grad, vmap, jacrev: per-sample gradients) refuse an autograd.Function
     # without setup_context/vmap rules, and forward-mode AD one without jvp: those run the plain expression
-    if (remat is None or torch.compiler.is_compiling() or not torch.is_grad_enabled()
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
             or not (x.requires_grad or lora_A.requires_grad) or torch._C._are_functorch_transforms_active()
             or _forward_ad._current_level >= 0):
         return None
+    if remat is None:  # no producer in the graph: one tagged by the model's own code, if any
+        return tag_spec(x) if TAG in x.__dict__ else None
     kind, inputs, kwargs = remat
     if "module" in kwargs:  # a leaf module producer: its weights and attributes as they are now
         found = _module_inputs(kind, kwargs["module"], inputs[0])

@@ -20,18 +20,23 @@ plug in.  Another kind (a class forward called with some parameters substituted)
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
-from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, KEPT_ATTR, LEFT_OUT_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR,
-                    REGION_ATTR, region_of)
+from .graph_module import CODE_VERSION_ATTR
+from .producers import remove_producer_tags_
+from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, INFERENCE_ATTR, KEPT_ATTR, LEFT_OUT_ATTR,
+                    OWNS_WEIGHTS_ATTR, POLICY_ATTR, REGION_ATTR, region_of)
 
 __all__ = ["InstanceForward", "RegionForward", "install_region_", "unregistered_holder", "set_unregistered_holder_",
            "strip_regions_"]
 
 _FORWARD = "forward"
+#: class forward → its signature without ``self`` (signatures are immutable)
+_SIGNATURES: "weakref.WeakKeyDictionary[Callable[..., Any], inspect.Signature]" = weakref.WeakKeyDictionary()
 
 
 class InstanceForward:
@@ -52,8 +57,12 @@ class InstanceForward:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        sig = inspect.signature(type(self.__self__).forward)
-        return sig.replace(parameters=list(sig.parameters.values())[1:])
+        fn = type(self.__self__).forward
+        sig = _SIGNATURES.get(fn)
+        if sig is None:  # HF's generate reads it on every call: computed once per class forward
+            sig = inspect.signature(fn)
+            sig = _SIGNATURES[fn] = sig.replace(parameters=list(sig.parameters.values())[1:])
+        return sig
 
     def __reduce__(self):
         return (type(self), (self.__self__,))
@@ -77,20 +86,38 @@ class RegionForward(InstanceForward):
         self._gm = None
         self._version = -1
         self._code: Callable[..., Any] | None = None
+        self._infer: Any = None  # the inference cache's variant of this region (see lora_fx.inference)
 
     def __call__(self, *args, **kwargs):
         module = self.__self__
         gm = module.__dict__[REGION_ATTR]
         if torch.compiler.is_compiling():  # no cache to guard on: the code itself is traced
             return self.select(gm)(module, *args, **kwargs)
-        if gm is not self._gm or gm.code_version != self._version:
+        if gm is not self._gm or gm.__dict__.get(CODE_VERSION_ATTR, 0) != self._version:  # gm.code_version, inlined
             self._refresh(gm)
+        infer = self._infer
+        if infer is not None and not torch.is_grad_enabled() and (infer.check is None or infer.check()):
+            if kwargs:
+                return infer.code(module, *args, _lora_fx_cache=infer.slots, **kwargs)
+            return infer.code(module, *args, infer.slots)
         return self._code(module, *args, **kwargs)
 
     def _refresh(self, gm: fx.GraphModule) -> None:
         if gm._lora_fx_stale():
             gm._lora_fx_compile()
         self._gm, self._version, self._code = gm, gm.code_version, self.select(gm)
+        cache = self.__self__.__dict__.get(INFERENCE_ATTR)
+        self._release()
+        self._infer = None if cache is None else cache.variant(self.__self__, gm)
+
+    def invalidate(self) -> None:
+        """Look the region's code (and its inference variant) up again on the next call."""
+        self._release()
+        self._gm, self._version, self._code, self._infer = None, -1, None, None
+
+    def _release(self) -> None:
+        if self._infer is not None:  # its merged weights go now, not when a reference cycle is collected
+            self._infer.release()
 
     def select(self, gm: fx.GraphModule) -> Callable[..., Any]:
         """The function run as the module's forward, ``fn(module, *args, **kwargs)``: the region's
@@ -128,8 +155,9 @@ def set_unregistered_holder_(owner: nn.Module, holder: nn.ModuleDict | None) -> 
 
 def strip_regions_(root: nn.Module) -> nn.Module:
     """Give every module under ``root`` back its class forward: drop regions (and the tensor
-    constants torch.fx stored on their modules), instance ``forward`` s, kept-module notes,
-    unregistered adapter references and the root's lora_fx attributes.  Adapters must have been removed from the records' owners first (their registered
+    constants torch.fx stored on their modules), instance ``forward`` s, kept-module notes, the
+    inference cache, producer-tag hooks, unregistered adapter references and the root's lora_fx
+    attributes.  Adapters must have been removed from the records' owners first (their registered
     holders are the records' business).  Returns ``root``."""
     for m in root.modules():
         d = m.__dict__
@@ -138,10 +166,12 @@ def strip_regions_(root: nn.Module) -> nn.Module:
             if name.startswith("_tensor_constant") and d.get(name) is gm.__dict__[name]:
                 del d[name]
         d.pop(KEPT_ATTR, None)
+        d.pop(INFERENCE_ATTR, None)
         if isinstance(d.get(_FORWARD), InstanceForward):
             del d[_FORWARD]
         if unregistered_holder(m) is not None:
             del d[ADAPTER_ATTR]
+    remove_producer_tags_(root)
     for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, LEFT_OUT_ATTR):
         root.__dict__.pop(attr, None)
     return root

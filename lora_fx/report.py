@@ -16,8 +16,8 @@ from . import weights
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
-from .state import (KEPT_ATTR, STACKS_META, adapter_names, capture_of, frontend_of, is_adapted, is_adapter_path,
-                    iter_adapters, left_out, region_of, regions, sites)
+from .state import (INFERENCE_ATTR, KEPT_ATTR, STACKS_META, adapter_names, capture_of, frontend_of, is_adapted,
+                    is_adapter_path, iter_adapters, left_out, region_of, regions, sites)
 
 __all__ = ["summary", "SiteSummary", "draw"]
 
@@ -50,6 +50,8 @@ class SiteSummary:
             (:func:`lora_fx.left_out`), with the keys ``param``, ``adapter``, ``shape``, ``op``,
             ``reason`` and ``by_user`` (left out by the user's own ``targets`` / ``exclude``);
             those in ``not_captured`` are printed there only.
+        inference_cache_bytes: bytes of merged weights the inference cache holds
+            (:func:`lora_fx.inference_cache_`), or None while it is off.
     """
 
     rows: tuple[dict, ...]
@@ -59,6 +61,7 @@ class SiteSummary:
     captured: tuple[dict, ...] = ()
     not_captured: tuple[dict, ...] = ()
     left_out: tuple[dict, ...] = ()
+    inference_cache_bytes: Optional[int] = None
 
     def __str__(self) -> str:
         out = _table(_COLUMNS, [[_fmt(k, r[k]) for k in _COLUMNS] for r in self.rows], right_from=4)
@@ -81,6 +84,9 @@ class SiteSummary:
             out += ["", f"left out ({len(rest)}):"]
             out += [f"  {e['param']} ({'x'.join(str(d) for d in e['shape'])}, adapter {e['adapter']!r}): {e['reason']}"
                     for e in rest]
+        if self.inference_cache_bytes is not None:
+            out += ["", f"inference cache: on, {self.inference_cache_bytes / 2**20:.2f} MiB of merged weights "
+                        "(lora_fx.inference_cache_(model, enabled=False) frees it)"]
         return "\n".join(out)
 
 
@@ -114,6 +120,11 @@ def _fmt(key: str, value) -> str:
     if key in ("active", "enabled"):
         return "yes" if value else "no"
     return str(value)
+
+
+def _cache_bytes(gm: nn.Module) -> Optional[int]:
+    cache = gm.__dict__.get(INFERENCE_ATTR)
+    return None if cache is None else cache.nbytes
 
 
 def _capture_of_site(gm: nn.Module, param: str) -> str:
@@ -178,7 +189,8 @@ def summary(gm: nn.Module, *, show: bool = True) -> SiteSummary:
     result = SiteSummary(rows=tuple(rows), total_params=total,
                          adapter_params=sum(p.numel() for _, _, m in iter_adapters(gm) for p in m.parameters()),
                          trainable_params=sum(p.numel() for p in gm.parameters() if p.requires_grad),
-                         captured=captured, not_captured=missing, left_out=skipped)
+                         captured=captured, not_captured=missing, left_out=skipped,
+                         inference_cache_bytes=_cache_bytes(gm))
     if show:
         print(result)
     return result

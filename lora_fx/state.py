@@ -118,6 +118,9 @@ FRONTEND_ATTR = "_lora_fx_frontend"
 #: Key in a module's ``__dict__`` (outside ``_modules``): the region ``GraphModule`` whose code runs
 #: as the module's ``forward`` (:class:`lora_fx.regions.RegionForward`).
 REGION_ATTR = "_lora_fx_region"
+#: Key in the ``__dict__`` of the root and of every region while the opt-in inference cache is on:
+#: the model's :class:`lora_fx.inference.InferenceCache` (merged weights for ``no_grad`` calls).
+INFERENCE_ATTR = "_lora_fx_inference_cache"
 #: Key in the ``__dict__`` of a module the regions front-end kept as its own Python: why (one line).
 KEPT_ATTR = "_lora_fx_kept"
 #: Key of a region's ``.meta``: the paths (relative to the region) of children kept as leaves.

@@ -33,7 +33,7 @@ from .route_quantized import unroute_quantized_
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
     from lora_fx.adapters.module import LoraAdapter
 
-__all__ = ["fold_graph_modules", "fold_regions", "folded_weight"]
+__all__ = ["fold_graph_modules", "fold_regions", "folded_weight", "fold_update"]
 
 
 def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], dtype: Optional[torch.dtype] = None, *,
@@ -55,14 +55,7 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], dtype: Opti
     """
 
     def update(out: torch.Tensor) -> torch.Tensor:  # out: dequantized W, float32 or wider
-        compute = out.dtype
-        with torch.no_grad():
-            for a in adapters:
-                if getattr(a, "use_dora", False):  # DoRA: the same function the graph calls, in fp32
-                    out = ops.dora_merge(out, a.lora_A.detach().to(compute), a.lora_B.detach().to(compute),
-                                         a.scaling.to(compute), a.lora_magnitude.detach().to(compute), a.base_scaling)
-                    continue
-                out = out + a.delta_weight(dtype=compute).detach()  # fused: exact zeros on disabled rows
+        out = fold_update(out, adapters)
         if not torch.isfinite(out).all():
             bad = [f"lora_A/lora_B of rank {a.rank}" for a in adapters
                    if not all(bool(torch.isfinite(p).all()) for p in a.parameters())]
@@ -74,6 +67,21 @@ def folded_weight(weight: torch.Tensor, adapters: list[LoraAdapter], dtype: Opti
         return out
 
     return weights.fold_into(weight, update, dtype)
+
+
+def fold_update(out: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Tensor:
+    """``out + Σ ΔW`` in ``out``'s dtype (float32 or wider), the adapters in order, no autograd: the
+    sum :func:`folded_weight` rounds once (the inference cache computes its merged weights with it,
+    so they equal the folded model's bit for bit)."""
+    compute = out.dtype
+    with torch.no_grad():
+        for a in adapters:
+            if getattr(a, "use_dora", False):  # DoRA: the same function the graph calls, in fp32
+                out = ops.dora_merge(out, a.lora_A.detach().to(compute), a.lora_B.detach().to(compute),
+                                     a.scaling.to(compute), a.lora_magnitude.detach().to(compute), a.base_scaling)
+                continue
+            out = out + a.delta_weight(dtype=compute).detach()  # fused: exact zeros on disabled rows
+    return out
 
 
 def _requantized(weight: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, dict]:

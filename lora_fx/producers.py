@@ -1,0 +1,134 @@
+"""Producer tags: adapter-input recomputation across the model's own Python.
+
+On a model that kept its class, a projection's input often comes from a norm module called by the
+model's own code (a Hugging Face decoder layer calls ``input_layernorm`` and hands its output to
+``q_proj``, ``k_proj`` and ``v_proj``; ``post_attention_layernorm`` feeds the MLP region).  No graph
+holds both, so the static match of :mod:`lora_fx.passes.match_recompute` cannot see it.  A *tag*
+carries the producer across instead: a forward hook on the norm module records, on its output ``x``,
+``(u, module, x._version, autocast state)`` (``u`` its input).  A factored linear site whose input
+has no static spec looks the tag up (:func:`tag_spec`) and, when it is valid, keeps ``u`` (which the
+norm's own backward keeps anyway) instead of ``x``, recomputing ``x = module.forward(u)`` in backward
+under the recorded autocast state.  The sites reading one output share one recomputation (a cell
+in the tag: computed by the first backward that needs it, dropped by the last).
+
+A tag is used only when it cannot change a gradient: grad mode on, not compiling, no functorch
+transform or forward-mode AD active (the checks of :func:`lora_fx.recompute.down`), ``x`` unchanged
+in place since the norm made it (version counter), the hook the only forward hook of the module,
+and the module's parameters unchanged in place by backward time (checked; an error like autograd's
+otherwise).  The producers are norm modules whose class forward is a pure function of one tensor
+and their 1-D parameters (checked once per class by tracing it with torch.fx: no random, in-place or
+module-calling op, no ``training`` read).  ``fold`` removes the hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import fx, nn
+
+__all__ = ["TAG", "tag_hook", "is_producer", "install_producer_tags_", "remove_producer_tags_", "tag_spec",
+           "recompute_tagged"]
+
+#: Attribute set on a producer's output tensor.
+TAG = "_lora_fx_producer"
+_PURE: dict[type, bool] = {}
+_IMPURE_NAMES = ("dropout", "rand", "bernoulli", "normal", "uniform", "training")
+
+
+def _pure_class(cls: type, m: nn.Module) -> bool:
+    """Whether ``cls.forward`` traces (torch.fx) to a function of one tensor and the module's own
+    parameters and constants: no module call, no in-place method, no random op, no ``training`` read."""
+    if cls in _PURE:
+        return _PURE[cls]
+    ok = False
+    try:
+        g = fx.symbolic_trace(m).graph
+        phs = [n for n in g.nodes if n.op == "placeholder"]
+        ok = len(phs) == 1 and not phs[0].args
+        for n in g.nodes:
+            name = str(getattr(n.target, "__name__", n.target)).lower()
+            if n.op == "call_module" or any(w in name for w in _IMPURE_NAMES):
+                ok = False
+            if n.op == "call_method" and name.endswith("_") and not name.endswith("__"):
+                ok = False
+            if n.op == "call_function" and name.endswith("_") and not name.endswith("__"):
+                ok = False
+    except Exception:  # not traceable: not a producer
+        ok = False
+    _PURE[cls] = ok
+    return ok
+
+
+def is_producer(m: nn.Module) -> bool:
+    """A norm module (``nn.LayerNorm``, ``nn.RMSNorm``, or a class named ``*RMSNorm`` / ``*LayerNorm``)
+    without children, with only 1-D parameters, whose forward is pure (see :func:`_pure_class`)."""
+    if list(m.children()) or any(p.ndim != 1 for p in m.parameters()) or list(m.buffers()):
+        return False
+    name = type(m).__name__
+    if not (isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or name.endswith(("RMSNorm", "LayerNorm"))):
+        return False
+    return _pure_class(type(m), m)
+
+
+def tag_hook(module: nn.Module, args: tuple, out) -> None:
+    """Forward hook: tag ``out`` with its producer (eager training only; see the module docstring)."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or len(args) != 1
+            or type(out) is not torch.Tensor or type(args[0]) is not torch.Tensor or out is args[0]
+            or not out.requires_grad or len(module._forward_hooks) != 1):
+        return None
+    dev = out.device.type
+    params = tuple(module.parameters())
+    out.__dict__[TAG] = (args[0], module, out._version, params, tuple(p._version for p in params),
+                         (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)), {"n": 0})
+    return None
+
+
+def install_producer_tags_(root: nn.Module) -> nn.Module:
+    """Register :func:`tag_hook` on every producer module under ``root`` (once); returns ``root``."""
+    for m in root.modules():
+        if is_producer(m) and not any(h is tag_hook for h in m._forward_hooks.values()):
+            m.register_forward_hook(tag_hook)
+    return root
+
+
+def remove_producer_tags_(root: nn.Module) -> nn.Module:
+    """Remove :func:`tag_hook` from every module under ``root``; returns ``root``."""
+    for m in root.modules():
+        for key in [k for k, h in m._forward_hooks.items() if h is tag_hook]:
+            del m._forward_hooks[key]
+    return root
+
+
+def tag_spec(x: torch.Tensor) -> Optional[tuple]:
+    """``("tagged", (u,), {"tag": tag})`` when ``x`` is a producer's output, unchanged since, and
+    both it and the producer's input need a gradient; else None.  Counts one more consumer."""
+    tag = x.__dict__.get(TAG)
+    if tag is None:
+        return None
+    u, _, version = tag[0], tag[1], tag[2]
+    if x._version != version or not x.requires_grad or not u.requires_grad:
+        return None
+    tag[6]["n"] += 1
+    return "tagged", (u,), {"tag": tag}
+
+
+def recompute_tagged(u: torch.Tensor, tag: tuple) -> torch.Tensor:
+    """The producer's output again, from its input ``u`` (shared by the sites that read it when
+    recomputed without grad; the last consumer drops it)."""
+    _, module, _, params, versions, (dev, enabled, dtype), cell = tag
+    if any(p._version != v for p, v in zip(params, versions)):
+        raise RuntimeError(f"a parameter of {type(module).__name__} was modified in place after the forward "
+                           "pass; its output cannot be recomputed for the LoRA gradient (as autograd would "
+                           "refuse a modified saved tensor)")
+    shared = not torch.is_grad_enabled()  # create_graph=True recomputes differentiably, per site
+    x = cell.get("x") if shared else None
+    if x is None:
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            x = type(module).forward(module, u)
+        if shared:
+            cell["x"] = x
+    cell["n"] -= 1
+    if cell["n"] <= 0:
+        cell.pop("x", None)
+    return x

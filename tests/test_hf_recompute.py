@@ -1,0 +1,143 @@
+"""Adapter-input recomputation across a Hugging Face model's own Python (producer tags): the norm
+outputs feeding q/k/v and gate/up are recomputed in backward instead of kept, gradients bit for bit
+those without tags, and every condition under which a tag must not be used is honoured."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lora_fx
+import lora_fx.recompute as rc
+from lora_fx.producers import TAG, remove_producer_tags_, tag_spec
+
+from _hf import inputs, targets, tiny
+from _reference import randomize_
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture
+def recomputes(monkeypatch):
+    """Counts the sites that recomputed a tagged input in backward."""
+    calls = {"n": 0}
+    orig = rc.PRODUCERS["tagged"]
+
+    def counted(u, tag):
+        calls["n"] += 1
+        return orig(u, tag)
+
+    monkeypatch.setitem(rc.PRODUCERS, "tagged", counted)
+    return calls
+
+
+def _pair(name="llama", dtype=torch.float32):
+    on = randomize_(lora_fx.transform(tiny(name).to(dtype), rank=4, targets=targets(name)), scale=0.2)
+    return on, remove_producer_tags_(copy.deepcopy(on))
+
+
+def _grads(model, x, **backward):
+    model.zero_grad(set_to_none=True)
+    model(**x, labels=x["input_ids"]).loss.backward(**backward)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _saved_bytes(model, x) -> int:
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**x, labels=x["input_ids"]).loss
+    return sum(seen.values())
+
+
+def _assert_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_outputs_recomputed_bitwise(recomputes, dtype):
+    on, off = _pair(dtype=dtype)
+    x = inputs("llama")
+    _assert_equal(_grads(on, x), _grads(off, x))
+    # layer 1's q/k/v (layer 0's norm input is the frozen embedding: no gradient, nothing to recompute)
+    # and both layers' gate/up: 7 sites reading 3 norm outputs of 2×8×64
+    assert recomputes["n"] == 7
+    act = 2 * 8 * 64
+    # fp32: the 3 norm outputs are no longer kept; bf16 (fp32 adapters): the 7 sites' fp32 copies of
+    # their input are not kept, the 3 norms' bf16 inputs are (the norm's backward keeps an fp32 copy)
+    saving = 3 * act * 4 if dtype == torch.float32 else 7 * act * 4 - 3 * act * 2
+    assert _saved_bytes(off, x) - _saved_bytes(on, x) == saving
+    assert not any(len(m._forward_hooks) for m in lora_fx.fold(on).modules())  # fold removes the tags
+
+
+def test_autocast_checkpointing_and_create_graph(recomputes):
+    on, off = _pair()
+    x = inputs("llama")
+    eager_on, eager_off = (randomize_(lora_fx.transform(tiny("llama", attn_implementation="eager"), rank=4,
+                                                        targets=targets("llama")), scale=0.2) for _ in range(2))
+    remove_producer_tags_(eager_off)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the norm's autocast state is recorded with the tag
+        _assert_equal(_grads(on, x), _grads(off, x))
+    assert recomputes["n"] == 7
+    for m in (on, off):
+        m.gradient_checkpointing_enable()
+        m.train()
+    _assert_equal(_grads(on, x), _grads(off, x))       # recomputed layers tag again in their second forward
+    for m in (on, off):
+        m.gradient_checkpointing_disable()
+    second = {}
+    for key, m in (("on", eager_on), ("off", eager_off)):  # create_graph (SDPA has no double backward)
+        loss = m(**x, labels=x["input_ids"]).loss
+        params = [p for p in m.parameters() if p.requires_grad]
+        gs = torch.autograd.grad(loss, params, create_graph=True)
+        second[key] = torch.autograd.grad(sum((g * g).sum() for g in gs), params)
+    for a, b in zip(second["on"], second["off"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_no_tag_when_it_could_change_a_gradient(recomputes):
+    on, off = _pair()
+    x = inputs("llama")
+    norm = on.model.layers[1].input_layernorm
+    u = torch.randn(2, 3, 64, requires_grad=True)
+    out = norm(u)
+    assert tag_spec(out) is not None
+    out.add_(0)                                          # changed in place after the norm: no recompute
+    assert tag_spec(out) is None
+    with torch.no_grad():
+        assert TAG not in norm(u).__dict__               # no_grad: no tag
+    seen = []
+    handles = [m.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.append(1))
+               for m in (on, off)]                      # another hook might change the output: no tag there
+    before = recomputes["n"]
+    _assert_equal(_grads(on, x), _grads(off, x))
+    assert recomputes["n"] - before == 5 and len(seen) == 2
+    for h in handles:
+        h.remove()
+    loss = on(**x, labels=x["input_ids"]).loss
+    with torch.no_grad():
+        norm.weight.mul_(2)                              # a producer parameter changed before backward
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
+def test_compiled_layer_takes_no_tag(recomputes):
+    on, off = _pair()
+    x = inputs("llama")
+    expected = _grads(on, x)
+    n = recomputes["n"]
+    for m in (on,):
+        for layer in m.model.layers:
+            layer.compile(backend="eager")
+    got = _grads(on, x)
+    assert recomputes["n"] == n                          # under compile the tags stay off
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
