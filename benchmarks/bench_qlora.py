@@ -61,6 +61,9 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 VARIANTS = ["lora_fx bf16", "lora_fx torchao-nf4", "lora_fx bnb-nf4", "peft bnb-nf4", "peft bf16"]
 FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
             num_key_value_heads=8, vocab_size=4096, seq=128, batch=1)
+#: ``--size large``: a model whose weights dominate the process (1.5 GB in bf16 against ~0.45 GB of libraries).
+LARGE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+             num_key_value_heads=8, vocab_size=4096, seq=128, batch=1)
 QUICK = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=256, seq=16, batch=1)
 
@@ -211,11 +214,12 @@ def one_memory(variant: str, cfg: dict, path: str, steps: int) -> dict:
             "tensor_peak_mib": (state + peak) / 2**20}
 
 
-def section_memory(cfg, path, steps: int, quick: bool, variants: list[str]) -> dict:
+def section_memory(cfg, path, steps: int, quick: bool, variants: list[str], size: str = "default") -> dict:
     out = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
     for v in variants:
-        cmd = [sys.executable, __file__, "--one-memory", v, "--memory-steps", str(steps)] + (["--quick"] if quick else [])
+        cmd = ([sys.executable, __file__, "--one-memory", v, "--memory-steps", str(steps), "--size", size]
+               + (["--quick"] if quick else []))
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
         if res.returncode != 0 or not lines:
@@ -330,9 +334,11 @@ def main(argv=None) -> dict:
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lora_fx_bench_qlora"))
     p.add_argument("--json", default=None)
+    p.add_argument("--size", choices=("default", "large"), default="default",
+                   help="model size: default hidden 1024 x 8 layers; large hidden 2048 x 16 layers, intermediate 5632")
     p.add_argument("--one-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = QUICK if args.quick else LARGE if args.size == "large" else FULL
     path = checkpoint(cfg, args.cache)
     if args.one_memory:  # the child process of the memory section
         print(json.dumps(one_memory(args.one_memory, cfg, path, args.memory_steps)))
@@ -346,7 +352,7 @@ def main(argv=None) -> dict:
                       "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__,
                       "transformers": transformers.__version__}}
     if "memory" in sections:  # first: fresh processes, before this one holds five models
-        res["memory"] = section_memory(cfg, path, args.memory_steps, args.quick, variants)
+        res["memory"] = section_memory(cfg, path, args.memory_steps, args.quick, variants, args.size)
     if sections & {"bytes", "time"}:
         models = {v: build(v, path) for v in variants}
         if "bytes" in sections:
