@@ -197,10 +197,7 @@ import torch
 torch.set_num_threads({threads})
 import benchmarks.bench_hf as b
 args = b.parse_args({argv!r})
-def rss():
-    with open("/proc/self/status") as f:
-        d = dict(l.split(":", 1) for l in f)
-    return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
+from benchmarks.memory import reset_peak, rss
 base = b.llama(args, args.layers)
 model = b.TRAIN_VARIANTS[{name!r}](base, args)
 ids = b.batch(args)
@@ -208,8 +205,7 @@ del base
 import gc; gc.collect()
 step = b.train_step_fn(model, ids)
 before, _ = rss()
-with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark
-    f.write("5")
+reset_peak()  # the high-water mark from here
 for _ in range({steps}):
     step()
 _, peak = rss()

@@ -117,13 +117,9 @@ m, params = b.build({variant!r}, {experts}, {impl!r}, args)
 x = b.inputs(args)
 step = b.step_fn(m, params, x)
 import gc; gc.collect()
-def rss():
-    with open("/proc/self/status") as f:
-        d = dict(l.split(":", 1) for l in f)
-    return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
+from benchmarks.memory import reset_peak, rss
 before, _ = rss()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
+reset_peak()  # the high-water mark from here
 step()
 _, peak = rss()
 print(json.dumps({{"above_model_mib": (peak - before) / 2**20}}))

@@ -244,10 +244,7 @@ import torch
 torch.set_num_threads({threads})
 import benchmarks.bench_train as b
 args = b.parse_args({argv!r})
-def rss():
-    with open("/proc/self/status") as f:
-        d = dict(l.split(":", 1) for l in f)
-    return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
+from benchmarks.memory import reset_peak, rss
 base, variants = b.build_variants({kind!r}, args)
 model = variants[{name!r}]()
 if {compiled!r}:
@@ -262,8 +259,7 @@ for p in model.parameters():
 step = b._train_step_fn(model, x, loss_fn)
 gc.collect()
 before, _ = rss()
-with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark
-    f.write("5")
+reset_peak()  # the high-water mark from here
 for _ in range({steps}):
     step()
 _, peak = rss()
