@@ -22,13 +22,12 @@ from typing import Iterable
 from torch import nn
 
 from . import weights
+from .state import QUANT_FLAG_ATTR
 
 __all__ = ["mark_adapted_", "after_fold_"]
 
 #: What transformers records on a model it quantized while loading.
 _RECORD_ATTRS = ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit")
-#: Marks an adapted copy whose ``is_quantized`` :func:`mark_adapted_` cleared.
-_CLEARED = "_lora_fx_was_quantized"
 
 
 def mark_adapted_(root: nn.Module) -> nn.Module:
@@ -39,7 +38,7 @@ def mark_adapted_(root: nn.Module) -> nn.Module:
     that is still quantized."""
     if root.__dict__.get("is_quantized") is True:
         root.__dict__["is_quantized"] = False
-        root.__dict__[_CLEARED] = True
+        root.__dict__[QUANT_FLAG_ATTR] = True
     return root
 
 
@@ -51,7 +50,7 @@ def after_fold_(folded: nn.Module, folded_params: Iterable[str]) -> nn.Module:
     layer whose weight was folded to float (``folded_params``: parameter names) is added to the
     config's skipped modules (``llm_int8_skip_modules`` for bitsandbytes, ``modules_to_not_convert``
     for the other schemes), so ``from_pretrained`` keeps it a float layer."""
-    cleared = folded.__dict__.pop(_CLEARED, False)
+    cleared = folded.__dict__.pop(QUANT_FLAG_ATTR, False)
     config = getattr(folded, "config", None)
     qc = getattr(config, "quantization_config", None) if config is not None else None
     if all(weights.is_plain(p) for p in folded.parameters()):

@@ -90,7 +90,7 @@ __all__ = [
     "STATE_ATTR", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR", "ADAPTER_ATTR", "FRONTEND_META", "FRONTEND_ATTR",
     "REGION_ATTR", "KEPT_ATTR", "CAPTURE_META", "FOLD_META", "FOLD_ATTR", "REQUANT_ERROR", "LEAF_ATTR",
     "PISSA_BUFFERS", "FILE_META", "TRAINABLE_ATTR", "BUFFERS_ATTR", "WRAPPER_PARTS", "unwrap", "plain_name",
-    "adapter_modules", "trainable_params", "record_trainable_", "POLICY_ATTR", "LEFT_OUT_ATTR",
+    "adapter_modules", "trainable_params", "record_trainable_", "POLICY_ATTR", "LEFT_OUT_ATTR", "QUANT_FLAG_ATTR",
     "regions", "graph_modules", "region_of", "capture_of", "frontend_of", "record_frontend_", "is_root",
     "ROUTE_ATTR", "ROUTE_BUFFER", "RouteState", "STACKS_META",
     "AdapterRecord", "GraphState", "LeftOut", "left_out", "record_left_out_", "policy_of", "state_of", "is_adapted",
@@ -165,6 +165,9 @@ WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_modul
 POLICY_ATTR = "_lora_fx_target_policy"
 #: Attribute of the root: ``{adapter name: (LeftOut, ...)}``, the weights each adapter leaves out.
 LEFT_OUT_ATTR = "_lora_fx_left_out"
+#: On lora_fx's copy of a quantized transformers model: its ``is_quantized`` flag was cleared
+#: (:func:`lora_fx.hf_quantization.mark_adapted_`), to be set again on a fold that stays quantized.
+QUANT_FLAG_ATTR = "_lora_fx_was_quantized"
 
 
 # ---------------------------------------------------------------------------------------------

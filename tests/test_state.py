@@ -31,7 +31,7 @@ def test_keys_are_spelled_only_in_the_state_module():
             state.FRONTEND_ATTR, state.REGION_ATTR, state.KEPT_ATTR, state.CAPTURE_META, state.REQUANT_ERROR,
             state.FOLD_ATTR,
             *state.PISSA_BUFFERS, state.FILE_META["adapter"], state.FILE_META["config"], state.FILE_META["state"],
-            state.FILE_META["checksums"], state.TRAINABLE_ATTR, state.BUFFERS_ATTR, state.ROUTE_ATTR,
+            state.FILE_META["checksums"], state.TRAINABLE_ATTR, state.BUFFERS_ATTR, state.QUANT_FLAG_ATTR, state.ROUTE_ATTR,
             state.ROUTE_BUFFER, state.STACKS_META]
     pattern = re.compile("|".join(rf"""["']{re.escape(k)}["']""" for k in keys))
     offenders = []
