@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SiteCase", "SITES", "ZOO", "case_ids", "build", "expected_lowering", "TanhMLP"]
+__all__ = ["SiteCase", "SITES", "ZOO", "case_ids", "build", "expected_lowering", "TanhMLP", "CallCounter"]
 
 
 class TanhMLP(nn.Module):
@@ -31,6 +31,18 @@ class TanhMLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class CallCounter(nn.Module):
+    """Python state (a call count) that export bakes in: each call multiplies by the count so far."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.calls
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from torch import nn
 import lora_fx
 from lora_fx.io import load_lora_state, save_lora_state
 
+from _zoo import CallCounter
+
 
 class MLP(nn.Module):
     def __init__(self):
@@ -126,23 +128,11 @@ def _locked():
     return lora_fx.transform(m, rank=2)
 
 
-class PyCounter(nn.Module):
-    """Python state (a call count) in an opaque leaf: export bakes in the count of its trace."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return x * self.calls
-
-
 class WithCounter(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
-        self.inner = PyCounter()
+        self.inner = CallCounter()  # in an opaque leaf: export bakes in the count of its trace
 
     def forward(self, x):
         return self.inner(self.fc(x))

@@ -8,6 +8,7 @@ from torch import nn
 
 import lora_fx
 from _reference import randomize_
+from _zoo import CallCounter
 from lora_fx.errors import ExportFileError, ExportParityError, NotAdaptedError, TraceError
 from _tolerance import assert_close
 
@@ -21,18 +22,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc(self.drop(torch.relu(self.conv(x))).flatten(1))
-
-
-class Counter(nn.Module):
-    """Python state export bakes in: each call multiplies by the call count."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return x * self.calls
 
 
 class Numpyish(nn.Module):
@@ -120,7 +109,7 @@ def test_export_failing_half_way_and_parity_failure_keep_live_model():
         lora_fx.export_folded(gm, (x,), dynamic_shapes=False)
     _unchanged(gm, snap, x, want)
 
-    gm = _adapted(Wrap(Counter()), leaf_modules=["inner"])
+    gm = _adapted(Wrap(CallCounter()), leaf_modules=["inner"])
     with pytest.raises(ExportParityError, match="differs from the eager adapted model"):
         lora_fx.export_folded(gm, (x,), dynamic_shapes=False)
     assert lora_fx.sites(gm)
