@@ -3,21 +3,31 @@
 On a model that kept its class, a projection's input often comes from a norm module called by the
 model's own code (a Hugging Face decoder layer calls ``input_layernorm`` and hands its output to
 ``q_proj``, ``k_proj`` and ``v_proj``; ``post_attention_layernorm`` feeds the MLP region).  No graph
-holds both, so the static match of :mod:`lora_fx.passes.match_recompute` cannot see it.  A *tag*
-carries the producer across instead: a forward hook on the norm module records, on its output ``x``,
-``(u, module, x._version, autocast state)`` (``u`` its input).  A factored linear site whose input
-has no static spec looks the tag up (:func:`tag_spec`) and, when it is valid, keeps ``u`` (which the
-norm's own backward keeps anyway) instead of ``x``, recomputing ``x = module.forward(u)`` in backward
-under the recorded autocast state.  The sites reading one output share one recomputation (a cell
-in the tag: computed by the first backward that needs it, dropped by the last).
+holds both, so the static match of :mod:`lora_fx.passes.match_recompute` cannot see it.  The norm's
+instance ``forward`` (:class:`ProducerForward`, set on the adapted copy's norms) carries the producer
+across instead.
+
+* **Eager training**: the forward tags its output ``x`` with ``(u, module, x._version, autocast
+  state)`` (``u`` its input).  A factored linear site whose input has no static spec looks the tag up
+  (:func:`tag_spec`) and, when it is valid, keeps ``u`` (which the norm's own backward keeps anyway)
+  instead of ``x``, recomputing ``x = type(module).forward(module, u)`` in backward under the
+  recorded autocast state.  The sites reading one output share one recomputation (a cell in the
+  tag: computed by the first backward that needs it, dropped by the last).
+* **Under torch.compile** (grad enabled, not exporting): the forward runs under
+  ``torch.utils.checkpoint``, so AOTAutograd's partitioner recomputes ``x`` in backward from ``u``
+  instead of saving it for the adapters (as :func:`lora_fx.recompute.recompute_point` does for a
+  producer inside a graph).
+* **No grad** (inference, ``generate``): the class forward, nothing else — no hook, so the module
+  keeps ``nn.Module.__call__``'s fast path.
 
 A tag is used only when it cannot change a gradient: grad mode on, not compiling, no functorch
 transform or forward-mode AD active (the checks of :func:`lora_fx.recompute.down`), ``x`` unchanged
-in place since the norm made it (version counter), the hook the only forward hook of the module,
-and the module's parameters unchanged in place by backward time (checked; an error like autograd's
-otherwise).  The producers are norm modules whose class forward is a pure function of one tensor
-and their 1-D parameters (checked once per class by tracing it with torch.fx: no random, in-place or
-module-calling op, no ``training`` read).  ``fold`` removes the hooks.
+in place since the norm made it (version counter; a forward hook that returns another tensor hands
+on an untagged one), and the module's parameters unchanged in place by backward time (checked; an
+error like autograd's otherwise).  The producers are norm modules whose class forward is a pure
+function of one tensor and their 1-D parameters (checked once per class by tracing it with torch.fx:
+no random, in-place or module-calling op, no ``training`` read) and that have no instance
+``forward`` of their own.  ``fold`` removes the forwards.
 """
 
 from __future__ import annotations
@@ -25,9 +35,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint as _checkpoint
 from torch import fx, nn
 
-__all__ = ["TAG", "tag_hook", "is_producer", "install_producer_tags_", "remove_producer_tags_", "tag_spec",
+from .instance_forward import InstanceForward
+
+__all__ = ["TAG", "ProducerForward", "is_producer", "install_producer_tags_", "remove_producer_tags_", "tag_spec",
            "recompute_tagged"]
 
 #: Attribute set on a producer's output tensor.
@@ -62,8 +75,10 @@ def _pure_class(cls: type, m: nn.Module) -> bool:
 
 def is_producer(m: nn.Module) -> bool:
     """A norm module (``nn.LayerNorm``, ``nn.RMSNorm``, or a class named ``*RMSNorm`` / ``*LayerNorm``)
-    without children, with only 1-D parameters, whose forward is pure (see :func:`_pure_class`)."""
-    if list(m.children()) or any(p.ndim != 1 for p in m.parameters()) or list(m.buffers()):
+    without children, with only 1-D parameters and no instance ``forward``, whose class forward is
+    pure (see :func:`_pure_class`)."""
+    if (list(m.children()) or any(p.ndim != 1 for p in m.parameters()) or list(m.buffers())
+            or "forward" in m.__dict__):
         return False
     name = type(m).__name__
     if not (isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or name.endswith(("RMSNorm", "LayerNorm"))):
@@ -71,32 +86,45 @@ def is_producer(m: nn.Module) -> bool:
     return _pure_class(type(m), m)
 
 
-def tag_hook(module: nn.Module, args: tuple, out) -> None:
-    """Forward hook: tag ``out`` with its producer (eager training only; see the module docstring)."""
-    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or len(args) != 1
-            or type(out) is not torch.Tensor or type(args[0]) is not torch.Tensor or out is args[0]
-            or not out.requires_grad or len(module._forward_hooks) != 1):
-        return None
-    dev = out.device.type
-    params = tuple(module.parameters())
-    out.__dict__[TAG] = (args[0], module, out._version, params, tuple(p._version for p in params),
-                         (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)), {"n": 0})
-    return None
+class ProducerForward(InstanceForward):
+    """``module.forward`` of a producer norm: the class forward; in eager training its output is
+    tagged, under ``torch.compile`` with grad it runs as a checkpoint region (see the module docstring)."""
+
+    def __call__(self, *args, **kwargs):
+        module = self.__self__
+        forward = type(module).forward
+        if kwargs or len(args) != 1 or not torch.is_grad_enabled():
+            return forward(module, *args, **kwargs)
+        u = args[0]
+        if torch.compiler.is_compiling():
+            # torch.export keeps the plain call (an exported program holds no checkpoint regions)
+            if torch.compiler.is_exporting() or not isinstance(u, torch.Tensor) or not u.requires_grad:
+                return forward(module, u)
+            return _checkpoint.checkpoint(lambda t: forward(module, t), u, use_reentrant=False,
+                                          preserve_rng_state=False)
+        out = forward(module, u)
+        if type(out) is torch.Tensor and type(u) is torch.Tensor and out is not u and out.requires_grad:
+            dev = out.device.type
+            params = tuple(module.parameters())
+            out.__dict__[TAG] = (u, module, out._version, params, tuple(p._version for p in params),
+                                 (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)), {"n": 0})
+        return out
 
 
 def install_producer_tags_(root: nn.Module) -> nn.Module:
-    """Register :func:`tag_hook` on every producer module under ``root`` (once); returns ``root``."""
+    """Set a :class:`ProducerForward` on every producer module under ``root`` (once); returns ``root``."""
     for m in root.modules():
-        if is_producer(m) and not any(h is tag_hook for h in m._forward_hooks.values()):
-            m.register_forward_hook(tag_hook)
+        if is_producer(m):
+            m.__dict__["forward"] = ProducerForward(m)
     return root
 
 
 def remove_producer_tags_(root: nn.Module) -> nn.Module:
-    """Remove :func:`tag_hook` from every module under ``root``; returns ``root``."""
+    """Give every module under ``root`` with a :class:`ProducerForward` its class forward back;
+    returns ``root``."""
     for m in root.modules():
-        for key in [k for k, h in m._forward_hooks.items() if h is tag_hook]:
-            del m._forward_hooks[key]
+        if isinstance(m.__dict__.get("forward"), ProducerForward):
+            del m.__dict__["forward"]
     return root
 
 

@@ -9,25 +9,21 @@ the graph's generated code with ``self`` bound to the module itself.  ``module(x
 through ``nn.Module.__call__`` (hooks, FSDP2, checkpointing) into the rewritten graph, and
 ``self.weight`` or ``self.lora...`` in that code read the live module.
 
-:class:`InstanceForward` is the base of every ``forward`` lora_fx sets on an instance: it pickles
-by reference to its module, reports the class forward's signature (``inspect.signature``), and
-:func:`strip_regions_` removes it.  :class:`RegionForward` is the one kind that exists; its
-:meth:`RegionForward.select` is where a variant of a region's code (an inference form, say) can
-plug in.  Another kind (a class forward called with some parameters substituted) subclasses
-:class:`InstanceForward`.
+:class:`~lora_fx.instance_forward.InstanceForward` is the base of every ``forward`` lora_fx sets
+on an instance (this one; a class forward called with expert stacks substituted; a norm's producer
+tag): :func:`strip_regions_` removes them all.  :meth:`RegionForward.select` is where a variant of a
+region's code (an inference form, say) can plug in.
 """
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
 from .graph_module import CODE_VERSION_ATTR
-from .producers import remove_producer_tags_
+from .instance_forward import InstanceForward
 from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, INFERENCE_ATTR, KEPT_ATTR, LEFT_OUT_ATTR,
                     OWNS_WEIGHTS_ATTR, POLICY_ATTR, REGION_ATTR, region_of)
 
@@ -35,40 +31,6 @@ __all__ = ["InstanceForward", "RegionForward", "install_region_", "unregistered_
            "strip_regions_"]
 
 _FORWARD = "forward"
-#: class forward → its signature without ``self`` (signatures are immutable)
-_SIGNATURES: "weakref.WeakKeyDictionary[Callable[..., Any], inspect.Signature]" = weakref.WeakKeyDictionary()
-
-
-class InstanceForward:
-    """A callable set as ``module.forward`` (an instance attribute) by lora_fx.
-
-    It holds its module (``__self__``, as a bound method would), pickles and deep-copies by
-    reference to it (``__reduce__``: a copy of the model gets a forward bound to the copied
-    module), and its ``__signature__`` is the class forward's without ``self`` (so
-    ``inspect.signature(module.forward)`` reads as before).  Subclasses define ``__call__``.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.__self__ = module
-
-    @property
-    def module(self) -> nn.Module:
-        return self.__self__
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        fn = type(self.__self__).forward
-        sig = _SIGNATURES.get(fn)
-        if sig is None:  # HF's generate reads it on every call: computed once per class forward
-            sig = inspect.signature(fn)
-            sig = _SIGNATURES[fn] = sig.replace(parameters=list(sig.parameters.values())[1:])
-        return sig
-
-    def __reduce__(self):
-        return (type(self), (self.__self__,))
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} of {type(self.__self__).__name__}>"
 
 
 class RegionForward(InstanceForward):
@@ -155,8 +117,8 @@ def set_unregistered_holder_(owner: nn.Module, holder: nn.ModuleDict | None) -> 
 
 def strip_regions_(root: nn.Module) -> nn.Module:
     """Give every module under ``root`` back its class forward: drop regions (and the tensor
-    constants torch.fx stored on their modules), instance ``forward`` s, kept-module notes, the
-    inference cache, producer-tag hooks, unregistered adapter references and the root's lora_fx
+    constants torch.fx stored on their modules), instance ``forward`` s (producer tags included), kept-module notes, the
+    inference cache, unregistered adapter references and the root's lora_fx
     attributes.  Adapters must have been removed from the records' owners first (their registered
     holders are the records' business).  Returns ``root``."""
     for m in root.modules():
@@ -171,7 +133,6 @@ def strip_regions_(root: nn.Module) -> nn.Module:
             del d[_FORWARD]
         if unregistered_holder(m) is not None:
             del d[ADAPTER_ATTR]
-    remove_producer_tags_(root)
     for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, LEFT_OUT_ATTR):
         root.__dict__.pop(attr, None)
     return root

@@ -12,6 +12,9 @@ placeholder of the variant's code) computes as fold does and keeps while nothing
 from changes.  The variant is what a region runs under ``no_grad`` /
 ``inference_mode`` once the cache is enabled; the region's own graph is not touched.
 
+Producers that became recompute points for the replaced chains are plain calls again in the variant
+(it runs without grad, where a recompute point is the plain call anyway).
+
 A chain is left factored (the variant still computes it exactly, on the factors) when its base op is
 none of the above, when its weight is not a plain attribute of the region (a merge chain, a quantized
 route), for weight-on-left matmuls, and for ops the pass does not know.
@@ -30,6 +33,8 @@ from torch import fx, nn
 
 from lora_fx import ops
 from lora_fx.state import state_of
+
+from .match_recompute import restore_recompute_points_
 
 __all__ = ["CACHE_PLACEHOLDER", "InferencePlan", "inference_graph"]
 
@@ -158,6 +163,8 @@ def inference_graph(gm: fx.GraphModule) -> Optional[InferencePlan]:
         dead.add(base)
     if not plan.sites:
         return None
+    # producers only the replaced chains recomputed: the plain call (the variant runs without grad)
+    restore_recompute_points_(g, ops.DELTA_OPS)
     for n in reversed(list(g.nodes)):  # what only the removed chains read (no general DCE: module calls may be impure)
         if not n.users and (n in dead or n.op == "get_attr" or
                             (n.op == "call_module" and str(n.target) in plan.dropouts)):

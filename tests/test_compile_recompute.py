@@ -2,11 +2,8 @@
 ``recompute_point`` nodes, which run under ``torch.utils.checkpoint`` when Dynamo traces them, so
 AOTAutograd's min-cut partitioner recomputes the inputs in backward instead of saving them.
 
-Compilation is real torch.compile (Dynamo + AOTAutograd, forward and backward) with a fast backend:
-AOTAutograd with the min-cut partitioner Inductor uses, and the partitioned graphs run as they are
-(no Inductor code generation).  The stock ``aot_eager`` backend uses the default partitioner, which
-recomputes nothing, so it could not show the saving.  The saved activations are read from the
-partitioner's output: the backward graph's inputs that are neither parameters nor gradients.
+Compilation is real torch.compile with the fast backend of ``tests/_partitioner.py`` (AOTAutograd and
+the min-cut partitioner Inductor uses, no code generation), which reports the saved activations.
 """
 
 from __future__ import annotations
@@ -16,30 +13,17 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch import fx, nn
-from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch._functorch.aot_autograd import make_boxed_func
-from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import lora_fx
 from lora_fx import ops
 
+from _partitioner import saving_backend
 from _reference import randomize_, reference_call
 from _tolerance import assert_close
 
 
-def _backend(saved: list):
-    """AOTAutograd + min-cut partitioner; appends the saved activation bytes of each compiled graph."""
-
-    def partition(joint, inputs, **kw):
-        fw, bw = min_cut_rematerialization_partition(joint, inputs, **kw)
-        vals = [n.meta.get("val") for n in bw.graph.nodes
-                if n.op == "placeholder" and not n.name.startswith(("tangents", "primals"))]
-        saved.append(sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor)))
-        return fw, bw
-
-    boxed = lambda gm, _: make_boxed_func(gm)  # noqa: E731
-    return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)
+_backend = saving_backend
 
 
 class Block(nn.Module):

@@ -8,12 +8,14 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo
 
 import lora_fx
 import lora_fx.recompute as rc
-from lora_fx.producers import TAG, remove_producer_tags_, tag_spec
+from lora_fx.producers import TAG, ProducerForward, remove_producer_tags_, tag_spec
 
 from _hf import inputs, targets, tiny
+from _partitioner import saving_backend
 from _reference import randomize_
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -75,7 +77,8 @@ def test_norm_outputs_recomputed_bitwise(recomputes, dtype):
     # their input are not kept, the 3 norms' bf16 inputs are (the norm's backward keeps an fp32 copy)
     saving = 3 * act * 4 if dtype == torch.float32 else 7 * act * 4 - 3 * act * 2
     assert _saved_bytes(off, x) - _saved_bytes(on, x) == saving
-    assert not any(len(m._forward_hooks) for m in lora_fx.fold(on).modules())  # fold removes the tags
+    assert not any(isinstance(m.__dict__.get("forward"), ProducerForward)
+                   for m in lora_fx.fold(on).modules())  # fold removes the tags
 
 
 def test_autocast_checkpointing_and_create_graph(recomputes):
@@ -116,10 +119,17 @@ def test_no_tag_when_it_could_change_a_gradient(recomputes):
         assert TAG not in norm(u).__dict__               # no_grad: no tag
     seen = []
     handles = [m.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.append(1))
-               for m in (on, off)]                      # another hook might change the output: no tag there
+               for m in (on, off)]                      # a hook that hands the output on: tag kept
     before = recomputes["n"]
     _assert_equal(_grads(on, x), _grads(off, x))
-    assert recomputes["n"] - before == 5 and len(seen) == 2
+    assert recomputes["n"] - before == 7 and len(seen) == 2
+    for h in handles:
+        h.remove()
+    handles = [m.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, i, o: o * 1.5)
+               for m in (on, off)]                      # a hook that returns another tensor: no tag there
+    before = recomputes["n"]
+    _assert_equal(_grads(on, x), _grads(off, x))
+    assert recomputes["n"] - before == 5
     for h in handles:
         h.remove()
     loss = on(**x, labels=x["input_ids"]).loss
@@ -129,15 +139,28 @@ def test_no_tag_when_it_could_change_a_gradient(recomputes):
         loss.backward()
 
 
-def test_compiled_layer_takes_no_tag(recomputes):
+def test_compiled_layers_recompute_the_norm_outputs(recomputes):
+    """Under torch.compile the norms run as checkpoint regions: the partitioner recomputes their
+    outputs instead of saving them (the saving of the eager tags), gradients as without, no tag used,
+    no graph break, no recompile on a hot-swap."""
     on, off = _pair()
     x = inputs("llama")
-    expected = _grads(on, x)
-    n = recomputes["n"]
-    for m in (on,):
+    expected = _grads(off, x)
+    saved = {}
+    for key, m in (("on", on), ("off", off)):
+        saved[key] = []
         for layer in m.model.layers:
-            layer.compile(backend="eager")
+            layer.compile(backend=saving_backend(saved[key]), fullgraph=True)
+    n = recomputes["n"]
     got = _grads(on, x)
-    assert recomputes["n"] == n                          # under compile the tags stay off
+    assert recomputes["n"] == n                          # the tags stay off: the partitioner recomputes
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    _grads(off, x)
+    act = 2 * 8 * 64 * 4                                 # one fp32 norm output
+    # layer 0: post_attention_layernorm (its input_layernorm reads the frozen embedding: nothing to keep)
+    assert [a - b for a, b in zip(saved["off"], saved["on"])] == [pytest.approx(act, abs=128),
+                                                                   pytest.approx(2 * act, abs=128)]
+    lora_fx.set_scale_(on, 0.5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _grads(on, x)

@@ -66,6 +66,9 @@ def test_cached_equals_folded_and_merges_once(name, dtype):
     with torch.inference_mode():
         assert torch.equal(gm(**x).logits, got)
     assert _cache(gm).misses == n
+    if name == "llama":  # the MLP's variant calls its producer plainly: no recompute point without grad
+        mlp = gm.model.layers[0].mlp.__dict__["forward"]
+        assert not any("recompute_point" in n for n in mlp._infer.code.__code__.co_names)
 
 
 def test_every_invalidation_remerges_exactly_what_changed():
