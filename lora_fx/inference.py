@@ -11,7 +11,9 @@ cache key holds the identity, storage pointer and version counter of ``W`` and o
 ``set_scale_``, enabling or disabling, mixing weights, ``load_state_dict``) bump a version counter,
 ``.data`` swaps and re-assigned tensors change the pointer or identity, and graph rewrites
 (``add_adapter``, ``delete_adapter``, ``set_active_adapters``) rebuild the variant; each costs one
-re-merge on the next call.
+re-merge on the next call.  An in-place write through ``.data`` (``p.data.mul_(2)``) is the one
+change no key can see: PyTorch gives ``p.data`` its own version counter.  Calling
+:func:`inference_cache_` again (or entering :func:`inference_cache`) drops the merged weights.
 
 Grad-enabled calls, ``torch.compile`` (compiled graphs keep the factored form) and adapters whose
 dropout is in training mode run the region's own factored code.  Memory: one merged copy of every
@@ -241,8 +243,9 @@ def inference_cache_(model: nn.Module, *, enabled: bool = True) -> nn.Module:
     Args:
         model: a model from :func:`lora_fx.transform` that kept its class (possibly inside
             ``torch.compile`` / DDP wrappers).
-        enabled: ``True`` to turn on (a no-op when on), ``False`` to turn off and drop the merged
-            weights.
+        enabled: ``True`` to turn on; when it is on already, the merged weights are dropped and
+            merged again on the next call (the way to pick up an in-place write through ``.data``,
+            which no version counter records).  ``False`` to turn off and drop the merged weights.
 
     Returns:
         ``model``.
@@ -255,6 +258,8 @@ def inference_cache_(model: nn.Module, *, enabled: bool = True) -> nn.Module:
     current = root.__dict__.get(INFERENCE_ATTR)
     if enabled and current is None:
         _set(root, InferenceCache())
+    elif enabled:
+        current.clear()
     elif not enabled and current is not None:
         current.clear()
         _set(root, None)
@@ -264,8 +269,8 @@ def inference_cache_(model: nn.Module, *, enabled: bool = True) -> nn.Module:
 @contextlib.contextmanager
 def inference_cache(model: nn.Module) -> Iterator[nn.Module]:
     """``with lora_fx.inference_cache(model): model.generate(...)``: the cache of
-    :func:`inference_cache_` on inside the block; on exit it is freed (unless it was on before).
-    Yields ``model``."""
+    :func:`inference_cache_` on inside the block (merged afresh on entry); on exit it is freed
+    (unless it was on before).  Yields ``model``."""
     root = _root(model, "inference_cache")
     was_on = INFERENCE_ATTR in root.__dict__
     inference_cache_(model, enabled=True)

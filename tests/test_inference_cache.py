@@ -112,6 +112,21 @@ def test_every_invalidation_remerges_exactly_what_changed():
     _check(gm, x, misses=n)
 
 
+def test_a_write_through_data_is_picked_up_by_turning_the_cache_on_again():
+    gm = lora_fx.inference_cache_(_adapted())
+    x = inputs("llama")
+    n = len(lora_fx.sites(gm))
+    stale = _check(gm, x, misses=n)
+    lora_fx.sites(gm)[0].lora_B.data.mul_(2)      # p.data has its own version counter: no key sees it
+    assert torch.equal(_logits(gm, x), stale)
+    assert lora_fx.inference_cache_(gm) is gm     # on again: merged afresh
+    _check(gm, x, misses=n)
+    lora_fx.sites(gm)[0].lora_B.data.mul_(2)
+    with lora_fx.inference_cache(gm):             # entering the block does the same
+        _check(gm, x, misses=n)
+    assert lora_fx.inference_cache_bytes(gm) > 0  # on before the block: still on after it
+
+
 def test_graph_rewrites_and_adapter_mixes():
     gm = lora_fx.inference_cache_(_adapted())
     x = inputs("llama")

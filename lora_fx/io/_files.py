@@ -179,6 +179,11 @@ def set_adapter_state_(adapter: nn.Module, values: Mapping[str, Any]) -> nn.Modu
     return adapter
 
 
+def _restore(t: torch.Tensor, saved: torch.Tensor) -> None:
+    with torch.no_grad():  # on the tensor itself: its version counter records the write (caches key on it)
+        t.copy_(saved)
+
+
 class Rollback:
     """Undo log of a loader's writes: inside ``with Rollback() as undo:``, call :meth:`tensor`
     before writing a tensor in place and :meth:`attrs` before setting an object's attributes (or
@@ -190,7 +195,7 @@ class Rollback:
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         saved = t.detach().clone()
-        self._undo.append(lambda: t.data.copy_(saved))
+        self._undo.append(lambda: _restore(t, saved))
         return t
 
     def attrs(self, obj: Any, names: Iterable[str]) -> Any:
