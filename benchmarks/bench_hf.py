@@ -17,7 +17,9 @@ Sections (``--sections``, default all):
 * ``generate``: ``generate()`` of ``--new-tokens`` tokens (batch 1, KV cache, greedy): the base
   model, lora_fx unfolded (factored, and with the inference cache on) and folded, PEFT unmerged;
   ratios to the folded model and to PEFT, and the ratio of each variant's fastest round to the
-  folded model's fastest.
+  folded model's fastest; then each variant *head to head* with the folded model (only the two
+  alternating, ``--pair-rounds`` rounds, so no third model's weights evict theirs from the CPU caches
+  between them): the median of the paired ratios and its 95 % bootstrap interval.
 
 Variants are rows of the ``TRAIN_VARIANTS`` / ``GENERATE_VARIANTS`` tables (name → factory of a
 model from the base), so another one is one entry.  Every section times its variants interleaved
@@ -49,6 +51,7 @@ sys.path.insert(0, ROOT)
 
 import lora_fx  # noqa: E402
 from benchmarks.bench_train import CLOCK, paired_ratio, run_rounds  # noqa: E402
+from benchmarks.stats import paired  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -271,6 +274,13 @@ def bench_generate(args, log) -> dict:
     for name, r in res.items():  # least-disturbed run of each: steadier than medians on a shared machine
         r["best_ratio_to_lora_fx-folded"] = min(r["rounds_ms"]) / ref
     res["same_tokens_as_folded"] = {n: bool(torch.equal(t, tokens["lora_fx-folded"])) for n, t in tokens.items()}
+    pairs = {}
+    with torch.no_grad():
+        for name in (n for n in fns if n not in ("base", "lora_fx-folded")):
+            two = run_rounds({"lora_fx-folded": fns["lora_fx-folded"], name: fns[name]}, args.pair_rounds, 1, args.clock)
+            pairs[name] = paired(two, name, "lora_fx-folded")
+            log(f"  head to head {name} / folded: {pairs[name]['ratio']:.3f} {pairs[name]['ci95']}")
+    res["head_to_head_with_folded"] = pairs
     return res
 
 
@@ -298,6 +308,7 @@ def parse_args(argv=None):
     p.add_argument("--transform-rounds", type=int, default=9)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--pair-rounds", type=int, default=31, help="rounds of each head-to-head generate comparison")
     p.add_argument("--steps", type=int, default=2, help="train steps per timing")
     p.add_argument("--memory-steps", type=int, default=1)
     p.add_argument("--memory-variants", default=",".join(TRAIN_VARIANTS), help="variants measured in a fresh process")
@@ -309,6 +320,7 @@ def parse_args(argv=None):
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab, args.batch, args.seq = 32, 48, 2, 128, 2, 16
         args.transform_layers, args.transform_rounds, args.rounds, args.steps, args.new_tokens = 4, 2, 2, 1, 4
+        args.pair_rounds = 2
     return args
 
 
@@ -336,6 +348,10 @@ def report(res: dict) -> None:
                 best = r.get("best_ratio_to_lora_fx-folded")
                 print(f"  {name:16} {r['median_ms']:12.1f} " + " ".join(f"{_fmt_ratio(r, ref):>18}" for ref in refs)
                       + (f"   best/best folded {best:.3f}" if best is not None else ""))
+        if section == "generate" and res[section].get("head_to_head_with_folded"):
+            print("  head to head with the folded model (two models alternating; median paired ratio, 95 % interval)")
+            for name, p in res[section]["head_to_head_with_folded"].items():
+                print(f"  {name:16} {p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]")
     if "saved" in res:
         print("\nbytes saved for backward by one training forward (parameters excluded)")
         for name, r in res["saved"].items():

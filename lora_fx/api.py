@@ -32,7 +32,8 @@ from .graph_module import deferred_recompile
 from .hf_quantization import mark_adapted_
 from .producers import install_producer_tags_
 from .buffers import record_buffers_
-from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, Site, is_adapted, sites, trainable_params
+from .state import CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, is_adapted, trainable_params
+from .site_view import Site, sites
 from .targets import check_adapter_name, target_policy
 
 __all__ = ["transform", "fold", "sites", "Site", "CONFIG_ATTR", "OWNS_WEIGHTS_ATTR"]

@@ -16,8 +16,9 @@ from . import weights
 from .adapters.module import LoraAdapter
 from .errors import ConfigError
 from .ops import DELTA_OPS, MERGE_OPS, dequantized, module_call
-from .state import (INFERENCE_ATTR, KEPT_ATTR, STACKS_META, adapter_names, capture_of, frontend_of, is_adapted,
-                    is_adapter_path, iter_adapters, left_out, region_of, regions, sites)
+from .state import (INFERENCE_ATTR, KEPT_ATTR, STACKS_META, adapter_names, capture_of, frontend_of,
+                    is_adapted, is_adapter_path, iter_adapters, left_out, region_of, regions)
+from .site_view import sites
 
 __all__ = ["summary", "SiteSummary", "draw"]
 

@@ -77,11 +77,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
-import torch
 from torch import fx, nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from .errors import ConfigError, NotAdaptedError, UnknownAdapterError
+from .errors import NotAdaptedError, UnknownAdapterError
+# the adapter attribute, wrapper names and the name / key helpers (re-exported: one import for keys)
+from .names import (ADAPTER_ATTR, BIAS_MODES, WRAPPER_PARTS, adapter_modules, adapter_owners, adapter_path,
+                    check_bias, is_adapter_path, is_bias_key, is_lora_key, is_lora_layer, plain_name, unwrap)
 
 if TYPE_CHECKING:  # annotations only: the adapter module imports this one
     from .adapters.module import LoraAdapter
@@ -97,7 +98,7 @@ __all__ = [
     "require_adapted", "adapter_records", "iter_adapters",
     "adapter_names", "check_adapter_names", "configs_of", "record_config_", "forget_config_",
     "adapter_path", "is_adapter_path", "is_lora_key", "is_bias_key", "check_bias", "BIAS_MODES",
-    "adapter_owners", "is_lora_layer", "Site", "sites",
+    "adapter_owners", "is_lora_layer",
 ]
 
 #: Attribute of every adapted ``GraphModule`` (root and blocks) holding its :class:`GraphState`.
@@ -107,10 +108,6 @@ CONFIG_ATTR = "_lora_fx_configs"
 #: Attribute of the root ``GraphModule``: True when its base weights are its own copies (PiSSA may
 #: write residuals into them), False when they share storage with the user's model.
 OWNS_WEIGHTS_ATTR = "_lora_fx_owns_weights"
-#: Submodule under which an owner module holds its adapters: ``owner.lora[adapter_name][param_name]``
-#: (in a model that kept its class, the second owner of a tied weight holds the first owner's
-#: adapter through an unregistered ``__dict__`` entry of this name: one copy in ``state_dict``).
-ADAPTER_ATTR = "lora"
 #: Key of ``root.meta``: the front-end that captured the model (``"fx"`` or ``"export"``).
 FRONTEND_META = "lora_fx_frontend"
 #: Attribute of a root that kept its class (not a ``GraphModule``): the front-end, ``"regions"``.
@@ -157,9 +154,6 @@ TRAINABLE_ATTR = "_lora_fx_trainable"
 #: Attribute of the root: ``{state-dict key: fingerprint}`` of the model's persistent buffers when
 #: it was transformed, to tell which buffers training changed (BatchNorm statistics, EMAs).
 BUFFERS_ATTR = "_lora_fx_buffers"
-#: Module names inserted by PyTorch's wrappers: ``torch.compile`` (``OptimizedModule._orig_mod``),
-#: FSDP1 (``_fsdp_wrapped_module``), ``checkpoint_wrapper`` (``_checkpoint_wrapped_module``).
-WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 #: Attribute of the root: the :class:`lora_fx.targets.TargetPolicy` read from the user's model at
 #: capture (what the graph does not show: a transformers model's embeddings, parametrized weights).
 POLICY_ATTR = "_lora_fx_target_policy"
@@ -457,95 +451,6 @@ def check_adapter_names(root: nn.Module, names: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# names and keys
-
-
-def adapter_path(param_fqn: str, adapter_name: str) -> str:
-    """Module path of the adapter of base parameter ``param_fqn`` (e.g. ``"fc.weight"`` →
-    ``"fc.lora.default.weight"``)."""
-    owner, _, pname = param_fqn.rpartition(".")
-    prefix = f"{owner}." if owner else ""
-    return f"{prefix}{ADAPTER_ATTR}.{adapter_name}.{pname}"
-
-
-def is_adapter_path(name: str) -> bool:
-    """Whether ``name`` (a parameter, buffer or module path) lies inside a lora_fx adapter holder:
-    one of its components is :data:`ADAPTER_ATTR` followed by more (``"fc.lora.default.weight.lora_A"``)."""
-    return f".{ADAPTER_ATTR}." in f".{name}"
-
-
-def is_lora_key(name: str) -> bool:
-    """Whether a parameter / state-dict key belongs to any LoRA adapter: lora_fx's, or a hand-built
-    layer's (loralib's rule, ``"lora_"`` in the name, restricted to whole-word use: a name component
-    starting with ``lora_`` (``lora_A``, ``lora_magnitude``) or containing ``_lora_`` (LoRA-Torch's
-    ``w_lora_A``), so a user's ``flora_w`` is not taken for an adapter)."""
-    return any(part.startswith("lora_") or "_lora_" in part for part in name.split("."))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile`` (``OptimizedModule``), ``DistributedDataParallel`` and
-    ``DataParallel`` wrappers (any nesting), else ``model`` itself (FSDP2 and composable
-    checkpointing do not wrap)."""
-    while True:
-        if isinstance(model, (DistributedDataParallel, DataParallel)):
-            model = model.module
-        elif isinstance(model._modules.get("_orig_mod"), nn.Module) and type(model).__name__ == "OptimizedModule":
-            model = model._modules["_orig_mod"]
-        else:
-            return model
-
-
-def plain_name(name: str) -> str:
-    """``name`` (a parameter, buffer, module path or state-dict key) without the parts PyTorch's
-    wrappers insert (:data:`WRAPPER_PARTS`): ``"_orig_mod.fc.weight"`` → ``"fc.weight"``."""
-    if not any(w in name for w in WRAPPER_PARTS):
-        return name
-    return ".".join(p for p in name.split(".") if p not in WRAPPER_PARTS)
-
-
-def adapter_modules(root: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """``{module path: (adapter name, adapter module)}`` of every path under which an adapter
-    module is registered (a tied weight's adapter under each of its owners), plain names
-    (:func:`plain_name`), in registration order."""
-    out: dict[str, tuple[str, nn.Module]] = {}
-    for name, m in unwrap(root).named_modules(remove_duplicate=False):
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[-3] == ADAPTER_ATTR and not is_adapter_path(".".join(parts[:-3])):
-            out.setdefault(plain_name(name), (parts[-2], m))
-    return out
-
-
-#: ``bias`` modes of :func:`lora_fx.mark_only_lora_as_trainable` and :func:`lora_fx.lora_state_dict`.
-BIAS_MODES = ("none", "all", "lora_only")
-
-
-def check_bias(bias: str) -> None:
-    """Raises :class:`~lora_fx.errors.ConfigError` unless ``bias`` is one of :data:`BIAS_MODES`."""
-    if bias not in BIAS_MODES:
-        raise ConfigError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
-
-
-def is_bias_key(name: str) -> bool:
-    """loralib's ``'bias' in name``, on the last component only, so ``in_proj_bias`` and ``bias_k``
-    count but a module named ``bias_net`` does not make its weight a bias."""
-    return "bias" in name.rsplit(".", 1)[-1]
-
-
-def adapter_owners(model: nn.Module) -> list[nn.Module]:
-    """Modules holding adapters: lora_fx's (an :data:`ADAPTER_ATTR` ``ModuleDict``) or their own
-    ``lora_A`` (hand-built layers)."""
-    return [m for m in model.modules()
-            if isinstance(m._modules.get(ADAPTER_ATTR, m.__dict__.get(ADAPTER_ATTR)), nn.ModuleDict)
-            or hasattr(m, "lora_A")]
-
-
-def is_lora_layer(m: nn.Module) -> bool:
-    """A hand-built LoRA layer: ``lora_fx.nn``'s, loralib's or LoRA-Torch's (all derive from a class
-    named ``LoRALayer``), whatever its rank."""
-    return any(c.__name__ == "LoRALayer" for c in type(m).__mro__)
-
-
-# ---------------------------------------------------------------------------------------------
 # what else an adapter carries: fully trained base parameters
 
 
@@ -570,96 +475,3 @@ def record_trainable_(root: nn.Module, name: str, params: Sequence[str]) -> nn.M
         recorded[name] = list(params)
     setattr(root, TRAINABLE_ATTR, recorded)
     return root
-
-
-# ---------------------------------------------------------------------------------------------
-# the public view: one Site per adapted parameter and adapter
-
-
-@dataclass(frozen=True)
-class Site:
-    """One adapted base parameter (per adapter name).  The adapter's values are read from
-    ``module`` on access, so a site stays true after hot-swaps (:func:`lora_fx.load_adapter_values_`,
-    :func:`lora_fx.reserve_rank_`, :func:`lora_fx.set_scale_`).
-
-    Attributes:
-        param: fully qualified name of the base parameter (first targeted alias).
-        aliases: every targeted name of that parameter object.
-        adapter: adapter name.
-        op: op kind of the first consuming call (``"linear"``, ``"conv2d"``, ``"embedding"``,
-            ``"matmul"``, ``"mha"``, ...); ``ops`` lists every consumer's kind and ``lowerings``
-            each consumer's lowering (``"factored"`` or ``"merge"``).
-        path: fully qualified module path of the :class:`~lora_fx.adapters.module.LoraAdapter`.
-        module: that adapter module.
-        shape: base weight shape (the ``(out, in...)`` shape its op consumes).
-        rank, alpha, scaling: ``scaling = alpha / rank`` (``/ sqrt(rank)`` for rsLoRA), times the
-            adapter's mixing weight, 0 when disabled.
-        lora_A: ``nn.Parameter (rank, shape[1:].numel())``; lora_B: ``(shape[0], rank)``
-            (fused: ``(n_enabled·rank, ...)`` and ``(Σ enabled rows, rank)``, see ``blocks``).
-        blocks: fused weight: ``((block name, rows, enabled), ...)`` over ``shape[0]``; ``()``
-            for a plain adapter.  ``module.block_factors()`` gives per-block ``(A_i, B_i)``.
-    """
-
-    param: str
-    aliases: tuple[str, ...]
-    adapter: str
-    op: str
-    ops: tuple[str, ...]
-    lowering: str
-    lowerings: tuple[str, ...]
-    path: str
-    module: "LoraAdapter"
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.module.weight_shape
-
-    @property
-    def rank(self) -> int:
-        return self.module.rank
-
-    @property
-    def alpha(self) -> float:
-        return self.module.alpha
-
-    @property
-    def scaling(self) -> float:
-        return self.module.effective_scaling
-
-    @property
-    def lora_A(self) -> torch.nn.Parameter:
-        return self.module.lora_A
-
-    @property
-    def lora_B(self) -> torch.nn.Parameter:
-        return self.module.lora_B
-
-    @property
-    def blocks(self) -> tuple[tuple[str, int, bool], ...]:
-        return tuple(self.module.blocks or ())
-
-
-def sites(gm: nn.Module) -> list[Site]:
-    """One :class:`Site` per adapted base parameter and adapter, in graph order.
-
-    Raises:
-        NotAdaptedError: ``gm`` carries no lora_fx adapters.
-    """
-    require_adapted(gm, "sites")
-    gm = unwrap(gm)  # names as in the plain module, compiled or wrapped in DDP
-    # one adapter may be reached from several GraphModules (a weight shared by two blocks):
-    # one Site with every alias and consumer
-    found: dict[tuple[int, str], list] = {}
-    for prefix, path, rec, a in adapter_records(gm):
-        prefix, path = plain_name(prefix), plain_name(path)
-        entry = found.setdefault((id(a), rec.adapter), [prefix + rec.param, path, rec.adapter, a, [], []])
-        entry[4].extend(prefix + x for x in rec.aliases if prefix + x not in entry[4])
-        entry[5].extend(rec.consumers)
-    out = []
-    for param, path, name, a, aliases, consumers in found.values():
-        ops_ = tuple(op for _, op, _ in consumers)
-        lows = tuple(low for _, _, low in consumers)
-        out.append(Site(param=param, aliases=tuple(aliases), adapter=name, op=ops_[0] if ops_ else "", ops=ops_,
-                        lowering=lows[0] if len(set(lows)) == 1 else "+".join(lows), lowerings=lows,
-                        path=path, module=a))
-    return out

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ..errors import AdapterMismatchError, ConfigError
 from ..nn import layout
-from ..state import is_adapter_path, is_lora_key, sites, unwrap
+from ..state import is_adapter_path, is_lora_key, unwrap
+from ..site_view import sites
 from ._files import Rollback, dtype_problem, mismatch_error, plain_keys
 from .state_dict import lora_state_dict
 

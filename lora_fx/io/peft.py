@@ -26,8 +26,9 @@ from ..api import transform
 from ..config import LoraConfig
 from ..errors import AdapterMismatchError, ConfigError, LoraFxWarning, UnsupportedSiteError
 from ..buffers import changed_buffers
-from ..state import (FILE_META, PISSA_BUFFERS, adapter_names, adapter_records, check_adapter_names, configs_of,
-                     is_adapted, is_adapter_path, is_lora_key, region_of, sites, trainable_params, unwrap)
+from ..state import (FILE_META, PISSA_BUFFERS, adapter_names, adapter_records, check_adapter_names,
+                     configs_of, is_adapted, is_adapter_path, is_lora_key, region_of, trainable_params, unwrap)
+from ..site_view import sites
 from . import peft_experts
 from ._files import ADAPTER_STATE, Rollback, atomic_write_bytes, mismatch_error, safetensors_bytes
 from ._paths import dir_source, dir_target
