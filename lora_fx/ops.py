@@ -226,7 +226,12 @@ def matmul_delta(
     """
     if weight_on_left:
         return y + _to(lora_B @ ((lora_A * scaling) @ _to(x, lora_A)), y)
-    return y + _to((_to(x, lora_B) @ lora_B) @ (lora_A * scaling), y)
+    # h = s·x B: the down-projection of this orientation (B: (in, r)), which may recompute x in
+    # backward (a view of a tagged norm output: GPT-2's Conv1D reads ``ln(u).view(-1, d)``)
+    h = down(x, lora_B.t(), scaling)
+    if h.dtype == y.dtype == lora_A.dtype and y.dim() > 0 and h.shape[:-1] == y.shape[:-1]:
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), lora_A).view(y.shape)
+    return y + _to(h @ lora_A, y)
 
 
 @delta_op

@@ -27,9 +27,9 @@ def recomputes(monkeypatch):
     calls = {"n": 0}
     orig = rc.PRODUCERS["tagged"]
 
-    def counted(u, tag):
+    def counted(u, tag, **view):
         calls["n"] += 1
-        return orig(u, tag)
+        return orig(u, tag, **view)
 
     monkeypatch.setitem(rc.PRODUCERS, "tagged", counted)
     return calls
@@ -79,6 +79,25 @@ def test_norm_outputs_recomputed_bitwise(recomputes, dtype):
     assert _saved_bytes(off, x) - _saved_bytes(on, x) == saving
     assert not any(isinstance(m.__dict__.get("forward"), ProducerForward)
                    for m in lora_fx.fold(on).modules())  # fold removes the tags
+
+
+def test_gpt2_conv1d_reads_a_view_of_the_norm_output(recomputes):
+    """GPT-2's Conv1D computes addmm on ``x.view(-1, d)``: its down-projection finds the tag on the
+    view's base and recomputes ``ln_1`` / ``ln_2`` outputs; gradients bit for bit those without."""
+    on, off = _pair("gpt2")
+    x = inputs("gpt2")
+    grads = {}
+    for key, m in (("on", on), ("off", off)):
+        m.train()
+        torch.manual_seed(0)                             # the same dropout masks in both
+        grads[key] = _grads(m, x)
+    _assert_equal(grads["on"], grads["off"])
+    # layer 1's c_attn and both layers' c_fc (layer 0's ln_1 reads the frozen embeddings: no gradient)
+    assert recomputes["n"] == 3
+    torch.manual_seed(0)
+    kept_off = _saved_bytes(off, x)
+    torch.manual_seed(0)
+    assert kept_off - _saved_bytes(on, x) == 3 * 2 * 8 * 64 * 4   # three fp32 norm outputs
 
 
 def test_autocast_checkpointing_and_create_graph(recomputes):
