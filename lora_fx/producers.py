@@ -7,11 +7,12 @@ holds both, so the static match of :mod:`lora_fx.passes.match_recompute` cannot 
 instance ``forward`` (:class:`ProducerForward`, set on the adapted copy's norms) carries the producer
 across instead.
 
-* **Eager training**: the forward tags its output ``x`` with ``(u, module, x._version, autocast
-  state)`` (``u`` its input).  A factored linear site whose input has no static spec looks the tag up
-  (:func:`tag_spec`) and, when it is valid, keeps ``u`` (which the norm's own backward keeps anyway)
-  instead of ``x``, recomputing ``x = type(module).forward(module, u)`` in backward under the
-  recorded autocast state.  The sites reading one output share one recomputation (a cell in the
+* **Eager training**: the forward tags its output ``x`` with ``(u, module, versions of x and u, the
+  parameters it read, autocast state)`` (``u`` its input).  A factored linear site whose input has
+  no static spec looks the tag up (:func:`tag_spec`) and, when it is valid, keeps ``u`` instead of
+  ``x`` (the same size; the norm's own backward keeps ``u`` or its fp32 copy anyway), recomputing
+  ``x = type(module).forward(module, u)`` in backward under the recorded autocast state and with the
+  recorded parameters (those a ``torch.func.functional_call`` swapped in, say).  The sites reading one output share one recomputation (a cell in the
   tag: computed by the first backward that needs it, dropped by the last).
 * **Under torch.compile** (grad enabled, not exporting): the forward runs under
   ``torch.utils.checkpoint``, so AOTAutograd's partitioner recomputes ``x`` in backward from ``u``
@@ -21,9 +22,9 @@ across instead.
   keeps ``nn.Module.__call__``'s fast path.
 
 A tag is used only when it cannot change a gradient: grad mode on, not compiling, no functorch
-transform or forward-mode AD active (the checks of :func:`lora_fx.recompute.down`), ``x`` unchanged
-in place since the norm made it (version counter; a forward hook that returns another tensor hands
-on an untagged one), and the module's parameters unchanged in place by backward time (checked; an
+transform or forward-mode AD active (the checks of :func:`lora_fx.recompute.down`), ``x`` and ``u``
+unchanged in place since the norm ran (version counters; a forward hook that returns another tensor
+hands on an untagged one), and the module's parameters unchanged in place by backward time (checked; an
 error like autograd's otherwise).  The producers are norm modules whose class forward is a pure
 function of one tensor and their 1-D parameters (checked once per class by tracing it with torch.fx:
 no random, in-place or module-calling op, no ``training`` read) and that have no instance
@@ -37,6 +38,7 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint as _checkpoint
 from torch import fx, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .instance_forward import InstanceForward
 
@@ -105,8 +107,10 @@ class ProducerForward(InstanceForward):
         out = forward(module, u)
         if type(out) is torch.Tensor and type(u) is torch.Tensor and out is not u and out.requires_grad:
             dev = out.device.type
-            params = tuple(module.parameters())
-            out.__dict__[TAG] = (u, module, out._version, params, tuple(p._version for p in params),
+            # the parameters as this call read them (torch.func.functional_call may have swapped some in)
+            params = dict(module.named_parameters())
+            out.__dict__[TAG] = (u, module, (out._version, u._version), params,
+                                 tuple(p._version for p in params.values()),
                                  (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)), {"n": 0})
         return out
 
@@ -134,8 +138,9 @@ def tag_spec(x: torch.Tensor) -> Optional[tuple]:
     tag = x.__dict__.get(TAG)
     if tag is None:
         return None
-    u, _, version = tag[0], tag[1], tag[2]
-    if x._version != version or not x.requires_grad or not u.requires_grad:
+    u, (version, u_version) = tag[0], tag[2]
+    # x or u changed in place since the norm ran: x is no longer norm(u) as u is now
+    if x._version != version or u._version != u_version or not x.requires_grad or not u.requires_grad:
         return None
     tag[6]["n"] += 1
     return "tagged", (u,), {"tag": tag}
@@ -145,7 +150,7 @@ def recompute_tagged(u: torch.Tensor, tag: tuple) -> torch.Tensor:
     """The producer's output again, from its input ``u`` (shared by the sites that read it when
     recomputed without grad; the last consumer drops it)."""
     _, module, _, params, versions, (dev, enabled, dtype), cell = tag
-    if any(p._version != v for p, v in zip(params, versions)):
+    if any(p._version != v for p, v in zip(params.values(), versions)):
         raise RuntimeError(f"a parameter of {type(module).__name__} was modified in place after the forward "
                            "pass; its output cannot be recomputed for the LoRA gradient (as autograd would "
                            "refuse a modified saved tensor)")
@@ -153,7 +158,11 @@ def recompute_tagged(u: torch.Tensor, tag: tuple) -> torch.Tensor:
     x = cell.get("x") if shared else None
     if x is None:
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            x = type(module).forward(module, u)
+            if all(module._parameters.get(k) is v for k, v in params.items()):
+                x = type(module).forward(module, u)
+            else:  # the forward read other tensors than the module holds now (functional_call): those
+                with _reparametrize_module(module, params, tie_weights=False, strict=False):
+                    x = type(module).forward(module, u)
         if shared:
             cell["x"] = x
     cell["n"] -= 1

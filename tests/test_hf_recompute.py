@@ -158,6 +158,29 @@ def test_no_tag_when_it_could_change_a_gradient(recomputes):
         loss.backward()
 
 
+def test_what_the_norm_read_at_forward_time_is_what_backward_recomputes_from():
+    """A norm weight swapped in by torch.func.functional_call is recomputed with (not the module's
+    weight at backward time), and a norm input changed in place after the norm ran disables the tag."""
+    name = "model.layers.1.input_layernorm.weight"
+    x = inputs("llama")
+
+    def swapped(m):
+        m.zero_grad(set_to_none=True)
+        w = dict(m.named_parameters())[name]
+        torch.func.functional_call(m, {name: w.detach() * 3.0}, kwargs=dict(**x, labels=x["input_ids"])).loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    on, off = _pair()
+    _assert_equal(swapped(on), swapped(off))
+    on, off = _pair(dtype=torch.bfloat16)   # bf16: the norm keeps only an fp32 copy of its input
+    def bump_input(mod, args, out):
+        args[0].add_(1.0)  # after the norm ran (also the residual: both models see the same forward)
+
+    for m in (on, off):
+        m.model.layers[1].input_layernorm.register_forward_hook(bump_input)
+    _assert_equal(_grads(on, x), _grads(off, x))
+
+
 def test_compiled_layers_recompute_the_norm_outputs(recomputes):
     """Under torch.compile the norms run as checkpoint regions: the partitioner recomputes their
     outputs instead of saving them (the saving of the eager tags), gradients as without, no tag used,
