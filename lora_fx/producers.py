@@ -12,8 +12,9 @@ across instead.
   no static spec looks the tag up (:func:`tag_spec`) and, when it is valid, keeps ``u`` instead of
   ``x`` (the same size; the norm's own backward keeps ``u`` or its fp32 copy anyway), recomputing
   ``x = type(module).forward(module, u)`` in backward under the recorded autocast state and with the
-  recorded parameters (those a ``torch.func.functional_call`` swapped in, say).  The sites reading one output share one recomputation (a cell in the
-  tag: computed by the first backward that needs it, dropped by the last).
+  recorded parameters (those a ``torch.func.functional_call`` swapped in, say).  The sites reading
+  one output share one recomputation (a cell in the tag: computed by the first backward that needs
+  it, dropped by the last).
 * **Under torch.compile** (grad enabled, not exporting): the forward runs under
   ``torch.utils.checkpoint``, so AOTAutograd's partitioner recomputes ``x`` in backward from ``u``
   instead of saving it for the adapters (as :func:`lora_fx.recompute.recompute_point` does for a
@@ -90,7 +91,12 @@ def is_producer(m: nn.Module) -> bool:
 
 class ProducerForward(InstanceForward):
     """``module.forward`` of a producer norm: the class forward; in eager training its output is
-    tagged, under ``torch.compile`` with grad it runs as a checkpoint region (see the module docstring)."""
+    tagged, under ``torch.compile`` with grad it runs as a checkpoint region (see the module docstring).
+
+    Called as the class forward is: ``u (..., d)`` → the norm's output, same shape and dtype as the
+    class forward gives; calls with more than one argument or with keywords are the plain class call.
+    Raises what the class forward raises.
+    """
 
     def __call__(self, *args, **kwargs):
         module = self.__self__
