@@ -113,8 +113,9 @@ class ProducerForward(InstanceForward):
         out = forward(module, u)
         if type(out) is torch.Tensor and type(u) is torch.Tensor and out is not u and out.requires_grad:
             dev = out.device.type
-            # the parameters as this call read them (torch.func.functional_call may have swapped some in)
-            params = dict(module.named_parameters())
+            # the parameters as this call read them (torch.func.functional_call may have swapped some
+            # in); a producer has no children, so its own table is all of them
+            params = {k: p for k, p in module._parameters.items() if p is not None}
             out.__dict__[TAG] = (u, module, (out._version, u._version), params,
                                  tuple(p._version for p in params.values()),
                                  (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)), {"n": 0})
@@ -138,23 +139,42 @@ def remove_producer_tags_(root: nn.Module) -> nn.Module:
     return root
 
 
-def tag_spec(x: torch.Tensor) -> Optional[tuple]:
-    """``("tagged", (u,), {"tag": tag})`` when ``x`` is a producer's output, unchanged since, and
-    both it and the producer's input need a gradient; else None.  Counts one more consumer."""
+def _tag_of(x: torch.Tensor) -> tuple[Optional[tuple], Optional[tuple]]:
+    """``(tag, view shape)``: the tag on ``x`` itself (shape None), or on ``x``'s base when ``x`` is a
+    contiguous view of the whole contiguous tagged output (``base.view(x.shape)`` is ``x``, value
+    for value: GPT-2's ``Conv1D`` reads ``ln(u).view(-1, d)``); ``(None, None)`` otherwise."""
     tag = x.__dict__.get(TAG)
+    if tag is not None:
+        return tag, None
+    base = x._base
+    if (base is None or TAG not in base.__dict__ or x.numel() != base.numel() or not x.is_contiguous()
+            or not base.is_contiguous() or x.storage_offset() != base.storage_offset()):
+        return None, None
+    return base.__dict__[TAG], tuple(x.shape)
+
+
+def tag_spec(x: torch.Tensor) -> Optional[tuple]:
+    """``("tagged", (u,), {"tag": tag[, "shape": x.shape]})`` when ``x`` is a producer's output, or a
+    view of the whole of it (``shape``), unchanged since, and both it and the producer's input need
+    a gradient; else None.  Counts one more consumer."""
+    tag, shape = _tag_of(x)
     if tag is None:
         return None
     u, (version, u_version) = tag[0], tag[2]
-    # x or u changed in place since the norm ran: x is no longer norm(u) as u is now
+    # x (a view shares its base's counter) or u changed in place since the norm ran: x is no longer norm(u)
     if x._version != version or u._version != u_version or not x.requires_grad or not u.requires_grad:
         return None
     tag[6]["n"] += 1
-    return "tagged", (u,), {"tag": tag}
+    return "tagged", (u,), ({"tag": tag} if shape is None else {"tag": tag, "shape": shape})
 
 
-def recompute_tagged(u: torch.Tensor, tag: tuple) -> torch.Tensor:
+def recompute_tagged(u: torch.Tensor, tag: tuple, shape: Optional[tuple] = None) -> torch.Tensor:
     """The producer's output again, from its input ``u`` (shared by the sites that read it when
-    recomputed without grad; the last consumer drops it)."""
+    recomputed without grad; the last consumer drops it), viewed as ``shape`` when given.
+
+    Raises:
+        RuntimeError: a parameter the producer read was modified in place since the forward pass.
+    """
     _, module, _, params, versions, (dev, enabled, dtype), cell = tag
     if any(p._version != v for p, v in zip(params.values(), versions)):
         raise RuntimeError(f"a parameter of {type(module).__name__} was modified in place after the forward "
@@ -174,4 +194,4 @@ def recompute_tagged(u: torch.Tensor, tag: tuple) -> torch.Tensor:
     cell["n"] -= 1
     if cell["n"] <= 0:
         cell.pop("x", None)
-    return x
+    return x if shape is None else x.view(shape)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as _checkpoint
 from torch import Tensor, nn
 
-from .producers import TAG, recompute_tagged, tag_spec
+from .producers import recompute_tagged, tag_spec
 
 __all__ = ["down", "recompute_point", "PRODUCERS", "POINT_TARGETS", "module_kind"]
 
@@ -48,8 +48,7 @@ PRODUCERS = {
     "mul": lambda a, b: torch.mul(a, b),
     # a norm module called by the model's own Python (lora_fx.producers): its forward on u again
     # (``shape``: the site read a view of the norm's whole output, e.g. Conv1D's ``x.view(-1, d)``)
-    "tagged": lambda u, tag, shape=None: (recompute_tagged(u, tag) if shape is None
-                                          else recompute_tagged(u, tag).view(shape)),
+    "tagged": lambda u, tag, shape=None: recompute_tagged(u, tag, shape),
 }
 
 
@@ -184,9 +183,7 @@ def _recomputable(x: Tensor, lora_A: Tensor, remat: tuple | None) -> tuple | Non
             or _forward_ad._current_level >= 0):
         return None
     if remat is None:  # no producer in the graph: one tagged by the model's own code, if any
-        if TAG in x.__dict__:
-            return tag_spec(x)
-        return _tagged_view(x)
+        return tag_spec(x)
     kind, inputs, kwargs = remat
     if "module" in kwargs:  # a leaf module producer: its weights and attributes as they are now
         found = _module_inputs(kind, kwargs["module"], inputs[0])
@@ -200,20 +197,6 @@ def _recomputable(x: Tensor, lora_A: Tensor, remat: tuple | None) -> tuple | Non
     if x._version != 0 or not x.requires_grad or not _free_to_keep(kind, inputs):
         return None
     return kind, inputs, kwargs
-
-
-def _tagged_view(x: Tensor) -> tuple | None:
-    """The tag spec of ``x``'s base when ``x`` is a contiguous view of the whole of a tagged
-    contiguous output (``base.view(x.shape)`` is ``x``, value for value), with the view's shape."""
-    base = x._base
-    if (base is None or TAG not in base.__dict__ or x.numel() != base.numel() or not x.is_contiguous()
-            or not base.is_contiguous() or x.storage_offset() != base.storage_offset()):
-        return None
-    spec = tag_spec(base)
-    if spec is None:
-        return None
-    kind, inputs, kwargs = spec
-    return kind, inputs, {**kwargs, "shape": tuple(x.shape)}
 
 
 def down(x: Tensor, lora_A: Tensor, scaling: Tensor, remat: tuple | None = None) -> Tensor:
