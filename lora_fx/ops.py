@@ -194,6 +194,15 @@ def dora_merge(
     return torch.lerp(w, d, gate).to(weight.dtype)
 
 
+def _up(y: Tensor, h: Tensor, up: Tensor) -> Tensor:
+    """``y + h @ up`` (``h (..., r)``, ``up (r, out)``, ``y (..., out)``) in ``y``'s dtype: one GEMM
+    with beta=1 (``torch.addmm``, no separate ``(..., out)`` add pass) where the dtypes and leading
+    shapes agree, else the product added to ``y``."""
+    if h.dtype == y.dtype == up.dtype and y.dim() > 0 and h.shape[:-1] == y.shape[:-1]:
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up).view(y.shape)
+    return y + _to(h @ up, y)
+
+
 @delta_op
 def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
                  blocks: Sequence[tuple[int, bool]] | None = None, remat: tuple | None = None) -> Tensor:
@@ -206,10 +215,7 @@ def linear_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
     """
     h = down(x, lora_A, scaling, remat)
     if blocks is None:
-        if h.dtype == y.dtype == lora_B.dtype and y.dim() > 0:
-            # y + h Bᵀ as one GEMM with beta=1 (torch.addmm): no separate (..., out) add pass
-            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t()).view(y.shape)
-        return y + _to(F.linear(h, lora_B), y)
+        return _up(y, h, lora_B.t())
     return _blockwise(y, blocks, -1, lambda start, stop, b0, i, r: F.linear(
         h[..., i * r:(i + 1) * r], lora_B[b0:b0 + stop - start]), lora_A)
 
@@ -228,10 +234,7 @@ def matmul_delta(
         return y + _to(lora_B @ ((lora_A * scaling) @ _to(x, lora_A)), y)
     # h = s·x B: the down-projection of this orientation (B: (in, r)), which may recompute x in
     # backward (a view of a tagged norm output: GPT-2's Conv1D reads ``ln(u).view(-1, d)``)
-    h = down(x, lora_B.t(), scaling)
-    if h.dtype == y.dtype == lora_A.dtype and y.dim() > 0 and h.shape[:-1] == y.shape[:-1]:
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), lora_A).view(y.shape)
-    return y + _to(h @ lora_A, y)
+    return _up(y, down(x, lora_B.t(), scaling), lora_A)
 
 
 @delta_op
