@@ -50,6 +50,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import lora_fx  # noqa: E402
+from benchmarks.results import write_results  # noqa: E402
 from benchmarks.bench_train import CLOCK, paired_ratio, run_rounds  # noqa: E402
 from benchmarks.stats import paired  # noqa: E402
 
@@ -380,8 +381,7 @@ def main(argv=None) -> dict:
         log(f"[{name}] {time.perf_counter() - start:.0f} s")
     report(res)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_results(args.json, res)
     return res
 
 

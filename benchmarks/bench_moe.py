@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lora_fx  # noqa: E402
+from benchmarks.results import write_results  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_train", os.path.join(HERE, "bench_train.py"))
 bench_train = importlib.util.module_from_spec(_spec)
@@ -194,8 +195,7 @@ def main(argv=None) -> dict:
     res["seconds"] = time.perf_counter() - t0
     print(f"(frozen base step for reference; ratios lora_fx / PEFT, per-round median; total {res['seconds']:.0f} s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_results(args.json, res)
     return res
 
 

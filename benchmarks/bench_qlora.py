@@ -55,6 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lora_fx  # noqa: E402
+from benchmarks.results import write_results  # noqa: E402
 from lora_fx import weights  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -365,8 +366,7 @@ def main(argv=None) -> dict:
     res["config"]["seconds"] = round(time.perf_counter() - t0, 1)
     _print(res)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_results(args.json, res)
     return res
 
 

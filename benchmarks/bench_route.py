@@ -23,19 +23,18 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import os
 import sys
 import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lora_fx  # noqa: E402
+from benchmarks.results import write_results  # noqa: E402
 import lora_fx.ops_route  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_train", os.path.join(HERE, "bench_train.py"))
@@ -206,8 +205,7 @@ def main(argv=None) -> dict:
     res["seconds"] = time.perf_counter() - t0
     print(f"total {res['seconds']:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_results(args.json, res)
     return res
 
 

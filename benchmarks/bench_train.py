@@ -45,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lora_fx  # noqa: E402
+from benchmarks.results import write_results  # noqa: E402
 from benchmarks.models import (GPT, GPT_TARGETS, LLAMA_TARGETS, Block, ConvBlock, ConvNet, Llama,  # noqa: E402,F401
                                hf_llama, make_inputs)
 from benchmarks.stats import CLOCK, paired, paired_ratio, resolution, run_rounds  # noqa: E402,F401
@@ -464,8 +465,7 @@ def main(argv=None) -> dict:
     res["seconds"] = time.perf_counter() - t0
     print(f"total {res['seconds']:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_results(args.json, res)
     return res
 
 
