@@ -2,21 +2,17 @@
 the test keeps the script running).  The memory section starts one process per variant and is left
 to the benchmark run."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _scripts import load_script
 
 
 def test_bench_qlora_quick_runs(tmp_path, capsys):
     for lib in ("torchao", "bitsandbytes", "peft", "transformers"):
         pytest.importorskip(lib)
-    spec = importlib.util.spec_from_file_location("bench_qlora", os.path.join(HERE, "..", "benchmarks", "bench_qlora.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks", "bench_qlora")
     out = tmp_path / "res.json"
     variants = ["lora_fx bf16", "lora_fx torchao-nf4", "peft bnb-nf4"]
     res = bench.main(["--quick", "--sections", "bytes,time,nf4", "--variants", ",".join(variants), "--cache",

@@ -1,19 +1,13 @@
 """Smoke test of benchmarks/bench_train.py --quick (no timing assertions: the figures are the
 benchmark's business, the test only keeps the script running)."""
 
-import importlib.util
 import json
-import os
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _scripts import load_script
 
 
 def _load():
-    path = os.path.join(HERE, "..", "benchmarks", "bench_train.py")
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", "bench_train")
 
 
 def test_bench_quick_runs(tmp_path, capsys):
@@ -38,10 +32,7 @@ def test_bench_quick_runs(tmp_path, capsys):
 
 
 def test_bench_hf_quick_runs(tmp_path, capsys):
-    path = os.path.join(HERE, "..", "benchmarks", "bench_hf.py")
-    spec = importlib.util.spec_from_file_location("bench_hf", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks", "bench_hf")
     # the memory section starts a fresh process per variant (seconds of imports each): not here
     res = bench.main(["--quick", "--sections", "transform,train,generate", "--json", str(tmp_path / "hf.json")])
     printed = capsys.readouterr().out

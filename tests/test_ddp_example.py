@@ -1,22 +1,17 @@
 """examples/ddp_finetune.py at small size: 2 gloo ranks on 127.0.0.1, started by the example."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch.distributed as dist
 
-pytestmark = pytest.mark.distributed
+from _scripts import load_script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.distributed
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "examples", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples", name)
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo backend")

@@ -1,8 +1,6 @@
-import importlib.util
 import json
-import os
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _scripts import load_script
 
 # The examples report max |Δ| of fp32 logits (no magnitude): measured about one ulp of logits of
 # magnitude ~8-16 (8e-7 .. 2e-6).  The bounds below (1e-5; 1e-4 through torch.export's other
@@ -11,11 +9,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load(name):
-    path = os.path.join(HERE, "..", "examples", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples", name)
 
 
 def test_finetune_digits_small(tmp_path, capsys):

@@ -1,19 +1,13 @@
 """The MoE and routing examples, at small sizes (their figures are the examples' business; these
 checks keep them running and their claims true)."""
 
-import importlib.util
 import json
-import os
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _scripts import load_script
 
 
 def _load(name):
-    path = os.path.join(HERE, "..", "examples", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples", name)
 
 
 def test_moe_experts_small(tmp_path, capsys):

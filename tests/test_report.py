@@ -1,6 +1,5 @@
 """Site report: lora_fx.summary table values and lora_fx.draw picture; the site_report example."""
 
-import importlib.util
 import json
 import os
 
@@ -9,6 +8,8 @@ from torch import nn
 
 import lora_fx
 from lora_fx import NotAdaptedError
+
+from _scripts import load_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -60,9 +61,7 @@ def test_draw_writes_png_with_highlighted_sites(tmp_path):
 
 
 def test_site_report_example(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("site_report", os.path.join(HERE, "..", "examples", "site_report.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("examples", "site_report")
     res = mod.main(["--width", "4", "--rank", "2", "--out", str(tmp_path / "digits.png")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == res
