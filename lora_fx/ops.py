@@ -45,6 +45,7 @@ __all__ = [
     "linear_delta",
     "matmul_delta",
     "embedding_delta",
+    "embedding_up",
     "conv_delta",
     "module_call",
     "dequantized",
@@ -256,18 +257,26 @@ def embedding_delta(
     same per-position weights (``B``'s rows get them from ``F.embedding`` itself).
     """
     rows = F.embedding(indices, lora_B, padding_idx, None, 2.0, scale_grad_by_freq, False)
-    a = lora_A * scaling
+    return embedding_up(y, indices, rows, lora_A * scaling, lora_B.shape[0], padding_idx, scale_grad_by_freq)
+
+
+def embedding_up(y: Tensor, indices: Tensor, rows: Tensor, a: Tensor, num_embeddings: int,
+                 padding_idx: int | None, scale_grad_by_freq: bool) -> Tensor:
+    """``y + rows @ a`` where ``rows = F.embedding(indices, B, padding_idx, ..., scale_grad_by_freq)``
+    (``(..., r)``) and ``a = s·A`` (``(r, dim)``), with ``a``'s gradient re-weighted per position as
+    ``W``'s would be (:func:`embedding_delta`); shared with the routed embedding
+    (:mod:`lora_fx.ops_route`).  Returns ``y``'s shape and dtype."""
     if padding_idx is None and not scale_grad_by_freq:
         return y + _to(rows @ a, y)
-    # the value is rows @ a; A's gradient is re-weighted per position (w_i above)
+    # the value is rows @ a; A's gradient is re-weighted per position (w_i of embedding_delta)
     w = torch.ones(indices.shape, dtype=a.dtype, device=a.device)
     if scale_grad_by_freq:
         flat = indices.reshape(-1)
-        counts = torch.zeros(lora_B.shape[0], dtype=a.dtype, device=a.device).index_add_(
+        counts = torch.zeros(num_embeddings, dtype=a.dtype, device=a.device).index_add_(
             0, flat, torch.ones_like(flat, dtype=a.dtype))  # static shape (compile-friendly)
         w = w / counts[flat].reshape(indices.shape)
     if padding_idx is not None:
-        pad = padding_idx + lora_B.shape[0] if padding_idx < 0 else padding_idx
+        pad = padding_idx + num_embeddings if padding_idx < 0 else padding_idx
         w = w.masked_fill(indices == pad, 0.0)
     u = rows.detach() @ a
     return y + _to(rows @ a.detach() + (u - u.detach()) * w.unsqueeze(-1), y)

@@ -164,19 +164,7 @@ def _masked_embedding(y, indices, adapters, route, extra, site):
     c = _rows(coef, indices, 1, site)
     rows = F.embedding(indices, b_cat, padding_idx, None, 2.0, scale_grad_by_freq, False)
     rows = rows * c.reshape(c.shape[:1] + (1,) * (rows.dim() - 2) + c.shape[1:])
-    if padding_idx is None and not scale_grad_by_freq:
-        return y + _to(rows @ a_cat, y)
-    w = torch.ones(indices.shape, dtype=a_cat.dtype, device=a_cat.device)
-    if scale_grad_by_freq:
-        flat = indices.reshape(-1)
-        counts = torch.zeros(b_cat.shape[0], dtype=a_cat.dtype, device=a_cat.device).index_add_(
-            0, flat, torch.ones_like(flat, dtype=a_cat.dtype))
-        w = w / counts[flat].reshape(indices.shape)
-    if padding_idx is not None:
-        pad = padding_idx + b_cat.shape[0] if padding_idx < 0 else padding_idx
-        w = w.masked_fill(indices == pad, 0.0)
-    u = rows.detach() @ a_cat
-    return y + _to(rows @ a_cat.detach() + (u - u.detach()) * w.unsqueeze(-1), y)
+    return ops.embedding_up(y, indices, rows, a_cat, b_cat.shape[0], padding_idx, scale_grad_by_freq)
 
 
 def _gather(y, x, adapters, route, n_names: int, site):
