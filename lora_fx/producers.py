@@ -34,6 +34,7 @@ no random, in-place or module-calling op, no ``training`` read) and that have no
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -48,20 +49,37 @@ __all__ = ["TAG", "ProducerForward", "is_producer", "install_producer_tags_", "r
 
 #: Attribute set on a producer's output tensor.
 TAG = "_lora_fx_producer"
-_PURE: dict[type, bool] = {}
+_PURE: dict[tuple, bool] = {}
 _IMPURE_NAMES = ("dropout", "rand", "bernoulli", "normal", "uniform", "training")
 
 
+class _ParamsAsValues(fx.Tracer):
+    """A tracer that hands the module's parameters to its forward as they are (not as proxies), so
+    a branch on a parameter's dtype (T5's ``T5LayerNorm``) resolves as it will when the forward runs."""
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val
+
+
 def _pure_class(cls: type, m: nn.Module) -> bool:
-    """Whether ``cls.forward`` traces (torch.fx) to a function of one tensor and the module's own
-    parameters and constants: no module call, no in-place method, no random op, no ``training`` read."""
-    if cls in _PURE:
-        return _PURE[cls]
+    """Whether ``cls.forward`` traces (torch.fx, with a copy of ``m``'s parameters as values) to a
+    function of one tensor: no module call, no in-place method or write to a parameter, no random op,
+    no ``training`` read.  Cached per class and parameter dtypes (a forward may branch on them)."""
+    key = (cls, tuple(p.dtype for p in m.parameters()))
+    if key in _PURE:
+        return _PURE[key]
     ok = False
     try:
-        g = fx.symbolic_trace(m).graph
+        # traced on a copy: it takes the tensor constants torch.fx stores on the root, and an
+        # in-place write to a parameter (no graph node when parameters are values) shows in its
+        # version counter; no_grad: the values computed from parameters record nothing
+        probe = copy.deepcopy(m)
+        versions = [p._version for p in probe.parameters()]
+        with torch.no_grad():
+            g = _ParamsAsValues().trace(probe)
         phs = [n for n in g.nodes if n.op == "placeholder"]
-        ok = len(phs) == 1 and not phs[0].args
+        ok = (len(phs) == 1 and not phs[0].args
+              and versions == [p._version for p in probe.parameters()])
         for n in g.nodes:
             name = str(getattr(n.target, "__name__", n.target)).lower()
             if n.op == "call_module" or any(w in name for w in _IMPURE_NAMES):
@@ -72,7 +90,7 @@ def _pure_class(cls: type, m: nn.Module) -> bool:
                 ok = False
     except Exception:  # not traceable: not a producer
         ok = False
-    _PURE[cls] = ok
+    _PURE[key] = ok
     return ok
 
 

@@ -100,6 +100,25 @@ def test_gpt2_conv1d_reads_a_view_of_the_norm_output(recomputes):
     assert kept_off - _saved_bytes(on, x) == 3 * 2 * 8 * 64 * 4   # three fp32 norm outputs
 
 
+def test_t5_layer_norm_branching_on_its_dtype_is_a_producer(recomputes):
+    """T5LayerNorm branches on its weight's dtype (torch.fx traces it with the parameters as values),
+    so the q/k/v and wi inputs after it are recomputed; gradients bit for bit those without tags, and
+    checking the norm leaves nothing on the model."""
+    on, off = _pair("t5")
+    x = inputs("t5")
+    labels = x["decoder_input_ids"]
+    grads = {}
+    for key, m in (("on", on), ("off", off)):
+        m.zero_grad(set_to_none=True)
+        m(**x, labels=labels).loss.backward()
+        grads[key] = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    _assert_equal(grads["on"], grads["off"])
+    norms = [m for m in on.modules() if type(m).__name__ == "T5LayerNorm"]
+    assert norms and all(isinstance(m.__dict__.get("forward"), ProducerForward) for m in norms)
+    assert recomputes["n"] > 0
+    assert not any(k.startswith("_tensor_constant") for m in on.modules() for k in m.__dict__)
+
+
 def test_autocast_checkpointing_and_create_graph(recomputes):
     on, off = _pair()
     x = inputs("llama")
