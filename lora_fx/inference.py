@@ -16,7 +16,10 @@ change no key can see: PyTorch gives ``p.data`` its own version counter.  Callin
 :func:`inference_cache_` again (or entering :func:`inference_cache`) drops the merged weights.
 
 Grad-enabled calls, ``torch.compile`` (compiled graphs keep the factored form) and adapters whose
-dropout is in training mode run the region's own factored code.  Memory: one merged copy of every
+dropout is in training mode run the region's own factored code.  While the cache is on, the norm
+modules run their plain class forward (no producer tags, :mod:`lora_fx.producers`): training with
+the cache on keeps the norm outputs that feed adapters instead of recomputing them; turning the
+cache off restores the tags.  Memory: one merged copy of every
 adapted weight while the cache is on (:func:`inference_cache_bytes`, shown by ``summary()``), which
 is why it is off until asked for; ``inference_cache_(model, enabled=False)`` frees it.
 """
@@ -34,7 +37,8 @@ from torch.fx.graph_module import _forward_from_src
 from .errors import ConfigError
 from lora_fx.passes.fold import fold_update
 from lora_fx.passes.inference_variant import inference_graph
-from .state import INFERENCE_ATTR, REGION_ATTR, require_adapted, unwrap
+from .producers import install_producer_tags_, remove_producer_tags_
+from .state import INFERENCE_ATTR, REGION_ATTR, configs_of, require_adapted, unwrap
 from . import weights
 
 __all__ = ["InferenceCache", "inference_cache_", "inference_cache", "inference_cache_bytes"]
@@ -258,11 +262,14 @@ def inference_cache_(model: nn.Module, *, enabled: bool = True) -> nn.Module:
     current = root.__dict__.get(INFERENCE_ATTR)
     if enabled and current is None:
         _set(root, InferenceCache())
+        remove_producer_tags_(root)  # the norms run their class forward: no lora_fx frame per call
     elif enabled:
         current.clear()
     elif not enabled and current is not None:
         current.clear()
         _set(root, None)
+        if any(getattr(c, "recompute_inputs", False) for c in configs_of(root).values()):
+            install_producer_tags_(root)
     return model
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as _checkpoint
 from torch import Tensor, nn
 
+from . import act_mul as _act_mul
 from .producers import recompute_tagged, tag_spec
 
 __all__ = ["down", "recompute_point", "PRODUCERS", "POINT_TARGETS", "module_kind"]
@@ -46,6 +47,8 @@ PRODUCERS = {
     "layer_norm": lambda u, w, b, normalized_shape, eps: F.layer_norm(u, normalized_shape, w, b, eps),
     "rms_norm": lambda u, w, normalized_shape, eps: F.rms_norm(u, normalized_shape, w, eps),
     "mul": lambda a, b: torch.mul(a, b),
+    # a gated activation act(g) * u (lora_fx.act_mul), which keeps g and u for its own backward
+    "act_mul": lambda g, u, act="silu", approximate="none": _act_mul.ACTIVATIONS[act][0](g, approximate) * u,
     # a norm module called by the model's own Python (lora_fx.producers): its forward on u again
     # (``shape``: the site read a view of the norm's whole output, e.g. Conv1D's ``x.view(-1, d)``)
     "tagged": lambda u, tag, shape=None: recompute_tagged(u, tag, shape),
@@ -69,6 +72,7 @@ POINT_TARGETS = {
     "operator.mul": ("mul", operator.mul),
     "torch.mul": ("mul", torch.mul),
     "aten.mul": ("mul", _aten.mul.Tensor),
+    "lora_fx.act_mul": ("act_mul", _act_mul.act_mul),
 }
 
 
@@ -133,6 +137,8 @@ def _free_to_keep(kind: str, inputs: tuple) -> bool:
             return False
         a, b = tensors
         return (b.requires_grad or isinstance(a, nn.Parameter)) and (a.requires_grad or isinstance(b, nn.Parameter))
+    if kind == "act_mul":  # its saving form keeps g and u; the plain act(g) * u keeps both iff g needs a grad
+        return len(tensors) == 2 and len(inputs) == 2 and (_act_mul.applies(*inputs) or inputs[0].requires_grad)
     # unary producers keep their first input whenever it needs a grad.  One that needs none is saved
     # by nobody: no version counter check guards it, so an in-place change of it (between the
     # producer and the site, or before backward) would silently change the recomputed x, or make
@@ -230,6 +236,8 @@ def _point_is_free(target, args: tuple, kwargs: dict) -> bool:
     kind = POINT_TARGETS[target][0]
     if kind == "mul":
         return len(args) == 2 and not kwargs and _free_to_keep("mul", args)
+    if kind == "act_mul":  # compiled, act_mul is the plain act(g) * u: it keeps g and u iff g needs a grad
+        return len(args) == 2 and all(isinstance(a, Tensor) for a in args) and args[0].requires_grad
     u = args[0] if args else kwargs.get("input")
     return isinstance(u, Tensor) and u.requires_grad
 

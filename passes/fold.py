@@ -25,6 +25,7 @@ from lora_fx.regions import strip_regions_
 from lora_fx.rules import module_rule
 from lora_fx.state import REQUANT_ERROR, is_adapter_path, regions, state_of
 
+from .match_act_mul import unfuse_act_mul_
 from .remove_lora import remove_lora_
 from .route import unroute_
 from .route_quantized import unroute_quantized_
@@ -144,6 +145,8 @@ def fold_graph_modules(root: nn.Module, *, requantize: bool = False,
         remove_lora_(gm)
     for _, gm in regions(new):
         unroute_quantized_(gm)
+        if unfuse_act_mul_(gm.graph):  # graphs that held no adapter (remove_lora_ rewrote the others)
+            gm.recompile()
     _replace_folded_modules_(new, owners)
     return new, info
 

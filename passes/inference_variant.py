@@ -34,6 +34,7 @@ from torch import fx, nn
 from lora_fx import ops
 from lora_fx.state import state_of
 
+from .match_act_mul import unfuse_act_mul_
 from .match_recompute import restore_recompute_points_
 
 __all__ = ["CACHE_PLACEHOLDER", "InferencePlan", "inference_graph"]
@@ -165,6 +166,7 @@ def inference_graph(gm: fx.GraphModule) -> Optional[InferencePlan]:
         return None
     # producers only the replaced chains recomputed: the plain call (the variant runs without grad)
     restore_recompute_points_(g, ops.DELTA_OPS)
+    unfuse_act_mul_(g)  # without grad the plain act(g) * u (one Python call less)
     for n in reversed(list(g.nodes)):  # what only the removed chains read (no general DCE: module calls may be impure)
         if not n.users and (n in dead or n.op == "get_attr" or
                             (n.op == "call_module" and str(n.target) in plan.dropouts)):

@@ -27,6 +27,7 @@ from lora_fx.state import (ADAPTER_ATTR, STATE_ATTR, AdapterRecord, GraphState, 
                            state_of)
 
 from .find_sites import Consumer, _weight_slot, consuming_users
+from .match_act_mul import fuse_act_mul_
 from .match_recompute import mark_recompute_points_, remat_spec
 
 if TYPE_CHECKING:  # annotations only: passes never import the adapters package
@@ -239,7 +240,9 @@ def insert_lora(
         make_adapter: builds the adapter for the first consumer of a parameter object.
         adapter_name: name under which adapters are registered.
         lowering: ``"auto"`` | ``"factored"`` | ``"merge"``.
-        recompute_inputs: attach ``remat`` specs to factored linear sites (:mod:`lora_fx.recompute`).
+        recompute_inputs: attach ``remat`` specs to factored linear sites (:mod:`lora_fx.recompute`),
+            and rewrite gated activations ``act(g) * u`` of every graph under ``root`` into
+            :func:`lora_fx.act_mul.act_mul`.
 
     Returns:
         ``root``.  Aliases of one parameter object that are all targeted share one adapter;
@@ -271,6 +274,11 @@ def insert_lora(
         if c.param not in st.adapters[path].aliases:
             st.adapters[path].aliases.append(c.param)
         groups.setdefault((c.gm_path, c.node), []).append((c, adapter, path))
+    fused = set()
+    if recompute_inputs:  # gated activations keep act's input, not its output (lora_fx.act_mul)
+        for p, g in gms.items():
+            if fuse_act_mul_(g.graph, keep={name for q, name in groups if q == p}):
+                fused.add(p)
     nodes_by_name = {p: {n.name: n for n in gms[p].graph.nodes} for p in {k[0] for k in groups}}
     for (gm_path, node_name), items in groups.items():
         gm = gms[gm_path]
@@ -280,7 +288,7 @@ def insert_lora(
             if c.stack is not None:  # a lazy weight: factored per expert where its consumers allow
                 how = "factored" if c.stack.factored else "merge"
             state_of(gm).adapters[path].consumers.append((c.node, c.op, how))
-    for gm_path in {k[0] for k in groups}:  # only rewritten graphs need new code
+    for gm_path in {k[0] for k in groups} | fused:  # only rewritten graphs need new code
         mark_recompute_points_(gms[gm_path], ops.DELTA_OPS)  # recomputation under torch.compile
         gms[gm_path].graph.lint()
         gms[gm_path].recompile()

@@ -5,7 +5,8 @@
 emitted as arguments of the delta node.  A leaf module producer is ``(kind, (u,), {"module": leaf})``
 (a ``get_attr`` of the leaf), whose weights, attributes and hooks are read when the site runs.  Only exact, hook-free producers are matched: stock
 ``nn.LayerNorm``/``nn.RMSNorm``/``nn.GELU``/``nn.SiLU`` leaves, ``F.gelu``/``F.silu``/``F.layer_norm``/
-``F.rms_norm`` calls, ``a * b`` of two nodes, and their ATen forms (export front-end).
+``F.rms_norm`` calls, ``a * b`` of two nodes, gated activations (:func:`lora_fx.act_mul.act_mul`), and
+the ATen forms (export front-end).
 
 :func:`mark_recompute_points_` turns the producer node of every site that got a spec into a
 :func:`lora_fx.recompute.recompute_point` (the compiled form of recomputation): the producer node
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lora_fx.act_mul import act_mul
 from lora_fx.recompute import POINT_TARGETS, module_kind, recompute_point
 
 __all__ = ["remat_spec", "mark_recompute_points_", "restore_recompute_points_"]
@@ -79,6 +81,8 @@ def _function_spec(x: fx.Node):
         return _norm_spec("rms_norm", x, ("weight",), None)
     if t in _MUL and len(x.args) == 2 and not x.kwargs and all(isinstance(a, fx.Node) for a in x.args):
         return "mul", tuple(x.args), {}
+    if t is act_mul and len(x.args) == 2 and all(isinstance(a, fx.Node) for a in x.args):
+        return "act_mul", tuple(x.args), dict(x.kwargs)
     return None
 
 

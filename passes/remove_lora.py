@@ -15,6 +15,7 @@ from lora_fx import ops
 from lora_fx.regions import set_unregistered_holder_, unregistered_holder
 from lora_fx.state import ADAPTER_ATTR, STATE_ATTR, state_of
 
+from .match_act_mul import unfuse_act_mul_
 from .match_recompute import restore_recompute_points_
 
 __all__ = ["remove_lora_"]
@@ -47,6 +48,8 @@ def _strip_nodes(graph: fx.Graph, prefixes: tuple[str, ...], everything: bool) -
                                                         for u in node.users):
             drop(node, node.args[0])  # the head of a merge chain that has no merge left
     restore_recompute_points_(graph, ops.DELTA_OPS)  # producers no recomputing site reads any more
+    if everything:  # a plain graph again: gated activations as the model wrote them
+        unfuse_act_mul_(graph)
     for node in reversed(list(graph.nodes)):
         if (ours(node) or node in freed) and not node.users:
             graph.erase_node(node)

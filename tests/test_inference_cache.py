@@ -221,3 +221,34 @@ def test_compiled_region_keeps_the_factored_form():
         misses = _cache(gm).misses
         torch.testing.assert_close(compiled(h), expected, rtol=1e-5, atol=1e-5)
     assert _cache(gm).misses == misses
+
+
+def test_norms_run_their_class_forward_while_the_cache_is_on():
+    from lora_fx.producers import ProducerForward
+
+    def producers(m):
+        return [n for n, mod in m.named_modules() if isinstance(mod.__dict__.get("forward"), ProducerForward)]
+
+    gm = _adapted()
+    tagged = producers(gm)
+    assert len(tagged) == 2 * gm.config.num_hidden_layers + 1  # two norms per layer and the final one
+    x = inputs("llama")
+
+    def grads(m):
+        m.zero_grad(set_to_none=True)
+        m(**x, labels=x["input_ids"]).loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    before = grads(gm)
+    with lora_fx.inference_cache(gm):
+        assert producers(gm) == []
+        _check(gm, x)
+        during = grads(gm)  # training with the cache on: the norm outputs are kept, same gradients
+        assert producers(copy.deepcopy(gm)) == []
+    assert producers(gm) == tagged
+    assert before.keys() == during.keys() and all(torch.equal(before[k], during[k]) for k in before)
+    off = _adapted(recompute_inputs=False)
+    assert producers(off) == []
+    lora_fx.inference_cache_(off)
+    lora_fx.inference_cache_(off, enabled=False)
+    assert producers(off) == []  # recompute_inputs=False: none to restore

@@ -35,7 +35,7 @@ class GatedBlock(nn.Module):
 
 
 NORMS = {"layer_norm": lambda: nn.LayerNorm(12), "rms_norm": lambda: nn.RMSNorm(12, eps=1e-6)}
-EXPECTED = {"gate": "norm", "up": "norm", "down": "mul", "fc": "layer_norm", "out": "gelu", "head": "gelu"}
+EXPECTED = {"gate": "norm", "up": "norm", "down": "act_mul", "fc": "layer_norm", "out": "gelu", "head": "gelu"}
 
 
 def _build(norm="layer_norm", dtype=torch.float32, **kw):
