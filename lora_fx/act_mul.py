@@ -11,10 +11,12 @@ same two tensors.
 
 The graph pass :mod:`lora_fx.passes.match_act_mul` rewrites ``mul(silu(g), u)`` (and ``gelu``,
 either operand order, function and ATen forms) into ``act_mul(g, u, act=...)`` where the
-activation's output has no other user.  :func:`act_mul` is the plain expression under
-``torch.compile`` (Inductor's partitioner recomputes pointwise ops itself), without grad, under
-``torch.func`` transforms and forward-mode AD, and when ``g`` and ``u`` differ in shape or dtype
-(broadcasting, type promotion) or are tensor subclasses.
+activation's output has no other user and nothing between the activation and the product reads
+``g`` (an in-place write would change what ``act(g)`` reads; another reader would change the order
+in which autograd sums ``g``'s gradient, whose one backward node now sits at the product).  :func:`act_mul` is the plain expression under
+``torch.compile`` (Inductor's partitioner recomputes pointwise ops itself), without grad, when
+``g`` needs no gradient, under ``torch.func`` transforms and forward-mode AD, and when ``g`` and
+``u`` differ in shape or dtype (broadcasting, type promotion) or are tensor subclasses.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import ConfigError
 
 __all__ = ["act_mul", "ACTIVATIONS", "applies"]
 
@@ -39,9 +43,10 @@ ACTIVATIONS = {
 
 def applies(g, u) -> bool:
     """Whether :func:`act_mul` takes its memory-saving form for these operands now (same shape and
-    dtype, plain tensors, eager autograd recording); otherwise it is the plain expression."""
+    dtype, plain tensors, eager autograd recording, ``g`` needing a gradient: without one the plain
+    expression keeps ``act(g)`` alone, one tensor); otherwise it is the plain expression."""
     return (type(g) is Tensor and type(u) is Tensor and g.shape == u.shape and g.dtype == u.dtype
-            and torch.is_grad_enabled() and (g.requires_grad or u.requires_grad)
+            and torch.is_grad_enabled() and g.requires_grad
             and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
             and _forward_ad._current_level < 0)
 
@@ -85,7 +90,12 @@ def act_mul(g: Tensor, u: Tensor, act: str = "silu", approximate: str = "none") 
 
     Returns:
         ``act(g) * u``, equal bit for bit to the plain expression, with the same gradients.
+
+    Raises:
+        ConfigError: ``act`` is not one of :data:`ACTIVATIONS`.
     """
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"act_mul(): act={act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
     if applies(g, u):
         return _ActMul.apply(g, u, act, approximate)
     return ACTIVATIONS[act][0](g, approximate) * u

@@ -37,8 +37,8 @@ from torch.fx.graph_module import _forward_from_src
 from .errors import ConfigError
 from lora_fx.passes.fold import fold_update
 from lora_fx.passes.inference_variant import inference_graph
-from .producers import install_producer_tags_, remove_producer_tags_
-from .state import INFERENCE_ATTR, REGION_ATTR, configs_of, require_adapted, unwrap
+from .producers import remove_producer_tags_, unpark_producer_tags_
+from .state import INFERENCE_ATTR, REGION_ATTR, require_adapted, unwrap
 from . import weights
 
 __all__ = ["InferenceCache", "inference_cache_", "inference_cache", "inference_cache_bytes"]
@@ -250,6 +250,8 @@ def inference_cache_(model: nn.Module, *, enabled: bool = True) -> nn.Module:
         enabled: ``True`` to turn on; when it is on already, the merged weights are dropped and
             merged again on the next call (the way to pick up an in-place write through ``.data``,
             which no version counter records).  ``False`` to turn off and drop the merged weights.
+            While it is on, the norm modules run their plain class forward (their outputs are
+            kept, not recomputed, if the model trains meanwhile); turning it off restores that.
 
     Returns:
         ``model``.
@@ -262,14 +264,13 @@ def inference_cache_(model: nn.Module, *, enabled: bool = True) -> nn.Module:
     current = root.__dict__.get(INFERENCE_ATTR)
     if enabled and current is None:
         _set(root, InferenceCache())
-        remove_producer_tags_(root)  # the norms run their class forward: no lora_fx frame per call
+        remove_producer_tags_(root, park=True)  # the norms run their class forward: no lora_fx frame per call
     elif enabled:
         current.clear()
     elif not enabled and current is not None:
         current.clear()
         _set(root, None)
-        if any(getattr(c, "recompute_inputs", False) for c in configs_of(root).values()):
-            install_producer_tags_(root)
+        unpark_producer_tags_(root)
     return model
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import weights
+from .act_mul import act_mul
 from .recompute import _to, down, recompute_point
 
 __all__ = [
@@ -322,6 +323,7 @@ def module_call(module: torch.nn.Module, overrides: dict[str, Tensor], *args, **
 
 
 graph_op(recompute_point)  # the producer of recomputable adapter inputs (lora_fx.recompute)
+graph_op(act_mul)  # gated activations that keep act's input (lora_fx.act_mul)
 
 
 @merge_op

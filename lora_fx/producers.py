@@ -44,11 +44,15 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .instance_forward import InstanceForward
 
-__all__ = ["TAG", "ProducerForward", "is_producer", "install_producer_tags_", "remove_producer_tags_", "tag_spec",
+__all__ = ["TAG", "PARKED_ATTR", "ProducerForward", "is_producer", "install_producer_tags_", "remove_producer_tags_",
+           "unpark_producer_tags_", "tag_spec",
            "recompute_tagged"]
 
 #: Attribute set on a producer's output tensor.
 TAG = "_lora_fx_producer"
+#: Attribute marking a norm whose :class:`ProducerForward` the inference cache took off (restored
+#: when it goes off).
+PARKED_ATTR = "_lora_fx_producer_parked"
 _PURE: dict[tuple, bool] = {}
 _IMPURE_NAMES = ("dropout", "rand", "bernoulli", "normal", "uniform", "training")
 
@@ -148,12 +152,24 @@ def install_producer_tags_(root: nn.Module) -> nn.Module:
     return root
 
 
-def remove_producer_tags_(root: nn.Module) -> nn.Module:
+def remove_producer_tags_(root: nn.Module, *, park: bool = False) -> nn.Module:
     """Give every module under ``root`` with a :class:`ProducerForward` its class forward back;
-    returns ``root``."""
+    with ``park``, mark each (:data:`PARKED_ATTR`, kept by copies and pickles) for
+    :func:`unpark_producer_tags_`.  Returns ``root``."""
     for m in root.modules():
         if isinstance(m.__dict__.get("forward"), ProducerForward):
             del m.__dict__["forward"]
+            if park:
+                m.__dict__[PARKED_ATTR] = True
+    return root
+
+
+def unpark_producer_tags_(root: nn.Module) -> nn.Module:
+    """Set a :class:`ProducerForward` again on exactly the modules :func:`remove_producer_tags_`
+    parked (those still producers); returns ``root``."""
+    for m in root.modules():
+        if m.__dict__.pop(PARKED_ATTR, False) and is_producer(m):
+            m.__dict__["forward"] = ProducerForward(m)
     return root
 
 

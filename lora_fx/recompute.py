@@ -137,8 +137,8 @@ def _free_to_keep(kind: str, inputs: tuple) -> bool:
             return False
         a, b = tensors
         return (b.requires_grad or isinstance(a, nn.Parameter)) and (a.requires_grad or isinstance(b, nn.Parameter))
-    if kind == "act_mul":  # its saving form keeps g and u; the plain act(g) * u keeps both iff g needs a grad
-        return len(tensors) == 2 and len(inputs) == 2 and (_act_mul.applies(*inputs) or inputs[0].requires_grad)
+    if kind == "act_mul":  # both forms (lora_fx.act_mul) keep g and u whenever g needs a grad
+        return len(tensors) == 2 and len(inputs) == 2 and inputs[0].requires_grad
     # unary producers keep their first input whenever it needs a grad.  One that needs none is saved
     # by nobody: no version counter check guards it, so an in-place change of it (between the
     # producer and the site, or before backward) would silently change the recomputed x, or make

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from .graph_module import CODE_VERSION_ATTR
 from .instance_forward import InstanceForward
+from .producers import PARKED_ATTR
 from .state import (ADAPTER_ATTR, CONFIG_ATTR, FRONTEND_ATTR, INFERENCE_ATTR, KEPT_ATTR, LEFT_OUT_ATTR,
                     OWNS_WEIGHTS_ATTR, POLICY_ATTR, REGION_ATTR, region_of)
 
@@ -129,6 +130,7 @@ def strip_regions_(root: nn.Module) -> nn.Module:
                 del d[name]
         d.pop(KEPT_ATTR, None)
         d.pop(INFERENCE_ATTR, None)
+        d.pop(PARKED_ATTR, None)
         if isinstance(d.get(_FORWARD), InstanceForward):
             del d[_FORWARD]
         if unregistered_holder(m) is not None:

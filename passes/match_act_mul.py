@@ -44,6 +44,43 @@ def _activation(n) -> tuple[str, fx.Node, str] | None:
     return None
 
 
+def _reads(g: fx.Node, stop: fx.Node) -> set[fx.Node]:
+    """``g`` and every node before ``stop`` computed from it, directly or through others (its views,
+    in-place ops on it or on them, anything handed them)."""
+    order = {n: i for i, n in enumerate(g.graph.nodes)}
+    end = order[stop]
+    seen, todo = {g}, [g]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and order[user] < end:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _nothing_reads_between(g: fx.Node, a: fx.Node, mul: fx.Node) -> bool:
+    """Whether no node strictly between the activation ``a`` and ``mul`` reads ``g`` (or a value
+    computed from it): then ``act(g)`` computed at the ``mul`` sees the ``g`` it saw (no in-place
+    write on ``g`` or an alias of it comes between), and ``g``'s gradient is accumulated in the
+    same order (the backward node moves from ``a``'s place to ``mul``'s, past no other reader)."""
+    order = {n: i for i, n in enumerate(g.graph.nodes)}
+    lo, hi = order[a], order[mul]
+    return not any(lo < order[n] < hi for n in _reads(g, mul))
+
+
+def _after_last_read(g: fx.Node, mul: fx.Node) -> fx.Node:
+    """The node after which ``act(g)`` goes back when unfused: ``g``, or the last node before ``mul``
+    computed from ``g`` (an in-place write on ``g`` the activation read after)."""
+    reads = _reads(g, mul)
+    last = g
+    for n in g.graph.nodes:
+        if n is mul:
+            break
+        if n in reads:
+            last = n
+    return last
+
+
 def fuse_act_mul_(graph: fx.Graph, keep=frozenset()) -> int:
     """Rewrite every matched ``act(g) * u`` of ``graph`` in place, except ``mul`` nodes named in
     ``keep`` (weight consumers) and products with a parameter or buffer (``get_attr``); returns how
@@ -59,7 +96,7 @@ def fuse_act_mul_(graph: fx.Graph, keep=frozenset()) -> int:
                 continue
             act, g, approximate = found
             a, u = node.args[i], node.args[1 - i]
-            if u is a:
+            if u is a or not _nothing_reads_between(g, a, node):
                 break
             # what unfusing restores: the calls as they were (function or ATen forms, operand order)
             node.meta[_ORIGINAL] = (a.target, tuple(a.args[1:]), dict(a.kwargs), node.target, i)
@@ -84,8 +121,10 @@ def unfuse_act_mul_(graph: fx.Graph) -> int:
         default = ((F.silu, (), {}, operator.mul, 0) if act == "silu"
                    else (F.gelu, (), {"approximate": approximate}, operator.mul, 0))
         act_target, act_args, act_kwargs, mul_target, i = node.meta.get(_ORIGINAL, default)
-        # where the model computed it: right after g (before the mul when g is an input)
-        with (graph.inserting_before(node) if g.op == "placeholder" else graph.inserting_after(g)):
+        # where the model computed it: after g and whatever it read of g (fuse left nothing that reads g
+        # between the activation and the mul), before the mul when that is still among the inputs
+        last = _after_last_read(g, node)
+        with (graph.inserting_before(node) if last.op == "placeholder" else graph.inserting_after(last)):
             a = graph.call_function(act_target, (g,) + act_args, act_kwargs)
         node.target, node.args, node.kwargs = mul_target, ((a, u) if i == 0 else (u, a)), {}
         done += 1

@@ -197,3 +197,95 @@ def test_a_weight_in_the_product_is_a_site_not_a_gate():
     assert _act_mul_nodes(gm) == 0
     check_matches_reference(model, gm, (torch.randn(2, 3, 4),))
     assert copy.deepcopy(gm) is not None
+
+
+def test_g_without_grad_is_the_plain_expression():
+    g, u = _leaves(4, 6, grads=(False, True))
+    assert len(_saved(lambda: act_mul(g, u))) == 1  # act(g) alone, as the plain expression keeps
+
+
+def test_unknown_activation_is_a_config_error():
+    with pytest.raises(lora_fx.ConfigError, match="act='relu' is not supported; use one of"):
+        act_mul(torch.ones(2), torch.ones(2), act="relu")
+
+
+class WriteBetween(nn.Module):
+    """``g`` written in place (or read by another op) between the activation and the product."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.gate, self.up, self.down, self.side = (nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 6),
+                                                    nn.Linear(8, 6))
+
+    def forward(self, x):
+        g = self.gate(x)
+        if self.how == "before":
+            g.mul_(2.0)
+        a = F.silu(g)
+        side = 0
+        if self.how == "write":
+            g.add_(1.0)
+        if self.how == "read":  # another reader of g's gradient between the two (accumulation order)
+            side = self.side(g * 3.0) + self.side(g.exp())
+        return self.down(a * self.up(x)) + side
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("how", ["write", "read", "before"])
+def test_nothing_between_the_activation_and_the_product(frontend, how):
+    torch.manual_seed(0)
+    model = WriteBetween(how)
+    x = torch.randn(5, 6)
+    kw = {"frontend": frontend, "example_inputs": (x,)} if frontend == "export" else {"frontend": frontend}
+    on = randomize_(lora_fx.transform(model, rank=3, **kw))
+    off = randomize_(lora_fx.transform(model, rank=3, recompute_inputs=False, **kw))
+    graphs = [m for m in on.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert sum(_act_mul_nodes(m) for m in graphs) == (1 if how == "before" else 0)
+    with torch.no_grad():
+        assert torch.equal(on(x), off(x))
+    if how == "write":  # silu keeps g for its backward: training raises autograd's in-place error, in both
+        for m in (on, off):
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                m(x).sum().backward()
+    else:
+        for m in (on, off):
+            m.zero_grad(set_to_none=True)
+            m(x).square().sum().backward()
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(on.parameters(), off.parameters()) if a.requires_grad)
+    folded = lora_fx.fold(on)
+    assert sum(_act_mul_nodes(m) for m in folded.modules() if isinstance(m, torch.fx.GraphModule)) == 0
+    with torch.no_grad():
+        assert torch.allclose(folded(x), on(x), rtol=1e-5, atol=1e-6)
+
+
+def test_export_front_end_pickle_keeps_the_rewrite():
+    import pickle
+
+    torch.manual_seed(0)
+    model = Gated()
+    x = torch.randn(3, 4, 6)
+    gm = lora_fx.transform(model, rank=3, frontend="export", example_inputs=(x,))
+    copy_ = pickle.loads(pickle.dumps(gm))
+    count = lambda m: sum(_act_mul_nodes(g) for g in m.modules() if isinstance(g, torch.fx.GraphModule))  # noqa: E731
+    assert count(copy_) == count(gm) == 2
+
+
+def test_the_cache_restores_exactly_the_norms_it_took_tags_from():
+    from lora_fx.producers import ProducerForward
+
+    def tags(m):
+        return sum(isinstance(mod.__dict__.get("forward"), ProducerForward) for mod in m.modules())
+
+    off = lora_fx.transform(tiny("llama"), rank=2, targets=targets("llama"), recompute_inputs=False)
+    lora_fx.add_adapter(off, "second", rank=2, targets=targets("llama"))  # recompute on: tags stay off
+    on = lora_fx.transform(tiny("llama"), rank=2, targets=targets("llama"))
+    for model in (off, on, pickle_copy := copy.deepcopy(on)):
+        before = tags(model)
+        with lora_fx.inference_cache(model):
+            assert tags(model) == 0
+            inside = copy.deepcopy(model)
+        assert tags(model) == before
+        lora_fx.inference_cache_(inside, enabled=False)
+        assert tags(inside) == before
+    assert tags(on) == tags(pickle_copy) > 0 and tags(off) == 0
