@@ -45,10 +45,9 @@ def applies(g, u) -> bool:
     """Whether :func:`act_mul` takes its memory-saving form for these operands now (same shape and
     dtype, plain tensors, eager autograd recording, ``g`` needing a gradient: without one the plain
     expression keeps ``act(g)`` alone, one tensor); otherwise it is the plain expression."""
-    return (type(g) is Tensor and type(u) is Tensor and g.shape == u.shape and g.dtype == u.dtype
-            and torch.is_grad_enabled() and g.requires_grad
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-            and _forward_ad._current_level < 0)
+    return (not torch.compiler.is_compiling() and type(g) is Tensor and type(u) is Tensor and g.shape == u.shape
+            and g.dtype == u.dtype and torch.is_grad_enabled() and g.requires_grad
+            and not torch._C._are_functorch_transforms_active() and _forward_ad._current_level < 0)
 
 
 class _ActMul(torch.autograd.Function):
