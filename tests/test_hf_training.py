@@ -48,6 +48,16 @@ def test_trainer_trains_and_saves(tmp_path):
     trainer.save_model(str(tmp_path / "model"))  # the whole model, adapters included: no shared tensors
     loaded = type(gm).from_pretrained(tmp_path / "model")  # the base class reads the base weights back
     assert torch.equal(loaded.lm_head.weight, gm.lm_head.weight)
+    # the checkpoint is no adapter folder: load_adapter says so and how to load it, which works
+    with pytest.raises(lora_fx.AdapterFileError, match="full model checkpoint.*load_state_dict"):
+        lora_fx.load_adapter(tiny("llama"), tmp_path / "model")
+    from safetensors.torch import load_file
+
+    again = lora_fx.transform(tiny("llama"), rank=4, targets=targets("llama"))
+    again.load_state_dict(load_file(tmp_path / "model" / "model.safetensors"))
+    x = inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(again(**x).logits, gm.eval()(**x).logits)
 
 
 def _grads(gm, ids):

@@ -70,6 +70,15 @@ def read_peft_dir(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         AdapterFileError: a file is missing or corrupt, or only a pickled ``adapter_model.bin`` exists.
     """
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    full = [n for n in ("model.safetensors", "model.safetensors.index.json") if (directory / n).is_file()]
+    if not cfg_path.is_file() and full:
+        raise AdapterFileError(
+            f"'{directory}' holds a full model checkpoint ({full[0]}, as save_pretrained / Trainer.save_model "
+            f"write it), not an adapter folder ({CONFIG_NAME} + {WEIGHTS_NAME}). Saved from an unfolded lora_fx "
+            "model, it holds the adapters under lora_fx's names: rebuild the adapted model with the same "
+            "lora_fx.transform(...) arguments and load it with adapted.load_state_dict(state) (state: "
+            "safetensors.torch.load_file of the checkpoint file; for a sharded checkpoint, each shard with "
+            "strict=False). To write an adapter folder, use lora_fx.save_adapter(adapted, directory).")
     for p in (cfg_path, w_path):
         if not p.is_file():
             extra = " (a pickled adapter_model.bin is never loaded; re-save it as safetensors)" \
