@@ -96,7 +96,8 @@ def fuse_act_mul_(graph: fx.Graph, keep=frozenset()) -> int:
                 continue
             act, g, approximate = found
             a, u = node.args[i], node.args[1 - i]
-            if u is a or not _nothing_reads_between(g, a, node):
+            # u is g (act(g) * g): one backward node would hand g both its gradients in another order
+            if u is a or u is g or not _nothing_reads_between(g, a, node):
                 break
             # what unfusing restores: the calls as they were (function or ATen forms, operand order)
             node.meta[_ORIGINAL] = (a.target, tuple(a.args[1:]), dict(a.kwargs), node.target, i)
