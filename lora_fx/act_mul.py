@@ -13,7 +13,10 @@ The graph pass :mod:`lora_fx.passes.match_act_mul` rewrites ``mul(silu(g), u)`` 
 either operand order, function and ATen forms) into ``act_mul(g, u, act=...)`` where the
 activation's output has no other user and nothing between the activation and the product reads
 ``g`` (an in-place write would change what ``act(g)`` reads; another reader would change the order
-in which autograd sums ``g``'s gradient, whose one backward node now sits at the product).  :func:`act_mul` is the plain expression under
+in which autograd sums ``g``'s gradient, whose one backward node now sits at the product).  When a
+site recomputes the product for its own backward (``down_proj``'s adapter input,
+:func:`recompute_product`), it hands ``act(g)`` to the product's backward, so backward computes it
+once.  :func:`act_mul` is the plain expression under
 ``torch.compile`` (Inductor's partitioner recomputes pointwise ops itself), without grad, when
 ``g`` needs no gradient, under ``torch.func`` transforms and forward-mode AD, and when ``g`` and
 ``u`` differ in shape or dtype (broadcasting, type promotion) or are tensor subclasses.
@@ -28,7 +31,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["act_mul", "ACTIVATIONS", "applies"]
+__all__ = ["act_mul", "recompute_product", "ACTIVATIONS", "applies"]
 
 _aten = torch.ops.aten
 
@@ -65,7 +68,12 @@ class _ActMul(torch.autograd.Function):
         forward, backward = ACTIVATIONS[ctx.act]
         dev, enabled, dtype = ctx.autocast
         gg = gu = a = None
-        if torch.is_grad_enabled() or ctx.needs_input_grad[1]:
+        handed = getattr(ctx, "recomputed", None)  # act(g) a site's backward recomputed (recompute_product)
+        if handed is not None:
+            del ctx.recomputed
+        if handed is not None and handed[0] is g and handed[1] == ctx.autocast and not torch.is_grad_enabled():
+            a = handed[2]
+        elif torch.is_grad_enabled() or ctx.needs_input_grad[1]:
             with torch.autocast(dev, dtype=dtype, enabled=enabled):
                 a = forward(g, ctx.approximate)
         if ctx.needs_input_grad[0]:  # MulBackward0's grad * other, then the activation's backward
@@ -76,6 +84,19 @@ class _ActMul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gu = grad * a
         return gg, gu, None, None
+
+
+def recompute_product(g: Tensor, u: Tensor, act: str = "silu", approximate: str = "none", *,
+                      producer=None) -> Tensor:
+    """``act(g) * u`` recomputed in backward by a site that reads the product (``down_proj``'s
+    adapter input, :mod:`lora_fx.recompute`): ``producer``, the product's ``grad_fn``, gets the
+    recomputed ``act(g)`` for its own backward, which then does not compute it again (outside
+    ``create_graph``, under the autocast state it recorded).  Same values as the plain expression."""
+    a = ACTIVATIONS[act][0](g, approximate)
+    if isinstance(producer, _ActMul._backward_cls) and not torch.is_grad_enabled():
+        dev = g.device.type
+        producer.recomputed = (g, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)), a)
+    return a * u
 
 
 def act_mul(g: Tensor, u: Tensor, act: str = "silu", approximate: str = "none") -> Tensor:

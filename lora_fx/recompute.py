@@ -48,12 +48,16 @@ PRODUCERS = {
     "rms_norm": lambda u, w, normalized_shape, eps: F.rms_norm(u, normalized_shape, w, eps),
     "mul": lambda a, b: torch.mul(a, b),
     # a gated activation act(g) * u (lora_fx.act_mul), which keeps g and u for its own backward
-    "act_mul": lambda g, u, act="silu", approximate="none": _act_mul.ACTIVATIONS[act][0](g, approximate) * u,
+    "act_mul": _act_mul.recompute_product,
     # a norm module called by the model's own Python (lora_fx.producers): its forward on u again
     # (``shape``: the site read a view of the norm's whole output, e.g. Conv1D's ``x.view(-1, d)``)
     "tagged": lambda u, tag, shape=None: recompute_tagged(u, tag, shape),
 }
 
+
+#: producer kinds whose recompute hands what it computed to the producer's own backward node
+#: (``PRODUCERS[kind](..., producer=x.grad_fn)``)
+_HANDS_BACK = frozenset({"act_mul"})
 
 _aten = torch.ops.aten
 
@@ -152,7 +156,8 @@ class _RematDown(torch.autograd.Function):
         h = F.linear(_linear_input(x, lora_A), lora_A) * scaling
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.kind, ctx.kwargs = kind, kwargs
+        # a producer whose own backward node takes the recomputed value (computed once: act_mul's act(g))
+        ctx.kind, ctx.kwargs = kind, (dict(kwargs, producer=x.grad_fn) if kind in _HANDS_BACK else kwargs)
         ctx.x_dtype, ctx.compute_dtype = x.dtype, h.dtype
         ctx.none = [t is None for t in inputs]
         ctx.save_for_backward(lora_A, scaling, *[t for t in inputs if t is not None])

@@ -293,3 +293,27 @@ def test_the_cache_restores_exactly_the_norms_it_took_tags_from():
         lora_fx.inference_cache_(inside, enabled=False)
         assert tags(inside) == before
     assert tags(on) == tags(pickle_copy) > 0 and tags(off) == 0
+
+
+def test_backward_computes_the_activation_once_per_mlp(monkeypatch):
+    """down_proj's recomputed input hands act(g) to the product's backward (no second act(g))."""
+    import lora_fx.act_mul as module
+
+    calls = {"n": 0}
+    forward, backward = module.ACTIVATIONS["silu"]
+
+    def counted(g, approximate):
+        calls["n"] += 1
+        return forward(g, approximate)
+
+    monkeypatch.setitem(module.ACTIVATIONS, "silu", (counted, backward))
+    on = randomize_(lora_fx.transform(tiny("llama"), rank=4, targets=targets("llama")), scale=0.2)
+    off = randomize_(lora_fx.transform(tiny("llama"), rank=4, targets=targets("llama"), recompute_inputs=False),
+                     scale=0.2)
+    x = inputs("llama")
+    loss = on(**x, labels=x["input_ids"]).loss
+    calls["n"] = 0
+    loss.backward()
+    assert calls["n"] == on.config.num_hidden_layers
+    off(**x, labels=x["input_ids"]).loss.backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(on.parameters(), off.parameters()) if a.requires_grad)
