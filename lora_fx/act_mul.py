@@ -91,7 +91,15 @@ def recompute_product(g: Tensor, u: Tensor, act: str = "silu", approximate: str 
     """``act(g) * u`` recomputed in backward by a site that reads the product (``down_proj``'s
     adapter input, :mod:`lora_fx.recompute`): ``producer``, the product's ``grad_fn``, gets the
     recomputed ``act(g)`` for its own backward, which then does not compute it again (outside
-    ``create_graph``, under the autocast state it recorded).  Same values as the plain expression."""
+    ``create_graph``, under the autocast state it recorded).  Same values as the plain expression.
+
+    Args:
+        g, u: the product's saved operands, same shape and dtype; act, approximate: as :func:`act_mul`.
+        producer: the product's ``grad_fn`` (an ``act_mul`` backward node), or anything else (ignored).
+
+    Returns:
+        ``act(g) * u``, ``g``'s shape and dtype.
+    """
     a = ACTIVATIONS[act][0](g, approximate)
     if isinstance(producer, _ActMul._backward_cls) and not torch.is_grad_enabled():
         dev = g.device.type
@@ -100,7 +108,9 @@ def recompute_product(g: Tensor, u: Tensor, act: str = "silu", approximate: str 
 
 
 def act_mul(g: Tensor, u: Tensor, act: str = "silu", approximate: str = "none") -> Tensor:
-    """``act(g) * u``, keeping ``g`` and ``u`` for backward instead of ``act(g)`` and ``u``.
+    """``act(g) * u``, keeping ``g`` and ``u`` for backward instead of ``act(g)`` and ``u``: the gated
+    linear unit of SwiGLU / GeGLU MLPs (Shazeer, "GLU Variants Improve Transformer", 2020, eq. 6),
+    ``act`` as ``torch.nn.functional.silu`` / ``gelu`` define it.
 
     Args:
         g: the activation's input (``gate_proj``'s output), any shape and floating dtype.
