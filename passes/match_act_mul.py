@@ -44,10 +44,13 @@ def _activation(n) -> tuple[str, fx.Node, str] | None:
     return None
 
 
-def _reads(g: fx.Node, stop: fx.Node) -> set[fx.Node]:
+def _order(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def _reads(g: fx.Node, stop: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
     """``g`` and every node before ``stop`` computed from it, directly or through others (its views,
-    in-place ops on it or on them, anything handed them)."""
-    order = {n: i for i, n in enumerate(g.graph.nodes)}
+    in-place ops on it or on them, anything handed them); ``order``: the graph's node positions."""
     end = order[stop]
     seen, todo = {g}, [g]
     while todo:
@@ -63,22 +66,16 @@ def _nothing_reads_between(g: fx.Node, a: fx.Node, mul: fx.Node) -> bool:
     computed from it): then ``act(g)`` computed at the ``mul`` sees the ``g`` it saw (no in-place
     write on ``g`` or an alias of it comes between), and ``g``'s gradient is accumulated in the
     same order (the backward node moves from ``a``'s place to ``mul``'s, past no other reader)."""
-    order = {n: i for i, n in enumerate(g.graph.nodes)}
+    order = _order(g.graph)
     lo, hi = order[a], order[mul]
-    return not any(lo < order[n] < hi for n in _reads(g, mul))
+    return not any(lo < order[n] < hi for n in _reads(g, mul, order))
 
 
 def _after_last_read(g: fx.Node, mul: fx.Node) -> fx.Node:
     """The node after which ``act(g)`` goes back when unfused: ``g``, or the last node before ``mul``
     computed from ``g`` (an in-place write on ``g`` the activation read after)."""
-    reads = _reads(g, mul)
-    last = g
-    for n in g.graph.nodes:
-        if n is mul:
-            break
-        if n in reads:
-            last = n
-    return last
+    order = _order(g.graph)
+    return max(_reads(g, mul, order), key=order.__getitem__)
 
 
 def fuse_act_mul_(graph: fx.Graph, keep=frozenset()) -> int:

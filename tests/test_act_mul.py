@@ -200,7 +200,6 @@ def test_a_weight_in_the_product_is_a_site_not_a_gate():
     gm = randomize_(lora_fx.transform(model, rank=2, targets=["scale", "fc.weight"]))
     assert _act_mul_nodes(gm) == 0
     check_matches_reference(model, gm, (torch.randn(2, 3, 4),))
-    assert copy.deepcopy(gm) is not None
 
 
 def test_g_without_grad_is_the_plain_expression():
@@ -284,7 +283,7 @@ def test_the_cache_restores_exactly_the_norms_it_took_tags_from():
     off = lora_fx.transform(tiny("llama"), rank=2, targets=targets("llama"), recompute_inputs=False)
     lora_fx.add_adapter(off, "second", rank=2, targets=targets("llama"))  # recompute on: tags stay off
     on = lora_fx.transform(tiny("llama"), rank=2, targets=targets("llama"))
-    for model in (off, on, pickle_copy := copy.deepcopy(on)):
+    for model in (off, on, copied := copy.deepcopy(on)):
         before = tags(model)
         with lora_fx.inference_cache(model):
             assert tags(model) == 0
@@ -292,7 +291,7 @@ def test_the_cache_restores_exactly_the_norms_it_took_tags_from():
         assert tags(model) == before
         lora_fx.inference_cache_(inside, enabled=False)
         assert tags(inside) == before
-    assert tags(on) == tags(pickle_copy) > 0 and tags(off) == 0
+    assert tags(on) == tags(copied) > 0 and tags(off) == 0
 
 
 def test_backward_computes_the_activation_once_per_mlp(monkeypatch):
