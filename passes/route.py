@@ -21,8 +21,8 @@ from torch import fx, nn
 
 from lora_fx.ops import DELTA_OPS
 from lora_fx.ops_route import ROUTED_KINDS, choose_algo, routed_delta
-from lora_fx.state import (ADAPTER_ATTR, ROUTE_ATTR, ROUTE_BUFFER, RouteState, adapter_names, iter_adapters, regions,
-                           state_of)
+from lora_fx.state import (ADAPTER_ATTR, ROUTE_ATTR, ROUTE_BUFFER, RouteState, adapter_names, adapter_records,
+                           iter_adapters, regions, state_of)
 
 __all__ = ["route_", "unroute_", "is_routed"]
 
@@ -77,6 +77,20 @@ def _chains(gm: fx.GraphModule) -> list[list[fx.Node]]:
     return out
 
 
+def _unroutable(root: nn.Module) -> dict[str, list[str]]:
+    """``{adapter name: [why one of its sites cannot be routed, ...]}`` for the adapters of ``root``."""
+    out: dict[str, list[str]] = {}
+    for prefix, _, rec, a in adapter_records(root):
+        why = [f"'{prefix}{rec.param}' ({op}): {how}-lowered" for _, op, how in rec.consumers if how != "factored"]
+        if getattr(a, "use_dora", False):
+            why.append(f"'{prefix}{rec.param}': a DoRA adapter")
+        if getattr(a, "experts", None) is not None:
+            why.append(f"'{prefix}{rec.param}': a stack of expert weights (the experts' own code permutes rows)")
+        if why:
+            out.setdefault(rec.adapter, []).extend(why)
+    return out
+
+
 def route_(root: nn.Module) -> RouteState:
     """Route every factored site of ``root``'s GraphModules in place (see the module docstring);
     returns the root's :class:`RouteState` (also stored on it).  A routed root is unrouted first."""
@@ -85,21 +99,12 @@ def route_(root: nn.Module) -> RouteState:
     gid = {n: i for i, n in enumerate(names)}
     device = next((p.device for _, p in root.named_parameters() if f".{ADAPTER_ATTR}." in f".{_}"), torch.device("cpu"))
     route = torch.empty(0, dtype=torch.long, device=device)
-    state = RouteState(names=names, unroutable={})
+    state = RouteState(names=names, unroutable=_unroutable(root))
     for gm_path, gm in regions(root):
         st = state_of(gm)
         if st is None:
             continue
         prefix = f"{gm_path}." if gm_path else ""
-        for path, rec in st.adapters.items():
-            a = gm.get_submodule(path)
-            why = [f"'{prefix}{rec.param}' ({op}): {how}-lowered" for _, op, how in rec.consumers if how != "factored"]
-            if getattr(a, "use_dora", False):
-                why.append(f"'{prefix}{rec.param}': a DoRA adapter")
-            if getattr(a, "experts", None) is not None:
-                why.append(f"'{prefix}{rec.param}': a stack of expert weights (the experts' own code permutes rows)")
-            if why:
-                state.unroutable.setdefault(rec.adapter, []).extend(why)
         changed = False
         chains = _chains(gm)
         if chains:
