@@ -12,6 +12,17 @@ TINY = dict(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers
             pad_token_id=2)
 
 
+def _random(cls, cfg, impl: str, seed: int) -> nn.Module:
+    """``cls(cfg)`` with ``experts_implementation = impl`` and seeded N(0, 0.1) weights."""
+    cfg._experts_implementation = impl
+    torch.manual_seed(seed)
+    ex = cls(cfg)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.1)
+    return ex
+
+
 def mixtral_experts(impl: str = "grouped_mm", *, dtype=torch.float32, seed: int = 0) -> nn.Module:
     """A transformers ``MixtralExperts`` (``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``) with
     random non-zero weights and ``experts_implementation = impl``."""
@@ -19,13 +30,7 @@ def mixtral_experts(impl: str = "grouped_mm", *, dtype=torch.float32, seed: int 
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
     cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
-    cfg._experts_implementation = impl
-    torch.manual_seed(seed)
-    ex = MixtralExperts(cfg)
-    with torch.no_grad():
-        for p in ex.parameters():
-            p.normal_(0, 0.1)
-    return ex.to(dtype)
+    return _random(MixtralExperts, cfg, impl, seed).to(dtype)
 
 
 def gpt_oss_experts(impl: str = "grouped_mm", *, seed: int = 0) -> nn.Module:
@@ -35,13 +40,7 @@ def gpt_oss_experts(impl: str = "grouped_mm", *, seed: int = 0) -> nn.Module:
 
     cfg = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    cfg._experts_implementation = impl
-    torch.manual_seed(seed)
-    ex = GptOssExperts(cfg)
-    with torch.no_grad():
-        for p in ex.parameters():
-            p.normal_(0, 0.1)
-    return ex
+    return _random(GptOssExperts, cfg, impl, seed)
 
 
 class MoEBlock(nn.Module):

@@ -390,17 +390,22 @@ def scenario_flat_trace(rank: int, world: int, outdir: Path) -> dict:
 HF_STEPS, HF_SEQ = 2, 8
 
 
-def hf_adapted(*, seed: int = 7) -> nn.Module:
-    """Tiny LlamaForCausalLM, the seven projections adapted with non-zero seeded A and B."""
-    from _hf import targets, tiny  # transformers only where this scenario runs
-
-    gm = lora_fx.transform(tiny("llama"), rank=RANK, alpha=ALPHA, targets=targets("llama"))
+def _seeded_factors_(gm: nn.Module, seed: int) -> nn.Module:
+    """Every site's ``lora_A`` / ``lora_B`` drawn from N(0, 0.2²) with one seeded generator, in site order."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for s in lora_fx.sites(gm):
             s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.2)
             s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.2)
-    return gm.train()
+    return gm
+
+
+def hf_adapted(*, seed: int = 7) -> nn.Module:
+    """Tiny LlamaForCausalLM, the seven projections adapted with non-zero seeded A and B."""
+    from _hf import targets, tiny  # transformers only where this scenario runs
+
+    gm = lora_fx.transform(tiny("llama"), rank=RANK, alpha=ALPHA, targets=targets("llama"))
+    return _seeded_factors_(gm, seed).train()
 
 
 def hf_batch(step: int, world: int = 2, vocab: int = 128) -> torch.Tensor:
@@ -465,12 +470,7 @@ def moe_adapted(*, seed: int = 7) -> nn.Module:
     from _moe import hf_moe_model  # transformers only where this scenario runs
 
     gm = lora_fx.transform(hf_moe_model("mixtral"), rank=RANK, alpha=ALPHA, targets=MOE_TARGETS)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in lora_fx.sites(gm):
-            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) * 0.2)
-            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) * 0.2)
-    return gm.train()
+    return _seeded_factors_(gm, seed).train()
 
 
 def moe_reference() -> dict:
