@@ -99,12 +99,19 @@ def test_own_file_loads_back_to_the_same_outputs(tmp_path, name):
         assert_close(want, reference_call(base, gm, (X,)).detach())
     path = save_lora_state(gm, tmp_path / "a.safetensors")
     kw, _ = SWAPS[name]
-    fresh = lora_fx.transform(base, rank=8 if "fused" not in name else 3, alpha=1.0, **kw)  # other rank, alpha
-    load_lora_state(fresh, path)
-    with torch.no_grad():
-        assert torch.equal(fresh(X), want)
-    got = {s.param: (s.rank, s.alpha, s.scaling, s.module.mix, s.module.enabled) for s in lora_fx.sites(fresh)}
-    assert got == {s.param: (s.rank, s.alpha, s.scaling, s.module.mix, s.module.enabled) for s in lora_fx.sites(gm)}
+    (stored,) = {s.lora_B.shape[-1] for s in lora_fx.sites(gm)}  # the factors' storage rank (hot-swaps pad it)
+    # the same storage shapes compute bit for bit what the saved model did; a larger reserved rank holds
+    # zero padding, whose products the GEMM kernels may sum in another order (within rounding)
+    for rank, compare in ((stored, torch.equal), (8 if "fused" not in name else 3, None)):
+        fresh = lora_fx.transform(base, rank=rank, alpha=1.0, **kw)  # other alpha
+        load_lora_state(fresh, path)
+        with torch.no_grad():
+            if compare is None:
+                assert_close(fresh(X), want)
+            else:
+                assert compare(fresh(X), want)
+        got = {s.param: (s.rank, s.alpha, s.scaling, s.module.mix, s.module.enabled) for s in lora_fx.sites(fresh)}
+        assert got == {s.param: (s.rank, s.alpha, s.scaling, s.module.mix, s.module.enabled) for s in lora_fx.sites(gm)}
 
 
 @pytest.mark.parametrize("name", list(SWAPS))
