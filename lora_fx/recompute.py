@@ -150,6 +150,12 @@ def _free_to_keep(kind: str, inputs: tuple) -> bool:
     return bool(tensors) and tensors[0] is inputs[0] and tensors[0].requires_grad
 
 
+def producer_kwargs(kind: str, kwargs: dict, x: Tensor) -> dict:
+    """``kwargs`` of ``PRODUCERS[kind]`` recomputing ``x`` in backward: with ``producer=x.grad_fn``
+    for a kind that hands what it recomputed to the producer's own backward node."""
+    return dict(kwargs, producer=x.grad_fn) if kind in _HANDS_BACK else kwargs
+
+
 class _RematDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, scaling, kind, kwargs, *inputs):
@@ -157,7 +163,7 @@ class _RematDown(torch.autograd.Function):
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         # a producer whose own backward node takes the recomputed value (computed once: act_mul's act(g))
-        ctx.kind, ctx.kwargs = kind, (dict(kwargs, producer=x.grad_fn) if kind in _HANDS_BACK else kwargs)
+        ctx.kind, ctx.kwargs = kind, producer_kwargs(kind, kwargs, x)
         ctx.x_dtype, ctx.compute_dtype = x.dtype, h.dtype
         ctx.none = [t is None for t in inputs]
         ctx.save_for_backward(lora_A, scaling, *[t for t in inputs if t is not None])
@@ -181,7 +187,11 @@ class _RematDown(torch.autograd.Function):
             gx = (g0 @ a).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             xc = x if x.dtype == cd else x.to(cd)
-            ga = (g0.reshape(-1, g0.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])).to(lora_A.dtype)
+            g2, x2 = g0.reshape(-1, g0.shape[-1]), xc.reshape(-1, xc.shape[-1])
+            # the product autograd's mm backward forms for F.linear(x, A) (column-major Aᵀ: gᵀx; else
+            # (xᵀg)ᵀ), so the gradient is the one without recomputation bit for bit on every CPU kernel
+            column_major = lora_A.stride(-1) == 1 and lora_A.stride(0) == lora_A.shape[-1]
+            ga = (g2.t() @ x2 if column_major else (x2.t() @ g2).t()).to(lora_A.dtype)
         return (gx, ga, None, None, None) + (None,) * len(ctx.none)
 
 
