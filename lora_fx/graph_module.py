@@ -14,7 +14,7 @@ import copy
 import enum
 import threading
 import types
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import fx
@@ -22,7 +22,8 @@ from torch.fx.graph_module import _deserialize_graph_module, _format_import_bloc
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.package import sys_importer
 
-__all__ = ["LoraGraphModule", "deferred_recompile", "compile_stale", "value_key", "NotKeyable", "CODE_VERSION_ATTR"]
+__all__ = ["LoraGraphModule", "deferred_recompile", "compile_stale", "value_key", "NotKeyable", "CODE_VERSION_ATTR",
+           "register_code_rewrite"]
 
 #: Key in a ``LoraGraphModule``'s ``__dict__``: its :attr:`~LoraGraphModule.code_version`.
 CODE_VERSION_ATTR = "_lora_fx_code_version"
@@ -115,6 +116,31 @@ def _profiler_metadata() -> bool:
     return bool(getattr(_config, "enrich_profiler_metadata", False))
 
 
+#: ``fn(graph, module) -> graph' | None``: rewrites of the graph a module's *code* is generated from
+#: (its ``graph`` stays as the passes built it), applied in order; None leaves the graph as it is.
+_CODE_REWRITES: list[Callable[[fx.Graph, fx.GraphModule], Optional[fx.Graph]]] = []
+
+
+def register_code_rewrite(fn: Callable[[fx.Graph, fx.GraphModule], Optional[fx.Graph]]):
+    """Generate every ``LoraGraphModule``'s code from ``fn(graph, module)`` (a pure function
+    returning a rewritten copy of ``graph``, or None) instead of its graph; returns ``fn``.  The
+    rewrite must compute the same function: the graph, what every pass reads, is not changed, and
+    pickles carry the graph's own code."""
+    if fn not in _CODE_REWRITES:
+        _CODE_REWRITES.append(fn)
+    return fn
+
+
+def _code_graph(gm: fx.GraphModule) -> Optional[fx.Graph]:
+    """The graph ``gm``'s code is generated from, when a rewrite changes it (else None)."""
+    graph, changed = gm._graph, False
+    for fn in _CODE_REWRITES:
+        new = fn(graph, gm)
+        if new is not None:
+            graph, changed = new, True
+    return graph if changed else None
+
+
 _local = threading.local()  # per thread: .active (a deferred block or its flush runs), .pending
 
 
@@ -170,7 +196,7 @@ class LoraGraphModule(fx.GraphModule):
         self.__dict__[CODE_VERSION_ATTR] = self.code_version + 1
         pending = getattr(_local, "pending", None)
         if pending is None:
-            return super().recompile()
+            return self._lora_fx_compile()
         pending[id(self)] = self
         type(self).forward = _lazy_forward  # each GraphModule instance has its own class
         return None
@@ -188,10 +214,11 @@ class LoraGraphModule(fx.GraphModule):
         """Generate and compile the code now; returns the ``PythonCode``.  With ``codes``, a graph
         equal (:func:`_code_key`) to one compiled before reuses its generated source (the layers of
         a model, typically), which is then only compiled."""
-        key = None if codes is None else _code_key(self._graph)
+        rewritten = _code_graph(self)
+        key = None if codes is None else _code_key(self._graph if rewritten is None else rewritten)
         code = None if key is None else codes.get(key)
         if code is None:
-            code = fx.GraphModule.recompile(self)
+            code = self._generate(rewritten)
             if key is not None:
                 codes[key] = code
             return code
@@ -201,6 +228,17 @@ class LoraGraphModule(fx.GraphModule):
             return fx.GraphModule.recompile(self)
         finally:
             del graph.python_code
+
+    def _generate(self, rewritten: Optional[fx.Graph]):
+        """``GraphModule.recompile`` on the graph ``rewritten`` (when given) instead of ``self.graph``."""
+        if rewritten is None:
+            return fx.GraphModule.recompile(self)
+        graph = self._graph
+        self._graph = rewritten  # the attribute, not the property (whose setter recompiles)
+        try:
+            return fx.GraphModule.recompile(self)
+        finally:
+            self._graph = graph
 
     def _recompile_submodules(self):
         # GraphModule.recompile recompiles every child GraphModule; while deferring, a lora_fx child
@@ -227,8 +265,11 @@ class LoraGraphModule(fx.GraphModule):
         return _restore(res, {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in _GM_OWN})
 
     def __reduce__(self):
-        python_code = self._lora_fx_compile()
+        if self._lora_fx_stale():
+            self._lora_fx_compile()
+        python_code = self._graph.python_code(root_module="self")  # the graph's own code (no rewrite)
         body = self.__dict__.copy()
+        body["_code"] = python_code.src
         body["_graphmodule_cls_name"] = type(self).__name__  # restored by _deserialize_graph_module
         import_block = _format_import_block(python_code.globals, sys_importer)
         del body["_graph"]

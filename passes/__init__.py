@@ -17,6 +17,9 @@
 * :mod:`.remove_lora`: takes adapters out again (shared by ``delete_adapter`` and fold).
 * :mod:`.fold`: evaluates the deltas once and writes plain weights into a new module.
 * :mod:`.route`: one routed node per factored site (a different adapter per sample), and back.
+* :mod:`.match_linear_site`: the code a graph module runs (not its graph): a linear site's base op
+  and first adapter as one :func:`lora_fx.linear_site.linear_site` call (merged weight, factored
+  gradients).
 * :mod:`.inference_variant`: a region's inference form (factored sites on a cached merged weight,
   used by :mod:`lora_fx.inference` under ``no_grad``).
 
@@ -24,10 +27,10 @@ Passes import the library modules they use (``lora_fx.rules``, ``lora_fx.ops``, 
 ``lora_fx.weights``, ...), never the package facade or the adapters package.
 """
 
-from . import (capture, capture_stacks, find_sites, fold, follow_mode, inference_variant, insert_lora, match_recompute,
-               remove_lora, route, route_quantized, trace_export, trace_fx, trace_regions)
+from . import (capture, capture_stacks, find_sites, fold, follow_mode, inference_variant, insert_lora,
+               match_linear_site, match_recompute, remove_lora, route, route_quantized, trace_export, trace_fx, trace_regions)
 # old module paths (thin re-exports), importable as attributes of the package as before
 from . import export, remat, trace  # noqa: F401,E402
 
 __all__ = ["capture", "trace_fx", "trace_regions", "capture_stacks", "trace_export", "follow_mode", "route_quantized",
-           "find_sites", "match_recompute", "insert_lora", "remove_lora", "fold", "route", "inference_variant"]
+           "find_sites", "match_recompute", "match_linear_site", "insert_lora", "remove_lora", "fold", "route", "inference_variant"]

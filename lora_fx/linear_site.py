@@ -1,0 +1,172 @@
+"""A factored linear site computed on the merged weight: one GEMM forward, one backward.
+
+A factored site ``F.linear(x, W, b) + s·(x Aᵀ) Bᵀ`` runs three GEMMs whose output has the full
+``(..., out)`` or ``(..., in)`` size per direction: the base product, the up-projection
+``(x Aᵀ) Bᵀ`` forward, and ``(g B) A`` backward (the adapter's part of ``∂L/∂x``), plus the sums
+that join them.  When the tokens outnumber the weight (``M·(in + out) ≥ 2·in·out`` for ``M`` rows of
+``x``), :func:`linear_site` computes instead::
+
+    W' = W + s·B @ A                          # (out, in), forward and again in backward
+    y  = F.linear(x, W', b)                   # the value (Hu et al., 2022, eq. 3, read as written)
+    ∂L/∂x = g W'                              # one GEMM for the base and adapter parts
+    ∂L/∂B = gᵀ (s·x Aᵀ),  ∂L/∂A = (s·g B)ᵀ x   # the factored gradients: no (out, in) weight gradient
+
+so the up-projections and their sums are gone, the ``(out, in)`` gradient of ``W'`` that autograd
+would form on a merged weight is never made, and autograd keeps what the factored form keeps
+(``x``, or nothing where the site recomputes ``x`` from its producer, and ``s·x Aᵀ``).  The
+values are those of the merged lowering (``F.linear(x, W + ΔW, b)``, what the functional
+reference computes); gradients are the same functions, summed in another order.
+
+It is the factored expression itself (:func:`lora_fx.ops.linear_delta` on the base op) whenever
+the merged form would not be exact or cheaper: without grad, when the adapter needs no gradient
+or ``W``, ``b`` or ``scaling`` need one, under autocast, for dtypes other than float32 / float64
+(a ``W + ΔW`` rounded to bfloat16 would lose the small early delta), for tensor subclasses
+(quantized or sharded weights), when the layer module has hooks or is not an ``nn.Linear``, under
+``torch.func`` transforms and forward-mode AD, and in ``torch.export`` / TorchScript tracing.
+``torch.compile`` traces it (Dynamo inlines the autograd Function's forward and backward).
+
+Adapted graphs hold the factored chain; :mod:`lora_fx.passes.match_linear_site` rewrites the code a
+graph module runs (not its graph) so that a site's base op and its first adapter are one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Union
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import graph_op, linear_delta
+from .recompute import PRODUCERS, _autocast_on, _global_hooks, _recomputable, producer_kwargs
+
+__all__ = ["linear_site", "merged_applies"]
+
+_PLAIN = (Tensor, nn.Parameter)
+_DTYPES = (torch.float32, torch.float64)
+
+#: the base layer of a site: an ``nn.Linear`` module the graph called, or ``(weight, bias)``
+Layer = Union[nn.Module, tuple]
+
+
+def _plain(t) -> bool:
+    return t is None or type(t) in _PLAIN
+
+
+def merged_applies(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, scaling: Tensor) -> bool:
+    """Whether :func:`linear_site` takes its merged form for these tensors now (see the module
+    docstring): recording eager or compiled autograd, adapter needing a gradient, frozen plain
+    float32 / float64 tensors of one dtype, no autocast, and enough rows ``M`` of ``x`` that the
+    merged weight costs less than the up-projections (``M·(in + out) ≥ 2·in·out``)."""
+    if not (torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)):
+        return False
+    if weight.requires_grad or scaling.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    if not (_plain(x) and _plain(weight) and _plain(bias) and _plain(lora_A) and _plain(lora_B)):
+        return False
+    dtype = weight.dtype
+    if (dtype not in _DTYPES or x.dtype != dtype or lora_A.dtype != dtype or lora_B.dtype != dtype
+            or (bias is not None and bias.dtype != dtype) or scaling.dim() != 0):
+        return False
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or lora_A.dim() != 2 or lora_B.dim() != 2:
+        return False
+    if lora_A.shape[1] != weight.shape[1] or lora_B.shape[0] != weight.shape[0] or lora_A.shape[0] != lora_B.shape[1]:
+        return False
+    if _autocast_on(x.device.type) or torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
+        return False
+    out_f, in_f = weight.shape
+    rows = x.numel() // in_f if in_f else 0
+    return rows * (in_f + out_f) >= 2 * in_f * out_f
+
+
+class _MergedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_in, weight, bias, lora_A, lora_B, scaling, kind, kwargs, *inputs):
+        x_in = x if x_in is None else x_in
+        a = lora_A * scaling
+        h = F.linear(x_in, a)  # (..., r) = s·x Aᵀ: what ∂L/∂B reads
+        y = F.linear(x, torch.addmm(weight, lora_B, a), bias)
+        ctx.kind, ctx.kwargs = kind, kwargs
+        dev = x.device.type  # the autocast state (off) a recompute runs under
+        ctx.autocast = (dev, False, torch.get_autocast_dtype(dev)) if torch.amp.is_autocast_available(dev) else None
+        ctx.has_bias = bias is not None
+        ctx.none = [t is None for t in inputs]
+        # x_in is kept unless the site recomputes it from its producer's inputs (kind is not None)
+        kept = [t for t in inputs if t is not None] if kind is not None else [x_in]
+        ctx.save_for_backward(weight, lora_A, lora_B, scaling, h, *kept)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, lora_A, lora_B, scaling, h, *kept = ctx.saved_tensors
+        if ctx.kind is None:
+            x = kept[0]
+        else:
+            it = iter(kept)
+            with (torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=False) if ctx.autocast
+                  else contextlib.nullcontext()):  # the forward's state: a backward under autocast changes nothing
+                x = PRODUCERS[ctx.kind](*[None if none else next(it) for none in ctx.none], **ctx.kwargs)
+        differentiable = torch.is_grad_enabled()  # create_graph=True: every term from the inputs
+        a = lora_A * scaling
+        if differentiable:
+            h = F.linear(x, a)
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = ga = gb = gbias = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ torch.addmm(weight, lora_B, a)
+        if ctx.needs_input_grad[4]:
+            gs = g2 @ (lora_B * scaling)  # (M, r) = s·g B
+            ga = gs.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[5]:
+            gb = g2.t() @ h.reshape(-1, h.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gbias = g2.sum(0)
+        return (gx, None, None, gbias, ga, gb, None, None, None) + (None,) * len(ctx.none)
+
+
+def _layer_parts(layer: Layer):
+    """``(weight, bias, module)`` of a site's base layer (``module`` None for ``(weight, bias)``)."""
+    if isinstance(layer, nn.Module):
+        return layer.weight, layer.bias, layer
+    weight, bias = layer
+    return weight, bias, None
+
+
+def _hooked(m: nn.Module) -> bool:
+    return type(m) is not nn.Linear or bool(m._forward_hooks or m._forward_pre_hooks) or _global_hooks()
+
+
+@graph_op
+def linear_site(layer: Layer, x: Tensor, x_in: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
+                remat: tuple | None = None) -> Tensor:
+    """``F.linear(x, W, b)`` with one adapter: ``x (W + s·B A)ᵀ + b`` (Hu et al., 2022, eq. 3).
+
+    Args:
+        layer: the base op, an ``nn.Linear`` module (called as it is when it has hooks or is no longer
+            an ``nn.Linear``) or a ``(weight, bias)`` pair; ``W: (out, in)``, ``b: (out,)`` or None.
+        x: ``(..., in)``, the base op's input.
+        x_in: the adapter's input, equal in value to ``x`` (the second output of a
+            :func:`~lora_fx.recompute.recompute_point`, or ``x`` itself).
+        lora_A: ``(rank, in)``; lora_B: ``(out, rank)``; scaling: 0-dim tensor.
+        remat: how to recompute ``x_in`` in backward instead of keeping it
+            (:func:`lora_fx.recompute.down`).
+
+    Returns:
+        ``(..., out)`` in ``W``'s dtype: the merged form (module docstring) where
+        :func:`merged_applies`, else exactly ``linear_delta(F.linear(x, W, b), x_in, ...)``.
+    """
+    weight, bias, module = _layer_parts(layer)
+    if (module is not None and _hooked(module)) or not merged_applies(x, weight, bias, lora_A, lora_B, scaling):
+        y = module(x) if module is not None else F.linear(x, weight, bias)
+        return linear_delta(y, x_in, lora_A, lora_B, scaling, remat=remat)
+    spec = _recomputable(x_in, lora_A, remat)
+    other = None if x_in is x else x_in  # one tensor passed twice: Dynamo refuses duplicate inputs
+    if spec is None:
+        return _MergedLinear.apply(x, other, weight, bias, lora_A, lora_B, scaling, None, None)
+    kind, inputs, kwargs = spec
+    return _MergedLinear.apply(x, other, weight, bias, lora_A, lora_B, scaling, kind,
+                               producer_kwargs(kind, kwargs, x_in), *inputs)
