@@ -160,7 +160,8 @@ def linear_site(layer: Layer, x: Tensor, x_in: Tensor, lora_A: Tensor, lora_B: T
         :func:`merged_applies`, else exactly ``linear_delta(F.linear(x, W, b), x_in, ...)``.
     """
     weight, bias, module = _layer_parts(layer)
-    if (module is not None and _hooked(module)) or not merged_applies(x, weight, bias, lora_A, lora_B, scaling):
+    if (not torch.is_grad_enabled() or (module is not None and _hooked(module))
+            or not merged_applies(x, weight, bias, lora_A, lora_B, scaling)):
         y = module(x) if module is not None else F.linear(x, weight, bias)
         return linear_delta(y, x_in, lora_A, lora_B, scaling, remat=remat)
     spec = _recomputable(x_in, lora_A, remat)
