@@ -108,6 +108,25 @@ def test_compiled_saves_less_and_matches_eager(autocast):
         assert_close(grads, rgrads)
 
 
+def test_compiled_saves_less_at_a_batch_where_eager_runs_merged_weight_linear_sites():
+    """With many rows eager linear sites compute on the merged weight (lora_fx.linear_site); compiled
+    code keeps the factored form, whose inputs the partitioner recomputes (a Function's saved input
+    would be kept: no saving)."""
+    from lora_fx.linear_site import merged_applies
+
+    model = _model()
+    gm, plain = _adapted(model), _adapted(model, recompute_inputs=False)
+    x = torch.randn(4, 40, 16, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    site = lora_fx.sites(gm)[0]
+    assert merged_applies(x, gm.get_parameter(site.param), None, site.lora_A, site.lora_B, site.module.scaling)
+    out, grads, saved = _compiled_step(gm, x)
+    _, _, saved_plain = _compiled_step(plain, x)
+    assert saved_plain - saved >= 160 * (16 + 24 + 16 + 24) * 4, (saved, saved_plain)
+    eout, egrads = _train_step(gm, gm, x)
+    assert_close(out, eout)
+    assert_close(grads, egrads)
+
+
 def test_bf16_model_compiled_matches_eager_and_saves_less():
     model = _model(torch.bfloat16)
     gm, plain = _adapted(model), _adapted(model, recompute_inputs=False)

@@ -4,7 +4,7 @@ functional reference ``F.linear(x, W + s·B A, b)`` (first and second order, fp3
 without a bias, a recomputed input), it is the factored expression bit for bit wherever its merged
 form does not apply, it keeps what the factored form keeps; graph modules run it (their graphs keep
 the factored chain), pickles and copies carry the graph's own code, fold and the inference variant
-hold none of it, and ``torch.compile`` traces it whole."""
+hold none of it, and under ``torch.compile`` it is the factored form, traced whole."""
 
 from __future__ import annotations
 
@@ -268,7 +268,7 @@ def test_hf_llama_regions_run_linear_sites_exact_against_the_reference():
     assert all(s.lora_A.grad is not None and s.lora_B.grad.abs().sum() > 0 for s in lora_fx.sites(gm))
 
 
-def test_torch_compile_traces_linear_sites_without_graph_breaks():
+def test_torch_compile_runs_the_factored_form_without_graph_breaks():
     model = _model()
     gm = lora_fx.transform(model, rank=RANK)
     randomize_(gm, seed=9, scale=0.3)
