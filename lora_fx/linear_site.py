@@ -98,7 +98,6 @@ class _MergedLinear(torch.autograd.Function):
         ctx.kind, ctx.kwargs = kind, kwargs
         dev = x.device.type  # the autocast state (off) a recompute runs under
         ctx.autocast = (dev, False, torch.get_autocast_dtype(dev)) if torch.amp.is_autocast_available(dev) else None
-        ctx.has_bias = bias is not None
         ctx.none = [t is None for t in inputs]
         # x_in is kept unless the site recomputes it from its producer's inputs (kind is not None)
         kept = [t for t in inputs if t is not None] if kind is not None else [x_in]
@@ -120,7 +119,7 @@ class _MergedLinear(torch.autograd.Function):
         if differentiable:
             h = F.linear(x, a)
         g2 = g.reshape(-1, g.shape[-1])
-        gx = ga = gb = gbias = None
+        gx = ga = gb = None
         if ctx.needs_input_grad[0]:
             gx = g @ torch.addmm(weight, lora_B, a)
         if ctx.needs_input_grad[4]:
@@ -128,9 +127,8 @@ class _MergedLinear(torch.autograd.Function):
             ga = gs.t() @ x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[5]:
             gb = g2.t() @ h.reshape(-1, h.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            gbias = g2.sum(0)
-        return (gx, None, None, gbias, ga, gb, None, None, None) + (None,) * len(ctx.none)
+        # W, b and scaling are frozen (merged_applies): no gradient for them
+        return (gx, None, None, None, ga, gb, None, None, None) + (None,) * len(ctx.none)
 
 
 def _layer_parts(layer: Layer):
