@@ -46,6 +46,7 @@ from .recompute import PRODUCERS, _autocast_on, _global_hooks, _recomputable, pr
 __all__ = ["linear_site", "merged_applies"]
 
 _PLAIN = (Tensor, nn.Parameter)
+_LINEAR_FORWARD = nn.Linear.forward
 _DTYPES = (torch.float32, torch.float64)
 
 #: the base layer of a site: an ``nn.Linear`` module the graph called, or ``(weight, bias)``
@@ -61,7 +62,8 @@ def merged_applies(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tens
     docstring): recording eager or compiled autograd, adapter needing a gradient, frozen plain
     float32 / float64 tensors of one dtype, no autocast, and enough rows ``M`` of ``x`` that the
     merged weight costs less than the up-projections (``M·(in + out) ≥ 2·in·out``)."""
-    if not (torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)):
+    # both factors trainable: with A frozen the factored form keeps no x, this one would
+    if not (torch.is_grad_enabled() and lora_A.requires_grad and lora_B.requires_grad):
         return False
     if weight.requires_grad or scaling.requires_grad or (bias is not None and bias.requires_grad):
         return False
@@ -84,7 +86,9 @@ def merged_applies(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tens
     if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
         return False
     out_f, in_f = weight.shape
-    rows = x.numel() // in_f if in_f else 0
+    if not (in_f and out_f and lora_A.shape[0]):
+        return False
+    rows = x.numel() // in_f
     return rows * (in_f + out_f) >= 2 * in_f * out_f
 
 
@@ -140,7 +144,12 @@ def _layer_parts(layer: Layer):
 
 
 def _hooked(m: nn.Module) -> bool:
-    return type(m) is not nn.Linear or bool(m._forward_hooks or m._forward_pre_hooks) or _global_hooks()
+    """Whether calling ``m`` does more than ``F.linear``: not an ``nn.Linear``, a ``forward`` set on the
+    instance (accelerate's hooks) or a patched class forward, forward or backward hooks (own or global)."""
+    mm = torch.nn.modules.module
+    return (type(m) is not nn.Linear or "forward" in m.__dict__ or nn.Linear.forward is not _LINEAR_FORWARD
+            or bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+            or _global_hooks() or bool(mm._global_backward_hooks or mm._global_backward_pre_hooks))
 
 
 @graph_op
