@@ -32,7 +32,6 @@ graph module runs (not its graph) so that a site's base op and its first adapter
 
 from __future__ import annotations
 
-import contextlib
 from typing import Union
 
 import torch
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import graph_op, linear_delta
-from .recompute import PRODUCERS, _autocast_on, _global_hooks, _recomputable, producer_kwargs
+from .recompute import _autocast_on, _global_hooks, _recomputable, keep_producer, recomputed_input
 
 __all__ = ["linear_site", "merged_applies"]
 
@@ -94,45 +93,34 @@ def merged_applies(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tens
 
 class _MergedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_in, weight, bias, lora_A, lora_B, scaling, kind, kwargs, *inputs):
-        x_in = x if x_in is None else x_in
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, kind, kwargs, *inputs):
         a = lora_A * scaling
-        h = F.linear(x_in, a)  # (..., r) = s·x Aᵀ: what ∂L/∂B reads
+        h = F.linear(x, a)  # (..., r) = s·x Aᵀ: what ∂L/∂B reads
         y = F.linear(x, torch.addmm(weight, lora_B, a), bias)
-        ctx.kind, ctx.kwargs = kind, kwargs
-        dev = x.device.type  # the autocast state (off) a recompute runs under
-        ctx.autocast = (dev, False, torch.get_autocast_dtype(dev)) if torch.amp.is_autocast_available(dev) else None
-        ctx.none = [t is None for t in inputs]
-        # x_in is kept unless the site recomputes it from its producer's inputs (kind is not None)
-        kept = [t for t in inputs if t is not None] if kind is not None else [x_in]
+        ctx.recomputes = kind is not None
+        # x is kept unless the site recomputes it from its producer's inputs
+        kept = keep_producer(ctx, x, kind, kwargs, inputs) if ctx.recomputes else [x]
         ctx.save_for_backward(weight, lora_A, lora_B, scaling, h, *kept)
         return y
 
     @staticmethod
     def backward(ctx, g):
         weight, lora_A, lora_B, scaling, h, *kept = ctx.saved_tensors
-        if ctx.kind is None:
-            x = kept[0]
-        else:
-            it = iter(kept)
-            with (torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=False) if ctx.autocast
-                  else contextlib.nullcontext()):  # the forward's state: a backward under autocast changes nothing
-                x = PRODUCERS[ctx.kind](*[None if none else next(it) for none in ctx.none], **ctx.kwargs)
-        differentiable = torch.is_grad_enabled()  # create_graph=True: every term from the inputs
+        x = recomputed_input(ctx, kept) if ctx.recomputes else kept[0]
         a = lora_A * scaling
-        if differentiable:
+        if torch.is_grad_enabled():  # create_graph=True: every term from the inputs
             h = F.linear(x, a)
         g2 = g.reshape(-1, g.shape[-1])
         gx = ga = gb = None
         if ctx.needs_input_grad[0]:
             gx = g @ torch.addmm(weight, lora_B, a)
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[3]:
             gs = g2 @ (lora_B * scaling)  # (M, r) = s·g B
             ga = gs.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[4]:
             gb = g2.t() @ h.reshape(-1, h.shape[-1])
         # W, b and scaling are frozen (merged_applies): no gradient for them
-        return (gx, None, None, None, ga, gb, None, None, None) + (None,) * len(ctx.none)
+        return (gx, None, None, ga, gb, None, None, None) + (None,) * len(ctx.none if ctx.recomputes else ())
 
 
 def _layer_parts(layer: Layer):
@@ -162,7 +150,8 @@ def linear_site(layer: Layer, x: Tensor, x_in: Tensor, lora_A: Tensor, lora_B: T
             an ``nn.Linear``) or a ``(weight, bias)`` pair; ``W: (out, in)``, ``b: (out,)`` or None.
         x: ``(..., in)``, the base op's input.
         x_in: the adapter's input, equal in value to ``x`` (the second output of a
-            :func:`~lora_fx.recompute.recompute_point`, or ``x`` itself).
+            :func:`~lora_fx.recompute.recompute_point`, or ``x`` itself); the merged form needs
+            ``x_in is x``, any other tensor takes the factored form.
         lora_A: ``(rank, in)``; lora_B: ``(out, rank)``; scaling: 0-dim tensor.
         remat: how to recompute ``x_in`` in backward instead of keeping it
             (:func:`lora_fx.recompute.down`).
@@ -172,14 +161,14 @@ def linear_site(layer: Layer, x: Tensor, x_in: Tensor, lora_A: Tensor, lora_B: T
         :func:`merged_applies`, else exactly ``linear_delta(F.linear(x, W, b), x_in, ...)``.
     """
     weight, bias, module = _layer_parts(layer)
-    if (not torch.is_grad_enabled() or (module is not None and _hooked(module))
-            or not merged_applies(x, weight, bias, lora_A, lora_B, scaling)):
+    # x_in is x in every eager graph (a recompute point's two outputs are one tensor); a distinct
+    # x_in takes the factored form, which gives each of the two its own gradient
+    if (x_in is not x or not merged_applies(x, weight, bias, lora_A, lora_B, scaling)
+            or (module is not None and _hooked(module))):
         y = module(x) if module is not None else F.linear(x, weight, bias)
         return linear_delta(y, x_in, lora_A, lora_B, scaling, remat=remat)
-    spec = _recomputable(x_in, lora_A, remat)
-    other = None if x_in is x else x_in  # one tensor passed twice: Dynamo refuses duplicate inputs
+    spec = _recomputable(x, lora_A, remat)
     if spec is None:
-        return _MergedLinear.apply(x, other, weight, bias, lora_A, lora_B, scaling, None, None)
+        return _MergedLinear.apply(x, weight, bias, lora_A, lora_B, scaling, None, None)
     kind, inputs, kwargs = spec
-    return _MergedLinear.apply(x, other, weight, bias, lora_A, lora_B, scaling, kind,
-                               producer_kwargs(kind, kwargs, x_in), *inputs)
+    return _MergedLinear.apply(x, weight, bias, lora_A, lora_B, scaling, kind, kwargs, *inputs)

@@ -156,29 +156,41 @@ def producer_kwargs(kind: str, kwargs: dict, x: Tensor) -> dict:
     return dict(kwargs, producer=x.grad_fn) if kind in _HANDS_BACK else kwargs
 
 
+def keep_producer(ctx, x: Tensor, kind: str, kwargs: dict, inputs: tuple) -> list[Tensor]:
+    """Record on an autograd Function's ``ctx`` how to recompute ``x = PRODUCERS[kind](*inputs,
+    **kwargs)`` in backward (:func:`recomputed_input`), under the current autocast state; returns the
+    tensors to save (``inputs`` without the ``None`` s)."""
+    dev = x.device.type
+    ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    # a producer whose own backward node takes the recomputed value (computed once: act_mul's act(g))
+    ctx.kind, ctx.kwargs = kind, producer_kwargs(kind, kwargs, x)
+    ctx.none = [t is None for t in inputs]
+    return [t for t in inputs if t is not None]
+
+
+def recomputed_input(ctx, saved) -> Tensor:
+    """``x`` recomputed from the tensors :func:`keep_producer` had saved, under the forward's autocast
+    state.  With ``create_graph=True`` (grad mode on in backward) it is recomputed differentiably, so
+    second derivatives see ``x`` as the function of the inputs that it is."""
+    it = iter(saved)
+    inputs = [None if none else next(it) for none in ctx.none]
+    dev, enabled, dtype = ctx.autocast
+    with torch.autocast(dev, dtype=dtype, enabled=enabled):
+        return PRODUCERS[ctx.kind](*inputs, **ctx.kwargs)
+
+
 class _RematDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, scaling, kind, kwargs, *inputs):
         h = F.linear(_linear_input(x, lora_A), lora_A) * scaling
-        dev = x.device.type
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        # a producer whose own backward node takes the recomputed value (computed once: act_mul's act(g))
-        ctx.kind, ctx.kwargs = kind, producer_kwargs(kind, kwargs, x)
         ctx.x_dtype, ctx.compute_dtype = x.dtype, h.dtype
-        ctx.none = [t is None for t in inputs]
-        ctx.save_for_backward(lora_A, scaling, *[t for t in inputs if t is not None])
+        ctx.save_for_backward(lora_A, scaling, *keep_producer(ctx, x, kind, kwargs, inputs))
         return h
 
     @staticmethod
     def backward(ctx, g):
         lora_A, scaling, *saved = ctx.saved_tensors
-        it = iter(saved)
-        inputs = [None if none else next(it) for none in ctx.none]
-        dev, enabled, dtype = ctx.autocast
-        # create_graph=True runs backward with grad mode on: recompute differentiably, so second
-        # derivatives see x as the function of the inputs that it is
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            x = PRODUCERS[ctx.kind](*inputs, **ctx.kwargs)
+        x = recomputed_input(ctx, saved)
         cd = ctx.compute_dtype
         g0 = g * scaling  # as MulBackward: dtype of h
         a = lora_A if lora_A.dtype == cd else lora_A.to(cd)
