@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import graph_op, linear_delta
-from .recompute import _autocast_on, _global_hooks, _recomputable, keep_producer, recomputed_input
+from .recompute import _autocast_on, as_rows, _global_hooks, _recomputable, keep_producer, recomputed_input
 
 __all__ = ["linear_site", "merged_applies"]
 
@@ -110,15 +110,15 @@ class _MergedLinear(torch.autograd.Function):
         a = lora_A * scaling
         if torch.is_grad_enabled():  # create_graph=True: every term from the inputs
             h = F.linear(x, a)
-        g2 = g.reshape(-1, g.shape[-1])
+        g2 = as_rows(g)
         gx = ga = gb = None
         if ctx.needs_input_grad[0]:
             gx = g @ torch.addmm(weight, lora_B, a)
         if ctx.needs_input_grad[3]:
             gs = g2 @ (lora_B * scaling)  # (M, r) = s·g B
-            ga = gs.t() @ x.reshape(-1, x.shape[-1])
+            ga = gs.t() @ as_rows(x)
         if ctx.needs_input_grad[4]:
-            gb = g2.t() @ h.reshape(-1, h.shape[-1])
+            gb = g2.t() @ as_rows(h)
         # W, b and scaling are frozen (merged_applies): no gradient for them
         return (gx, None, None, ga, gb, None, None, None) + (None,) * len(ctx.none if ctx.recomputes else ())
 

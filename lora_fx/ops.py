@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import weights
 from .act_mul import act_mul
-from .recompute import _to, down, recompute_point
+from .recompute import _to, as_rows, down, recompute_point
 
 __all__ = [
     "delta_op",
@@ -201,7 +201,7 @@ def _up(y: Tensor, h: Tensor, up: Tensor) -> Tensor:
     with beta=1 (``torch.addmm``, no separate ``(..., out)`` add pass) where the dtypes and leading
     shapes agree, else the product added to ``y``."""
     if h.dtype == y.dtype == up.dtype and y.dim() > 0 and h.shape[:-1] == y.shape[:-1]:
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up).view(y.shape)
+        return torch.addmm(as_rows(y), as_rows(h), up).view(y.shape)
     return y + _to(h @ up, y)
 
 

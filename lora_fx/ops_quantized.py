@@ -27,6 +27,7 @@ from torch import Tensor
 from . import weights
 from .errors import UnsupportedSiteError
 from .ops import graph_op
+from .recompute import as_rows
 
 __all__ = ["quantized_linear", "bnb_linear"]
 
@@ -52,7 +53,7 @@ class _FrozenLinear(torch.autograd.Function):
                 "IntxWeightOnlyConfig(int4), int8, bitsandbytes 4-bit), keep this layer after every adapter "
                 "you train (targets=/exclude=), or use this model for inference and adapter hot-swapping only.")
         grad_x = (grad @ kind.dequantize(weight).to(grad.dtype)).to(ctx.x_dtype)
-        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
+        grad_b = as_rows(grad).sum(0) if ctx.bias_grad else None
         return grad_x, None, grad_b, None
 
 

@@ -26,6 +26,7 @@ compiled forward, in-place changes after the producer included), and the low-pre
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -119,6 +120,12 @@ def _to(x: Tensor, like: Tensor) -> Tensor:
     return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
+def as_rows(t: Tensor) -> Tensor:
+    """``t (..., n)`` as a ``(prod(...), n)`` matrix (also where ``n`` is 0, which ``reshape(-1, n)``
+    cannot infer); shared with :mod:`lora_fx.ops` and :mod:`lora_fx.linear_site`."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _autocast_on(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
@@ -199,7 +206,7 @@ class _RematDown(torch.autograd.Function):
             gx = (g0 @ a).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             xc = x if x.dtype == cd else x.to(cd)
-            g2, x2 = g0.reshape(-1, g0.shape[-1]), xc.reshape(-1, xc.shape[-1])
+            g2, x2 = as_rows(g0), as_rows(xc)
             # the product autograd's mm backward forms for F.linear(x, A) (column-major Aᵀ: gᵀx; else
             # (xᵀg)ᵀ), so the gradient is the one without recomputation bit for bit on every CPU kernel
             column_major = lora_A.stride(-1) == 1 and lora_A.stride(0) == lora_A.shape[-1]

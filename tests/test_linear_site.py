@@ -122,6 +122,69 @@ def test_where_the_merged_form_does_not_apply_it_is_the_factored_expression_bit_
             assert torch.equal(got, exp)
 
 
+def _bypass_case(case, lin, a, monkeypatch):
+    """Set up one way of calling a Linear that does more than ``F.linear`` (or an adapter the merged
+    call would keep more for); returns a list the hook appends to, where there is one."""
+    calls: list = []
+    if case == "backward hook":
+        lin.register_full_backward_hook(lambda m, gi, go: calls.append(1))
+    elif case == "global backward hook":
+        h = torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: calls.append(1))
+        monkeypatch.setattr(h, "_lora_fx_test", True, raising=False)
+        calls.append(h)
+    elif case == "instance forward":  # what accelerate's hooks install
+        plain = lin.forward
+        lin.forward = lambda x: (calls.append(1), plain(x))[1]
+    elif case == "patched class forward":
+        plain = nn.Linear.forward
+        monkeypatch.setattr(nn.Linear, "forward", lambda self, x: (calls.append(1), plain(self, x))[1])
+    elif case == "lora_A frozen":
+        a.requires_grad_(False)
+    return calls
+
+
+BYPASS = ["backward hook", "global backward hook", "instance forward", "patched class forward", "lora_A frozen"]
+
+
+@pytest.mark.parametrize("case", BYPASS)
+def test_linears_doing_more_than_f_linear_or_a_frozen_lora_a_take_the_factored_expression(case, monkeypatch):
+    """Hooks and replaced forwards still run (and see what they saw before), and a frozen lora_A
+    keeps no input: every such call is the factored expression bit for bit."""
+    lin, a, b, s = _factors()
+    calls = _bypass_case(case, lin, a, monkeypatch)
+    handle = calls.pop() if case == "global backward hook" else None
+    try:
+        x = _x(120, IN)
+        y = linear_site(lin, x, x, a, b, s)
+        want = _factored(lin, x, a, b, s)
+        assert torch.equal(y, want)
+        leaves = [t for t in (x, a, b) if t.requires_grad]
+        for got, exp in zip(_grads(y, leaves), _grads(want, leaves)):
+            assert torch.equal(got, exp)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if case != "lora_A frozen":
+        assert calls and len(calls) % 2 == 0  # the site's call ran the hook as the plain call did
+    else:
+        assert not merged_applies(x, lin.weight, lin.bias, a, b, s)
+
+
+@pytest.mark.parametrize("shape", [(0, OUT, RANK), (IN, 0, RANK), (IN, OUT, 0)], ids=["in=0", "out=0", "rank=0"])
+def test_empty_weights_and_rank_zero_take_the_factored_expression(shape):
+    fan_in, fan_out, rank = shape
+    lin = nn.Linear(fan_in, fan_out).requires_grad_(False)
+    a = torch.zeros(rank, fan_in, requires_grad=True)
+    b = torch.zeros(fan_out, rank, requires_grad=True)
+    s = torch.tensor(0.5)
+    x = _x(300, fan_in)
+    assert not merged_applies(x, lin.weight, lin.bias, a, b, s)
+    y = linear_site(lin, x, x, a, b, s)
+    assert torch.equal(y, _factored(lin, x, a, b, s)) and y.shape == (300, fan_out)
+    y.sum().backward()
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+
+
 def test_torch_func_and_forward_ad_take_the_factored_expression():
     lin, a, b, s = _factors()
     x = _x(120, IN)
