@@ -23,8 +23,10 @@ or ``W``, ``b`` or ``scaling`` need one, under autocast, for dtypes other than f
 (a ``W + ΔW`` rounded to bfloat16 would lose the small early delta), for tensor subclasses
 (quantized or sharded weights), when the layer module has hooks or is not an ``nn.Linear``, under
 ``torch.func`` transforms and forward-mode AD, under ``torch.compile`` and ``torch.export`` and in
-TorchScript tracing.  Compiled, the factored form is what lets AOTAutograd's partitioner recompute
-adapter inputs (:mod:`lora_fx.recompute`): an autograd Function's saved input is kept.
+TorchScript tracing.  Compiled, AOTAutograd's partitioner never recomputes a matrix product, so a
+merged weight shared by forward and backward is saved (one ``(out, in)`` tensor per site), and one
+rebuilt in backward costs what the merge saves (docs/benchmarks.md, compiled speed); the factored
+form, whose sums Inductor fuses, is as fast and keeps the compiled recomputation of inputs.
 
 Adapted graphs hold the factored chain; :mod:`lora_fx.passes.match_linear_site` rewrites the code a
 graph module runs (not its graph) so that a site's base op and its first adapter are one call.
@@ -76,8 +78,8 @@ def merged_applies(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tens
         return False
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape[0] != weight.shape[0] or lora_A.shape[0] != lora_B.shape[1]:
         return False
-    # compiled: the Function's saved input would stop the min-cut partitioner from recomputing it
-    # (compiled recomputation: 239 instead of 168 MiB on the benchmark GPT), so compiled code is factored
+    # compiled: the partitioner saves the merged weight (a matrix product: 239 instead of 168 MiB on
+    # the benchmark GPT) or, rebuilt in backward, it costs what it saved; compiled code is factored
     if (_autocast_on(x.device.type) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or torch.jit.is_tracing()
             or torch.jit.is_scripting()):
