@@ -6,8 +6,8 @@ The default-target policy lives here too.  The graph shows which op consumes eac
 facts only the user's model shows, read before capture by :func:`target_policy`:
 
 * a Hugging Face transformers ``PreTrainedModel``'s input embeddings (``get_input_embeddings()``),
-  output head (``get_output_embeddings()``) and mixture-of-experts routers are **not default
-  targets** (the choice of PEFT's ``target_modules="all-linear"``); naming them in ``targets``
+  output head (``get_output_embeddings()``), other embedding tables and mixture-of-experts
+  routers are **not default targets** (the choice of PEFT's ``target_modules="all-linear"``); naming them in ``targets``
   adapts them;
 * weights stored behind a parametrization (``torch.nn.utils.parametrize``: ``weight_norm``,
   ``spectral_norm``, ``orthogonal``, ...; or the deprecated hook-based ``torch.nn.utils.weight_norm``
@@ -36,6 +36,8 @@ __all__ = ["select_targets", "select_trainable", "check_patterns", "check_adapte
            "target_policy", "apply_policy", "find_left_out"]
 
 _NOT_DEFAULT = "target it by name to adapt it"
+#: module kinds whose weights are not default targets of a transformers model (PEFT's all-linear)
+_NOT_ALL_LINEAR = (nn.Embedding, nn.EmbeddingBag)
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,9 @@ def target_policy(model: nn.Module) -> TargetPolicy:
     """The default-target policy of ``model`` (the user's model, read only; see the module docstring).
 
     For a transformers ``PreTrainedModel`` root, the parameters of ``get_input_embeddings()``,
-    ``get_output_embeddings()`` and of mixture-of-experts routers are not default targets (every
-    name of a tied parameter); for any other model every supported site stays a default target.
+    ``get_output_embeddings()``, of every other embedding table and of mixture-of-experts routers
+    are not default targets (every name of a tied parameter: what PEFT's
+    ``target_modules="all-linear"`` leaves out; convolutions stay default targets); for any other model every supported site stays a default target.
     On every model, weights behind parametrizations are refused."""
     aliases = _aliases(model)
     not_default: dict[str, str] = {}
@@ -169,6 +172,13 @@ def target_policy(model: nn.Module) -> TargetPolicy:
             for name in _module_params(model, mod, aliases):
                 not_default.setdefault(name, f"not a default target: a transformers model's {what} "
                                              f"({method}()), left out as by PEFT's all-linear; {_NOT_DEFAULT}")
+        # PEFT's all-linear leaves out every embedding table (GPT-2's wpe, BERT's token types), not only
+        # get_input_embeddings(); convolutions stay default targets (a vision model's natural sites)
+        for path, mod in model.named_modules():
+            if isinstance(mod, _NOT_ALL_LINEAR):
+                for name in _module_params(model, mod, aliases):
+                    not_default.setdefault(name, f"not a default target: '{path}' is an {type(mod).__name__} of a "
+                                                 f"transformers model, left out as by PEFT's all-linear; {_NOT_DEFAULT}")
         not_default.update({k: v for k, v in _routers(model, aliases).items() if k not in not_default})
     refused, names = _parametrized(model, aliases)
     earlier = policy_of(model)  # a folded model keeps the policy of the model it came from

@@ -210,3 +210,21 @@ def test_gpt2_default_targets_save_a_file_peft_loads(tmp_path, gpt2):
     finally:
         lora_fx.delete_adapter(gm, "defaults")
         lora_fx.set_active_adapters(gm, "default")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "whisper", "vit"])
+def test_default_targets_are_peft_all_linear_plus_convolutions(name):
+    """On a transformers model the default targets are the modules PEFT's ``all-linear`` adapts
+    (GPT-2's position table ``wpe`` is left out, with its reason), plus the convolutions."""
+    import _hf
+
+    lm = lora_fx.transform(_hf.tiny(name), rank=2)
+    ours = {s.param.rsplit(".", 1)[0]: s for s in lora_fx.sites(lm)}
+    pm = peft.get_peft_model(_hf.tiny(name), peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+              if hasattr(m, "lora_A") and not n.endswith(("lora_A", "lora_B"))}
+    assert {k for k, s in ours.items() if not s.op.startswith("conv")} == theirs
+    assert len(ours) > len(theirs) or name not in ("whisper", "vit")
+    if name == "gpt2":
+        reasons = {e.param: e.reason for e in lora_fx.left_out(lm)}
+        assert "Embedding" in reasons["transformer.wpe.weight"] and "all-linear" in reasons["transformer.wpe.weight"]
