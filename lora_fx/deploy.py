@@ -65,8 +65,8 @@ def fold(gm: nn.Module, *, requantize: bool = False, dtype: Optional[torch.dtype
             class, :data:`lora_fx.state.FOLD_ATTR`) records, per weight, the largest and mean
             absolute difference ``{"max", "mean"}`` between the requantized weight and the float fold.
         dtype: the dtype of the float weights folded from quantized ones (default: each weight's
-            compute dtype; bitsandbytes 8-bit weights keep no record of theirs and default to
-            float16).  Plain weights always keep their dtype.
+            compute dtype; bitsandbytes 8-bit weights keep no record of theirs and take the
+            floating dtype of most of the model's plain parameters, float16 when it has none).  Plain weights always keep their dtype.
 
     Raises:
         NotAdaptedError: ``gm`` was not produced by :func:`lora_fx.transform` (or is already folded).

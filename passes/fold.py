@@ -167,6 +167,16 @@ def fold_regions(root: nn.Module, *, requantize: bool = False,
     return new, info
 
 
+def _model_float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The floating dtype holding most elements among ``model``'s plain base parameters (adapters
+    aside; None if none): what a quantized weight without a recorded dtype folds to."""
+    count: dict[torch.dtype, int] = {}
+    for name, p in model.named_parameters():
+        if not is_adapter_path(name) and weights.is_plain(p) and p.is_floating_point():
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return max(count, key=count.get) if count else None
+
+
 def _fold_weights_(new: nn.Module, requantize: bool, dtype: Optional[torch.dtype]) -> tuple[dict, list, dict]:
     """Write the folded weights into ``new`` (a copy the caller owns); returns ``(info, plans,
     owners)``, ``owners`` the modules owning a folded quantized weight (by id)."""
@@ -200,12 +210,16 @@ def _fold_weights_(new: nn.Module, requantize: bool, dtype: Optional[torch.dtype
         plans.append((gm, f"{gm_path}." if gm_path else "", by_alias))
     memo: dict[tuple, nn.Parameter] = {}
     assigned: dict[int, dict[str, tuple]] = {}  # id(w) -> {global name: memo key}
+    model_dtype = _model_float_dtype(new)
     for gm, prefix, by_alias in plans:
         for alias, (w, adapters) in by_alias.items():
             key = (id(w),) + tuple(sorted(id(a) for a in adapters))
             quantized = not weights.is_plain(w)
             if key not in memo:
-                value = folded_weight(w, adapters, dtype if quantized else None, name=prefix + alias)
+                out = dtype if quantized else None
+                if quantized and out is None and not weights.kind_of(w).dtype_recorded(w):
+                    out = model_dtype  # bitsandbytes 8-bit keeps no record: the model's own dtype
+                value = folded_weight(w, adapters, out, name=prefix + alias)
                 if requantize and quantized:
                     value, errors[prefix + alias] = _requantized(w, value)
                 memo[key] = _parameter(value, w.requires_grad)

@@ -82,6 +82,11 @@ class WeightKind:
         """The dtype of :meth:`dequantize` (the weight's compute dtype)."""
         return w.dtype
 
+    def dtype_recorded(self, w: Tensor) -> bool:
+        """Whether :meth:`dtype` is a record the weight keeps (False: a guess, such as bitsandbytes
+        8-bit's float16; :func:`lora_fx.fold` then takes the model's own float dtype)."""
+        return True
+
     def dequantize(self, w: Tensor) -> Tensor:
         """``W`` as a floating tensor of :meth:`shape` and :meth:`dtype` (may be ``w`` itself)."""
         return w

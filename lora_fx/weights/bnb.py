@@ -13,7 +13,8 @@ time it sees one; never by ``import lora_fx``).  The modules holding them (``Lin
   and one float32 scale per row (``SCB``), ``W = codes · SCB / 127``.  bitsandbytes moves ``SCB``
   into the module's ``state`` at the first forward; lora_fx's modules keep it on the weight too.
   bitsandbytes keeps no record of the dtype it quantized from (it quantizes from float16), so the
-  weight's dtype is taken to be float16 (``lora_fx.fold(..., dtype=...)`` picks another).
+  weight's dtype is taken to be float16, and ``lora_fx.fold`` folds it to the model's own float
+  dtype (or ``dtype=``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ class Bnb8bitKind(WeightKind):
 
     def dtype(self, w: Tensor) -> torch.dtype:
         return torch.float16 if w.dtype == torch.int8 else w.dtype
+
+    def dtype_recorded(self, w: Tensor) -> bool:
+        return w.dtype != torch.int8
 
     def dequantize(self, w: Tensor) -> Tensor:
         if w.dtype != torch.int8:  # has_fp16_weights=True: not quantized
