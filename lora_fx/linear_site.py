@@ -47,7 +47,21 @@ from .recompute import _autocast_on, as_rows, _global_hooks, _recomputable, keep
 __all__ = ["linear_site", "merged_applies"]
 
 _PLAIN = (Tensor, nn.Parameter)
-_LINEAR_FORWARD = nn.Linear.forward
+_STOCK_FILE = torch.nn.modules.linear.__file__
+_stock_seen: list = []  # the nn.Linear.forward last found to be PyTorch's own
+
+
+def _stock_linear_forward() -> bool:
+    """Whether ``nn.Linear.forward`` is PyTorch's own (its code in ``torch/nn/modules/linear.py``):
+    a patch made before lora_fx was imported is seen too."""
+    f = nn.Linear.forward
+    if _stock_seen and _stock_seen[0] is f:
+        return True
+    code = getattr(f, "__code__", None)
+    if code is None or code.co_filename != _STOCK_FILE or code.co_name != "forward":
+        return False
+    _stock_seen[:] = [f]
+    return True
 _DTYPES = (torch.float32, torch.float64)
 
 #: the base layer of a site: an ``nn.Linear`` module the graph called, or ``(weight, bias)``
@@ -102,7 +116,8 @@ class _MergedLinear(torch.autograd.Function):
         ctx.recomputes = kind is not None
         # x is kept unless the site recomputes it from its producer's inputs
         kept = keep_producer(ctx, x, kind, kwargs, inputs) if ctx.recomputes else [x]
-        ctx.save_for_backward(weight, lora_A, lora_B, scaling, h, *kept)
+        # W is read only for ∂L/∂x: not kept (nor checked for in-place writes) when x needs none
+        ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, lora_A, lora_B, scaling, h, *kept)
         return y
 
     @staticmethod
@@ -137,7 +152,7 @@ def _hooked(m: nn.Module) -> bool:
     """Whether calling ``m`` does more than ``F.linear``: not an ``nn.Linear``, a ``forward`` set on the
     instance (accelerate's hooks) or a patched class forward, forward or backward hooks (own or global)."""
     mm = torch.nn.modules.module
-    return (type(m) is not nn.Linear or "forward" in m.__dict__ or nn.Linear.forward is not _LINEAR_FORWARD
+    return (type(m) is not nn.Linear or "forward" in m.__dict__ or not _stock_linear_forward()
             or bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
             or _global_hooks() or bool(mm._global_backward_hooks or mm._global_backward_pre_hooks))
 

@@ -104,7 +104,54 @@ def remat_spec(graph: fx.Graph, gm: nn.Module, x) -> tuple | None:
         return None
     if any(isinstance(v, fx.Node) for k, v in spec[2].items() if k != "module"):
         return None
+    # an input written in place (``u.sin_()`` after ``gelu(u)``): backward would recompute x from
+    # the new value; the site keeps x instead
+    if any(i is not None and _written_in_place(i) for i in spec[1]):
+        return None
     return spec
+
+
+#: methods and functions that return a view of their first argument (writes through them reach it)
+_VIEWS = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "expand", "expand_as",
+                    "narrow", "unsqueeze", "squeeze", "t", "flatten", "unflatten", "select", "split", "chunk",
+                    "unbind", "movedim", "swapaxes", "as_strided", "diagonal", "unfold", "detach", "contiguous",
+                    "type_as", "to", "float", "real", "imag", "view_as_real", "view_as_complex"})
+_INPLACE_FUNCTIONS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                                operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                                operator.ilshift, operator.irshift, operator.imatmul, operator.setitem})
+
+
+def _op_name(n: fx.Node) -> str:
+    if n.op == "call_method":
+        return n.target
+    return getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+
+
+def _written_in_place(node: fx.Node) -> bool:
+    """Whether a graph op may write ``node``'s tensor in place, directly or through a view of it:
+    an in-place method or function (``sin_``, ``+=``, ``x[i] = v``), ``inplace=True``, or a leaf
+    module built with ``inplace=True``.  Conservative: any view-like use is followed."""
+    seen, todo = set(), [node]
+    owner = node.graph.owning_module
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            name = _op_name(u)
+            first = u.args[0] if u.args else None
+            if u.kwargs.get("inplace") is True or u.target in _INPLACE_FUNCTIONS and first is n:
+                return True
+            if name.endswith("_") and not name.endswith("__") and first is n:
+                return True
+            if u.op == "call_module" and owner is not None:
+                mod = owner.get_submodule(u.target) if isinstance(u.target, str) else None
+                if getattr(mod, "inplace", False) is True and first is n:
+                    return True
+            if (name in _VIEWS or u.target is operator.getitem) and first is n:
+                todo.append(u)
+    return False
 
 
 #: call target -> its :data:`~lora_fx.recompute.POINT_TARGETS` name (the first name of an object

@@ -9,6 +9,7 @@ hold none of it, and under ``torch.compile`` it is the factored form, traced who
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import pytest
@@ -138,12 +139,22 @@ def _bypass_case(case, lin, a, monkeypatch):
     elif case == "patched class forward":
         plain = nn.Linear.forward
         monkeypatch.setattr(nn.Linear, "forward", lambda self, x: (calls.append(1), plain(self, x))[1])
+    elif case == "wrapped class forward":  # functools.wraps keeps the stock name and module
+        plain = nn.Linear.forward
+
+        @functools.wraps(plain)
+        def wrapped(self, x):
+            calls.append(1)
+            return plain(self, x)
+
+        monkeypatch.setattr(nn.Linear, "forward", wrapped)
     elif case == "lora_A frozen":
         a.requires_grad_(False)
     return calls
 
 
-BYPASS = ["backward hook", "global backward hook", "instance forward", "patched class forward", "lora_A frozen"]
+BYPASS = ["backward hook", "global backward hook", "instance forward", "patched class forward", "wrapped class forward",
+          "lora_A frozen"]
 
 
 @pytest.mark.parametrize("case", BYPASS)
@@ -168,6 +179,20 @@ def test_linears_doing_more_than_f_linear_or_a_frozen_lora_a_take_the_factored_e
         assert calls and len(calls) % 2 == 0  # the site's call ran the hook as the plain call did
     else:
         assert not merged_applies(x, lin.weight, lin.bias, a, b, s)
+
+
+def test_the_frozen_weight_is_not_kept_when_the_input_needs_no_gradient():
+    """A first layer (x without grad): W is not saved, so writing it in place between forward and
+    backward (an EMA, a weight sync) leaves the adapter gradients those of the factored form."""
+    lin, a, b, s = _factors()
+    x = _x(120, IN).detach()
+    assert merged_applies(x, lin.weight, lin.bias, a, b, s)
+    y = linear_site(lin, x, x, a, b, s)
+    want = _factored(lin, x, a, b, s)
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    for got, exp in zip(_grads(y, (a, b)), _grads(want, (a, b))):
+        assert_close(got, exp)
 
 
 @pytest.mark.parametrize("shape", [(0, OUT, RANK), (IN, 0, RANK), (IN, OUT, 0)], ids=["in=0", "out=0", "rank=0"])

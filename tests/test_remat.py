@@ -359,6 +359,38 @@ def test_remat_producer_input_modified_in_place(before_site):
     _assert_matches(model, gm, torch.randn(5, 4))
 
 
+class _GradInputWrittenInPlace(nn.Module):
+    """``h = producer(u)`` with ``u`` needing a gradient, then ``u`` written in place (directly or
+    through a view) before the site: recomputing ``producer(u)`` in backward would read the new
+    value, and ``autograd.grad`` on the adapters alone never reaches the producer's own check."""
+
+    def __init__(self, producer, write):
+        super().__init__()
+        self.pre, self.a, self.ln = nn.Linear(8, 8), nn.Linear(8, 8), nn.LayerNorm(8)
+        self.producer, self.write = producer, write
+
+    def forward(self, x):
+        u = self.pre(x)
+        h = F.gelu(u) if self.producer == "gelu" else self.ln(u)
+        if self.write == "method":
+            u.sin_()
+        elif self.write == "view":
+            u.view(-1).mul_(2.0)
+        else:
+            u += 1.0
+        return self.a(h) + u
+
+
+@pytest.mark.parametrize("producer", ["gelu", "layernorm"])
+@pytest.mark.parametrize("write", ["method", "view", "augmented"])
+@pytest.mark.parametrize("rows", [32, 2], ids=["merged", "factored"])
+def test_a_producer_input_written_in_place_before_the_site_is_not_recomputed(producer, write, rows):
+    torch.manual_seed(0)
+    model = _GradInputWrittenInPlace(producer, write)
+    gm = randomize_(lora_fx.transform(model, rank=2, targets=["a.weight"]))
+    _assert_matches(model, gm, torch.randn(rows, 8, requires_grad=True))
+
+
 class _LnFc(nn.Module):
     def __init__(self):
         super().__init__()
