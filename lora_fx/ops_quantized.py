@@ -84,20 +84,27 @@ def quantized_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, n
 
 
 @graph_op
-def bnb_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], compute_dtype: Optional[torch.dtype]) -> Tensor:
+def bnb_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], compute_dtype: Optional[torch.dtype],
+               state=None, training: bool = True) -> Tensor:
     """What bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` compute, without their state: ``x`` and
     the bias cast to ``compute_dtype`` (None: ``x``'s dtype), the linear, the result cast back to
     ``x``'s dtype; nothing is cast or repacked in place.
 
     ``weight`` (logical shape ``(out, in)``) is the module's own quantized weight (the kind's kernel
     runs: ``bitsandbytes.matmul_4bit``; 8-bit through :func:`quantized_linear`) or, merged, a float
-    ``dequantize(W) + ΔW``.  Returns ``(..., out)`` in ``x``'s dtype.
+    ``dequantize(W) + ΔW``.  An 8-bit weight given with its module's ``state``
+    (``bitsandbytes.MatmulLtState``) and ``training`` flag computes as ``Linear8bitLt.forward``
+    does: ``bitsandbytes.matmul`` (LLM.int8: the input quantized to int8) except in training on
+    CPU / XPU, where bitsandbytes too dequantizes the weight; under ``torch.compile`` the
+    dequantized form runs.  Returns ``(..., out)`` in ``x``'s dtype.
     """
     dtype = compute_dtype or x.dtype
     b = None if bias is None else bias.to(dtype)
     kind = weights.kind_of(weight)
     if kind is weights.TENSOR:
         out = F.linear(x.to(dtype), weight.to(dtype), b)
+    elif state is not None and (out := kind.module_linear(x.to(dtype), weight, b, state, training)) is not None:
+        pass
     elif kind.frozen_linear:
         out = quantized_linear(x.to(dtype), weight, b)
     else:

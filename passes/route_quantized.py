@@ -142,7 +142,7 @@ def unroute_quantized_(gm: fx.GraphModule) -> fx.GraphModule:
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        for attr in (w, b):  # the get_attr nodes only this call read
+        for attr in node.args[1:]:  # the get_attr nodes only this call read
             if isinstance(attr, fx.Node) and attr.op == "get_attr" and not attr.users:
                 gm.graph.erase_node(attr)
         changed = True

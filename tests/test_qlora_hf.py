@@ -101,6 +101,22 @@ def test_kept_class_exact_against_the_dequantized_reference(checkpoint, how):
         assert_close(g, w, dtype=torch.bfloat16, ulps=16)
 
 
+def test_a_fresh_adapter_on_an_8bit_base_is_the_base_model_bit_for_bit_in_eval_and_train(checkpoint):
+    """bitsandbytes' Linear8bitLt computes LLM.int8 (the input quantized) in eval mode and dequantizes
+    in training on CPU; lora_fx's copies do the same, so B = 0 gives the base model's logits in both."""
+    base = _load(checkpoint, "bnb-int8")
+    gm = lora_fx.transform(base, rank=4, targets=TARGETS)
+    ids = _ids()
+    for mode in ("eval", "train"):
+        getattr(base, mode)(), getattr(gm, mode)()
+        with torch.no_grad():
+            assert torch.equal(gm(input_ids=ids).logits, base(input_ids=ids).logits), mode
+    gm.eval()  # eval with gradients: bitsandbytes' int8 kernel has an input gradient
+    randomize_(gm, scale=0.05)
+    gm(input_ids=ids).logits.float().square().mean().backward()
+    assert all(s.lora_A.grad is not None and s.lora_A.grad.abs().sum() > 0 for s in lora_fx.sites(gm))
+
+
 @pytest.mark.parametrize("how", ["bnb-nf4", "torchao-nf4"])
 def test_no_weight_sized_float_copy_is_saved_for_backward(checkpoint, how):
     gm = lora_fx.transform(_load(checkpoint, how), rank=4, targets=TARGETS).train()

@@ -32,7 +32,8 @@ model is never touched):
 the weight's dtype); with ``requantize=True`` it stays a bitsandbytes module with a freshly
 quantized weight.  In eval mode ``Linear8bitLt`` quantizes its input to int8 (its inference
 kernel), so eval outputs differ from the dequantized-weight function by that rounding (train mode
-is exact).
+on CPU is exact); the graph of a module captured on its own passes its ``state`` and ``training``
+to :func:`~lora_fx.ops_quantized.bnb_linear`, which computes as the module's forward does.
 """
 
 from __future__ import annotations
@@ -105,7 +106,10 @@ def _own_graph(m: nn.Linear) -> fx.Graph:
     x = graph.placeholder("input")
     bias = graph.get_attr("bias") if m.bias is not None else None
     compute = graph.get_attr("compute_dtype") if isinstance(m, Linear4bit) else None
-    graph.output(graph.call_function(bnb_linear, (x, graph.get_attr("weight"), bias, compute)))
+    args = (x, graph.get_attr("weight"), bias, compute)
+    if isinstance(m, Linear8bitLt):  # its state and mode: LLM.int8 where the module's forward uses it
+        args += (graph.get_attr("state"), graph.get_attr("training"))
+    graph.output(graph.call_function(bnb_linear, args))
     return graph
 
 

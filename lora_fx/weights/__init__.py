@@ -82,6 +82,11 @@ class WeightKind:
         """The dtype of :meth:`dequantize` (the weight's compute dtype)."""
         return w.dtype
 
+    def module_linear(self, x: Tensor, w: Tensor, bias: Optional[Tensor], state, training: bool) -> Optional[Tensor]:
+        """``x Wᵀ + b`` as the weight's own module computes it from its ``state`` in this mode,
+        where that differs from :meth:`linear` (bitsandbytes 8-bit inference); None: :meth:`linear`."""
+        return None
+
     def dtype_recorded(self, w: Tensor) -> bool:
         """Whether :meth:`dtype` is a record the weight keeps (False: a guess, such as bitsandbytes
         8-bit's float16; :func:`lora_fx.fold` then takes the model's own float dtype)."""

@@ -116,6 +116,15 @@ class Bnb8bitKind(WeightKind):
     def dtype_recorded(self, w: Tensor) -> bool:
         return w.dtype != torch.int8
 
+    def module_linear(self, x: Tensor, w: Tensor, bias: Optional[Tensor], state, training: bool) -> Optional[Tensor]:
+        # Linear8bitLt.forward: bitsandbytes.matmul (LLM.int8, the input quantized) except in training
+        # on CPU / XPU, where it dequantizes (= linear); compiled, the dequantized form is traced
+        if (w.dtype != torch.int8 or (training and x.device.type in ("cpu", "xpu"))
+                or torch.compiler.is_compiling() or state.CB is None):
+            return None
+        state.is_training = training
+        return bitsandbytes.matmul(x, w, bias=bias, state=state)
+
     def dequantize(self, w: Tensor) -> Tensor:
         if w.dtype != torch.int8:  # has_fp16_weights=True: not quantized
             return w
