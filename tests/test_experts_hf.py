@@ -158,6 +158,39 @@ def test_hf_moe_peft_files_both_ways(tmp_path):
     assert type(again) is type(model)
 
 
+@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+def test_hf_moe_peft_all_linear_files_with_the_router_both_ways(name, tmp_path):
+    """PEFT's ``all-linear`` on a MoE model also targets the router (``target_parameters``
+    ``gate.weight``): its file loads into lora_fx to PEFT's logits, and a lora_fx adapter on the
+    router and the experts is a file PEFT loads to lora_fx's logits."""
+    peft = pytest.importorskip("peft")
+    model = hf_moe_model(name)
+    ids = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+            r=3, lora_alpha=6, target_modules="all-linear", init_lora_weights=False)).eval()
+        assert any(t.endswith("gate.weight") for t in pm.peft_config["default"].target_parameters)
+        pm.save_pretrained(tmp_path / "peft")
+        loaded = lora_fx.load_adapter(model, tmp_path / "peft")
+    assert any(s.param.endswith("mlp.gate.weight") for s in lora_fx.sites(loaded))
+    with torch.no_grad():
+        assert_close(loaded(ids).logits, pm(ids).logits)
+
+    gm = lora_fx.transform(model, rank=3, targets=TARGETS + ["*.mlp.gate.weight", "*.q_proj.weight"])
+    randomize_(gm, scale=0.3)
+    lora_fx.save_adapter(gm, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+        again = lora_fx.load_adapter(model, tmp_path / "ours")
+    with torch.no_grad():
+        want = reference_call(model, gm, (ids,)).logits
+        assert_close(gm(ids).logits, want)
+        assert_close(back(ids).logits, want)
+        assert_close(again(ids).logits, want)
+
+
 def test_hf_moe_export_frontend():
     """The export front-end (example inputs) adapts the same stacks, factored, and equals the
     kept-class model."""

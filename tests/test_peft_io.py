@@ -8,11 +8,12 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
 from lora_fx import AdapterFileError, AdapterMismatchError, ConfigError, UnsupportedSiteError
-from _reference import randomize_
+from _reference import randomize_, reference_call
 from _tolerance import assert_close, assert_not_close
 
 peft = pytest.importorskip("peft")
@@ -207,14 +208,80 @@ def test_save_refuses_what_peft_cannot_express(tmp_path):
     gm = lora_fx.transform(Attn(), rank=2)
     with pytest.raises(UnsupportedSiteError) as err:
         lora_fx.save_adapter(gm, tmp_path / "a")
-    # in_proj_weight is no module's weight; out_proj.weight is read by MultiheadAttention's own forward, so
-    # PEFT's LoRA on the out_proj module would have no effect (checked with real PEFT): both refused
-    assert "mha.in_proj_weight" in str(err.value) and "mha.out_proj.weight" in str(err.value)
+    # out_proj.weight is read by MultiheadAttention's own forward, so PEFT's LoRA on the out_proj module
+    # would have no effect (checked with real PEFT): refused; in_proj_weight is a target_parameters entry
+    assert "mha.out_proj.weight" in str(err.value) and "mha.in_proj_weight" not in str(err.value)
     assert not (tmp_path / "a").exists()
     with pytest.raises(ConfigError, match="PiSSA and DoRA"):
         lora_fx.save_adapter(lora_fx.transform(MLP(), rank=2, init="pissa", use_dora=True), tmp_path / "b")
     with pytest.raises(ConfigError, match="no adapter 'zzz'"):
         lora_fx.save_adapter(gm, tmp_path / "c", adapter="zzz")
+
+
+def test_a_2d_parameter_of_a_module_peft_has_no_layer_for_is_a_target_parameters_entry(tmp_path):
+    """MultiheadAttention's ``in_proj_weight`` (fused into q, k, v blocks by lora_fx) is written as one
+    PEFT ``target_parameters`` pair: real PEFT loads it to lora_fx's outputs, and lora_fx loads it back."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.mha(x, x, x)[0])
+
+    torch.manual_seed(0)
+    model = Attn().eval()
+    gm = lora_fx.transform(model, rank=2, targets=["mha.in_proj_weight", "fc.weight"])
+    _randomise(gm, seed=4)
+    lora_fx.save_adapter(gm, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mha.in_proj_weight"]
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference_call(model, gm, (x,))
+        assert_close(gm(x), want)
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "a").eval()
+        assert_close(pm(x), want)
+        assert_close(lora_fx.load_adapter(copy.deepcopy(model), tmp_path / "a")(x), want)
+
+
+class _Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8) / 8 ** 0.5)
+
+    def forward(self, x):
+        return F.linear(x, self.w)
+
+
+class _TwoHolders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.h, self.g = _Holder(), _Holder()
+
+    def forward(self, x):
+        return self.h(x) + F.linear(x, self.g.w)  # g.w is also read outside g's call
+
+
+def test_a_custom_modules_parameter_saves_for_peft_unless_read_outside_its_module(tmp_path):
+    torch.manual_seed(0)
+    model = _TwoHolders().eval()
+    gm = lora_fx.transform(model, rank=2, targets=["h.w", "g.w"])
+    with pytest.raises(UnsupportedSiteError) as err:
+        lora_fx.save_adapter(gm, tmp_path / "a")
+    assert "'g.w' is also read outside" in str(err.value) and "exclude=['g.w']" in str(err.value)
+    assert "'h.w'" not in str(err.value) and not (tmp_path / "a").exists()
+    gm = lora_fx.transform(model, rank=2, targets=["h.w"])
+    _randomise(gm, seed=5)
+    lora_fx.save_adapter(gm, tmp_path / "b")
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = reference_call(model, gm, (x,))
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "b").eval()
+        assert_close(pm(x), want)
+        assert_close(lora_fx.load_adapter(copy.deepcopy(model), tmp_path / "b")(x), want)
 
 
 def test_loading_values_into_compiled_module_needs_no_recompile(tmp_path):

@@ -60,6 +60,24 @@ def _inside_owner(node) -> bool:
     return inner is not None and inner == node.target.rpartition(".")[0]
 
 
+def _read_outside(model: nn.Module, s, owner: str) -> Optional[str]:
+    """Why PEFT's ``target_parameters`` wrapper of module ``owner`` (which adds ``ΔW`` to the
+    parameter while the module runs) would miss a consumer of site ``s``, or None: every graph
+    reading it is the module's own (a region) or reads it inside the module's call."""
+    for prefix, _, rec, a in adapter_records(model):
+        if a is not s.module or rec.adapter != s.adapter or prefix[:-1] == owner:
+            continue
+        holder = model.get_submodule(prefix[:-1]) if prefix else model
+        nodes = {n.name: n for n in (region_of(holder) or holder).graph.nodes}
+        for node, op, _ in rec.consumers:
+            n = nodes.get(node)
+            if getattr(n, "op", None) == "get_attr" and not _inside_owner(n):
+                return (f"'{s.param}' is also read outside its module's forward (by {op}, graph node {node!r}), and "
+                        "PEFT's target_parameters adapt it only while its module runs: the file would compute "
+                        f"something else. Leave it out with exclude=['{s.param}'] to save the rest")
+    return None
+
+
 def _owners(model: nn.Module, s, names_of: dict) -> tuple[list[tuple[str, str]], Optional[str]]:
     """``[(module, PEFT kind)]`` of the modules whose calls consume site ``s`` (one per targeted
     alias of a tied weight), or ``([], why)`` when PEFT, which adapts module calls, cannot express it.
@@ -158,9 +176,11 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
     Raises:
         UnknownAdapterError: unknown adapter name.
         ConfigError: a PiSSA adapter with DoRA.
-        UnsupportedSiteError: what PEFT's format cannot express, all listed: a parameter other
-            than a module's ``weight``; a module type other than Linear, Embedding, ungrouped
-            ConvNd, GPT-2 Conv1D; a weight also read outside its module's call (e.g. a tied
+        UnsupportedSiteError: what PEFT's format cannot express, all listed: a parameter of the
+            model root, a parameter other than a module's ``weight`` of a Linear, Embedding,
+            ungrouped ConvNd or GPT-2 Conv1D (a 2-D parameter of any other module is a
+            ``target_parameters`` entry), a module type other than those with a weight of 3 or
+            more dimensions; a weight also read outside its module's call (e.g. a tied
             head computed with ``F.linear``); DoRA on Embedding / Conv1D (PEFT normalises along
             the other axis) or with a mixing weight other than 1; a mixing weight of 0; a
             ``modules_to_save`` entry PEFT's suffix rule would also apply to other modules.
@@ -194,6 +214,23 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
                 a, b, r, alpha = peft_experts.expert_factors(m)
                 entries.append((s.param, "experts", s, a, b, r, alpha))
             continue
+        owner_path, _, pname = s.param.rpartition(".")
+        holder = model.get_submodule(owner_path) if owner_path else model
+        if peft_kind(holder) is None and len(s.shape) == 2 and len(s.aliases) == 1 and owner_path:
+            # a 2-D parameter of a module PEFT has no layer for (a MoE router): target_parameters
+            why = _read_outside(model, s, owner_path)
+            if why:
+                problems.append(why)
+            elif m.use_dora:
+                problems.append(f"'{s.param}' ({type(holder).__name__}.{pname}) uses DoRA: PEFT's target_parameters "
+                                "adapters take none")
+            elif m.mix == 0.0:
+                problems.append(f"'{s.param}': mixing weight 0 switches the adapter off and PEFT has no switch; "
+                                "set_scale_(gm, 1.0) (or set_active_adapters) to save its trained values")
+            else:
+                a, b, r, alpha = peft_factors(m)
+                entries.append((s.param, "param", s, a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), r, alpha))
+            continue
         owners, why = _owners(model, s, names_of)
         if why:
             problems.append(why)
@@ -225,11 +262,11 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
                       f"save_adapter(..., modules_to_save={owners_[:8]}) to save them (PEFT restores them), or save "
                       "lora_fx's own file (lora_fx.io.save_lora_state), which carries them", LoraFxWarning, stacklevel=2)
     tensors: dict[str, torch.Tensor] = {}
-    stacks = [e for e in entries if e[1] == "experts"]
+    stacks = [e for e in entries if e[1] in ("experts", "param")]  # PEFT's target_parameters
     prefixes = peft_experts.key_prefixes(model, [e[0] for e in stacks])
     for owner, kind, s, a, b, _, _ in entries:
-        if kind == "experts":
-            la, lb = peft_experts.to_peft(a, b)
+        if kind in ("experts", "param"):
+            la, lb = peft_experts.to_peft(a, b) if kind == "experts" else (a, b)
             tensors[prefixes[owner] + "lora_A.weight"] = la.contiguous().clone()
             tensors[prefixes[owner] + "lora_B.weight"] = lb.contiguous().clone()
             continue
@@ -254,7 +291,7 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         "inference_mode": True,
         "r": r0,
         "lora_alpha": a0,
-        "target_modules": "^(?:" + "|".join(re.escape(e[0]) for e in entries if e[1] != "experts") + ")$"
+        "target_modules": "^(?:" + "|".join(re.escape(e[0]) for e in entries if e[1] not in ("experts", "param")) + ")$"
                           if len(stacks) < len(entries) else [],
         "exclude_modules": None,
         "rank_pattern": {_exact(e[0]): e[5] for e in entries if e[5] != r0},
@@ -372,6 +409,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
         rank_pattern={n: r for n, r, _ in named},
         alpha_pattern={n: a for n, _, a in named},
         use_rslora=bool(config.get("use_rslora", False)), use_dora=dora,
+        fused={t.param: None for t in stacks if t.lora_A.dim() == 2},  # one pair, as PEFT's (MHA's in_proj_weight)
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         trainable=tuple(m for m in plan.saved if next(target.get_submodule(m).parameters(), None) is not None) or None)
     with torch.no_grad(), Rollback() as undo:
@@ -400,6 +438,20 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
                 mod.lora_magnitude.copy_(t.tensors["lora_magnitude_vector"].reshape(-1))
         for t in stacks:
             mod = by_alias.get(t.param)
+            if t.lora_A.dim() == 2:  # a 2-D parameter (a router's gate.weight)
+                if mod is None or mod.experts is not None or mod.lora_A.shape[0] < t.rank \
+                        or tuple(mod.lora_A.shape[1:]) != tuple(t.lora_A.shape[1:]) \
+                        or mod.lora_B.shape[0] != t.lora_B.shape[0]:
+                    raise AdapterMismatchError(
+                        f"adapter in '{directory}': '{t.param}' is not adapted with lora_A {tuple(t.lora_A.shape)} / "
+                        f"lora_B {tuple(t.lora_B.shape)} in {type(gm).__name__}; nothing was loaded")
+                for p in (mod.lora_A, mod.lora_B):
+                    undo.tensor(p)
+                mod.lora_A[:t.rank].copy_(t.lora_A.reshape(t.rank, -1))
+                mod.lora_A[t.rank:].zero_()
+                mod.lora_B[:, :t.rank].copy_(t.lora_B.reshape(t.lora_B.shape[0], -1))
+                mod.lora_B[:, t.rank:].zero_()
+                continue
             if mod is None or mod.experts is None or tuple(mod.lora_A.shape[::2]) != tuple(t.lora_A.shape[::2]) \
                     or tuple(mod.lora_B.shape[:2]) != tuple(t.lora_B.shape[:2]) or mod.lora_A.shape[1] < t.rank:
                 raise AdapterMismatchError(

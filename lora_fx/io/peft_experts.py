@@ -1,4 +1,10 @@
-"""HF PEFT ``target_parameters`` files for per-expert adapters on stacks of expert weights.
+"""HF PEFT ``target_parameters`` files: per-expert adapters on stacks of expert weights, and
+adapters on 2-D parameters of modules PEFT has no layer for (a mixture-of-experts router's
+``gate.weight``, which PEFT's ``all-linear`` targets this way).
+
+A 2-D parameter ``W (out, in)`` is the one-expert case: ``lora_A.weight (r, in)`` and
+``lora_B.weight (out, r)`` are ours as they are, ``ΔW = s·B@A`` added to the parameter whatever
+op reads it.
 
 PEFT (``lora.ParamWrapper``, PEFT ≥ 0.17) adapts a 3-D parameter ``W (E, d1, d2)`` with one
 ``nn.Linear`` pair for all experts; its layout, mapped exactly to ours (``lora_A (E, r, in)``,
@@ -80,10 +86,10 @@ def key_prefixes(model: nn.Module, params) -> dict[str, str]:
 
 
 def resolve_target_parameters(model: nn.Module, targets) -> list[str]:
-    """The model's 3-D parameters PEFT's ``target_parameters`` names (``name == t`` or
+    """The model's 2-D and 3-D parameters PEFT's ``target_parameters`` names (``name == t`` or
     ``name.endswith("." + t)``), in model order."""
     targets = list(targets or ())
-    return [n for n, p in model.named_parameters() if not is_adapter_path(n) and p.dim() == 3
+    return [n for n, p in model.named_parameters() if not is_adapter_path(n) and p.dim() in (2, 3)
             and any(n == t or n.endswith("." + t) for t in targets)]
 
 
@@ -96,7 +102,8 @@ def _pattern(patterns: dict, name: str):
 
 @dataclass
 class ExpertTarget:
-    """One stack a PEFT file adapts: its parameter name, ``(A, B)`` in our layout, rank and alpha."""
+    """One parameter a PEFT file adapts: its name, ``(A, B)`` in our layout (``(E, r, in)`` /
+    ``(E, out, r)`` for a stack, ``(r, in)`` / ``(out, r)`` for a 2-D parameter), rank and alpha."""
 
     param: str
     lora_A: torch.Tensor
@@ -116,17 +123,20 @@ def plan_experts(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor
     """
     names = resolve_target_parameters(model, config.get("target_parameters"))
     if not names:
-        return [], dict(tensors), ([f"target_parameters {config.get('target_parameters')} name no 3-D parameter "
-                                    f"of {type(model).__name__}"] if config.get("target_parameters") else [])
+        return [], dict(tensors), ([f"target_parameters {config.get('target_parameters')} name no 2-D or 3-D "
+                                    f"parameter of {type(model).__name__}"] if config.get("target_parameters") else [])
     params = dict(model.named_parameters())
     prefixes = key_prefixes(model, names)
     rest, targets, problems = dict(tensors), [], []
     r0, a0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     for name in names:
         w = params[name]
-        e, d1, d2 = w.shape
-        transposed = bool(getattr(model.get_submodule(name.rpartition(".")[0]), "is_transposed", False))
-        n_in, n_out = (d1, d2) if transposed else (d2, d1)
+        if w.dim() == 2:  # one expert: (out, in) as PEFT's Linear layout
+            e, (n_out, n_in) = 1, w.shape
+        else:
+            e, d1, d2 = w.shape
+            transposed = bool(getattr(model.get_submodule(name.rpartition(".")[0]), "is_transposed", False))
+            n_in, n_out = (d1, d2) if transposed else (d2, d1)
         ka, kb = prefixes[name] + "lora_A.weight", prefixes[name] + "lora_B.weight"
         if ka not in rest or kb not in rest:
             problems += [f"'{name}': file lacks {k!r}" for k in (ka, kb) if k not in rest]
@@ -134,10 +144,11 @@ def plan_experts(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor
         la, lb = rest.pop(ka), rest.pop(kb)
         r = _pattern(config.get("rank_pattern"), name) or r0
         if tuple(la.shape) != (e * r, n_in) or tuple(lb.shape) != (n_out, r * e):
-            problems.append(f"'{name}' ({e} experts, weight {tuple(w.shape)}): file has lora_A {tuple(la.shape)} / "
+            what = f"{e} experts, weight" if w.dim() == 3 else "weight"
+            problems.append(f"'{name}' ({what} {tuple(w.shape)}): file has lora_A {tuple(la.shape)} / "
                             f"lora_B {tuple(lb.shape)}, expected ({e * r}, {n_in}) / ({n_out}, {r * e}) for rank {r}")
             continue
-        a, b = from_peft(la, lb, e)
+        a, b = (la, lb) if w.dim() == 2 else from_peft(la, lb, e)
         alpha = _pattern(config.get("alpha_pattern"), name)
         targets.append(ExpertTarget(name, a, b, int(r), float(a0 if alpha is None else alpha)))
     return targets, rest, problems
