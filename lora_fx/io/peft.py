@@ -179,8 +179,8 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         UnsupportedSiteError: what PEFT's format cannot express, all listed: a parameter of the
             model root, a parameter other than a module's ``weight`` of a Linear, Embedding,
             ungrouped ConvNd or GPT-2 Conv1D (a 2-D parameter of any other module is a
-            ``target_parameters`` entry), a module type other than those with a weight of 3 or
-            more dimensions; a weight also read outside its module's call (e.g. a tied
+            ``target_parameters`` entry, unless read outside its module's call), a weight of
+            3 or more dimensions in a module of another type; a weight also read outside its module's call (e.g. a tied
             head computed with ``F.linear``); DoRA on Embedding / Conv1D (PEFT normalises along
             the other axis) or with a mixing weight other than 1; a mixing weight of 0; a
             ``modules_to_save`` entry PEFT's suffix rule would also apply to other modules.
