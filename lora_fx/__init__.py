@@ -27,6 +27,7 @@ from .rules import register_function_rule, register_module_rule
 from .routing import disable_routing_, enable_routing_, route_adapters
 from .state import LeftOut, left_out
 from . import distributed
+from . import hf_adapter_api  # noqa: F401  (fills adapter_methods.METHODS: transformers' adapter methods)
 from .distributed import gather_lora_state_dict
 # old module paths (thin re-exports), importable as attributes of the package as before
 from . import adapter, control, folded_export, init, loralib_io, peft_io, remat, training  # noqa: F401,E402

@@ -28,6 +28,7 @@ from .adapters.trainable import train_adapters_only_
 from .config import CONFIG_KEYS, UNSET, LoraConfig, as_patterns, config_with, unknown_keywords_message
 from .deploy import fold
 from .errors import AlreadyAdaptedError, ConfigError
+from .adapter_methods import install_adapter_api_
 from .graph_module import deferred_recompile
 from .hf_quantization import mark_adapted_
 from .producers import install_producer_tags_
@@ -168,6 +169,8 @@ def transform(
         adapt_(root, cfg, adapter_name)
         if cfg.recompute_inputs and not isinstance(root, fx.GraphModule):  # kept class: norms the model's code calls
             install_producer_tags_(root)
+        if not isinstance(root, fx.GraphModule):  # kept class: transformers' adapter methods act on lora_fx's
+            install_adapter_api_(root)
         if not copy_weights:  # trained in full: the copy's own storage, never the user's
             for name in trainable_params(root):
                 p = root.get_parameter(name)

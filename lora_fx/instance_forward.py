@@ -1,4 +1,4 @@
-"""The base of every ``forward`` lora_fx sets on a module instance.
+"""The base of every ``forward`` (and other method) lora_fx sets on a module instance.
 
 A module that keeps its class but runs other code (a region's rewritten graph, a class forward with
 adapted expert stacks, a norm whose output carries a producer tag) gets an instance attribute

@@ -131,8 +131,8 @@ def strip_regions_(root: nn.Module) -> nn.Module:
         d.pop(KEPT_ATTR, None)
         d.pop(INFERENCE_ATTR, None)
         d.pop(PARKED_ATTR, None)
-        if isinstance(d.get(_FORWARD), InstanceForward):
-            del d[_FORWARD]
+        for name in [k for k, v in d.items() if isinstance(v, InstanceForward)]:  # forwards, adapter methods
+            del d[name]
         if unregistered_holder(m) is not None:
             del d[ADAPTER_ATTR]
     for attr in (FRONTEND_ATTR, CONFIG_ATTR, OWNS_WEIGHTS_ATTR, POLICY_ATTR, LEFT_OUT_ATTR):
