@@ -195,17 +195,28 @@ def test_files_are_safetensors_only_and_written_atomically(tmp_path):
         lora_fx.load_adapter(MLP(), tmp_path / "bin")
 
 
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x)[0])
+
+
+def _peft_round_trip(model, gm, directory, x):
+    """Real PEFT and lora_fx both load ``gm``'s PEFT file to ``gm``'s function of ``x``."""
+    with torch.no_grad():
+        want = reference_call(model, gm, (x,))
+        assert_close(gm(x), want)
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), directory).eval()
+        assert_close(pm(x), want)
+        assert_close(lora_fx.load_adapter(copy.deepcopy(model), directory)(x), want)
+
+
 def test_save_refuses_what_peft_cannot_express(tmp_path):
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.fc(self.mha(x, x, x)[0])
-
-    gm = lora_fx.transform(Attn(), rank=2)
+    gm = lora_fx.transform(_Attn(), rank=2)
     with pytest.raises(UnsupportedSiteError) as err:
         lora_fx.save_adapter(gm, tmp_path / "a")
     # out_proj.weight is read by MultiheadAttention's own forward, so PEFT's LoRA on the out_proj module
@@ -221,30 +232,14 @@ def test_save_refuses_what_peft_cannot_express(tmp_path):
 def test_a_2d_parameter_of_a_module_peft_has_no_layer_for_is_a_target_parameters_entry(tmp_path):
     """MultiheadAttention's ``in_proj_weight`` (fused into q, k, v blocks by lora_fx) is written as one
     PEFT ``target_parameters`` pair: real PEFT loads it to lora_fx's outputs, and lora_fx loads it back."""
-
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.fc(self.mha(x, x, x)[0])
-
     torch.manual_seed(0)
-    model = Attn().eval()
+    model = _Attn().eval()
     gm = lora_fx.transform(model, rank=2, targets=["mha.in_proj_weight", "fc.weight"])
     _randomise(gm, seed=4)
     lora_fx.save_adapter(gm, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["target_parameters"] == ["mha.in_proj_weight"]
-    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = reference_call(model, gm, (x,))
-        assert_close(gm(x), want)
-        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "a").eval()
-        assert_close(pm(x), want)
-        assert_close(lora_fx.load_adapter(copy.deepcopy(model), tmp_path / "a")(x), want)
+    _peft_round_trip(model, gm, tmp_path / "a", torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1)))
 
 
 class _Holder(nn.Module):
@@ -276,12 +271,7 @@ def test_a_custom_modules_parameter_saves_for_peft_unless_read_outside_its_modul
     gm = lora_fx.transform(model, rank=2, targets=["h.w"])
     _randomise(gm, seed=5)
     lora_fx.save_adapter(gm, tmp_path / "b")
-    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = reference_call(model, gm, (x,))
-        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "b").eval()
-        assert_close(pm(x), want)
-        assert_close(lora_fx.load_adapter(copy.deepcopy(model), tmp_path / "b")(x), want)
+    _peft_round_trip(model, gm, tmp_path / "b", torch.randn(3, 8, generator=torch.Generator().manual_seed(2)))
 
 
 def test_loading_values_into_compiled_module_needs_no_recompile(tmp_path):

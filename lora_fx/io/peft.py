@@ -60,6 +60,14 @@ def _inside_owner(node) -> bool:
     return inner is not None and inner == node.target.rpartition(".")[0]
 
 
+def _switched_off(s) -> Optional[str]:
+    """Why site ``s`` cannot be written (mixing weight 0: PEFT has no switch), or None."""
+    if s.module.mix != 0.0:
+        return None
+    return (f"'{s.param}': mixing weight 0 switches the adapter off and PEFT has no switch; "
+            "set_scale_(gm, 1.0) (or set_active_adapters) to save its trained values")
+
+
 def _read_outside(model: nn.Module, s, owner: str) -> Optional[str]:
     """Why PEFT's ``target_parameters`` wrapper of module ``owner`` (which adds ``ΔW`` to the
     parameter while the module runs) would miss a consumer of site ``s``, or None: every graph
@@ -208,8 +216,7 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
             if len(s.aliases) > 1:
                 problems.append(f"'{s.param}' is tied to {list(s.aliases[1:])}: PEFT adapts parameters by name")
             elif m.mix == 0.0:
-                problems.append(f"'{s.param}': mixing weight 0 switches the adapter off and PEFT has no switch; "
-                                "set_scale_(gm, 1.0) (or set_active_adapters) to save its trained values")
+                problems.append(_switched_off(s))
             else:
                 a, b, r, alpha = peft_experts.expert_factors(m)
                 entries.append((s.param, "experts", s, a, b, r, alpha))
@@ -218,15 +225,11 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
         holder = model.get_submodule(owner_path) if owner_path else model
         if peft_kind(holder) is None and len(s.shape) == 2 and len(s.aliases) == 1 and owner_path:
             # a 2-D parameter of a module PEFT has no layer for (a MoE router): target_parameters
-            why = _read_outside(model, s, owner_path)
+            why = _read_outside(model, s, owner_path) or (
+                f"'{s.param}' ({type(holder).__name__}.{pname}) uses DoRA: PEFT's target_parameters adapters take none"
+                if m.use_dora else _switched_off(s))
             if why:
                 problems.append(why)
-            elif m.use_dora:
-                problems.append(f"'{s.param}' ({type(holder).__name__}.{pname}) uses DoRA: PEFT's target_parameters "
-                                "adapters take none")
-            elif m.mix == 0.0:
-                problems.append(f"'{s.param}': mixing weight 0 switches the adapter off and PEFT has no switch; "
-                                "set_scale_(gm, 1.0) (or set_active_adapters) to save its trained values")
             else:
                 a, b, r, alpha = peft_factors(m)
                 entries.append((s.param, "param", s, a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), r, alpha))
@@ -241,8 +244,7 @@ def save_adapter(gm: nn.Module, directory: Union[str, os.PathLike], *, adapter: 
             problems.append(f"'{s.param}': DoRA adapter with mixing weight {m.mix} (which gates DoRA's normalised "
                             "weight, not a scaling PEFT can hold); set_scale_(gm, 1.0) before saving")
         elif m.mix == 0.0:
-            problems.append(f"'{s.param}': mixing weight 0 switches the adapter off and PEFT has no switch; "
-                            "set_scale_(gm, 1.0) (or set_active_adapters) to save its trained values")
+            problems.append(_switched_off(s))
         else:
             a, b, r, alpha = peft_factors(m)
             entries += [(owner, kind, s, a, b, r, alpha) for owner, kind in owners]
