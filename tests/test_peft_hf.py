@@ -228,3 +228,17 @@ def test_default_targets_are_peft_all_linear_plus_convolutions(name):
     if name == "gpt2":
         reasons = {e.param: e.reason for e in lora_fx.left_out(lm)}
         assert "Embedding" in reasons["transformer.wpe.weight"] and "all-linear" in reasons["transformer.wpe.weight"]
+
+
+def test_a_file_from_a_smaller_model_loads_and_names_the_modules_it_does_not_cover(tmp_path):
+    """PEFT would give the extra layers' q / v fresh adapters; lora_fx leaves them out and warns."""
+    import _hf
+
+    small = _hf.tiny("llama")
+    big = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**_hf._DECODER, "num_hidden_layers": 3}))
+    peft.get_peft_model(small, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    with pytest.warns(lora_fx.LoraFxWarning, match="holds no tensors for") as record:
+        lm = lora_fx.load_adapter(big, tmp_path)
+    message = next(str(w.message) for w in record if "holds no tensors" in str(w.message))
+    assert "model.layers.2.self_attn.q_proj" in message and "model.layers.1" not in message
+    assert len(lora_fx.sites(lm)) == 4

@@ -15,6 +15,7 @@ What a PEFT LoRA file may hold, and how each part is matched:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class Plan:
     targets: list = field(default_factory=list)
     saved: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)
+    #: modules the config's ``target_modules`` name but the file holds no tensors for (PEFT would
+    #: give them fresh adapters; lora_fx leaves them out and says so)
+    unmatched: list = field(default_factory=list)
 
 
 def read_peft_dir(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -216,4 +220,17 @@ def plan_peft(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) 
         problems += [f"modules_to_save '{m}': {p}" for p in entry_problems(entries, expected)]
     if not grouped and not plan.saved and not problems:
         problems.append("the file holds no LoRA tensors")
+    plan.unmatched = [n for n in names if n not in grouped and _named_by(n, config.get("target_modules"))
+                      and not _named_by(n, config.get("exclude_modules"))
+                      and peft_kind(model.get_submodule(n)) is not None]
     return plan
+
+
+def _named_by(name: str, patterns) -> bool:
+    """PEFT's ``target_modules`` rule: a regular expression matching the whole name, or a list of
+    names matched exactly or as a dotted suffix."""
+    if not patterns:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == t or name.endswith("." + t) for t in patterns)

@@ -478,4 +478,10 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], *, adapte
         if adapter_name not in loaded or not all(p in by_alias for p in wanted):
             raise AdapterMismatchError(f"adapter in '{directory}': {len(plan.targets) + len(stacks)} targets in the "
                                        f"file, {len(by_alias)} adapted sites in the model; nothing was loaded")
+    if plan.unmatched:
+        n = len(plan.unmatched)
+        warnings.warn(f"the adapter in '{directory}' names {n} module(s) by its target_modules that it holds no "
+                      f"tensors for: {plan.unmatched[:6]}{' ...' if n > 6 else ''}. They are not adapted (PEFT would "
+                      "give them fresh adapters); the file was probably saved from a model with fewer layers",
+                      LoraFxWarning, stacklevel=2)
     return model if adapted else gm
