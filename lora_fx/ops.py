@@ -166,7 +166,8 @@ def dora_merge(
     """Out-of-place DoRA weight (Liu et al., ICML 2024, eq. 5) in ``W``'s dtype (merge lowering)::
 
         V  = W + base_scaling · (lora_B @ lora_A).reshape(W.shape)
-        D  = magnitude[i] · V[i] / ‖V[i]‖₂        (norm over each output row V[i] = V[i, ...])
+        D  = V[i] · (magnitude[i] / ‖V[i]‖₂)      (norm over each output row V[i] = V[i, ...]; a fresh
+                                                adapter's factor is exactly 1: W' is W bit for bit)
         W' = lerp(W, D, g),  g = scaling / base_scaling
 
     ``g`` is the adapter's gate (``mix · enabled``): 1 gives exactly ``D``, 0 gives exactly ``W``
@@ -191,7 +192,8 @@ def dora_merge(
     view = (-1,) + (1,) * (weight.ndim - 1)
     # clamped: an all-zero row (e.g. an embedding's padding row) stays zero instead of 0/0 = nan
     norm = torch.linalg.vector_norm(v.flatten(1), dim=1).clamp_min(torch.finfo(compute).tiny).reshape(view)
-    d = magnitude.to(compute).reshape(view) * (v / norm)
+    # V · (m / ‖V‖): at init m is ‖W‖ computed the same way, so the factor is exactly 1 and W' is W bit for bit
+    d = v * (magnitude.to(compute).reshape(view) / norm)
     gate = (scaling / base_scaling).to(compute)
     return torch.lerp(w, d, gate).to(weight.dtype)
 

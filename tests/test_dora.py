@@ -113,3 +113,20 @@ def test_dora_zero_row_stays_finite():
     assert all(torch.isfinite(p.grad).all() for p in lora_fx.adapter_parameters(gm))
     with lora_fx.disable_adapters(gm):
         assert torch.equal(gm(idx), emb(idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+def test_fresh_dora_adapters_are_the_model_bit_for_bit(kind, dtype):
+    """``W · (m / ‖W‖)`` with ``m = ‖W‖``: the factor is exactly 1 (``m · W / ‖W‖`` rounds)."""
+    torch.manual_seed(0)
+    layer, x = {"linear": (nn.Linear(32, 16), torch.randn(4, 32)),
+                "conv2d": (nn.Conv2d(3, 8, 3), torch.randn(4, 3, 8, 8)),
+                "embedding": (nn.Embedding(20, 12), torch.randint(0, 20, (4, 5)))}[kind]
+    model = nn.Sequential(layer).to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    gm = lora_fx.transform(model, rank=4, use_dora=True)
+    for mode in ("train", "eval"):
+        getattr(gm, mode)()
+        with torch.no_grad():
+            assert torch.equal(gm(x), model(x)), mode
