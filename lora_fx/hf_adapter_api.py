@@ -13,7 +13,7 @@ transformers method                               lora_fx
 ``enable_adapters()`` / ``disable_adapters()``    :func:`lora_fx.enable_adapters_` (True / False)
 ``set_adapter(name or [names])``                  :func:`lora_fx.set_active_adapters`
 ``active_adapters()`` / ``active_adapter()``      :func:`lora_fx.active_adapters` (list / first)
-``add_adapter(peft.LoraConfig, adapter_name)``    :func:`lora_fx.add_adapter` (inactive, as in transformers)
+``add_adapter(peft.LoraConfig, adapter_name)``    :func:`lora_fx.add_adapter`, made active
 ``delete_adapter(name or [names])``               :func:`lora_fx.delete_adapter`
 ``load_adapter(directory, adapter_name=...)``     :func:`lora_fx.load_adapter` (a local PEFT or lora_fx folder)
 ``get_adapter_state_dict(adapter_name)``          :func:`lora_fx.lora_state_dict` (lora_fx's names)
@@ -37,7 +37,7 @@ from .adapters.lifecycle import active_adapters, add_adapter, delete_adapter, se
 from .errors import ConfigError
 from .io.peft import load_adapter
 from .io.state_dict import lora_state_dict
-from .state import is_adapter_path
+from .state import check_adapter_names, is_adapter_path
 
 __all__: list[str] = []  # fills lora_fx.adapter_methods.METHODS
 
@@ -77,7 +77,9 @@ def _active_adapter(model: nn.Module) -> str:
 
 def _delete_adapter(model: nn.Module, adapter_names) -> None:
     """Delete lora_fx adapter(s) (``lora_fx.delete_adapter``, one name or a list)."""
-    for name in _names(adapter_names):
+    names = _names(adapter_names)
+    check_adapter_names(model, names)  # all or nothing: no deletion before an unknown name is found
+    for name in names:
         delete_adapter(model, name)
 
 
@@ -135,8 +137,9 @@ _TRANSLATED = frozenset({"task_type", "peft_type", "base_model_name_or_path", "r
 
 
 def _add_adapter(model: nn.Module, adapter_config, adapter_name=None) -> None:
-    """Add a fresh lora_fx adapter described by a PEFT ``LoraConfig`` (inactive, as transformers'
-    ``add_adapter`` leaves it; ``model.set_adapter(name)`` activates it)."""
+    """Add a fresh lora_fx adapter described by a PEFT ``LoraConfig`` and make it the active one
+    (transformers' ``add_adapter`` ends with ``set_adapter``); ``target_modules=None`` takes PEFT's
+    defaults for the model type."""
     if type(adapter_config).__name__ != "LoraConfig":
         raise ConfigError(f"model.add_adapter on a lora_fx model takes a peft.LoraConfig, got "
                           f"{type(adapter_config).__name__}; or call lora_fx.add_adapter(model, name, rank=..., ...)")
@@ -147,7 +150,16 @@ def _add_adapter(model: nn.Module, adapter_config, adapter_name=None) -> None:
     if unsupported:
         raise ConfigError(f"PEFT LoraConfig fields {unsupported} have no lora_fx counterpart here; call "
                           "lora_fx.add_adapter(model, name, rank=..., targets=[...], rank_pattern={...}) directly")
-    targets = _targets(model, c.target_modules, "target_modules")
+    modules = c.target_modules
+    if modules is None and not getattr(c, "target_parameters", None):  # PEFT's defaults for the architecture
+        import peft.utils.constants as peft_constants
+
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        modules = peft_constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(kind)
+        if modules is None:
+            raise ConfigError(f"PEFT has no default target_modules for model_type {kind!r}: give target_modules "
+                              "(or 'all-linear')")
+    targets = _targets(model, modules, "target_modules")
     extra = _parameters(getattr(c, "target_parameters", None))
     if extra:
         targets = (targets or []) + extra if targets is not None or c.target_modules is not None else extra
@@ -155,9 +167,10 @@ def _add_adapter(model: nn.Module, adapter_config, adapter_name=None) -> None:
     exclude = _targets(model, list(_names(excluded)), "exclude_modules") if excluded else None
     given = {"targets": targets, "exclude": exclude, "init": _init(c.init_lora_weights),
              "trainable": list(c.modules_to_save) if c.modules_to_save else None}
-    add_adapter(model, adapter_name or "default", rank=int(c.r), alpha=float(c.lora_alpha),
+    add_adapter(model, adapter_name or "default", activate=False, rank=int(c.r), alpha=float(c.lora_alpha),
                 dropout=float(c.lora_dropout or 0.0), use_rslora=bool(c.use_rslora), use_dora=bool(c.use_dora),
                 **{k: v for k, v in given.items() if v is not None})
+    set_active_adapters(model, adapter_name or "default")  # transformers' add_adapter ends with set_adapter
 
 
 def _get_adapter_state_dict(model: nn.Module, adapter_name=None, state_dict=None) -> dict:

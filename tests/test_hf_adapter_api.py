@@ -57,16 +57,22 @@ def test_add_adapter_with_a_peft_config_set_adapter_and_delete(adapted):
     added = {s.param: s for s in lora_fx.sites(lm) if s.adapter == "b"}
     assert set(added) == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "qv"}
     assert {(s.rank, s.alpha) for s in added.values()} == {(2, 6.0)}
-    assert lm.active_adapters() == ["default"]  # inactive until set_adapter, as in transformers
+    assert lm.active_adapters() == ["b"]  # transformers' add_adapter ends with set_adapter
     randomize_(lm, scale=0.3, adapter="b", seed=4)
-    lm.set_adapter("b")
-    assert lm.active_adapters() == ["b"]
+    lm.set_adapter("default")
+    assert lm.active_adapters() == ["default"]
+    lm.set_adapter(["b"])
     with torch.no_grad():
         assert_close(lm(ids).logits, reference_call(base, lm, (ids,), weights={"b": 1.0}).logits)
     state = lm.get_adapter_state_dict("b")
     assert len(state) == 8 and all(".lora.b." in k for k in state)
+    with pytest.raises(lora_fx.LoraFxError, match="zzz"):
+        lm.delete_adapter(["b", "zzz"])  # all or nothing
+    assert lora_fx.adapter_names(lm) == ["default", "b"]
     lm.delete_adapter("b")
     assert lora_fx.adapter_names(lm) == ["default"]
+    lm.add_adapter(peft.LoraConfig(r=2), adapter_name="pd")  # PEFT's defaults for llama: q_proj, v_proj
+    assert {s.param.split(".")[-2] for s in lora_fx.sites(lm) if s.adapter == "pd"} == {"q_proj", "v_proj"}
 
 
 def test_add_adapter_all_linear_and_what_it_cannot_translate(adapted):
