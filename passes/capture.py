@@ -89,6 +89,22 @@ def _short(exc: BaseException) -> str:
     return str(exc).strip().split("\nHow to fix")[0]
 
 
+#: attribute names a torch.fx GraphModule holds itself (``graph``, ``code``, ``meta``, ``recompile``, ...):
+#: a submodule registered under one of them cannot be copied into a graph module
+_RESERVED = frozenset({n for n in dir(fx.GraphModule) if not hasattr(nn.Module, n)} | {"meta", "_graph", "_code"})
+
+
+def _check_child_names(model: nn.Module) -> None:
+    """Raise :class:`TraceError` for submodules whose names a torch.fx GraphModule reserves."""
+    bad = [path for path, _ in model.named_modules() if path and path.rpartition(".")[2] in _RESERVED]
+    if bad:
+        raise TraceError(
+            f"submodule(s) {bad[:6]} of {type(model).__name__} are named like attributes a torch.fx GraphModule "
+            f"holds itself ({sorted({p.rpartition('.')[2] for p in bad})}), so no front-end can capture the model "
+            "(torch.fx.symbolic_trace fails the same way). Rename the attribute in the model (e.g. "
+            "self.meta_net instead of self.meta); the model was not changed.")
+
+
 def capture(
     model: nn.Module,
     make_copy: Callable[[], nn.Module],
@@ -120,6 +136,7 @@ def capture(
     """
     if frontend not in FRONTENDS:
         raise ConfigError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
+    _check_child_names(model)
     has_examples = not (example_inputs is None or (isinstance(example_inputs, tuple) and not example_inputs)) \
         or bool(example_kwargs)
     if frontend == "export" and not has_examples:

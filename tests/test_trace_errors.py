@@ -141,3 +141,22 @@ def test_root_optional_argument_traced_as_tensor_warns():
         lora_fx.transform(M(), rank=2, frontend="fx")
     gm = lora_fx.transform(M(), rank=2, frontend="fx", concrete_args={"mask": None})
     assert gm(torch.randn(2, 3)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["meta", "graph", "code"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_submodules_named_like_graph_module_attributes_are_a_clear_error(name, nested):
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, name, nn.Linear(4, 4))
+
+        def forward(self, x):
+            return getattr(self, name)(x)
+
+    model = nn.Sequential(Inner(), nn.Linear(4, 2)) if nested else Inner()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lora_fx.TraceError, match="Rename the attribute") as err:
+        lora_fx.transform(model, rank=2)
+    assert name in str(err.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
