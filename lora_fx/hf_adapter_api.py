@@ -11,7 +11,7 @@ on lora_fx's adapters with transformers' semantics:
 transformers method                               lora_fx
 ================================================  =================================================
 ``enable_adapters()`` / ``disable_adapters()``    :func:`lora_fx.enable_adapters_` (True / False)
-``set_adapter(name or [names])``                  :func:`lora_fx.set_active_adapters`
+``set_adapter(name or [names])``                  :func:`lora_fx.set_active_adapters` (they train)
 ``active_adapters()`` / ``active_adapter()``      :func:`lora_fx.active_adapters` (list / first)
 ``add_adapter(peft.LoraConfig, adapter_name)``    :func:`lora_fx.add_adapter`, made active
 ``delete_adapter(name or [names])``               :func:`lora_fx.delete_adapter`
@@ -34,6 +34,7 @@ from torch import nn
 from .adapter_methods import METHODS
 from .adapters.hotswap import enable_adapters_
 from .adapters.lifecycle import active_adapters, add_adapter, delete_adapter, set_active_adapters
+from .adapters.trainable import mark_only_lora_as_trainable
 from .errors import ConfigError
 from .io.peft import load_adapter
 from .io.state_dict import lora_state_dict
@@ -58,8 +59,11 @@ def _disable_adapters(model: nn.Module) -> None:
 
 
 def _set_adapter(model: nn.Module, adapter_name) -> None:
-    """Make ``adapter_name`` (a name or a list) the active adapters (``lora_fx.set_active_adapters``)."""
+    """Make ``adapter_name`` (a name or a list) the active adapters and the ones that train, as
+    PEFT's ``set_adapter`` does (``lora_fx.set_active_adapters``, then
+    ``lora_fx.mark_only_lora_as_trainable``)."""
     set_active_adapters(model, adapter_name)
+    mark_only_lora_as_trainable(model)
 
 
 def _active_adapters(model: nn.Module) -> list[str]:
@@ -170,7 +174,7 @@ def _add_adapter(model: nn.Module, adapter_config, adapter_name=None) -> None:
     add_adapter(model, adapter_name or "default", activate=False, rank=int(c.r), alpha=float(c.lora_alpha),
                 dropout=float(c.lora_dropout or 0.0), use_rslora=bool(c.use_rslora), use_dora=bool(c.use_dora),
                 **{k: v for k, v in given.items() if v is not None})
-    set_active_adapters(model, adapter_name or "default")  # transformers' add_adapter ends with set_adapter
+    _set_adapter(model, adapter_name or "default")  # transformers' add_adapter ends with set_adapter
 
 
 def _get_adapter_state_dict(model: nn.Module, adapter_name=None, state_dict=None) -> dict:

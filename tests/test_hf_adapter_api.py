@@ -61,7 +61,9 @@ def test_add_adapter_with_a_peft_config_set_adapter_and_delete(adapted):
     randomize_(lm, scale=0.3, adapter="b", seed=4)
     lm.set_adapter("default")
     assert lm.active_adapters() == ["default"]
-    lm.set_adapter(["b"])
+    lm.set_adapter(["b"])  # the active adapter trains, as PEFT's set_adapter makes it
+    trains = {s.adapter for s in lora_fx.sites(lm) if s.lora_A.requires_grad and s.lora_B.requires_grad}
+    assert trains == {"b"}
     with torch.no_grad():
         assert_close(lm(ids).logits, reference_call(base, lm, (ids,), weights={"b": 1.0}).logits)
     state = lm.get_adapter_state_dict("b")
